@@ -1,0 +1,2 @@
+"""sklearn-crb: CRB-informed estimation of magnetization-transfer parameters."""
+__version__ = "0.1.0"
