@@ -1,0 +1,234 @@
+"""Fisher information and Cramér–Rao bounds of MT fingerprints.
+
+For complex data ``d = M0 * s(theta) + n`` with white Gaussian noise of
+variance ``sigma**2`` per real component, the Fisher information is
+``F = Re(J^H J) / sigma**2`` (Zhang et al., MRM 2022, Eq. 3; gbloch_spec.md §4),
+with ``J`` the Jacobian of the (optionally compressed, ``U^H s``) signal with
+respect to every unknown: the estimated parameters, the nuisance parameters
+(kept as columns, i.e. marginalised) and the complex ``M0`` (columns ``s`` and
+``i s``). The CRB of parameter p is ``(F^-1)_pp``; it scales as
+``sigma**2 / |M0|**2``, so it is computed at ``M0 = 1, sigma = 1`` and rescaled.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from .parameters import INDEX, PARAMETERS, free_parameters, resolve_estimate
+
+__all__ = ["fisher_information", "crb_from_jacobian", "cramer_rao_bound", "IllConditionedFisherWarning"]
+
+
+class IllConditionedFisherWarning(UserWarning):
+    """Some samples have a (numerically) singular Fisher information matrix."""
+
+
+def _as_tensor(x, argname, complex_ok=True):
+    if isinstance(x, torch.Tensor):
+        return x
+    try:
+        arr = np.asarray(x)
+    except Exception:  # noqa: BLE001
+        raise TypeError(f"{argname} must be an array, got {type(x).__name__}") from None
+    if not (np.issubdtype(arr.dtype, np.number)):
+        raise TypeError(f"{argname} must be numeric, got dtype {arr.dtype}")
+    return torch.from_numpy(np.array(arr, dtype=np.complex128 if np.iscomplexobj(arr) else np.float64))
+
+
+def project(basis, x):
+    """``U^H x`` along the pulse axis (axis 1) of ``x`` (n, N) or (n, N, P)."""
+    U = basis.to(device=x.device, dtype=torch.complex128)
+    xc = x.to(torch.complex128)
+    if xc.ndim == 2:
+        return xc @ U.conj()
+    return torch.einsum("ntp,tr->nrp", xc, U.conj())
+
+
+def fisher_information(J, sigma=1.0, basis=None):
+    """Fisher information ``Re(J^H J) / sigma**2``.
+
+    Parameters
+    ----------
+    J : array_like, complex, shape (n_samples, n_pulses, n_params)
+        Jacobian of the noise-free signal.
+    sigma : float
+        Noise standard deviation per real component.
+    basis : array_like, complex, shape (n_pulses, rank), optional
+        Orthonormal compression basis U; the data are then ``U^H s``.
+
+    Returns
+    -------
+    F : torch.Tensor, float64, shape (n_samples, n_params, n_params)
+    """
+    Jt = _as_tensor(J, "J").to(torch.complex128)
+    if Jt.ndim != 3:
+        raise ValueError(f"J must have shape (n_samples, n_pulses, n_params), got {tuple(Jt.shape)}")
+    if basis is not None:
+        U = _as_tensor(basis, "basis")
+        if U.ndim != 2 or U.shape[0] != Jt.shape[1]:
+            raise ValueError(f"basis must have shape ({Jt.shape[1]}, rank), got {tuple(U.shape)}")
+        Jt = project(U, Jt)
+    return (Jt.conj().transpose(-1, -2) @ Jt).real / float(sigma) ** 2
+
+
+def _scaled_inverse_diag(F, rcond):
+    """diag(F^-1) via D F D (unit diagonal), with a per-sample condition number."""
+    d = torch.diagonal(F, dim1=-2, dim2=-1)
+    zero = ~(d > 0)
+    D = torch.where(zero, torch.ones_like(d), d).rsqrt()
+    Fs = D[..., :, None] * F * D[..., None, :]
+    ev = torch.linalg.eigvalsh(Fs)
+    cond = ev[..., -1] / ev[..., 0].clamp_min(1e-300)
+    singular = zero.any(-1) | (ev[..., 0] <= ev[..., -1] * rcond) | ~torch.isfinite(cond)
+    eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
+    Fs_safe = torch.where(singular[..., None, None], eye, Fs)
+    inv = torch.linalg.inv(Fs_safe)
+    diag = torch.diagonal(inv, dim1=-2, dim2=-1) * D * D
+    cond = torch.where(singular, torch.full_like(cond, float("inf")), cond)
+    return diag, cond, singular
+
+
+def _columns(estimate, nuisance, tied_R1):
+    """Free parameter names (estimated first, canonical order) and their J columns."""
+    est = resolve_estimate(estimate, tied_R1)
+    allowed = free_parameters(tied_R1)
+    if nuisance == "all":
+        nuis = tuple(p for p in allowed if p not in est)
+    elif nuisance is None:
+        nuis = ()
+    else:
+        nuis = tuple(p for p in resolve_estimate(nuisance, tied_R1, "nuisance") if p not in est)
+    return est, nuis
+
+
+def crb_from_jacobian(signal, J, *, estimate=PARAMETERS, nuisance="all", tied_R1=False, M0=1.0,
+                      sigma=1.0, basis=None, complex_M0=True, on_singular="raise", rcond=1e-14,
+                      return_info=False):
+    """CRB of ``estimate`` from a signal and its Jacobian computed at ``M0 = 1``.
+
+    Parameters
+    ----------
+    signal : array_like, complex, shape (n_samples, n_pulses)
+        Noise-free signal at M0 = 1 (gives the M0 columns ``s`` and ``i s``).
+    J : array_like, complex, shape (n_samples, n_pulses, 8)
+        ``d signal / d theta`` in ``PARAMETERS`` order (from ``physics.jacobian``).
+    estimate : sequence of str
+        Parameters whose CRB is returned.
+    nuisance : "all", None or sequence of str
+        Other unknowns, kept as Fisher columns (marginalised). ``"all"``: every
+        remaining parameter; ``None``: all other parameters are known.
+    tied_R1 : bool
+        R1s = R1f is one unknown ("R1f" then names the tied R1).
+    M0 : complex or array_like (n_samples,)
+        True proton density; the CRB scales as ``1/|M0|**2``.
+    sigma : float or array_like (n_samples,)
+        Noise standard deviation per real component.
+    basis : array_like (n_pulses, rank), optional
+        Orthonormal compression basis: the CRB of the coefficients ``U^H s``.
+    complex_M0 : bool
+        Complex M0 (2 nuisance columns, default) or a real M0 (1 column).
+    on_singular : {"raise", "inf"}
+        Singular/ill-conditioned samples raise ``ValueError`` naming them, or
+        get ``inf`` CRBs with an ``IllConditionedFisherWarning``.
+    rcond : float
+        A sample is singular if the smallest eigenvalue of the unit-diagonal
+        Fisher matrix is below ``rcond`` times the largest.
+    return_info : bool
+        Also return ``{"condition_number", "singular", "columns"}``.
+
+    Returns
+    -------
+    crb : torch.Tensor or ndarray, float64, shape (n_samples, len(estimate))
+        Variance bounds in squared SI units (numpy unless J is a tensor).
+    """
+    if on_singular not in ("raise", "inf"):
+        raise ValueError(f"on_singular must be 'raise' or 'inf', got {on_singular!r}")
+    is_torch = isinstance(J, torch.Tensor)
+    Jt = _as_tensor(J, "J").to(torch.complex128)
+    st = _as_tensor(signal, "signal").to(torch.complex128).to(Jt.device)
+    if Jt.ndim != 3 or Jt.shape[-1] != len(PARAMETERS):
+        raise ValueError(f"J must have shape (n_samples, n_pulses, {len(PARAMETERS)}), got {tuple(Jt.shape)}")
+    if st.shape != Jt.shape[:2]:
+        raise ValueError(f"signal must have shape {tuple(Jt.shape[:2])}, got {tuple(st.shape)}")
+    est, nuis = _columns(estimate, nuisance, tied_R1)
+    cols = []
+    names = []
+    for p in est + nuis:
+        c = Jt[..., INDEX[p]]
+        if tied_R1 and p == "R1f":
+            c = c + Jt[..., INDEX["R1s"]]
+        cols.append(c)
+        names.append(p)
+    cols.append(st)
+    names.append("reM0")
+    if complex_M0:
+        cols.append(1j * st)
+        names.append("imM0")
+    Jf = torch.stack(cols, dim=-1)
+    F = fisher_information(Jf, 1.0, basis)
+    diag, cond, singular = _scaled_inverse_diag(F, rcond)
+    n = Jt.shape[0]
+    M0t = torch.as_tensor(M0, device=Jt.device)
+    scale = torch.as_tensor(sigma, dtype=torch.float64, device=Jt.device) ** 2 / M0t.abs().to(torch.float64) ** 2
+    if scale.ndim > 1 or (scale.ndim == 1 and scale.shape[0] != n):
+        raise ValueError(f"M0 and sigma must be scalars or have shape ({n},)")
+    if not torch.all(torch.isfinite(scale)) or torch.any(scale <= 0):
+        raise ValueError("M0 must be non-zero and finite, and sigma positive and finite")
+    crb = diag[:, : len(est)] * (scale[:, None] if scale.ndim == 1 else scale)
+    if singular.any():
+        idx = torch.nonzero(singular).ravel().tolist()
+        msg = (f"Fisher information is singular or ill-conditioned (rcond={rcond:g}) for {len(idx)} of {n} "
+               f"samples, e.g. sample(s) {idx[:5]}: the parameters {names} are not jointly identifiable there")
+        if on_singular == "raise":
+            raise ValueError(msg + "; pass on_singular='inf' to get inf CRBs instead")
+        warnings.warn(msg, IllConditionedFisherWarning, stacklevel=2)
+        crb = torch.where(singular[:, None], torch.full_like(crb, float("inf")), crb)
+    out = crb if is_torch else crb.cpu().numpy()
+    if return_info:
+        info = {"condition_number": cond if is_torch else cond.cpu().numpy(),
+                "singular": singular if is_torch else singular.cpu().numpy(),
+                "columns": tuple(names)}
+        return out, info
+    return out
+
+
+def cramer_rao_bound(sequence, theta, *, estimate=PARAMETERS, nuisance="all", tied_R1=False, M0=1.0,
+                     sigma=1.0, basis=None, complex_M0=True, on_singular="raise", return_info=False,
+                     backend="auto"):
+    """Cramér–Rao bounds of MT parameters for a sequence (and compression basis).
+
+    Parameters
+    ----------
+    sequence : Sequence or None
+    theta : array_like, shape (n_samples, 8)
+        True parameters (``PARAMETERS`` order, SI units). With ``tied_R1``
+        the R1s column is ignored and set to R1f.
+    estimate, nuisance, tied_R1, M0, sigma, basis, complex_M0, on_singular, return_info
+        See :func:`crb_from_jacobian`.
+    backend : str
+        Physics backend, see :func:`sklearn_crb.physics.jacobian`.
+
+    Returns
+    -------
+    crb : ndarray or torch.Tensor, shape (n_samples, len(estimate))
+        Lower bounds on the variance of unbiased estimators, in squared SI
+        units of each parameter.
+
+    Examples
+    --------
+    >>> from sklearn_crb import Sequence
+    >>> from sklearn_crb.crb import cramer_rao_bound
+    >>> theta = [[0.15, 0.5, 15, 30, 3, 10e-6, 0, 1]]
+    >>> crb = cramer_rao_bound(Sequence.default(), theta, estimate=("m0s", "R1f"), sigma=0.01)
+    """
+    from .parameters import tie_R1
+    from .physics import jacobian
+
+    if tied_R1:
+        theta = tie_R1(theta if isinstance(theta, torch.Tensor) else np.asarray(theta, dtype=float))
+    s, J = jacobian(sequence, theta, backend=backend)
+    return crb_from_jacobian(s, J, estimate=estimate, nuisance=nuisance, tied_R1=tied_R1, M0=M0, sigma=sigma,
+                             basis=basis, complex_M0=complex_M0, on_singular=on_singular, return_info=return_info)

@@ -1,0 +1,218 @@
+"""Pulse sequences: trains of rectangular RF pulses with a constant TR.
+
+A hybrid-state sequence (Assländer et al., Phys Rev Research 2019) is given by
+the flip angle ``alpha`` (rad) and the duration ``TRF`` (s) of each pulse, the
+repetition time ``TR`` (s) and, per pulse, the gradient moment that decides how
+the pulse acts on transverse magnetization (``"balanced"`` or ``"crusher"``,
+see ``gbloch_spec.md`` §1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+
+__all__ = ["Sequence", "GRAD_MOMENTS"]
+
+GRAD_MOMENTS = ("balanced", "crusher", "spoiler_dual", "spoiler_prepulse")
+
+
+class Sequence:
+    """A periodic train of rectangular RF pulses.
+
+    Parameters
+    ----------
+    alpha : array_like, shape (n_pulses,)
+        Nominal flip angles in rad (signed; the pulse rotates about y).
+    TRF : array_like, shape (n_pulses,)
+        Pulse durations in s, each in (0, TR].
+    TR : float
+        Repetition time in s.
+    grad_moment : str or sequence of str, optional
+        Per pulse ``"balanced"`` (default for all but the first),
+        ``"crusher"`` (default for pulse 0: the inversion pulse with
+        crushers), ``"spoiler_dual"`` or ``"spoiler_prepulse"``.
+    rf_phase_increment : float, optional
+        RF phase increment between pulses in rad (default pi); the signal is
+        returned in the phase-cycled (demodulated) frame.
+    name : str, optional
+        Label used in reports and for provenance.
+
+    Attributes
+    ----------
+    n_pulses : int
+    omega1 : ndarray
+        ``alpha / TRF`` in rad/s.
+    """
+
+    def __init__(self, alpha, TRF, TR, grad_moment=None, rf_phase_increment=np.pi, name="custom"):
+        alpha = self._as_vector(alpha, "alpha")
+        TRF = self._as_vector(TRF, "TRF")
+        if alpha.shape != TRF.shape:
+            raise ValueError(f"alpha and TRF must have equal lengths, got {alpha.size} and {TRF.size}")
+        try:
+            TR = float(TR)
+        except (TypeError, ValueError):
+            raise TypeError(f"TR must be a positive float in s, got {TR!r}") from None
+        if not np.isfinite(TR) or TR <= 0:
+            raise ValueError(f"TR must be a positive finite time in s, got {TR}")
+        if np.any(TRF <= 0) or np.any(TRF > TR):
+            i = int(np.flatnonzero((TRF <= 0) | (TRF > TR))[0])
+            raise ValueError(f"TRF must lie in (0, TR={TR:g} s]; TRF[{i}] = {TRF[i]:g} s")
+        n = alpha.size
+        if grad_moment is None:
+            grad_moment = ["crusher"] + ["balanced"] * (n - 1)
+        elif isinstance(grad_moment, str):
+            grad_moment = [grad_moment] * n
+        grad_moment = [str(g) for g in grad_moment]
+        if len(grad_moment) != n:
+            raise ValueError(f"grad_moment must have one entry per pulse ({n}), got {len(grad_moment)}")
+        bad = sorted(set(grad_moment) - set(GRAD_MOMENTS))
+        if bad:
+            raise ValueError(f"grad_moment has unknown values {bad}; allowed: {GRAD_MOMENTS}")
+        rf_phase_increment = float(rf_phase_increment)
+        if not np.isfinite(rf_phase_increment):
+            raise ValueError("rf_phase_increment must be finite")
+        self.alpha = alpha
+        self.TRF = TRF
+        self.TR = TR
+        self.grad_moment = tuple(grad_moment)
+        self.rf_phase_increment = rf_phase_increment
+        self.name = str(name)
+        for a in (self.alpha, self.TRF):
+            a.setflags(write=False)
+
+    @staticmethod
+    def _as_vector(x, argname):
+        try:
+            arr = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{argname} must be a real 1-D array, got {type(x).__name__}") from None
+        arr = np.array(arr.reshape(-1) if arr.ndim == 2 and 1 in arr.shape else arr, dtype=np.float64)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(f"{argname} must be a non-empty 1-D array, got shape {np.shape(x)}")
+        if not np.all(np.isfinite(arr)):
+            i = int(np.flatnonzero(~np.isfinite(arr))[0])
+            raise ValueError(f"{argname} must be finite; {argname}[{i}] = {arr[i]}")
+        return arr
+
+    # ------------------------------------------------------------------ props
+    @property
+    def n_pulses(self):
+        return int(self.alpha.size)
+
+    @property
+    def omega1(self):
+        return self.alpha / self.TRF
+
+    def __len__(self):
+        return self.n_pulses
+
+    def __repr__(self):
+        return f"Sequence(name={self.name!r}, n_pulses={self.n_pulses}, TR={self.TR:g} s)"
+
+    def __eq__(self, other):
+        return isinstance(other, Sequence) and self.sha256() == other.sha256()
+
+    def __hash__(self):
+        return hash(self.sha256())
+
+    def sha256(self):
+        """Hash of the pulse train (alpha, TRF, TR, grad moments, phase increment)."""
+        h = hashlib.sha256()
+        for a in (self.alpha, self.TRF, np.array([self.TR, self.rf_phase_increment])):
+            h.update(np.ascontiguousarray(a, dtype="<f8").tobytes())
+        h.update(",".join(self.grad_moment).encode())
+        return h.hexdigest()
+
+    def to_dict(self):
+        """JSON-able description (lists of floats)."""
+        return {
+            "name": self.name,
+            "alpha": self.alpha.tolist(),
+            "TRF": self.TRF.tolist(),
+            "TR": self.TR,
+            "grad_moment": list(self.grad_moment),
+            "rf_phase_increment": self.rf_phase_increment,
+        }
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d["alpha"], d["TRF"], d["TR"], d.get("grad_moment"), d.get("rf_phase_increment", np.pi),
+                   d.get("name", "custom"))
+
+    # ------------------------------------------------------------ factories
+    @classmethod
+    def from_mat(cls, path, TR=3.5e-3, grad_moment=None, name=None):
+        """Read ``alpha`` (rad) and ``TRF`` (s) from a MATLAB v5 or v7.3 file.
+
+        Parameters
+        ----------
+        path : str or path-like
+        TR : float
+            Repetition time in s (not stored in the published files).
+        grad_moment : optional
+            As in ``Sequence``; default: crusher on pulse 0, balanced otherwise.
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"sequence file not found: {path}")
+        data = None
+        try:
+            from scipy.io import loadmat
+
+            data = {k: v for k, v in loadmat(path).items() if not k.startswith("__")}
+        except NotImplementedError:  # v7.3 is HDF5
+            data = None
+        except Exception as exc:  # noqa: BLE001 - report any parse error uniformly
+            if not _is_hdf5(path):
+                raise ValueError(f"{path} is not a readable MATLAB file: {exc}") from exc
+        if data is None:
+            try:
+                import h5py
+
+                with h5py.File(path, "r") as f:
+                    data = {k: np.array(f[k]) for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+            except Exception as exc:  # noqa: BLE001
+                raise ValueError(f"{path} is not a readable MATLAB v7.3 (HDF5) file: {exc}") from exc
+        for key in ("alpha", "TRF"):
+            if key not in data:
+                raise ValueError(f"{path} has no variable {key!r} (found {sorted(data)})")
+        return cls(np.ravel(data["alpha"]), np.ravel(data["TRF"]), TR, grad_moment,
+                   name=name or os.path.splitext(os.path.basename(path))[0])
+
+    @classmethod
+    def default(cls, n_pulses=1142, TR=3.5e-3):
+        """The package's built-in hybrid-state MT sequence.
+
+        A synthetic train in the style of the published v3.2 pulse train
+        (same TR and length, an adiabatic-free inversion pulse followed by two
+        smooth flip-angle lobes with TRF modulation for MT weighting), made
+        from closed-form expressions so that the package works without any
+        data file. It is *not* the published sequence; use
+        ``Sequence.from_mat`` on ``control_MT_v3p2_TR3p5ms_discretized.mat``
+        for that.
+        """
+        n = int(n_pulses)
+        if n < 10:
+            raise ValueError(f"n_pulses must be >= 10, got {n_pulses}")
+        x = np.arange(n) / n  # cycle fraction
+        # Two lobes: a long, mostly-small-angle hybrid-state lobe after the
+        # inversion, and a second large-angle lobe at ~60% of the cycle.
+        lobe1 = 2.0 * np.exp(-((x - 0.02) / 0.05) ** 2) + 0.40 * np.exp(-((x - 0.2) / 0.1) ** 2)
+        lobe2 = 1.5 * np.exp(-((x - 0.64) / 0.04) ** 2) + 0.5 * np.exp(-((x - 0.76) / 0.03) ** 2)
+        alpha = 0.045 + lobe1 + lobe2 + 0.02 * np.sin(2 * np.pi * 7 * x)
+        # TRF modulation: short (high-power) pulses in the second lobe for MT
+        # contrast, longer pulses elsewhere, on a 2.8 us raster, [220, 480] us.
+        TRF = 370e-6 + 100e-6 * np.exp(-((x - 0.6) / 0.03) ** 2) - 140e-6 * np.exp(-((x - 0.70) / 0.02) ** 2)
+        TRF = np.clip(np.round(TRF / 2.8e-6) * 2.8e-6, 220e-6, 480e-6)
+        alpha[0], TRF[0] = np.pi, 500e-6
+        return cls(alpha, TRF, TR, name="sklearn_crb_default_hybrid_state")
+
+
+def _is_hdf5(path):
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    return b"\x89HDF\r\n\x1a\n" in head

@@ -1,0 +1,49 @@
+"""Shared fixtures: the reference sequence from SKLEARN_CRB_DATA, small sequences."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+V32_NAME = "control_MT_v3p2_TR3p5ms_discretized.mat"
+
+#: Tutorial tissue of gbloch_spec.md (m0s, R1f, R2f, Rex, R1s, T2s, omega0, B1).
+TUTORIAL_THETA = np.array([0.15, 0.5, 15.0, 30.0, 3.0, 10e-6, 0.0, 1.0])
+#: The NLLS test tissue of the spec (§6, test/NLLS.jl), with M0 = 0.85.
+NLLS_THETA = np.array([0.15, 0.5, 17.0, 30.0, 3.0, 12e-6, 100.0, 0.9])
+
+
+def data_dir():
+    return Path(os.environ.get("SKLEARN_CRB_DATA", REPO.parent / "shared" / "data"))
+
+
+def require_data_file(name):
+    """Path of a shared data file; skip if missing, fail under CI=true."""
+    path = data_dir() / name
+    if not path.is_file():
+        msg = f"{name} not found in SKLEARN_CRB_DATA={data_dir()}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg + " (missing data is a failure under CI=true)")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def v32_sequence():
+    """The published hybrid-state MT pulse train (1142 pulses, TR 3.5 ms)."""
+    from sklearn_crb import Sequence
+
+    return Sequence.from_mat(require_data_file(V32_NAME), TR=3.5e-3)
+
+
+@pytest.fixture(scope="session")
+def short_sequence():
+    """A 120-pulse built-in sequence for fast unit tests."""
+    from sklearn_crb import Sequence
+
+    return Sequence.default(n_pulses=120)
