@@ -187,27 +187,41 @@ class Sequence:
     def default(cls, n_pulses=1142, TR=3.5e-3):
         """The package's built-in hybrid-state MT sequence.
 
-        A synthetic train in the style of the published v3.2 pulse train
-        (same TR and length, an adiabatic-free inversion pulse followed by two
-        smooth flip-angle lobes with TRF modulation for MT weighting), made
-        from closed-form expressions so that the package works without any
-        data file. It is *not* the published sequence; use
-        ``Sequence.from_mat`` on ``control_MT_v3p2_TR3p5ms_discretized.mat``
-        for that.
+        A synthetic train in the style of the published v3.2 design (same TR
+        and length): an inversion pulse with crushers, a short small-angle
+        hybrid-state segment, two large-angle lobes, and TRF modulation (short,
+        high-power pulses) for MT weighting. It is defined by a few control
+        points joined by monotone cubic (PCHIP) interpolation, so the package
+        works without any data file; rank 13 keeps about 95 % of the energy of
+        prior fingerprints (99.6 % for v3.2). It is *not* the published
+        sequence: use ``Sequence.from_mat`` on
+        ``control_MT_v3p2_TR3p5ms_discretized.mat`` for that.
+
+        Parameters
+        ----------
+        n_pulses : int
+            Number of pulses (the design is stretched to fit), >= 10.
+        TR : float
+            Repetition time in s.
         """
+        from scipy.interpolate import PchipInterpolator
+
         n = int(n_pulses)
         if n < 10:
             raise ValueError(f"n_pulses must be >= 10, got {n_pulses}")
-        x = np.arange(n) / n  # cycle fraction
-        # Two lobes: a long, mostly-small-angle hybrid-state lobe after the
-        # inversion, and a second large-angle lobe at ~60% of the cycle.
-        lobe1 = 2.0 * np.exp(-((x - 0.02) / 0.05) ** 2) + 0.40 * np.exp(-((x - 0.2) / 0.1) ** 2)
-        lobe2 = 1.5 * np.exp(-((x - 0.64) / 0.04) ** 2) + 0.5 * np.exp(-((x - 0.76) / 0.03) ** 2)
-        alpha = 0.045 + lobe1 + lobe2 + 0.02 * np.sin(2 * np.pi * 7 * x)
-        # TRF modulation: short (high-power) pulses in the second lobe for MT
-        # contrast, longer pulses elsewhere, on a 2.8 us raster, [220, 480] us.
-        TRF = 370e-6 + 100e-6 * np.exp(-((x - 0.6) / 0.03) ** 2) - 140e-6 * np.exp(-((x - 0.70) / 0.02) ** 2)
-        TRF = np.clip(np.round(TRF / 2.8e-6) * 2.8e-6, 220e-6, 480e-6)
+        # control points: (position in the cycle as a fraction, flip angle in rad)
+        a_ctrl = np.array([(0.001, 1.0), (0.005, 0.06), (0.026, 0.05), (0.037, 1.8), (0.053, 2.1),
+                           (0.079, 1.0), (0.114, 0.45), (0.228, 0.42), (0.289, 0.25), (0.368, 0.10),
+                           (0.578, 0.065), (0.613, 0.1), (0.652, 0.6), (0.674, 2.2), (0.701, 2.1),
+                           (0.727, 1.0), (0.753, 0.75), (0.788, 0.8), (0.832, 0.2), (0.876, 0.12),
+                           (0.963, 0.06), (1.0, 0.05)])
+        # (position, TRF in us)
+        t_ctrl = np.array([(0.001, 480), (0.088, 380), (0.350, 370), (0.613, 366), (0.648, 240),
+                           (0.674, 490), (0.701, 480), (0.727, 240), (0.753, 220), (0.788, 260),
+                           (0.832, 360), (1.0, 360)])
+        x = np.clip(np.arange(n) / (n - 1), 0.001, 1.0)
+        alpha = PchipInterpolator(a_ctrl[:, 0], a_ctrl[:, 1])(x)
+        TRF = np.round(PchipInterpolator(t_ctrl[:, 0], t_ctrl[:, 1])(x) / 2.8) * 2.8e-6  # 2.8 us raster
         alpha[0], TRF[0] = np.pi, 500e-6
         return cls(alpha, TRF, TR, name="sklearn_crb_default_hybrid_state")
 

@@ -162,7 +162,7 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
             _, sv, Vh = np.linalg.svd(s, full_matrices=False)
             if r > sv.size:
                 raise ValueError(f"n_components={r} exceeds the number of basis fingerprints ({sv.size})")
-            V = Vh.conj().T
+            V = Vh.T  # columns u_k with c = U^H s (s as a column vector)
             self.basis_ = np.ascontiguousarray(V[:, :r])
             self._extended_basis = np.ascontiguousarray(V[:, : min(sv.size, max(r, _MAX_STORED_RANK))])
             self.singular_values_ = sv

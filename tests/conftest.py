@@ -47,3 +47,20 @@ def short_sequence():
     from sklearn_crb import Sequence
 
     return Sequence.default(n_pulses=120)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False, help="also run @pytest.mark.slow tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests run under CI=true, with --run-slow, or when selected by -m;
+    the default local run stays lean."""
+    if os.environ.get("CI", "").lower() == "true" or config.getoption("--run-slow") or "slow" in (
+        config.getoption("markexpr") or ""
+    ):
+        return
+    skip = pytest.mark.skip(reason="slow: runs under CI=true or with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

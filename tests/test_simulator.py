@@ -1,0 +1,100 @@
+"""MTFingerprintSimulator: basis, features, datasets with per-sample CRBs."""
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+
+from conftest import TUTORIAL_THETA
+from sklearn_crb import MTFingerprintSimulator, physics
+from sklearn_crb.crb import crb_from_jacobian
+
+
+@pytest.fixture(scope="module")
+def sim(short_sequence):
+    return MTFingerprintSimulator(short_sequence, n_components=10, n_basis_samples=200, random_state=0).fit()
+
+
+def test_basis_is_orthonormal_svd(sim, short_sequence):
+    U = sim.basis_
+    assert U.shape == (120, 10)
+    np.testing.assert_allclose(U.conj().T @ U, np.eye(10), atol=1e-12)
+    # fitted on given theta: explained energy is that of the projection
+    th = sim.sample_parameters(150, random_state=5)
+    s = physics.simulate(short_sequence, th)
+    own = MTFingerprintSimulator(short_sequence, n_components=10).fit(th)
+    kept = np.linalg.norm(s @ own.basis_.conj()) ** 2 / np.linalg.norm(s) ** 2
+    assert own.explained_energy_ == pytest.approx(kept, rel=1e-10)
+    # Eckart-Young: no rank-10 basis keeps more; a random one keeps far less
+    rng = np.random.default_rng(0)
+    Q, _ = np.linalg.qr(rng.standard_normal((120, 10)) + 1j * rng.standard_normal((120, 10)))
+    assert np.linalg.norm(s @ Q.conj()) ** 2 / np.linalg.norm(s) ** 2 < 0.5 * kept
+    # the prior-fitted basis generalises to new prior draws almost as well
+    held = np.linalg.norm(s @ U.conj()) ** 2 / np.linalg.norm(s) ** 2
+    assert held > 0.8 * kept
+
+
+def test_transform_and_feature_names(sim, short_sequence):
+    X = sim.transform(TUTORIAL_THETA[None])
+    assert X.shape == (1, 20)
+    s = physics.simulate(short_sequence, TUTORIAL_THETA[None])
+    c = s @ sim.basis_.conj()
+    np.testing.assert_allclose(X, np.hstack([c.real, c.imag]), atol=1e-14)
+    names = sim.get_feature_names_out()
+    assert names[0] == "re_c0" and names[10] == "im_c0" and len(names) == 20
+
+
+def test_make_dataset_statistics(sim):
+    X, y, crb, d = sim.make_dataset(400, random_state=1, return_details=True)
+    assert X.shape == (400, 20) and y.shape == (400, 3) and crb.shape == (400, 3)
+    np.testing.assert_array_equal(y, d["theta"][:, :3])
+    snr = np.abs(d["M0"]) / d["sigma"]
+    assert snr.min() >= 10 and snr.max() <= 100
+    # noise: X - M0 * X_clean is white with variance sigma^2 per component
+    r = sim.n_components_
+    c_clean = d["X_clean"][:, :r] + 1j * d["X_clean"][:, r:]
+    noise = (X[:, :r] + 1j * X[:, r:]) - d["M0"][:, None] * c_clean
+    assert np.std(noise.real) == pytest.approx(0.01, rel=0.05)
+    assert np.std(noise.imag) == pytest.approx(0.01, rel=0.05)
+    # CRB at each sample's own |M0| and sigma
+    np.testing.assert_allclose(crb, d["crb_unit"] * (0.01**2 / np.abs(d["M0"]) ** 2)[:, None], rtol=1e-12)
+    # reproducible
+    X2, y2, crb2 = sim.make_dataset(400, random_state=1)
+    np.testing.assert_array_equal(X, X2)
+    np.testing.assert_array_equal(crb, crb2)
+
+
+def test_crb_is_of_compressed_coefficients(sim, short_sequence):
+    th = sim.sample_parameters(3, random_state=2)
+    s, J = physics.jacobian(short_sequence, th)
+    full = crb_from_jacobian(s, J, estimate=("m0s", "R1f", "R2f"))
+    comp = sim.crb(th, sigma=1.0)
+    assert np.all(comp >= full * (1 - 1e-10))
+    np.testing.assert_allclose(sim.crb(th, sigma=1.0, compressed=False), full, rtol=1e-12)
+
+
+def test_user_basis_and_tied(short_sequence):
+    rng = np.random.default_rng(0)
+    Q, _ = np.linalg.qr(rng.standard_normal((120, 12)) + 1j * rng.standard_normal((120, 12)))
+    sim = MTFingerprintSimulator(short_sequence, basis=Q, tied_R1=True, random_state=0).fit()
+    assert sim.n_components_ == 12 and sim.prior_.tied_R1
+    X, y, crb = sim.make_dataset(20)
+    assert X.shape == (20, 24)
+    with pytest.raises(ValueError, match="orthonormal"):
+        MTFingerprintSimulator(short_sequence, basis=2 * Q).fit()
+    with pytest.raises(ValueError, match=r"basis must have shape \(120, rank\)"):
+        MTFingerprintSimulator(short_sequence, basis=Q[:100]).fit()
+
+
+def test_errors_and_clone(short_sequence):
+    sim = MTFingerprintSimulator(short_sequence, n_components=5)
+    with pytest.raises(NotFittedError):
+        sim.transform(TUTORIAL_THETA[None])
+    with pytest.raises(ValueError, match="snr"):
+        MTFingerprintSimulator(short_sequence, snr=(50, 10)).fit()
+    with pytest.raises(ValueError, match="estimate"):
+        MTFingerprintSimulator(short_sequence, estimate=("T1",)).fit()
+    with pytest.raises(ValueError, match="n_components"):
+        MTFingerprintSimulator(short_sequence, n_components=0).fit()
+    c = clone(sim)
+    assert c.get_params()["n_components"] == 5
