@@ -27,6 +27,12 @@ _LAZY = {
     "make_crb_scorer": "metrics",
     "bias_variance_report": "metrics",
     "cramer_rao_bound": "crb",
+    "DictionaryMatcher": "dictionary",
+    "fit_maps": "maps",
+    "make_phantom": "phantom",
+    "save_model": "model_io",
+    "load_model": "model_io",
+    "load_coefficients": "io",
 }
 
 __all__ = ["PARAMETERS", "ParameterPrior", "Sequence", *_LAZY]
