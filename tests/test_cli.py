@@ -1,0 +1,123 @@
+"""The sklearn-crb command line: help, simulate -> train -> fit, bad inputs, the demo."""
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from sklearn_crb.cli import load_dataset, main
+
+AFFINE = np.diag([2.0, 2.0, 4.0, 1.0])
+AFFINE[:3, 3] = [-30, -20, 5]
+
+
+@pytest.mark.parametrize("cmd", [[], ["demo"], ["simulate"], ["train"], ["fit"]])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(cmd + ["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: sklearn-crb" in out
+    if cmd == ["fit"]:
+        assert all(opt in out for opt in ("--sequence", "--basis", "--mask", "--device", "--n-jobs", "--scheduler"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """simulate -> train on the 120-pulse built-in sequence, and a phantom image in its basis."""
+    from sklearn_crb import Sequence
+    from sklearn_crb.phantom import make_phantom
+
+    d = tmp_path_factory.mktemp("cli")
+    common = ["--n-pulses", "120", "--quiet"]
+    assert main(["simulate", "--out", str(d / "train.h5"), "--n-samples", "300", "--rank", "6",
+                 "--n-basis-samples", "200", *common]) == 0
+    assert main(["train", "--data", str(d / "train.h5"), "--out", str(d / "model"), "--epochs", "2",
+                 "--hidden", "16", "--device", "cpu", "--quiet"]) == 0
+    U = np.load(d / "model" / "basis.npy")
+    ph = make_phantom((12, 12), Sequence.default(n_pulses=120), basis=U, snr=50, random_state=0)
+    c = ph.coefficients[:, :, None, :]  # (x, y, z=1, r)
+    nib.save(nib.Nifti1Image(np.concatenate([c.real, c.imag], -1).astype(np.float32), AFFINE), d / "coef.nii.gz")
+    return d, ph
+
+
+def test_simulate_writes_a_complete_training_set(pipeline):
+    d, _ = pipeline
+    data = load_dataset(d / "train.h5")
+    assert data["X"].shape == (300, 12) and data["y"].shape == (300, 3) and data["crb"].shape == (300, 3)
+    assert np.all(data["crb"] > 0) and data["meta"]["estimate"] == ["m0s", "R1f", "R2f"]
+    U = data["basis"]
+    np.testing.assert_allclose(U.conj().T @ U, np.eye(6), atol=1e-10)
+
+
+def test_fit_writes_nifti_maps_with_affine_and_png(pipeline, capsys):
+    d, ph = pipeline
+    out = d / "fit"
+    assert main(["fit", "--model", str(d / "model"), "--coefficients", str(d / "coef.nii.gz"),
+                 "--out", str(out), "--quiet"]) == 0
+    files = set(os.listdir(out))
+    assert {"m0s.nii.gz", "m0s_se.nii.gz", "relative_residual.nii.gz", "flags.nii.gz", "mask.nii.gz",
+            "overview.png", "summary.json"} <= files
+    img = nib.load(out / "R2f.nii.gz")
+    np.testing.assert_allclose(img.affine, AFFINE)
+    assert img.shape == (12, 12, 1)
+    mask = nib.load(out / "mask.nii.gz").get_fdata()[..., 0] > 0
+    assert np.array_equal(mask, ph.mask)
+    assert json.loads((out / "summary.json").read_text())["n_voxels_fitted"] == ph.mask.sum()
+    assert "fitted" in capsys.readouterr().out
+
+
+def test_python_api_and_cli_agree(pipeline):
+    from sklearn_crb.io import load_coefficients
+    from sklearn_crb.maps import fit_maps
+    from sklearn_crb.model_io import load_model
+
+    d, ph = pipeline
+    out = d / "fit2"
+    assert main(["fit", "--model", str(d / "model"), "--coefficients", str(d / "coef.nii.gz"),
+                 "--out", str(out), "--quiet", "--sigma", "0.02"]) == 0
+    maps = fit_maps(load_model(d / "model", device="cpu"), load_coefficients(d / "coef.nii.gz"), sigma=0.02)
+    np.testing.assert_allclose(nib.load(out / "m0s_se.nii.gz").get_fdata(), maps["m0s_se"].astype(np.float32))
+
+
+def test_bad_inputs_give_errors_and_no_output(pipeline, capsys):
+    d, ph = pipeline
+    bad = d / "bad"
+    bad.mkdir()
+    c = ph.coefficients
+    nib.save(nib.Nifti1Image(c[..., :5].astype(np.complex64), AFFINE), bad / "rank5.nii.gz")
+    (bad / "trunc.nii.gz").write_bytes((d / "coef.nii.gz").read_bytes()[:300])
+    np.save(bad / "mask.npy", np.ones((12, 11)))
+    cases = [
+        (["--coefficients", str(bad / "rank5.nii.gz")], "rank"),
+        (["--coefficients", str(bad / "trunc.nii.gz")], "truncated"),
+        (["--coefficients", str(d / "coef.nii.gz"), "--mask", str(bad / "mask.npy")], "mask has shape"),
+        (["--coefficients", str(d / "coef.nii.gz"), "--sequence", str(bad / "missing.mat")], "not found"),
+    ]
+    for args, msg in cases:
+        out = d / "never"
+        assert main(["fit", "--model", str(d / "model"), "--out", str(out), "--quiet", *args]) == 2
+        assert msg in capsys.readouterr().err
+        assert not out.exists()
+    assert main(["fit", "--nlls", "--coefficients", str(d / "coef.nii.gz"), "--out", str(d / "never")]) == 2
+    assert "--basis" in capsys.readouterr().err
+    assert main(["train", "--data", str(bad / "trunc.nii.gz"), "--out", str(d / "never")]) == 2
+    assert not (d / "never").exists()
+    assert sorted(os.listdir(d)) == sorted(x for x in os.listdir(d) if not x.startswith("."))  # no temp leftovers
+
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path, capsys):
+    """The README's main command, reduced (`--quick`): runs end to end and writes its outputs."""
+    from sklearn_crb.cli import run_demo
+
+    res = run_demo(tmp_path / "demo", quick=True, progress=False)
+    out = capsys.readouterr().out
+    assert "CRB net" in out and "MSE net" in out and "NLLS" in out
+    files = set(os.listdir(tmp_path / "demo"))
+    assert {"maps.png", "error_maps.png", "bias_std.png", "results.json", "phantom_coefficients.nii.gz",
+            "crb_model"} <= files
+    for r in res["results"]:
+        assert r["n_voxels"] > 0 and all(np.isfinite(r["nmse"]))

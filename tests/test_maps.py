@@ -1,0 +1,107 @@
+"""fit_maps: named maps, standard errors, residuals and flags, checked independently."""
+
+import numpy as np
+import pytest
+
+from sklearn_crb.crb import cramer_rao_bound
+from sklearn_crb.maps import FLAGS, fit_maps
+from sklearn_crb.parameters import INDEX
+from sklearn_crb.phantom import make_phantom
+from sklearn_crb.physics import simulate
+
+NAMES = ("m0s", "R1f", "R2f")
+
+
+@pytest.fixture(scope="module")
+def setup(short_sequence):
+    from sklearn_crb import CRBNetRegressor, MTFingerprintSimulator
+    from sklearn_crb.network import MLP
+
+    sim = MTFingerprintSimulator(short_sequence, n_components=6, estimate=NAMES, random_state=0,
+                                 n_basis_samples=300).fit()
+    X, y, crb = sim.make_dataset(400, 1)
+    net = CRBNetRegressor(MLP, module__hidden=(32,), simulator=sim, max_epochs=3, random_state=0,
+                          device="cpu").fit(X, y, crb=crb)
+    ph = make_phantom((16, 16), short_sequence, basis=sim, snr=50, random_state=2)
+    return sim, net, ph
+
+
+def test_maps_names_and_independent_residual_and_se(setup):
+    sim, net, ph = setup
+    sigma = ph.sigma
+    maps = fit_maps(net, ph.coefficients, sigma=sigma)
+    for key in (*NAMES, *(p + "_se" for p in NAMES), "M0_abs", "M0_phase", "relative_residual", "flags", "mask"):
+        assert maps[key].shape == ph.labels.shape, key
+    assert np.array_equal(maps["mask"], ph.mask)
+    sel = maps["mask"]
+    pred = net.predict(np.hstack([ph.coefficients[sel].real, ph.coefficients[sel].imag]))
+    np.testing.assert_allclose(np.stack([maps[p][sel] for p in NAMES], 1), pred)
+    # residual and M0, recomputed by hand for a few voxels
+    vox = np.flatnonzero(sel)[:5]
+    iy, ix = np.unravel_index(vox, sel.shape)
+    th = np.tile(sim.prior_.center(), (5, 1))
+    th[:, [INDEX[p] for p in NAMES]] = pred[:5]
+    u = simulate(ph.sequence, th) @ sim.basis_.conj()
+    c = ph.coefficients[iy, ix]
+    M0 = np.sum(u.conj() * c, 1) / np.sum(np.abs(u) ** 2, 1)
+    rel = np.linalg.norm(c - M0[:, None] * u, axis=1) / np.linalg.norm(c, axis=1)
+    np.testing.assert_allclose(maps["relative_residual"][iy, ix], rel, rtol=1e-8)
+    np.testing.assert_allclose(maps["M0_abs"][iy, ix], np.abs(M0), rtol=1e-8)
+    crb = cramer_rao_bound(ph.sequence, th, estimate=NAMES, basis=sim.basis_, M0=np.abs(M0), sigma=sigma)
+    np.testing.assert_allclose(np.stack([maps[p + "_se"][iy, ix] for p in NAMES], 1), np.sqrt(crb), rtol=1e-6)
+    assert np.all(maps["m0s"][~sel] == 0)
+    assert np.all(maps["flags"][~sel] == FLAGS["invalid_input"])  # background is exactly zero
+
+
+def test_nan_and_zero_voxels_are_masked_and_flagged(setup):
+    sim, net, ph = setup
+    c = ph.coefficients.copy()
+    c[8, 8] = 0
+    c[7, 7, 1] = np.nan
+    maps = fit_maps(net, c, mask=ph.mask, sigma=ph.sigma)
+    for y, x in ((8, 8), (7, 7)):
+        assert not maps["mask"][y, x]
+        assert maps["flags"][y, x] & FLAGS["invalid_input"]
+        assert maps["m0s"][y, x] == 0
+    inside = maps["mask"]
+    assert all(np.all(np.isfinite(maps[k][inside])) for k in ("m0s", "R1f", "R2f", "relative_residual"))
+
+
+def test_chunking_does_not_change_results(setup):
+    sim, net, ph = setup
+    a = fit_maps(net, ph.coefficients, chunk_size=7, compute_se=False, sigma=0.02)
+    b = fit_maps(net, ph.coefficients, chunk_size=4096, compute_se=False, sigma=0.02)
+    for k in ("m0s", "R2f", "relative_residual", "M0_phase"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-12)
+
+
+def test_sigma_estimate_tracks_the_noise(setup):
+    sim, net, ph = setup
+    hi = make_phantom((16, 16), ph.sequence, basis=sim, snr=20, random_state=4)
+    s_lo = fit_maps(net, ph.coefficients, compute_se=False)["sigma"]
+    s_hi = fit_maps(net, hi.coefficients, compute_se=False)["sigma"]
+    assert s_lo >= 0.5 * ph.sigma and s_hi > 1.5 * s_lo  # 2.5x the noise gives a clearly larger estimate
+
+
+def test_bad_inputs_fail_before_work(setup):
+    sim, net, ph = setup
+    with pytest.raises(ValueError, match="rank 5 .* basis has rank 6"):
+        fit_maps(net, ph.coefficients[..., :5])
+    with pytest.raises(ValueError, match="mask has shape"):
+        fit_maps(net, ph.coefficients, mask=np.ones((16, 15)))
+    with pytest.raises(TypeError, match="complex"):
+        fit_maps(net, np.abs(ph.coefficients))
+    with pytest.raises(ValueError, match="chunk_size"):
+        fit_maps(net, ph.coefficients, chunk_size=0)
+    with pytest.raises(ValueError, match="fixed"):
+        fit_maps(net, ph.coefficients, fixed={"B1": np.ones((3, 3))})
+
+
+def test_fixed_field_maps_are_used(setup):
+    sim, net, ph = setup
+    b1 = ph.theta[..., INDEX["B1"]]
+    a = fit_maps(net, ph.coefficients, sigma=ph.sigma, fixed={"B1": b1})
+    b = fit_maps(net, ph.coefficients, sigma=ph.sigma)
+    sel = a["mask"]
+    np.testing.assert_allclose(a["m0s"][sel], b["m0s"][sel])  # the network ignores it ...
+    assert not np.allclose(a["relative_residual"][sel], b["relative_residual"][sel])  # ... the model does not
