@@ -1,0 +1,693 @@
+"""``CRBNetRegressor``: a skorch network trained with the CRB-normalised loss.
+
+Zhang et al., "Cramér–Rao bound-informed training of neural networks for
+quantitative MRI", MRM 2022: the loss is the mean over samples ``n`` and
+estimated parameters ``p`` of ``(theta_hat - theta)^2 / CRB``, with each
+sample's own CRB (at its own ``|M0|`` and noise level). During training every
+epoch can re-draw ``M0`` and the noise of each (noise-free) fingerprint and
+rescale its CRB by ``sigma^2 / |M0|^2`` (paper_notes.md).
+
+Design
+------
+The per-sample CRB travels with its sample: ``fit`` packs ``X`` into the dict
+``{"X": features, "w": loss weights, "c": 1/CRB}`` that skorch's ``Dataset``
+slices, shuffles and batches together with ``y``; only ``"X"`` reaches the
+module, the rest reaches :meth:`CRBNetRegressor.get_loss`. Targets are
+standardised; all three losses are weighted squared errors of the
+standardised outputs (``w = s^2/CRB``, ``s^2`` or ``s^2/theta^2`` for
+``"crb"``, ``"mse"`` and ``"relative"``, with ``s`` the target scale), so the
+network trains in float32 at a well-conditioned scale while the loss is the
+one in physical units.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from collections.abc import Mapping
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.validation import check_is_fitted, validate_data
+from skorch.callbacks import LRScheduler
+from skorch.dataset import Dataset, ValidSplit, unpack_data
+from skorch.regressor import NeuralNetRegressor
+from skorch.utils import to_tensor
+from torch import nn
+
+from .network import ResidualMLP
+
+__all__ = ["CRBNetRegressor", "WeightedMSELoss", "TargetStandardizedModule", "StepDecayWithFloor",
+           "paper_lr_scheduler"]
+
+_LOSSES = ("crb", "mse", "relative")
+
+
+class WeightedMSELoss(nn.Module):
+    """``mean_{n,p} w_np (y_pred_np - y_true_np)^2`` (all losses of the regressor).
+
+    With standardised targets ``y = (theta - m) / s`` and ``w = s^2 / CRB`` this
+    is the CRB-normalised MSE of Zhang et al. 2022 in physical units.
+    """
+
+    def forward(self, y_pred, y_true, weight):
+        return torch.mean(weight * (y_pred - y_true) ** 2)
+
+
+class TargetStandardizedModule(nn.Module):
+    """Wraps the regression network; stores the target scaling as buffers.
+
+    ``forward`` returns standardised outputs (what the loss sees);
+    :meth:`to_physical` maps them to SI units. Keeping the scaling in the
+    module's ``state_dict`` makes ``save_params``/``load_params`` and
+    ``Checkpoint`` restore a net that predicts in physical units.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The network (``ResidualMLP``, ``MLP`` or any module mapping
+        ``(batch, n_features)`` to ``(batch, n_outputs)``).
+    n_outputs : int
+    """
+
+    def __init__(self, module, n_outputs):
+        super().__init__()
+        self.module = module
+        self.register_buffer("mean", torch.zeros(int(n_outputs), dtype=torch.float64))
+        self.register_buffer("scale", torch.ones(int(n_outputs), dtype=torch.float64))
+
+    def forward(self, X):
+        return self.module(X)
+
+    def to_physical(self, out):
+        return out.to(self.scale.dtype) * self.scale + self.mean
+
+
+class StepDecayWithFloor:
+    """Multiplicative LR factor ``max(gamma ** (epoch // step_size), min_factor)``.
+
+    A picklable ``lr_lambda`` for :class:`torch.optim.lr_scheduler.LambdaLR`.
+    """
+
+    def __init__(self, step_size=40, gamma=0.5, min_factor=1e-3):
+        self.step_size, self.gamma, self.min_factor = int(step_size), float(gamma), float(min_factor)
+
+    def __call__(self, epoch):
+        return max(self.gamma ** (epoch // self.step_size), self.min_factor)
+
+
+def paper_lr_scheduler(lr=1e-2, step_size=40, gamma=0.5, min_lr=1e-5):
+    """The step schedule of Zhang et al. 2022 as a skorch ``LRScheduler``.
+
+    The learning rate starts at ``lr`` (the net's ``lr`` must match), is
+    multiplied by ``gamma`` every ``step_size`` epochs and never drops below
+    ``min_lr`` (paper: 0.01, halved every 40 epochs, floor 1e-5).
+
+    Examples
+    --------
+    >>> net = CRBNetRegressor(lr=1e-2, callbacks=[("lr", paper_lr_scheduler(1e-2))])  # doctest: +SKIP
+    """
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if not (lr > 0 and min_lr > 0):
+        raise ValueError(f"lr and min_lr must be positive, got {lr}, {min_lr}")
+    return LRScheduler(policy=LambdaLR, lr_lambda=StepDecayWithFloor(step_size, gamma, min_lr / lr),
+                       step_every="epoch")
+
+
+def _resolve_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _check_positive_finite(a, argname):
+    if not np.all(np.isfinite(a)):
+        i = int(np.flatnonzero(~np.isfinite(a).all(axis=1))[0])
+        raise ValueError(f"{argname} contains non-finite values (e.g. row {i})")
+    if np.any(a <= 0):
+        i = int(np.flatnonzero((a <= 0).any(axis=1))[0])
+        raise ValueError(f"{argname} must be strictly positive (e.g. row {i}: {a[i]})")
+
+
+class CRBNetRegressor(NeuralNetRegressor):
+    """Neural-network estimator of tissue parameters with a CRB-normalised loss.
+
+    A skorch :class:`~skorch.NeuralNetRegressor`: all skorch parameters
+    (``module__*``, ``optimizer__*``, ``callbacks``, ``iterator_train__*``,
+    ...) work, and so do ``get_params``/``set_params``/``clone``, pipelines and
+    grid searches.
+
+    Parameters
+    ----------
+    module : type or nn.Module, default ``ResidualMLP``
+        The network; ``n_features`` and ``n_outputs`` are filled in from the
+        data when its constructor takes them. Set its hyper-parameters with
+        ``module__hidden=(...)``, ``module__normalization="first-coefficient"``...
+    criterion : type, default ``WeightedMSELoss``
+        Must accept ``(y_pred, y_true, weight)``.
+    optimizer : type, default ``torch.optim.Adam``
+    lr : float, default 1e-3
+        Learning rate (paper: 1e-2 with BatchNorm and batch 1024; see
+        :func:`paper_lr_scheduler` for its step schedule).
+    max_epochs : int, default 100
+    batch_size : int, default 1024
+    train_split : float, None or callable, default 0.2
+        Fraction of the data held out for validation (a
+        ``skorch.dataset.ValidSplit`` seeded by ``random_state``), ``None``
+        for none, or any skorch ``train_split`` callable.
+    loss : {"crb", "mse", "relative"}, default "crb"
+        ``"crb"``: mean of ``(theta_hat - theta)^2 / CRB``; needs ``crb=`` in
+        ``fit`` or a ``simulator``. ``"mse"``: mean squared error in raw SI
+        units (the paper's baseline). ``"relative"``: mean of
+        ``(theta_hat - theta)^2 / theta^2`` (targets must be non-zero).
+    simulator : MTFingerprintSimulator, optional
+        A *fitted* simulator. When ``crb`` is not passed to ``fit``, the CRB
+        is computed from ``y`` (the estimated parameters; the other parameters
+        are set to the prior centre) at ``|M0| = 1`` and the simulator's
+        ``sigma`` (with ``augment``: at unit ``M0`` and ``sigma``). It also
+        supplies ``target_names``, ``snr`` and ``sigma`` defaults.
+    augment : bool or "auto", default "auto"
+        Per-epoch noise augmentation (paper). When True, ``fit`` takes
+        *noise-free* features at ``M0 = 1`` and the CRB at ``M0 = 1``,
+        ``sigma = 1`` (``make_dataset(..., return_details=True)``'s
+        ``X_clean`` and ``crb_unit``); each training batch then gets a fresh
+        complex ``M0`` (``|M0| = sigma * U[snr]``, uniform phase) and fresh
+        Gaussian noise, and each CRB is rescaled by ``sigma^2/|M0|^2``. The
+        validation part gets one fixed draw. ``"auto"``: True in
+        :meth:`fit_simulated`, False in :meth:`fit`.
+    snr : (float, float) or None
+        ``|M0| / sigma`` range for augmentation; None: the simulator's, else
+        (10, 100).
+    sigma : float or None
+        Noise standard deviation per real feature for augmentation; None: the
+        simulator's, else 0.01.
+    target_names : sequence of str, optional
+        Names used in the history columns ``valid_crb_<name>``; default: the
+        simulator's ``estimate_`` or ``y0, y1, ...``.
+    random_state : int or None
+        Seeds the weight initialisation, the batch shuffling, the validation
+        split and the augmentation draws (None: torch's global RNG).
+    device : str, default "auto"
+        ``"auto"`` uses CUDA when available, else CPU. The network always runs
+        in float32; inputs may be float64.
+    verbose : int, default 0
+    **kwargs
+        Further skorch parameters.
+
+    Attributes
+    ----------
+    module_ : TargetStandardizedModule
+        The trained network (``module_.module``) and the target scaling.
+    n_features_in_ : int
+    n_outputs_ : int
+    target_names_ : tuple of str
+    augment_ : bool
+        Whether the last fit used noise augmentation.
+    history_ : skorch History
+        Per epoch ``train_loss``, ``valid_loss`` and, when CRBs are known,
+        ``valid_crb`` (mean CRB-normalised MSE on the validation part),
+        ``valid_crb_best`` (for ``Checkpoint(monitor="valid_crb_best")``) and
+        ``valid_crb_<name>`` per parameter.
+
+    Examples
+    --------
+    >>> from sklearn_crb import CRBNetRegressor
+    >>> net = CRBNetRegressor(module__hidden=(64, 64), max_epochs=20)  # doctest: +SKIP
+    >>> net.fit(X, y, crb=crb).predict(X_test)  # doctest: +SKIP
+    """
+
+    def __init__(self, module=ResidualMLP, *args, criterion=WeightedMSELoss, optimizer=torch.optim.Adam, lr=1e-3,
+                 max_epochs=100, batch_size=1024, train_split=0.2, loss="crb", simulator=None, augment="auto",
+                 snr=None, sigma=None, target_names=None, random_state=None, device="auto", verbose=0, **kwargs):
+        super().__init__(module, *args, criterion=criterion, optimizer=optimizer, lr=lr, max_epochs=max_epochs,
+                         batch_size=batch_size, train_split=train_split, device=device, verbose=verbose, **kwargs)
+        self.loss = loss
+        self.simulator = simulator
+        self.augment = augment
+        self.snr = snr
+        self.sigma = sigma
+        self.target_names = target_names
+        self.random_state = random_state
+
+    # ------------------------------------------------------------ helpers
+    def _seed(self, offset=0):
+        rs = self.random_state
+        if rs is None:
+            return None
+        if isinstance(rs, (bool, np.bool_)) or not isinstance(rs, Integral):
+            raise TypeError(f"random_state must be an int or None, got {rs!r}")
+        return (int(rs) + 7919 * offset) % (2**32)
+
+    @contextmanager
+    def _resolved_device(self):
+        """skorch reads ``self.device`` directly; map "auto" for its duration."""
+        if self.device != "auto":
+            yield
+            return
+        self.__dict__["device"] = _resolve_device("auto")
+        try:
+            yield
+        finally:
+            self.__dict__["device"] = "auto"
+
+    @property
+    def device_(self):
+        """The torch device the network runs on."""
+        return torch.device(_resolve_device(self.device))
+
+    def _check_loss(self):
+        if self.loss not in _LOSSES:
+            raise ValueError(f"loss must be one of {_LOSSES}, got {self.loss!r}")
+
+    def _noise_setup(self):
+        sim = self.simulator
+        snr = self.snr if self.snr is not None else (getattr(sim, "snr", None) or (10.0, 100.0))
+        sigma = self.sigma if self.sigma is not None else (getattr(sim, "sigma", None) or 0.01)
+        try:
+            lo, hi = (float(v) for v in snr)
+        except (TypeError, ValueError):
+            raise TypeError(f"snr must be a (low, high) pair, got {snr!r}") from None
+        if not (0 < lo <= hi < np.inf):
+            raise ValueError(f"snr must satisfy 0 < low <= high < inf, got {snr!r}")
+        if not (isinstance(sigma, Real) and np.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a positive finite float, got {sigma!r}")
+        return lo, hi, float(sigma)
+
+    def _fitted_simulator(self):
+        sim = self.simulator
+        if sim is None:
+            return None
+        try:
+            check_is_fitted(sim, "basis_")
+        except Exception as exc:  # noqa: BLE001 - NotFittedError or missing API
+            raise ValueError("simulator must be a fitted MTFingerprintSimulator (call simulator.fit() first)") from exc
+        return sim
+
+    def _crb_from_y(self, Y, unit):
+        """CRB of the targets computed by the simulator (other parameters: prior centre)."""
+        from .parameters import INDEX
+
+        sim = self._fitted_simulator()
+        est = tuple(sim.estimate_)
+        if Y.shape[1] != len(est):
+            raise ValueError(f"y has {Y.shape[1]} columns but the simulator estimates {len(est)} ({est}); "
+                             "pass crb= explicitly")
+        theta = np.tile(sim.prior_.center(), (Y.shape[0], 1))
+        theta[:, [INDEX[p] for p in est]] = Y
+        return np.asarray(sim.crb(theta, M0=1.0, sigma=1.0 if unit else sim.sigma), dtype=np.float64)
+
+    def _resolve_names(self, n_outputs):
+        names = self.target_names
+        if names is None and self.simulator is not None and hasattr(self.simulator, "estimate_"):
+            names = self.simulator.estimate_
+        if names is None:
+            return tuple(f"y{j}" for j in range(n_outputs))
+        names = tuple(str(n) for n in ([names] if isinstance(names, str) else names))
+        if len(names) != n_outputs:
+            raise ValueError(f"target_names has {len(names)} entries for {n_outputs} targets")
+        return names
+
+    def _prepare(self, X, y, crb, augment, reset):
+        """Validate the data and pack it into the dict skorch batches."""
+        self._check_loss()
+        X, y = validate_data(self, X, y, reset=reset, multi_output=True, y_numeric=True, dtype=np.float64)
+        if X.shape[0] < 2:
+            raise ValueError(f"CRBNetRegressor needs at least 2 samples to fit, got n_samples={X.shape[0]}")
+        Y = y.reshape(y.shape[0], -1)
+        if not np.all(np.isfinite(Y)):
+            raise ValueError("y contains non-finite values")
+        if crb is None and self.simulator is not None:
+            crb = self._crb_from_y(Y, unit=augment)
+        if crb is not None:
+            crb = np.asarray(crb, dtype=np.float64)
+            if crb.ndim == 1 and Y.shape[1] == 1:
+                crb = crb[:, None]
+            if crb.shape != Y.shape:
+                raise ValueError(f"crb must have the shape of y {Y.shape} (one CRB per sample and target), "
+                                 f"got {crb.shape}")
+            _check_positive_finite(crb, "crb")
+        elif self.loss == "crb":
+            raise ValueError("loss='crb' needs the per-sample CRB: pass fit(X, y, crb=...) or give the regressor "
+                             "a fitted simulator=; or choose loss='mse' or 'relative'")
+        if augment:
+            if X.shape[1] % 2:
+                raise ValueError("augment=True needs [Re c, Im c] features (an even number of columns)")
+        mode = self.get_params_for("module").get("normalization", "l2")
+        zero = ~np.any(X != 0, axis=1)
+        if mode is not None and zero.any():
+            raise ValueError(f"X has all-zero rows (e.g. row {int(np.flatnonzero(zero)[0])}: background voxels) "
+                             f"that normalization={mode!r} cannot handle; mask them out before fit")
+
+        if reset or not hasattr(self, "y_mean_"):
+            self._y_1d_ = y.ndim == 1
+            self.n_outputs_ = Y.shape[1]
+            self.y_mean_ = Y.mean(axis=0)
+            scale = Y.std(axis=0)
+            self.y_scale_ = np.where(scale > 0, scale, np.where(self.y_mean_ != 0, np.abs(self.y_mean_), 1.0))
+            self.target_names_ = self._resolve_names(Y.shape[1])
+        elif Y.shape[1] != self.n_outputs_:
+            raise ValueError(f"y has {Y.shape[1]} targets, the net was fitted with {self.n_outputs_}")
+        s2 = self.y_scale_**2
+        if self.loss == "crb":
+            w = s2 / crb
+        elif self.loss == "mse":
+            w = np.broadcast_to(s2, Y.shape)
+        else:
+            if np.any(Y == 0):
+                raise ValueError("loss='relative' divides by theta^2: y must not contain zeros")
+            w = s2 / Y**2
+        Xd = {"X": X.astype(np.float32), "w": np.ascontiguousarray(w, dtype=np.float32)}
+        if crb is not None:
+            Xd["c"] = (s2 / crb).astype(np.float32)
+        Ys = ((Y - self.y_mean_) / self.y_scale_).astype(np.float32)
+        self.augment_ = bool(augment)
+        if augment:
+            self.noise_ = self._noise_setup()
+            self.rng_ = np.random.default_rng(self._seed(2))
+        return Xd, Ys
+
+    def _resolve_augment(self, auto_value):
+        a = self.augment
+        if isinstance(a, str) and a == "auto":
+            return auto_value
+        if isinstance(a, (bool, np.bool_)):
+            return bool(a)
+        raise ValueError(f"augment must be True, False or 'auto', got {a!r}")
+
+    # ---------------------------------------------------------------- fit
+    def fit(self, X, y, crb=None, **fit_params):
+        """Train the network.
+
+        Parameters
+        ----------
+        X : array_like, shape (n_samples, n_features)
+            Features, e.g. ``[Re c, Im c]`` of compressed fingerprints
+            (noise-free at ``M0 = 1`` when ``augment=True``).
+        y : array_like, shape (n_samples,) or (n_samples, n_outputs)
+            True parameters in SI units.
+        crb : array_like, shape like ``y``, optional
+            Per-sample Cramér–Rao bounds (squared SI units); at ``M0 = 1``,
+            ``sigma = 1`` when ``augment=True``. Sliced with its samples by
+            ``GridSearchCV``/``cross_validate`` (legacy fit params or
+            metadata routing after ``set_fit_request(crb=True)``).
+        **fit_params
+            Passed on to skorch (module forward, train split).
+
+        Returns
+        -------
+        self
+        """
+        Xd, Ys = self._prepare(X, y, crb, self._resolve_augment(False), reset=not (self.warm_start and
+                                                                                      self.initialized_))
+        if not self.warm_start or not self.initialized_:
+            self.initialize()
+        return self._fit_packed(Xd, Ys, "fit", **fit_params)
+
+    def partial_fit(self, X, y=None, classes=None, crb=None, **fit_params):
+        """Continue training without re-initialising (see :meth:`fit`)."""
+        if "_routing_method" in fit_params:  # called by skorch internals with packed data
+            return super().partial_fit(X, y, **fit_params)
+        Xd, Ys = self._prepare(X, y, crb, self._resolve_augment(False), reset=not self.initialized_)
+        if not self.initialized_:
+            self.initialize()
+        return self._fit_packed(Xd, Ys, "partial_fit", **fit_params)
+
+    def _fit_packed(self, Xd, Ys, method, **fit_params):
+        self.module_.mean.copy_(torch.as_tensor(self.y_mean_))
+        self.module_.scale.copy_(torch.as_tensor(self.y_scale_))
+        NeuralNetRegressor.partial_fit(self, Xd, Ys, _routing_method=method, **fit_params)
+        return self
+
+    def fit_simulated(self, n_samples, random_state=None, **fit_params):
+        """Train on ``n_samples`` drawn by the simulator (augmentation on by default).
+
+        Parameters
+        ----------
+        n_samples : int
+        random_state : int or None
+            Seed of the parameter draws (default: ``self.random_state``).
+
+        Returns
+        -------
+        self
+        """
+        sim = self._fitted_simulator()
+        if sim is None:
+            raise ValueError("fit_simulated needs simulator=, a fitted MTFingerprintSimulator")
+        augment = self._resolve_augment(True)
+        rs = self.random_state if random_state is None else random_state
+        X, y, crb, det = sim.make_dataset(int(n_samples), rs, return_details=True)
+        if augment:
+            X, crb = det["X_clean"], det["crb_unit"]
+        Xd, Ys = self._prepare(X, y, crb, augment, reset=True)
+        self.initialize()
+        return self._fit_packed(Xd, Ys, "fit", **fit_params)
+
+    # -------------------------------------------------------- skorch hooks
+    def initialize_module(self):
+        kwargs = self.get_params_for("module")
+        module = self.module
+        if isinstance(module, nn.Module) and not kwargs:
+            inner = module
+        else:
+            cls = module if inspect.isclass(module) else type(module)
+            try:
+                params = inspect.signature(cls).parameters
+            except (TypeError, ValueError):
+                params = {}
+            for name, val in (("n_features", getattr(self, "n_features_in_", None)),
+                              ("n_outputs", getattr(self, "n_outputs_", None))):
+                if name in params and name not in kwargs and val is not None:
+                    kwargs[name] = val
+            inner = self.initialized_instance(module, kwargs)
+        n_out = getattr(self, "n_outputs_", None) or kwargs.get("n_outputs") or getattr(inner, "n_outputs", None)
+        if n_out is None:
+            raise ValueError("cannot tell the number of outputs of the module: fit the net or pass "
+                             "module__n_outputs")
+        seed = self._seed(0)
+        if seed is not None and inspect.isclass(module):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                inner = self.initialized_instance(module, kwargs)
+        self.module_ = TargetStandardizedModule(inner, n_out)
+        return self
+
+    def initialize(self):
+        with self._resolved_device():
+            return super().initialize()
+
+    def _initialize_module(self, reason=None):
+        with self._resolved_device():
+            return super()._initialize_module(reason=reason)
+
+    def _initialize_criterion(self, reason=None):
+        with self._resolved_device():
+            return super()._initialize_criterion(reason=reason)
+
+    def _initialize_optimizer(self, reason=None):
+        with self._resolved_device():
+            return super()._initialize_optimizer(reason=reason)
+
+    def load_params(self, *args, **kwargs):
+        """skorch's ``load_params``; also restores ``n_features_in_``/``n_outputs_``."""
+        with self._resolved_device():
+            super().load_params(*args, **kwargs)
+        inner = self.module_.module
+        if getattr(inner, "n_features", None) is not None:
+            self.n_features_in_ = int(inner.n_features)
+        self.n_outputs_ = int(self.module_.mean.shape[0])
+        self.y_mean_ = self.module_.mean.detach().cpu().numpy().copy()
+        self.y_scale_ = self.module_.scale.detach().cpu().numpy().copy()
+        if not hasattr(self, "target_names_"):
+            self.target_names_ = self._resolve_names(self.n_outputs_)
+        return self
+
+    def __setstate__(self, state):
+        auto = state.get("device") == "auto"
+        if auto:
+            state["device"] = _resolve_device("auto")
+        super().__setstate__(state)
+        if auto:
+            self.__dict__["device"] = "auto"
+
+    def get_split_datasets(self, X, y=None, **fit_params):
+        ts = self.train_split
+        if isinstance(ts, Real) and not isinstance(ts, (bool, np.bool_)):
+            if not 0 < ts < 1:
+                raise ValueError(f"train_split as a float must be a fraction in (0, 1), got {ts}")
+            ts = ValidSplit(float(ts), random_state=self._seed(1))
+        dataset = self.get_dataset(X, y)
+        if not ts:
+            return dataset, None
+        dtrain, dvalid = ts(dataset, y, **fit_params) if y is not None else ts(dataset, **fit_params)
+        if self.augment_ and dvalid is not None:
+            dvalid = self._fixed_noise_dataset(dvalid)
+        return dtrain, dvalid
+
+    def _fixed_noise_dataset(self, subset):
+        """One fixed draw of M0 and noise for the validation part (paper)."""
+        if not (isinstance(subset, torch.utils.data.Subset) and isinstance(subset.dataset, Dataset)
+                and isinstance(subset.dataset.X, Mapping)):
+            return subset  # a user-supplied validation set is taken as is
+        idx = np.asarray(subset.indices)
+        Xd = {k: np.asarray(v)[idx] for k, v in subset.dataset.X.items()}
+        Xd = self._draw_noise(Xd, np.random.default_rng(self._seed(3)))
+        return Dataset(Xd, np.asarray(subset.dataset.y)[idx])
+
+    def _draw_noise(self, Xd, rng):
+        """Apply a complex M0 and Gaussian noise to noise-free features (numpy or torch)."""
+        lo, hi, sigma = self.noise_
+        x = Xd["X"]
+        n, f = x.shape
+        r = f // 2
+        mag = sigma * rng.uniform(lo, hi, n)
+        phi = 2 * np.pi * rng.uniform(0, 1, n)
+        noise = sigma * rng.standard_normal((n, f))
+        a, b = mag * np.cos(phi), mag * np.sin(phi)
+        gain = (mag / sigma) ** 2  # |M0|^2 / sigma^2 rescales 1/CRB_unit
+        if isinstance(x, torch.Tensor):
+            kw = dict(dtype=x.dtype, device=x.device)
+            a, b, noise, gain = (torch.as_tensor(v, **kw) for v in (a, b, noise, gain))
+            cat = torch.cat
+        else:
+            a, b, noise, gain = (v.astype(x.dtype) for v in (a, b, noise, gain))
+            cat = np.concatenate
+        re, im = x[:, :r], x[:, r:]
+        out = dict(Xd)
+        out["X"] = cat([a[:, None] * re - b[:, None] * im, a[:, None] * im + b[:, None] * re], 1) + noise
+        if "c" in Xd:
+            out["c"] = Xd["c"] * gain[:, None]
+        if self.loss == "crb":
+            out["w"] = Xd["w"] * gain[:, None]
+        return out
+
+    def get_iterator(self, dataset, training=False):
+        if not training:
+            return super().get_iterator(dataset, training=False)
+        kwargs = self.get_params_for("iterator_train")
+        bs = kwargs.get("batch_size", self.batch_size)
+        bs = len(dataset) if bs == -1 else bs
+        # BatchNorm cannot train on a batch of one sample: drop such a last batch
+        if len(dataset) > 1 and len(dataset) % bs == 1 and "drop_last" not in kwargs:
+            kwargs["drop_last"] = True
+        kwargs.setdefault("batch_size", bs)
+        if "shuffle" not in kwargs:
+            kwargs["shuffle"] = True
+        seed = self._seed(4)
+        if seed is not None and "generator" not in kwargs:
+            kwargs["generator"] = torch.Generator().manual_seed(seed)
+        return self.iterator_train(dataset, **kwargs)
+
+    def infer(self, x, **fit_params):
+        if isinstance(x, Mapping):
+            x = x["X"]
+        x = to_tensor(x, device=self.device_)
+        if x.dtype != torch.float32:
+            x = x.to(torch.float32)
+        return self.module_(x, **fit_params)
+
+    def get_loss(self, y_pred, y_true, X=None, training=False):
+        """Weighted squared error of the standardised outputs (see the module docstring)."""
+        y_true = to_tensor(y_true, device=self.device_)
+        if isinstance(X, Mapping) and "w" in X:
+            w = to_tensor(X["w"], device=self.device_)
+        elif self.loss == "mse":
+            w = (self.module_.scale**2).to(y_pred.dtype)
+        else:
+            raise ValueError(f"loss={self.loss!r} needs the per-sample weights packed in X by fit()")
+        return self.criterion_(y_pred, y_true.to(y_pred.dtype).reshape(y_pred.shape), w)
+
+    def train_step_single(self, batch, **fit_params):
+        self._set_training(True)
+        Xi, yi = unpack_data(batch)
+        if self.augment_:
+            Xi = self._draw_noise({k: to_tensor(v, device=self.device_) for k, v in Xi.items()}, self.rng_)
+        y_pred = self.infer(Xi, **fit_params)
+        loss = self.get_loss(y_pred, yi, X=Xi, training=True)
+        loss.backward()
+        return {"loss": loss, "y_pred": y_pred}
+
+    def validation_step(self, batch, **fit_params):
+        step = super().validation_step(batch, **fit_params)
+        Xi, yi = unpack_data(batch)
+        if isinstance(Xi, Mapping) and "c" in Xi:
+            c = to_tensor(Xi["c"], device=self.device_)
+            yt = to_tensor(yi, device=self.device_).reshape(step["y_pred"].shape)
+            err = (c * (step["y_pred"] - yt) ** 2).sum(0).detach().double().cpu().numpy()
+            acc = self._valid_acc_
+            acc[0] = err if acc[0] is None else acc[0] + err
+            acc[1] += yt.shape[0]
+        return step
+
+    def on_epoch_begin(self, net, dataset_train=None, dataset_valid=None, **kwargs):
+        super().on_epoch_begin(net, dataset_train=dataset_train, dataset_valid=dataset_valid, **kwargs)
+        self._valid_acc_ = [None, 0]
+
+    def on_epoch_end(self, net, dataset_train=None, dataset_valid=None, **kwargs):
+        super().on_epoch_end(net, dataset_train=dataset_train, dataset_valid=dataset_valid, **kwargs)
+        acc = getattr(self, "_valid_acc_", [None, 0])
+        if acc[0] is not None and acc[1] > 0:
+            per = acc[0] / acc[1]
+            mean = float(per.mean())
+            past = [v for v in self.history[:-1, "valid_crb"]] if "valid_crb" in self.history[0] else []
+            self.history.record("valid_crb", mean)
+            self.history.record("valid_crb_best", bool(not past or mean < min(past)))
+            for name, v in zip(self.target_names_, per):
+                self.history.record(f"valid_crb_{name}", float(v))
+
+    # ------------------------------------------------------------ predict
+    def predict(self, X, batch_size=65536):
+        """Estimated parameters in SI units.
+
+        Parameters
+        ----------
+        X : array_like, shape (n_samples, n_features)
+            Features; all-zero rows (background) raise ``ValueError``: mask them.
+        batch_size : int
+            Samples per forward pass.
+
+        Returns
+        -------
+        y_pred : ndarray, float64, shape (n_samples, n_outputs) or (n_samples,)
+        """
+        self.check_is_fitted()
+        check_is_fitted(self, "n_features_in_")
+        X = validate_data(self, X, reset=False, dtype=(np.float32, np.float64))
+        zero = ~np.any(X != 0, axis=1)
+        if getattr(getattr(self.module_.module, "normalize", None), "mode", None) is not None and zero.any():
+            raise ValueError(f"X has {int(zero.sum())} all-zero rows (e.g. row {int(np.flatnonzero(zero)[0])}): "
+                             "background voxels cannot be normalised; mask them out before predict")
+        dev = self.device_
+        self.module_.eval()
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, X.shape[0], int(batch_size)):
+                xb = torch.as_tensor(X[i: i + int(batch_size)], dtype=torch.float32, device=dev)
+                outs.append(self.module_.to_physical(self.module_(xb)).cpu())
+        y = torch.cat(outs).numpy()
+        return y[:, 0] if getattr(self, "_y_1d_", False) else y
+
+    @available_if(lambda self: False)
+    def predict_proba(self, X):
+        """Not available: a regressor has no class probabilities (use ``predict``)."""
+        raise AttributeError("CRBNetRegressor has no predict_proba")
+
+    def trim_for_prediction(self):
+        """Drop optimizer, criterion and training-only state (smaller pickles)."""
+        super().trim_for_prediction()
+        for name in ("rng_", "_valid_acc_"):
+            self.__dict__.pop(name, None)
+        return self
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        tags.target_tags.multi_output = True
+        tags.target_tags.single_output = True
+        tags.input_tags.allow_nan = False
+        tags.regressor_tags.poor_score = True
+        tags.non_deterministic = self.random_state is None
+        return tags

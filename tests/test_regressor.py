@@ -1,0 +1,251 @@
+"""Tests of CRBNetRegressor (sklearn_crb.regressor)."""
+
+import pickle
+
+import numpy as np
+import pytest
+import sklearn
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import GridSearchCV, PredefinedSplit
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from skorch.callbacks import Checkpoint, EarlyStopping, ProgressBar
+from skorch.dataset import ValidSplit
+
+from sklearn_crb.metrics import crb_normalized_mse, make_crb_scorer
+from sklearn_crb.network import MLP
+from sklearn_crb.regressor import CRBNetRegressor, paper_lr_scheduler
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny networks: one thread avoids OpenMP contention on the shared 2-core runner
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def toy(n=400, seed=0):
+    """A smooth 2-parameter problem with per-sample CRBs of very different sizes."""
+    rng = np.random.default_rng(seed)
+    y = np.column_stack([rng.uniform(0.0, 0.3, n), rng.uniform(0.5, 2.0, n)])
+    k = np.arange(1, 7)
+    X = np.hstack([np.cos(np.outer(y[:, 0] * 3, k) + y[:, [1]]), np.sin(np.outer(y[:, 1], k) - y[:, [0]])])
+    X += rng.normal(0, 0.02, X.shape)
+    crb = np.column_stack([1e-4 * (1 + 9 * rng.uniform(size=n)), 1e-2 * (1 + 9 * rng.uniform(size=n))])
+    return X, y, crb
+
+
+def small_net(**kw):
+    params = dict(module=MLP, module__hidden=(32, 32), module__normalization=None, max_epochs=5, batch_size=64,
+                  lr=1e-2, random_state=0, train_split=None)
+    params.update(kw)
+    return CRBNetRegressor(**params)
+
+
+def test_defaults_and_params():
+    net = CRBNetRegressor()
+    p = net.get_params()
+    assert p["loss"] == "crb" and p["device"] == "auto" and p["train_split"] == 0.2
+    c = clone(CRBNetRegressor(module__hidden=(8,), loss="mse"))
+    assert c.get_params()["module__hidden"] == (8,) and c.loss == "mse"
+    assert net.device_.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("loss", ["crb", "mse", "relative"])
+def test_validation_loss_matches_hand_computation(loss):
+    X, y, crb = toy()
+    fold = np.full(len(y), -1)
+    fold[::4] = 0
+    net = small_net(loss=loss, max_epochs=2, train_split=ValidSplit(PredefinedSplit(fold)), target_names=("a", "b"))
+    net.fit(X, y, crb=crb)
+    val = fold == 0
+    p = net.predict(X[val])
+    err = (p - y[val]) ** 2
+    hand = {"crb": err / crb[val], "mse": err, "relative": err / y[val] ** 2}[loss]
+    assert net.history[-1, "valid_loss"] == pytest.approx(hand.mean(), rel=2e-4)
+    # per-parameter CRB-normalised validation columns, whatever the loss
+    nm = crb_normalized_mse(y[val], p, crb=crb[val], multioutput="raw_values")
+    assert net.history[-1, "valid_crb_a"] == pytest.approx(nm[0], rel=2e-4)
+    assert net.history[-1, "valid_crb_b"] == pytest.approx(nm[1], rel=2e-4)
+    assert net.history[-1, "valid_crb"] == pytest.approx(nm.mean(), rel=2e-4)
+
+
+class _AlignmentCheckingNet(CRBNetRegressor):
+    """Checks inside every training batch that the loss weight belongs to the sample."""
+
+    def get_loss(self, y_pred, y_true, X=None, training=False):
+        if training:
+            y = y_true.double().cpu().numpy() * self.y_scale_ + self.y_mean_
+            # crb was built as a function of y: 1/w * scale^2 must equal it row by row
+            expected = 1e-3 * (1 + y**2)
+            got = self.y_scale_**2 / X["w"].double().cpu().numpy()
+            np.testing.assert_allclose(got, expected, rtol=1e-5)
+            self.checked_batches_ = getattr(self, "checked_batches_", 0) + 1
+        return super().get_loss(y_pred, y_true, X=X, training=training)
+
+
+def test_crb_follows_its_sample_through_shuffling_batching_and_folds():
+    X, y, _ = toy(210)
+    crb = 1e-3 * (1 + y**2)
+    net = _AlignmentCheckingNet(module=MLP, module__hidden=(8,), module__normalization=None, max_epochs=2,
+                                batch_size=13, train_split=0.2, random_state=1)
+    net.fit(X, y, crb=crb)
+    assert net.checked_batches_ >= 2 * (168 // 13)
+    # GridSearchCV (legacy fit params) slices crb per fold
+    gs = GridSearchCV(net, {"batch_size": [7, 16]}, cv=3, scoring="neg_mean_squared_error", refit=False)
+    gs.fit(X, y, crb=crb)
+    assert np.all(np.isfinite(gs.cv_results_["mean_test_score"]))
+
+
+def test_crb_weighting_changes_the_solution():
+    # identical inputs, conflicting targets: the weighted optimum follows the small-CRB group
+    rng = np.random.default_rng(0)
+    n = 256
+    X = rng.normal(size=(n, 4))
+    group = np.arange(n) % 2
+    y = group.astype(float)
+    crb = np.where(group == 0, 1e-3, 1e2)
+    net = small_net(module__hidden=(4,), max_epochs=40, lr=3e-2)
+    net.fit(X, y, crb=crb)
+    assert abs(net.predict(X).mean()) < 0.1  # 0.5 if the CRBs were not matched to their samples
+    mse = small_net(module__hidden=(4,), max_epochs=40, lr=3e-2, loss="mse").fit(X, y)
+    assert abs(mse.predict(X).mean() - 0.5) < 0.15
+    assert net.predict(X).ndim == 1  # 1-D y gives 1-D predictions
+
+
+def test_gridsearch_routing_sequential_and_dask():
+    distributed = pytest.importorskip("dask.distributed")
+    import joblib
+
+    X, y, crb = toy(300)
+    grid = {"module__hidden": [(2,), (32, 32)]}
+    with sklearn.config_context(enable_metadata_routing=True):
+        net = small_net(max_epochs=8).set_fit_request(crb=True)
+        scorer = make_crb_scorer("efficiency")
+        seq = GridSearchCV(net, grid, cv=2, scoring=scorer).fit(X, y, crb=crb)
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
+                                      dashboard_address=None) as cluster, distributed.Client(cluster):
+            with joblib.parallel_config(backend="dask"):
+                par = GridSearchCV(net, grid, cv=2, scoring=scorer, n_jobs=2).fit(X, y, crb=crb)
+    assert seq.best_params_ == par.best_params_ == {"module__hidden": (32, 32)}
+    np.testing.assert_allclose(seq.cv_results_["mean_test_score"], par.cv_results_["mean_test_score"], rtol=1e-4)
+
+
+def test_pipeline_legacy_and_routed():
+    X, y, crb = toy(200)
+    pipe = Pipeline([("scale", StandardScaler()), ("net", small_net())])
+    pipe.fit(X, y, net__crb=crb)
+    assert pipe.predict(X).shape == y.shape
+    with sklearn.config_context(enable_metadata_routing=True):
+        pipe2 = Pipeline([("scale", StandardScaler()), ("net", small_net().set_fit_request(crb=True))])
+        pipe2.fit(X, y, crb=crb)
+    np.testing.assert_allclose(pipe.predict(X), pipe2.predict(X), rtol=1e-5, atol=1e-7)
+
+
+def test_save_load_pickle_and_trim_identity(tmp_path):
+    X, y, crb = toy(200)
+    net = small_net(module=MLP, module__normalization="l2").fit(X, y, crb=crb)
+    p = net.predict(X)
+    assert p.dtype == np.float64 and p.shape == y.shape
+    net.save_params(f_params=tmp_path / "p.pt")
+    new = CRBNetRegressor(module=MLP, module__hidden=(32, 32), module__n_features=12, module__n_outputs=2)
+    new.initialize().load_params(f_params=tmp_path / "p.pt")
+    np.testing.assert_array_equal(new.predict(X), p)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(net)).predict(X), p)
+    size = len(pickle.dumps(net))
+    net.trim_for_prediction()
+    np.testing.assert_array_equal(net.predict(X), p)
+    assert len(pickle.dumps(net)) < size
+
+
+def test_callbacks_history_and_schedule(tmp_path):
+    X, y, crb = toy(300)
+    sched = paper_lr_scheduler(1e-2, step_size=2, gamma=0.5, min_lr=3e-3)
+    net = small_net(max_epochs=30, train_split=0.25, lr=1e-2, callbacks=[
+        ("lr", sched), ("stop", EarlyStopping(monitor="valid_crb", patience=2, threshold=10.0)),
+        ("ckpt", Checkpoint(monitor="valid_crb_best", dirname=str(tmp_path))), ("bar", ProgressBar())])
+    net.fit(X, y, crb=crb)
+    assert len(net.history) < 30  # the (deliberately impatient) early stopping fired
+    lrs = [g["lr"] for g in net.optimizer_.param_groups]
+    assert lrs[0] == pytest.approx(max(1e-2 * 0.5 ** (len(net.history) // 2), 3e-3))
+    assert (tmp_path / "params.pt").is_file()
+    assert {"valid_crb", "valid_crb_y0", "valid_crb_y1"} <= set(net.history[-1])
+
+
+def test_augmentation_redraws_noise_and_keeps_validation_fixed():
+    X, y, crb = toy(256)
+    seen = []
+
+    class Spy(CRBNetRegressor):
+        def get_loss(self, y_pred, y_true, X=None, training=False):
+            if training:
+                seen.append((X["X"].detach().numpy().copy(), X["w"].detach().numpy().copy()))
+            return super().get_loss(y_pred, y_true, X=X, training=training)
+
+    Xc = X / np.linalg.norm(X, axis=1, keepdims=True)  # noise-free features with |c| = 1
+    net = Spy(module=MLP, module__hidden=(8,), module__batch_norm=False, max_epochs=3, lr=0.0, augment=True, snr=(10, 100), sigma=0.01,
+              batch_size=64, train_split=0.25, random_state=0)
+    net.fit(Xc, y, crb=crb)
+    xb, wb = seen[0]
+    gain = wb / (net.y_scale_**2 / crb.max(0))  # |M0|^2 / sigma^2 >= (10 ... 100)^2 / max ratio
+    amp = np.linalg.norm(xb, axis=1)  # ~ |M0| (noise norm ~ 0.035)
+    assert np.all((amp > 0.1 - 0.06) & (amp < 1.0 + 0.06))
+    # the CRB weight is rescaled by |M0|^2/sigma^2 of the same draw: 1/CRB ratio ~ amp^2 / sigma^2
+    assert np.all(gain > 0)
+    snr2 = wb[:, 0] / wb[:, 0].min()
+    assert np.corrcoef(np.log(snr2), np.log(amp))[0, 1] > 0.5
+    # fresh draws every epoch, the same validation draw every epoch (lr = 0, no BatchNorm: the net is fixed)
+    assert not np.allclose(net.history[0, "train_loss"], net.history[1, "train_loss"])
+    assert net.history[0, "valid_loss"] == net.history[1, "valid_loss"] == net.history[2, "valid_loss"]
+
+
+def test_bad_input_errors():
+    X, y, crb = toy(50)
+    with pytest.raises(ValueError, match="crb"):
+        small_net().fit(X, y)
+    with pytest.raises(ValueError, match="crb must have the shape"):
+        small_net().fit(X, y, crb=crb[:, :1])
+    with pytest.raises(ValueError, match="crb must be strictly positive"):
+        small_net().fit(X, y, crb=-crb)
+    Xn = X.copy()
+    Xn[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN|infinity"):
+        small_net().fit(Xn, y, crb=crb)
+    with pytest.raises(ValueError, match="loss"):
+        small_net(loss="huber").fit(X, y, crb=crb)
+    with pytest.raises(ValueError, match="zeros"):
+        small_net(loss="relative").fit(X, np.where(y > 0.1, y, 0.0))
+    with pytest.raises(NotFittedError):
+        small_net().predict(X)
+    net = small_net(max_epochs=1, module__normalization="l2").fit(X, y, crb=crb)
+    with pytest.raises(ValueError, match="features"):
+        net.predict(X[:, :5])
+    Xz = X.copy()
+    Xz[7] = 0
+    with pytest.raises(ValueError, match="mask"):
+        net.predict(Xz)
+    with pytest.raises(ValueError, match="simulator"):
+        small_net(simulator=object()).fit(X, y)
+
+
+def test_simulated_training_beats_prior_mean(short_sequence):
+    from sklearn_crb.simulator import MTFingerprintSimulator
+
+    sim = MTFingerprintSimulator(short_sequence, n_components=8, tied_R1=True, prior="paper2022",
+                                 snr=(300.0, 1000.0), n_basis_samples=200, random_state=0).fit()
+    net = CRBNetRegressor(module=MLP, module__hidden=(64, 64), module__normalization="first-coefficient", simulator=sim, max_epochs=30, batch_size=32,
+                          lr=3e-3, random_state=0)
+    net.fit_simulated(1200)
+    assert net.augment_ and net.target_names_ == ("m0s", "R1f", "R2f")
+    Xt, yt, ct = sim.make_dataset(400, random_state=7)
+    nm_net = crb_normalized_mse(yt, net.predict(Xt), crb=ct)
+    nm_prior = crb_normalized_mse(yt, np.tile(yt.mean(0), (len(yt), 1)), crb=ct)
+    assert nm_net < 0.5 * nm_prior
+    # without crb=, the CRB comes from y through the simulator
+    net2 = CRBNetRegressor(module=MLP, module__hidden=(8,), simulator=sim, max_epochs=1, random_state=0)
+    net2.fit(Xt[:100], yt[:100])
+    assert np.isfinite(net2.history[-1, "valid_crb"])

@@ -1,0 +1,42 @@
+"""scikit-learn's estimator checks on CRBNetRegressor (small settings).
+
+The checks fit on generic data without CRBs, so the instances use
+``loss="mse"``; no input normalisation (the generic data carry information in
+their scale) and a small MLP keep them fast.
+"""
+
+import pytest
+import torch
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from sklearn_crb.network import MLP
+from sklearn_crb.regressor import CRBNetRegressor
+
+#: Checks that cannot apply, with the reason.
+EXPECTED_FAILURES = {
+    # skorch stores history_, initialized_, virtual_params_ and the routed
+    # ``module__*`` keyword arguments in __init__ (its design for
+    # double-underscore parameters), which this check forbids.
+    "check_no_attributes_set_in_init": "skorch sets history_/initialized_/module__* attributes in __init__",
+    # skorch's get_params lists every non-underscore-suffixed attribute, so the
+    # check also sets the internal ``_params_to_validate`` set to a float.
+    "check_set_params": "skorch exposes its internal _params_to_validate through get_params",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _instances():
+    yield CRBNetRegressor(module=MLP, module__hidden=(16,), module__normalization=None, module__batch_norm=False,
+                          loss="mse", max_epochs=3, batch_size=32, lr=1e-2, train_split=None, random_state=0)
+
+
+@parametrize_with_checks(list(_instances()), expected_failed_checks=lambda est: EXPECTED_FAILURES)
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
