@@ -23,6 +23,7 @@ one in physical units.
 from __future__ import annotations
 
 import inspect
+import threading
 from contextlib import contextmanager
 from collections.abc import Mapping
 from numbers import Integral, Real
@@ -38,6 +39,10 @@ from skorch.utils import to_tensor
 from torch import nn
 
 from .network import ResidualMLP
+
+# torch's RNG is process-global: serialise seeded initialisation so that nets
+# fitted concurrently in threads (joblib threading / dask threads) stay reproducible.
+_SEED_LOCK = threading.Lock()
 
 __all__ = ["CRBNetRegressor", "WeightedMSELoss", "TargetStandardizedModule", "StepDecayWithFloor",
            "paper_lr_scheduler"]
@@ -469,7 +474,7 @@ class CRBNetRegressor(NeuralNetRegressor):
                              "module__n_outputs")
         seed = self._seed(0)
         if seed is not None and inspect.isclass(module):
-            with torch.random.fork_rng(devices=[]):
+            with _SEED_LOCK, torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 inner = self.initialized_instance(module, kwargs)
         self.module_ = TargetStandardizedModule(inner, n_out)
