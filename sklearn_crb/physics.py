@@ -29,12 +29,14 @@ import numpy as np
 import torch
 
 from .parameters import PARAMETERS, validate_theta
-from .r2sl import r2sl
+from .r2sl import r2sl, r2sl_numpy
 from .sequence import Sequence
 
 __all__ = ["simulate", "jacobian", "pulse_hamiltonian", "free_precession_propagator"]
 
 _DTYPE = torch.float64
+#: typical magnitudes of (m0s, R1f, R2f, Rex, R1s, T2s, omega0, B1) in SI units
+_TANGENT_SCALE = (0.1, 1.0, 10.0, 10.0, 1.0, 1e-5, 100.0, 1.0)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -74,11 +76,12 @@ def _exp2x2(a, b, c, d):
     hd = 0.5 * (a - d)
     q2 = hd * hd + b * c
     q = torch.sqrt(torch.clamp(q2, min=0.0))
-    ch = torch.cosh(q)
-    # sinh(q)/q, with its Taylor series near 0 (keeps autograd finite)
+    # cosh(q) and sinh(q)/q as functions of q^2, with Taylor series near 0
+    # (keeps forward/backward derivatives finite when q^2 = 0, e.g. Rex = 0, R1f = R1s)
     small = q < 1e-4
     qs = torch.where(small, torch.ones_like(q), q)
-    shc = torch.where(small, 1.0 + q2 / 6.0, torch.sinh(qs) / qs)
+    ch = torch.where(small, 1.0 + q2 / 2.0 + q2 * q2 / 24.0, torch.cosh(qs))
+    shc = torch.where(small, 1.0 + q2 / 6.0 + q2 * q2 / 120.0, torch.sinh(qs) / qs)
     s = torch.exp(half_tr)
     return s * (ch + hd * shc), s * b * shc, s * c * shc, s * (ch - hd * shc)
 
@@ -204,16 +207,18 @@ def _prepare(sequence, theta, argname="theta"):
     device = theta.device if is_torch else torch.device("cpu")
     arr = validate_theta(theta, argname)
     # fail early, naming the parameter, if the R2sl table does not cover it
+    # (the extreme TRF and |alpha| bound every pulse's table coordinates)
+    a_max = np.abs(sequence.alpha).max()
     for TRF_x in (sequence.TRF.min(), sequence.TRF.max()):
-        r2sl(torch.tensor(TRF_x, dtype=_DTYPE), torch.tensor(np.abs(sequence.alpha).max(), dtype=_DTYPE),
-             torch.as_tensor(arr[:, 7]), torch.as_tensor(arr[:, 5]))
+        r2sl_numpy(TRF_x, a_max, arr[:, 7], arr[:, 5])
     return sequence, torch.as_tensor(arr, dtype=_DTYPE, device=device), is_torch
 
 
 def _apply_M0(sig, M0, n, argname="M0"):
-    M0t = torch.as_tensor(M0, device=sig.device)
-    if not torch.is_complex(M0t):
-        M0t = M0t.to(_DTYPE)
+    M0a = np.asarray(M0.detach().cpu() if isinstance(M0, torch.Tensor) else M0)
+    if not np.issubdtype(M0a.dtype, np.number):
+        raise TypeError(f"{argname} must be a number or a numeric array, got dtype {M0a.dtype}")
+    M0t = torch.as_tensor(M0a.astype(np.complex128 if np.iscomplexobj(M0a) else np.float64), device=sig.device)
     if M0t.ndim > 1 or (M0t.ndim == 1 and M0t.shape[0] != n):
         raise ValueError(f"{argname} must be a scalar or have shape ({n},), got {tuple(M0t.shape)}")
     if not torch.all(torch.isfinite(torch.view_as_real(M0t) if torch.is_complex(M0t) else M0t)):
@@ -284,10 +289,13 @@ def _jacobian_torch(sequence, th):
     from torch.func import jvp
 
     f = lambda x: _signal_real(sequence, x)  # noqa: E731
-    eye = torch.eye(th.shape[1], dtype=_DTYPE, device=th.device)
+    # tangents of typical size: a unit T2s tangent (1 s!) would force many
+    # extra squarings in the matrix-exponential derivative and lose accuracy
+    scale = torch.as_tensor(_TANGENT_SCALE, dtype=_DTYPE, device=th.device)
+    eye = torch.diag(scale)
     outs = [jvp(f, (th,), (eye[k].expand_as(th),)) for k in range(th.shape[1])]
     sig = outs[0][0]
-    J = torch.stack([o[1] for o in outs], dim=-1)  # (B, N, 2, 8)
+    J = torch.stack([o[1] for o in outs], dim=-1) / scale  # (B, N, 2, 8)
     return torch.complex(sig[..., 0], sig[..., 1]), torch.complex(J[..., 0, :], J[..., 1, :])
 
 

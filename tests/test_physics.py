@@ -237,3 +237,25 @@ def test_cuda_matches_cpu(short_sequence):
     s_cpu, J_cpu = physics.jacobian(short_sequence, th, backend="torch")
     assert s_gpu.device.type == "cuda"
     np.testing.assert_allclose(J_gpu.cpu().numpy(), J_cpu.numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_jacobian_finite_without_exchange_and_tied_R1(short_sequence, backend):
+    """Rex = 0 with R1f = R1s makes the 2x2 exchange exponential degenerate
+    (q = 0); derivatives must stay finite and match central differences."""
+    th = np.array([[0.1, 0.8, 15.0, 0.0, 0.8, 10e-6, 50.0, 1.0]])
+    s, J = physics.jacobian(short_sequence, th, backend=backend)
+    assert np.all(np.isfinite(J))
+    # without exchange the semi-solid pool cannot reach the signal
+    assert np.abs(J[0, :, 4]).max() < 1e-12 * np.abs(J[0, :, 1]).max()
+    for k in (1, 3):
+        tp, tm = th.copy(), th.copy()
+        tp[0, k] += 1e-6
+        tm[0, k] -= 1e-6 if k != 3 else 0.0  # Rex >= 0: one-sided there
+        fd = (physics.simulate(short_sequence, tp) - physics.simulate(short_sequence, tm)) / (tp[0, k] - tm[0, k])
+        assert np.abs(J[0, :, k] - fd[0]).max() / np.abs(fd).max() < 1e-4
+
+
+def test_float_M0_keeps_double_precision(short_sequence):
+    s = physics.simulate(short_sequence, TUTORIAL_THETA[None])
+    np.testing.assert_allclose(physics.simulate(short_sequence, TUTORIAL_THETA[None], M0=0.85), 0.85 * s, rtol=1e-15)
