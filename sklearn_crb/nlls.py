@@ -47,6 +47,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+from numbers import Real
+
 import numpy as np
 import torch
 from joblib import Parallel, delayed
@@ -109,6 +111,7 @@ class _Problem:
     gtol: float
     xtol: float
     ftol: float
+    se_tol: float
     lambda0: float
     damping: str
     backend: str
@@ -253,6 +256,15 @@ def _lm_solve(prob, y, x0):
         lam[A] = lam_new
         n_iter[A] += (~done_grad).long()
         dx_small = delta.norm(dim=-1) < prob.xtol * (prob.xtol + xt.norm(dim=-1))
+        if prob.se_tol > 0:
+            # statistical stop: every component of the step is below se_tol standard
+            # errors (noise estimated from the residual; never triggers on noiseless data)
+            s2 = cA / max(2 * JA.shape[1] - p - 2, 1)
+            Dj = torch.diagonal(JTJ, dim1=1, dim2=2).clamp_min(1e-300).rsqrt()
+            Ls, info_s = torch.linalg.cholesky_ex(Dj[:, :, None] * JTJ * Dj[:, None, :])
+            cov_diag = torch.cholesky_inverse(torch.where((info_s == 0)[:, None, None], Ls, eye))
+            se = (torch.diagonal(cov_diag, dim1=1, dim2=2).clamp_min(0) * s2[:, None]).sqrt() * Dj
+            dx_small = dx_small | ((info_s == 0) & (delta.abs() <= prob.se_tol * se).all(-1))
         df_small = (cA - cost_t) <= prob.ftol * cA
         acc = A[accept]
         if acc.numel():
@@ -363,6 +375,12 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         Convergence on the projected gradient (inf-norm), the step
         (``||dx|| < xtol (xtol + ||x||)``) and the relative cost decrease of
         an accepted step; all in the solver's normalised units.
+    se_tol : float
+        Also converged when an accepted step moves every parameter by less
+        than ``se_tol`` times its standard error (from ``(J^T J)^-1`` and the
+        residual variance): further digits are far below the noise. 0
+        disables it. On noiseless data the standard errors vanish, so the
+        numerical tolerances decide.
     lambda0 : float
         Initial damping (LsqFit uses 10 with ``damping="lsqfit"``).
     damping : {"lsqfit", "nielsen"}
@@ -424,7 +442,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
 
     def __init__(self, sequence=None, basis=None, estimate=("m0s", "R1f", "R2f"), fixed=None, tied_R1=False,
                  bounds=None, start=None, init=None, prior=None, n_dictionary=2000, n_starts=1, sigma=None, max_iter=100,
-                 gtol=1e-10, xtol=1e-8, ftol=1e-10, lambda0=1.0, damping="nielsen", backend="auto", device="cpu", chunk_size=256,
+                 gtol=1e-10, xtol=1e-8, ftol=1e-10, se_tol=1e-2, lambda0=1.0, damping="nielsen", backend="auto", device="cpu", chunk_size=256,
                  n_jobs=None, progress=False, random_state=None):
         self.sequence = sequence
         self.basis = basis
@@ -441,6 +459,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         self.max_iter = max_iter
         self.gtol = gtol
         self.xtol = xtol
+        self.se_tol = se_tol
         self.ftol = ftol
         self.lambda0 = lambda0
         self.damping = damping
@@ -561,6 +580,8 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
             self._check_positive(name, integer=True)
         for name in ("gtol", "xtol", "ftol", "lambda0"):
             self._check_positive(name)
+        if not (isinstance(self.se_tol, Real) and np.isfinite(self.se_tol) and self.se_tol >= 0):
+            raise ValueError(f"se_tol must be a finite number >= 0, got {self.se_tol!r}")
         if self.sigma is not None:
             self._check_positive("sigma")
         if self.damping not in ("lsqfit", "nielsen"):
@@ -641,6 +662,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
             lo=np.array([self.bounds_[q][0] for q in free]) / scale,
             hi=np.array([self.bounds_[q][1] for q in free]) / scale,
             max_iter=int(self.max_iter), gtol=float(self.gtol), xtol=float(self.xtol), ftol=float(self.ftol),
+            se_tol=float(self.se_tol),
             lambda0=float(self.lambda0), damping=self.damping, backend=self.backend, device=str(self.device))
 
     def predict_details(self, X):

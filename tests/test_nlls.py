@@ -293,3 +293,24 @@ def test_monte_carlo_efficiency(v32_sequence):
     assert np.all((nmse > 0.8) & (nmse < 1.3)), nmse
     # standard errors at the estimate (sigma from the residual) agree with the CRB
     np.testing.assert_allclose(np.median(d["std_error"], 0), np.sqrt(crb), rtol=0.05)
+
+
+def test_statistical_stop_changes_estimates_by_a_fraction_of_the_noise(v32_sequence, rank13_basis):
+    """se_tol stops when steps are < 1 % of a standard error: the estimates
+    stay within a small fraction of sqrt(CRB) of the fully converged ones,
+    with fewer iterations."""
+    rng = np.random.default_rng(7)
+    theta = np.tile(NLLS_THETA, (8, 1))
+    theta[:, 0] = rng.uniform(0.08, 0.2, 8)
+    s = 0.7 * simulate(v32_sequence, theta) @ rank13_basis.conj()
+    sigma = 0.7 / 200
+    y = s + sigma * (rng.standard_normal(s.shape) + 1j * rng.standard_normal(s.shape))
+    kw = dict(basis=rank13_basis, estimate=PARAMETERS, start=dict(zip(PARAMETERS, NLLS_THETA)))
+    stat = NLLSFitter(v32_sequence, **kw).fit().predict_details(y)
+    full = NLLSFitter(v32_sequence, se_tol=0.0, **kw).fit().predict_details(y)
+    se = full["std_error"]
+    ok = full["converged"] & stat["converged"]
+    assert ok.sum() >= 6
+    assert np.all(stat["n_iter"][ok] <= full["n_iter"][ok])
+    dev = np.abs(stat["theta"][ok] - full["theta"][ok]) / se[ok]
+    assert np.median(dev) < 0.05 and dev.max() < 0.5
