@@ -73,6 +73,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from .r2sl import rho_bilinear
+
 __all__ = ["simulate_numba", "jacobian_numba", "prepare_sequence", "warmup"]
 
 NT = 8  # number of tangents = len(PARAMETERS)
@@ -111,41 +113,20 @@ _CEXP = _b01 + (_b02 + _C91) * _C91  # corner of T18 (= 1 up to rounding)
 
 
 # =========================================================================== R2sl
+# the one bilinear lookup of r2sl.py, compiled for the kernel
+_rho_bilinear = njit(**_JIT)(rho_bilinear)
+
+
 @njit(**_JIT)
 def _r2sl(log_tau, phi, T2s, aabs, rho, lt0, dlt, ph0, dph):
     """R2sl, dR2sl/dT2s, dR2sl/dB1: the bilinear (log tau, phi) lookup of
     :class:`sklearn_crb.r2sl.R2slTable` (same formula, same cell selection;
     out-of-range points are extrapolated from the edge cells, the range is
     validated by ``physics``)."""
-    n_tau = rho.shape[0]
-    n_phi = rho.shape[1]
-    u = (log_tau - lt0) / dlt
-    v = (phi - ph0) / dph
-    fi = math.floor(u)
-    fj = math.floor(v)
-    if fi < 0.0:
-        fi = 0.0
-    if fi > n_tau - 2:
-        fi = float(n_tau - 2)
-    if fj < 0.0:
-        fj = 0.0
-    if fj > n_phi - 2:
-        fj = float(n_phi - 2)
-    i = int(fi)
-    j = int(fj)
-    fu = u - fi
-    fv = v - fj
-    r00 = rho[i, j]
-    r01 = rho[i, j + 1]
-    r10 = rho[i + 1, j]
-    r11 = rho[i + 1, j + 1]
-    cross = r11 - r10 - r01 + r00
-    val = r00 + fu * (r10 - r00) + fv * (r01 - r00) + fu * fv * cross
-    rho_u = (r10 - r00) + fv * cross
-    rho_v = (r01 - r00) + fu * cross
+    val, rho_lt, rho_phi = _rho_bilinear(log_tau, phi, lt0, dlt, ph0, dph, rho)
     R = val / T2s
-    dT = -(rho_u / dlt + val) / (T2s * T2s)
-    dB = (rho_v / dph) * aabs / T2s
+    dT = -(rho_lt + val) / (T2s * T2s)
+    dB = rho_phi * aabs / T2s
     return R, dT, dB
 
 
