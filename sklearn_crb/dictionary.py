@@ -18,7 +18,7 @@ import torch
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .parameters import INDEX, PARAMETERS, ParameterPrior, resolve_estimate, tie_R1, validate_theta
+from .parameters import INDEX, PARAMETERS, resolve_estimate, resolve_prior, tie_R1, validate_theta
 from .sequence import Sequence
 
 __all__ = ["DictionaryMatcher", "as_complex_data"]
@@ -72,8 +72,8 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
     fixed : dict, optional
         ``{name: value}`` held fixed in every atom (e.g. a known B1).
     prior : ParameterPrior, "parenchyma", "paper2022" or None
-        Distribution the atoms are drawn from (``None``: parenchyma, tied if
-        ``tied_R1``).
+        Distribution the atoms are drawn from (``None``: ``"paper2022"`` when
+        ``tied_R1``, else ``"parenchyma"``; see ``parameters.resolve_prior``).
     n_atoms : int
         Number of atoms drawn from the prior (ignored if ``theta`` is given).
     theta : array_like (n_atoms, 8), optional
@@ -119,16 +119,6 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
         self.batch_size = batch_size
         self.random_state = random_state
 
-    def _prior(self, seq):
-        if isinstance(self.prior, ParameterPrior):
-            return self.prior
-        name = self.prior or "parenchyma"
-        if name == "parenchyma":
-            return ParameterPrior.parenchyma(seq.TR, tied_R1=self.tied_R1)
-        if name == "paper2022":
-            return ParameterPrior.paper2022(seq.TR)
-        raise ValueError(f"prior must be a ParameterPrior, 'parenchyma' or 'paper2022', got {self.prior!r}")
-
     def fit(self, X=None, y=None):
         """Simulate the dictionary.
 
@@ -157,7 +147,7 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
         if self.theta is not None:
             theta = validate_theta(self.theta, "theta").copy()
         else:
-            theta = self._prior(seq).sample(int(self.n_atoms), self.random_state)
+            theta = resolve_prior(self.prior, seq.TR, self.tied_R1).sample(int(self.n_atoms), self.random_state)
         for k, v in fixed.items():
             theta[:, INDEX[k]] = v
         if self.tied_R1:

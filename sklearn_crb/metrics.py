@@ -9,8 +9,6 @@ separately with :func:`bias_variance_report`.
 
 from __future__ import annotations
 
-from numbers import Real
-
 import numpy as np
 from sklearn.metrics import make_scorer
 from sklearn.utils import Bunch

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from .parameters import BOUNDS, INDEX, PARAMETERS, free_parameters, resolve_estimate, validate_theta
 from .sequence import Sequence

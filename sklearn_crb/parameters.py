@@ -23,7 +23,7 @@ MRM 2022 (uniform m0s, T1 and T2f).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence as _Seq
+from typing import Iterable
 
 import numpy as np
 from scipy import stats
@@ -36,6 +36,7 @@ __all__ = [
     "TruncatedNormal",
     "Uniform",
     "free_parameters",
+    "resolve_prior",
     "validate_theta",
     "resolve_estimate",
     "tie_R1",
@@ -195,6 +196,22 @@ class ParameterPrior:
         if self.tied_R1:
             c[INDEX["R1s"]] = c[INDEX["R1f"]]
         return c
+
+
+def resolve_prior(prior, TR=3.5e-3, tied_R1=False):
+    """A ``ParameterPrior`` from an instance, a name or None.
+
+    ``None`` gives ``"paper2022"`` for the tied-T1 model and ``"parenchyma"``
+    otherwise; ``TR`` (s) sets the off-resonance range.
+    """
+    if isinstance(prior, ParameterPrior):
+        return prior
+    name = prior or ("paper2022" if tied_R1 else "parenchyma")
+    if name == "parenchyma":
+        return ParameterPrior.parenchyma(TR, tied_R1=tied_R1)
+    if name == "paper2022":
+        return ParameterPrior.paper2022(TR)
+    raise ValueError(f"prior must be a ParameterPrior, 'parenchyma' or 'paper2022', got {prior!r}")
 
 
 def free_parameters(tied_R1=False):

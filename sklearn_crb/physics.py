@@ -28,7 +28,7 @@ import math
 import numpy as np
 import torch
 
-from .parameters import PARAMETERS, validate_theta
+from .parameters import validate_theta
 from .r2sl import r2sl, r2sl_numpy
 from .sequence import Sequence
 
@@ -234,7 +234,7 @@ def _use_numba(backend, device):
             raise ValueError("backend='numba' runs on CPU tensors only")
         return False
     try:
-        from . import _numba_kernel  # noqa: F401
+        from . import _numba_kernel  # noqa: F401  (numba present and the kernel compiles)
     except ImportError:
         if backend == "numba":
             raise

@@ -10,12 +10,11 @@ own ``|M0|`` and noise level ``sigma`` (gbloch_spec.md §4, paper_notes.md).
 from __future__ import annotations
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .crb import crb_from_jacobian, project
-from .parameters import INDEX, PARAMETERS, ParameterPrior, resolve_estimate, tie_R1, validate_theta
+from .crb import crb_from_jacobian
+from .parameters import INDEX, PARAMETERS, resolve_estimate, resolve_prior, tie_R1, validate_theta
 from .physics import jacobian, simulate
 from .sequence import Sequence
 
@@ -108,16 +107,6 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         self.random_state = random_state
 
     # ------------------------------------------------------------------ fit
-    def _resolve_prior(self, seq):
-        if isinstance(self.prior, ParameterPrior):
-            return self.prior
-        name = self.prior or ("paper2022" if self.tied_R1 else "parenchyma")
-        if name == "parenchyma":
-            return ParameterPrior.parenchyma(seq.TR, tied_R1=self.tied_R1)
-        if name == "paper2022":
-            return ParameterPrior.paper2022(seq.TR)
-        raise ValueError(f"prior must be a ParameterPrior, 'parenchyma' or 'paper2022', got {self.prior!r}")
-
     def fit(self, X=None, y=None):
         """Learn the compression basis.
 
@@ -140,7 +129,7 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
             raise ValueError(f"sigma must be positive and finite, got {self.sigma}")
         self.sequence_ = seq
         self.estimate_ = resolve_estimate(self.estimate, self.tied_R1)
-        self.prior_ = self._resolve_prior(seq)
+        self.prior_ = resolve_prior(self.prior, seq.TR, self.tied_R1)
         self.n_features_in_ = len(PARAMETERS)
         if self.basis is not None:
             self.basis_ = check_basis(self.basis, seq.n_pulses)
