@@ -109,15 +109,24 @@ def test_bad_inputs_give_errors_and_no_output(pipeline, capsys):
 
 
 @pytest.mark.slow
-def test_demo_quick(tmp_path, capsys):
-    """The README's main command, reduced (`--quick`): runs end to end and writes its outputs."""
-    from sklearn_crb.cli import run_demo
+def test_demo_quick(tmp_path):
+    """The README's main command through the installed console script, reduced
+    (`sklearn-crb demo --quick`): runs end to end and writes its outputs."""
+    import json
+    import shutil
+    import subprocess
+    import sys
 
-    res = run_demo(tmp_path / "demo", quick=True, progress=False)
-    out = capsys.readouterr().out
-    assert "CRB net" in out and "MSE net" in out and "NLLS" in out
-    files = set(os.listdir(tmp_path / "demo"))
+    exe = shutil.which("sklearn-crb")
+    cmd = [exe] if exe else [sys.executable, "-c", "from sklearn_crb.cli import main; raise SystemExit(main())"]
+    out_dir = tmp_path / "demo"
+    proc = subprocess.run(cmd + ["demo", "--quick", "--quiet", "--out", str(out_dir)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CRB net" in proc.stdout and "MSE net" in proc.stdout and "NLLS" in proc.stdout
+    files = set(os.listdir(out_dir))
     assert {"maps.png", "error_maps.png", "bias_std.png", "results.json", "phantom_coefficients.nii.gz",
             "crb_model"} <= files
+    res = json.loads((out_dir / "results.json").read_text())
     for r in res["results"]:
         assert r["n_voxels"] > 0 and all(np.isfinite(r["nmse"]))
