@@ -73,6 +73,9 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         Fingerprints drawn from the prior for the SVD in ``fit``.
     backend : str
         Physics backend (``"auto"``, ``"numba"``, ``"torch"``).
+    chunk_size : int
+        Samples simulated at once; bounds memory (a Jacobian takes
+        ~146 kB per sample on 1142 pulses) for datasets of millions.
     random_state : int or None
         Seed for the basis and (unless overridden) the datasets.
 
@@ -92,7 +95,7 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
 
     def __init__(self, sequence=None, n_components=13, basis=None, estimate=("m0s", "R1f", "R2f"),
                  snr=(10.0, 100.0), sigma=0.01, tied_R1=False, nuisance="all", prior=None,
-                 n_basis_samples=1000, backend="auto", random_state=None):
+                 n_basis_samples=1000, backend="auto", chunk_size=2048, random_state=None):
         self.sequence = sequence
         self.n_components = n_components
         self.basis = basis
@@ -104,6 +107,7 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         self.prior = prior
         self.n_basis_samples = n_basis_samples
         self.backend = backend
+        self.chunk_size = chunk_size
         self.random_state = random_state
 
     # ------------------------------------------------------------------ fit
@@ -168,6 +172,24 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
             raise ValueError(f"snr must satisfy 0 < low <= high < inf, got {self.snr}")
         return lo, hi
 
+    # ------------------------------------------------------------- chunking
+    def _chunks(self, n):
+        size = int(self.chunk_size)
+        if size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def _coefficients_and_crb(self, th, estimate=None, basis="fitted"):
+        """Noise-free coefficients ``U^H s`` (M0 = 1) and the unit CRB, chunk by chunk."""
+        U = self.basis_ if basis == "fitted" else basis
+        cs, crbs = [], []
+        for sl in self._chunks(th.shape[0]):
+            s, J = jacobian(self.sequence_, th[sl], backend=self.backend)
+            cs.append(s @ self.basis_.conj())
+            crbs.append(crb_from_jacobian(s, J, estimate=estimate or self.estimate_, nuisance=self.nuisance,
+                                          tied_R1=self.tied_R1, basis=U))
+        return np.concatenate(cs), np.concatenate(crbs)
+
     # ------------------------------------------------------------ transform
     def _theta(self, X, argname="X"):
         theta = validate_theta(X, argname)
@@ -195,7 +217,8 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, "basis_")
         theta = self._theta(X)
-        return self.compress(simulate(self.sequence_, theta, backend=self.backend))
+        return np.concatenate([self.compress(simulate(self.sequence_, theta[sl], backend=self.backend))
+                               for sl in self._chunks(theta.shape[0])])
 
     def get_feature_names_out(self, input_features=None):
         check_is_fitted(self, "basis_")
@@ -226,10 +249,18 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, "basis_")
         th = self._theta(theta, "theta")
-        s, J = jacobian(self.sequence_, th, backend=self.backend)
-        return crb_from_jacobian(s, J, estimate=estimate or self.estimate_, nuisance=self.nuisance,
-                                 tied_R1=self.tied_R1, M0=M0, sigma=self.sigma if sigma is None else sigma,
-                                 basis=self.basis_ if compressed else None, on_singular=on_singular)
+        if on_singular != "raise":
+            s, J = jacobian(self.sequence_, th, backend=self.backend)
+            return crb_from_jacobian(s, J, estimate=estimate or self.estimate_, nuisance=self.nuisance,
+                                     tied_R1=self.tied_R1, M0=M0, sigma=self.sigma if sigma is None else sigma,
+                                     basis=self.basis_ if compressed else None, on_singular=on_singular)
+        _, unit = self._coefficients_and_crb(th, estimate, "fitted" if compressed else None)
+        sig = np.asarray(self.sigma if sigma is None else sigma, dtype=float)
+        M0 = np.asarray(M0)
+        if not (np.all(np.isfinite(sig)) and np.all(sig > 0) and np.all(np.isfinite(M0)) and np.all(M0 != 0)):
+            raise ValueError("M0 must be non-zero and finite, and sigma positive and finite")
+        scale = np.broadcast_to(sig**2 / np.abs(M0) ** 2, (th.shape[0],))
+        return unit * scale[:, None]
 
     def compression_inflation(self, theta=None, ranks=None, estimate=None):
         """CRB(compressed) / CRB(full signal), per parameter and rank.
@@ -306,10 +337,7 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         lo, hi = self._check_snr()
         sig = float(self.sigma)
         M0 = sig * rng.uniform(lo, hi, n) * np.exp(2j * np.pi * rng.uniform(0, 1, n))
-        s, J = jacobian(self.sequence_, th, backend=self.backend)
-        crb_unit = crb_from_jacobian(s, J, estimate=self.estimate_, nuisance=self.nuisance, tied_R1=self.tied_R1,
-                                     basis=self.basis_)
-        c = s @ self.basis_.conj()
+        c, crb_unit = self._coefficients_and_crb(th)
         X_clean = np.hstack([c.real, c.imag])
         cn = M0[:, None] * c
         if noise:

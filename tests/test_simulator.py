@@ -98,3 +98,17 @@ def test_errors_and_clone(short_sequence):
         MTFingerprintSimulator(short_sequence, n_components=0).fit()
     c = clone(sim)
     assert c.get_params()["n_components"] == 5
+
+
+def test_chunking_does_not_change_results(sim):
+    small = MTFingerprintSimulator(**{**sim.get_params(), "chunk_size": 7}).fit()
+    np.testing.assert_allclose(small.basis_, sim.basis_, atol=1e-12)
+    a = sim.make_dataset(30, random_state=4)
+    b = small.make_dataset(30, random_state=4)
+    for u, v in zip(a, b):
+        np.testing.assert_allclose(u, v, rtol=1e-10, atol=1e-14)
+    th = sim.sample_parameters(9, random_state=1)
+    np.testing.assert_allclose(small.transform(th), sim.transform(th), atol=1e-14)
+    np.testing.assert_allclose(small.crb(th, M0=0.5), sim.crb(th, M0=0.5), rtol=1e-10)
+    with pytest.raises(ValueError, match="chunk_size"):
+        MTFingerprintSimulator(**{**sim.get_params(), "chunk_size": 0}).fit().transform(th)
