@@ -5,8 +5,9 @@ CRB-normalised loss versus MSE loss
 Train two identical small networks on simulated MT fingerprints, one with the
 Cramér–Rao-bound-normalised loss of Zhang et al. (MRM 2022) and one with the
 plain MSE, and compare their errors in units of the CRB. This quick version
-uses a 120-pulse sequence; ``benchmarks/bench_crb_vs_mse.py`` runs the
-paper's comparison on the 1142-pulse v3.2 sequence.
+uses the built-in 1142-pulse sequence and a small training set (about a
+minute on 2 CPU cores); ``benchmarks/bench_crb_vs_mse.py`` runs the paper's
+comparison on the published v3.2 sequence.
 """
 
 import matplotlib.pyplot as plt
@@ -17,28 +18,34 @@ from sklearn_crb.network import MLP
 from sklearn_crb.simulator import MTFingerprintSimulator
 
 # %%
-# Simulator: tied-T1 model, rank-8 compression, prior of the paper.
-sim = MTFingerprintSimulator(Sequence.default(n_pulses=120), n_components=8, tied_R1=True, prior="paper2022",
-                             snr=(50.0, 200.0), n_basis_samples=200, random_state=0).fit()
+# Simulator: tied-T1 model, rank-13 compression, prior of the paper, SNR 50-500.
+sim = MTFingerprintSimulator(Sequence.default(), n_components=13, tied_R1=True, prior="paper2022",
+                             snr=(50.0, 500.0), n_basis_samples=300, random_state=0).fit()
 
 # %%
 # Two networks that differ only in their loss; noise and M0 are redrawn every epoch.
 nets = {}
 for loss in ("crb", "mse"):
-    nets[loss] = CRBNetRegressor(module=MLP, module__hidden=(64, 64), module__normalization="first-coefficient",
-                                 loss=loss, simulator=sim, max_epochs=10, batch_size=32, lr=3e-3,
-                                 random_state=0).fit_simulated(500)
+    nets[loss] = CRBNetRegressor(module=MLP, module__hidden=(128, 128), module__normalization="l2",
+                                 loss=loss, simulator=sim, max_epochs=60, batch_size=256, lr=3e-3,
+                                 random_state=0).fit_simulated(10000)
 
 # %%
-# Held-out tissues, 100 noise draws each at SNR 100: bias and standard deviation over sqrt(CRB).
+# At this training size (10,000 samples, a 128-128 MLP) the outcome is noisy
+# and sequence dependent: on the built-in sequence we measured the CRB loss
+# ahead on m0s and R1f but with a larger R2f bias than the MSE loss. The
+# paper-size comparison on v3.2 (``benchmarks/bench_crb_vs_mse.py``) gives a
+# mean CRB-normalised MSE of 0.80 (CRB loss) against 8.96 (MSE loss).
+#
+# Held-out tissues, 100 noise draws each at SNR 200: bias and standard deviation over sqrt(CRB).
 theta = sim.sample_parameters(16, random_state=5)
 _, y, _, det = sim.make_dataset(16, 5, theta=theta, return_details=True)
 rng = np.random.default_rng(0)
 r = sim.n_components_
 c = det["X_clean"][:, :r] + 1j * det["X_clean"][:, r:]
-draws = c[:, None] * (100 * sim.sigma) + sim.sigma * (rng.standard_normal((16, 100, r)) + 1j * rng.standard_normal((16, 100, r)))
+draws = c[:, None] * (200 * sim.sigma) + sim.sigma * (rng.standard_normal((16, 100, r)) + 1j * rng.standard_normal((16, 100, r)))
 X = np.concatenate([draws.real, draws.imag], axis=-1)
-crb = det["crb_unit"] * sim.sigma**2 / (100 * sim.sigma) ** 2
+crb = det["crb_unit"] * sim.sigma**2 / (200 * sim.sigma) ** 2
 
 fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
 for k, (loss, net) in enumerate(nets.items()):
