@@ -133,9 +133,7 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
         from .physics import simulate
         from .simulator import check_basis
 
-        seq = Sequence.default() if self.sequence is None else self.sequence
-        if not isinstance(seq, Sequence):
-            raise TypeError(f"sequence must be a sklearn_crb.Sequence or None, got {type(self.sequence).__name__}")
+        seq = Sequence.resolve(self.sequence)
         for name in ("n_atoms", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:

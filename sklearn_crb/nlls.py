@@ -557,9 +557,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         """
         from .simulator import check_basis
 
-        seq = Sequence.default() if self.sequence is None else self.sequence
-        if not isinstance(seq, Sequence):
-            raise TypeError(f"sequence must be a sklearn_crb.Sequence or None, got {type(self.sequence).__name__}")
+        seq = Sequence.resolve(self.sequence)
         self.sequence_ = seq
         self.basis_ = None if self.basis is None else check_basis(self.basis, seq.n_pulses)
         K = seq.n_pulses if self.basis_ is None else self.basis_.shape[1]

@@ -199,10 +199,7 @@ def _signal_real(seq, theta):
 
 # --------------------------------------------------------------------------- public API
 def _prepare(sequence, theta, argname="theta"):
-    if sequence is None:
-        sequence = Sequence.default()
-    if not isinstance(sequence, Sequence):
-        raise TypeError(f"sequence must be a sklearn_crb.Sequence, got {type(sequence).__name__}")
+    sequence = Sequence.resolve(sequence)
     is_torch = isinstance(theta, torch.Tensor)
     device = theta.device if is_torch else torch.device("cpu")
     arr = validate_theta(theta, argname)

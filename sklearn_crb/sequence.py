@@ -143,6 +143,15 @@ class Sequence:
         return cls(d["alpha"], d["TRF"], d["TR"], d.get("grad_moment"), d.get("rf_phase_increment", np.pi),
                    d.get("name", "custom"))
 
+    @classmethod
+    def resolve(cls, sequence, argname="sequence"):
+        """``sequence`` itself, or ``Sequence.default()`` for None; TypeError otherwise."""
+        if sequence is None:
+            return cls.default()
+        if not isinstance(sequence, cls):
+            raise TypeError(f"{argname} must be a sklearn_crb.Sequence or None, got {type(sequence).__name__}")
+        return sequence
+
     # ------------------------------------------------------------ factories
     @classmethod
     def from_mat(cls, path, TR=3.5e-3, grad_moment=None, name=None):

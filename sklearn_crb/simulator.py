@@ -125,9 +125,7 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         -------
         self
         """
-        seq = Sequence.default() if self.sequence is None else self.sequence
-        if not isinstance(seq, Sequence):
-            raise TypeError(f"sequence must be a Sequence or None, got {type(seq).__name__}")
+        seq = Sequence.resolve(self.sequence)
         lo, hi = self._check_snr()
         if not (np.isfinite(self.sigma) and self.sigma > 0):
             raise ValueError(f"sigma must be positive and finite, got {self.sigma}")

@@ -33,6 +33,15 @@ def require_data_file(name):
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks: one torch thread avoids OpenMP contention on 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def v32_sequence():
     """The published hybrid-state MT pulse train (1142 pulses, TR 3.5 ms)."""

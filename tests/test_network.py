@@ -7,13 +7,7 @@ import torch
 from sklearn_crb.network import MLP, InputNormalization, ResidualMLP, paper_hidden
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny networks: one thread avoids OpenMP contention on the shared 2-core runner
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_paper_architecture_size_and_skips():

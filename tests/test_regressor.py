@@ -19,13 +19,7 @@ from sklearn_crb.network import MLP
 from sklearn_crb.regressor import CRBNetRegressor, paper_lr_scheduler
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny networks: one thread avoids OpenMP contention on the shared 2-core runner
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def toy(n=400, seed=0):
