@@ -6,7 +6,7 @@ import pytest
 from sklearn_crb import Sequence
 from sklearn_crb.maps import fit_maps
 from sklearn_crb.parameters import INDEX
-from sklearn_crb.phantom import LABELS, PROTON_DENSITY, TISSUES, make_phantom, phantom_geometry
+from sklearn_crb.phantom import PROTON_DENSITY, TISSUES, make_phantom, phantom_geometry
 from sklearn_crb.physics import simulate
 
 NAMES = ("m0s", "R1f", "R2f")
