@@ -24,6 +24,18 @@ from .sequence import Sequence
 __all__ = ["DictionaryMatcher", "as_complex_data"]
 
 
+def model_estimator_tags(tags):
+    """sklearn tags shared by the model-based estimators (dictionary, NLLS):
+    the model, not ``fit``, fixes the features; NaN voxels are flagged, not
+    rejected; ``y`` is optional and multi-output."""
+    tags.requires_fit = True
+    tags.input_tags.allow_nan = True
+    tags.target_tags.required = False
+    tags.target_tags.multi_output = True
+    tags.regressor_tags.poor_score = True
+    return tags
+
+
 def as_complex_data(estimator, X, n_pulses, basis, argname="X"):
     """Complex data (n, K) from real ``[Re c, Im c]`` (n, 2K), complex coefficients (n, K)
     or complex full signals (n, n_pulses) (projected on ``basis`` if set).
@@ -231,10 +243,4 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
         return self.predict_details(X)["estimate"]
 
     def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.requires_fit = True
-        tags.input_tags.allow_nan = True
-        tags.target_tags.required = False
-        tags.target_tags.multi_output = True
-        tags.regressor_tags.poor_score = True
-        return tags
+        return model_estimator_tags(super().__sklearn_tags__())

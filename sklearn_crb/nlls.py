@@ -781,13 +781,9 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         return details["estimate"]
 
     def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.requires_fit = True
-        tags.input_tags.allow_nan = True
-        tags.target_tags.required = False
-        tags.target_tags.multi_output = True
-        tags.regressor_tags.poor_score = True
-        return tags
+        from .dictionary import model_estimator_tags
+
+        return model_estimator_tags(super().__sklearn_tags__())
 
 
 def _rows(X, idx):

@@ -845,6 +845,19 @@ def _validate_numpy(TRF, alpha, B1, T2s, table: R2slTable):
         raise _range_error(vals, float(np.ravel(tau)[k]), float(np.ravel(phi)[k]), table)
 
 
+def _combine_corners(r00, r01, r10, r11, fu, fv, T2s, aa, tab):
+    """Bilinear value and exact partials from the cell corners (numpy or torch):
+    R2sl = rho/T2s, dR2sl/dT2s and dR2sl/dB1 (aa = |alpha|)."""
+    cross = r11 - r10 - r01 + r00
+    rho = r00 + fu * (r10 - r00) + fv * (r01 - r00) + fu * fv * cross
+    rho_u = (r10 - r00) + fv * cross
+    rho_v = (r01 - r00) + fu * cross
+    R = rho / T2s
+    dT2s = -(rho_u / tab.dlog_tau + rho) / (T2s * T2s)
+    dB1 = (rho_v / tab.dphi) * aa / T2s
+    return R, dT2s, dB1
+
+
 def r2sl_numpy(TRF, alpha, B1, T2s, table: R2slTable | None = None, *, validate=True):
     """Numpy version of :func:`r2sl` (same formula, same outputs).
 
@@ -889,14 +902,7 @@ def r2sl_numpy(TRF, alpha, B1, T2s, table: R2slTable | None = None, *, validate=
     rf = tab.rho.ravel()
     k = i * n_phi + j
     r00, r01, r10, r11 = rf[k], rf[k + 1], rf[k + n_phi], rf[k + n_phi + 1]
-    cross = r11 - r10 - r01 + r00
-    rho = r00 + fu * (r10 - r00) + fv * (r01 - r00) + fu * fv * cross
-    rho_u = (r10 - r00) + fv * cross
-    rho_v = (r01 - r00) + fu * cross
-    R = rho / T2s
-    dT2s = -(rho_u / tab.dlog_tau + rho) / (T2s * T2s)
-    dB1 = (rho_v / tab.dphi) * aa / T2s
-    return R, dT2s, dB1
+    return _combine_corners(r00, r01, r10, r11, fu, fv, T2s, aa, tab)
 
 
 @functools.lru_cache(maxsize=32)
@@ -993,14 +999,7 @@ def r2sl(TRF, alpha, B1, T2s, table: R2slTable | None = None, *, validate=True):
     shape = k.shape
     q = corners.index_select(0, k.reshape(-1).to(torch.int64))
     r00, r01, r10, r11 = (q[:, c].reshape(shape) for c in range(4))
-    cross = r11 - r10 - r01 + r00
-    rho = r00 + fu * (r10 - r00) + fv * (r01 - r00) + fu * fv * cross
-    rho_u = (r10 - r00) + fv * cross
-    rho_v = (r01 - r00) + fu * cross
-    R = rho / T2s
-    dT2s = -(rho_u / tab.dlog_tau + rho) / (T2s * T2s)
-    dB1 = (rho_v / tab.dphi) * aa / T2s
-    return R, dT2s, dB1
+    return _combine_corners(r00, r01, r10, r11, fu, fv, T2s, aa, tab)
 
 
 # ----------------------------------------------------------------------------------------
