@@ -79,9 +79,9 @@ def main(argv=None):
 
     from sklearn_crb import MTFingerprintSimulator
     from sklearn_crb.cli import make_network, simulate_dataset
-    from sklearn_crb.dictionary import DictionaryMatcher
+    from sklearn_crb.estimators.dictionary import DictionaryMatcher
     from sklearn_crb.metrics import bias_variance_report
-    from sklearn_crb.nlls import NLLSFitter
+    from sklearn_crb.estimators.nlls import NLLSFitter
 
     t_all = time.perf_counter()
     seq, seq_src = _sequence(a.sequence)

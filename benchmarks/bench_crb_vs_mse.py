@@ -108,8 +108,8 @@ def main(argv=None):
 
     from sklearn_crb import Sequence
     from sklearn_crb.metrics import bias_variance_report, crb_normalized_mse
-    from sklearn_crb.parameters import INDEX
-    from sklearn_crb.regressor import CRBNetRegressor, paper_lr_scheduler
+    from sklearn_crb.physics.parameters import INDEX
+    from sklearn_crb.estimators.regressor import CRBNetRegressor, paper_lr_scheduler
     from sklearn_crb.simulator import MTFingerprintSimulator
 
     out = Path(args.out)

@@ -33,10 +33,10 @@ import numpy as np
 from sklearn.base import BaseEstimator
 
 from sklearn_crb import PARAMETERS, Sequence
-from sklearn_crb.dictionary import DictionaryMatcher
-from sklearn_crb.nlls import DEFAULT_START, NLLSFitter, NLLSFitWarning
-from sklearn_crb.parameters import INDEX
-from sklearn_crb.physics import jacobian, simulate
+from sklearn_crb.estimators.dictionary import DictionaryMatcher
+from sklearn_crb.estimators.nlls import DEFAULT_START, NLLSFitter, NLLSFitWarning
+from sklearn_crb.physics.parameters import INDEX
+from sklearn_crb.physics.signal import jacobian, simulate
 from sklearn_crb.simulator import MTFingerprintSimulator
 
 EST = ("m0s", "R1f", "R2f")

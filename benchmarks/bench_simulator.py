@@ -141,7 +141,7 @@ def timeit(fn, min_time, max_reps=1000):
 # --------------------------------------------------------------------------- naive baseline
 def _naive_parts(seq, th):
     """Per-pulse generators for the naive scipy loop (gbloch_spec.md §1)."""
-    from sklearn_crb.r2sl import r2sl_numpy
+    from sklearn_crb.physics.r2sl.table import r2sl_numpy
 
     m0s, R1f, R2f, Rex, R1s, T2s, w0, B1 = th
     m0f = 1 - m0s
@@ -305,7 +305,7 @@ def jacobian_and_crb(seq, th, backend):
         cramer_rao_bound = None
     if cramer_rao_bound is not None:
         return cramer_rao_bound(seq, th, backend=backend, on_singular="inf")
-    from sklearn_crb import physics
+    from sklearn_crb.physics import signal as physics
 
     s, J = physics.jacobian(seq, th, backend=backend)
     Jf = np.concatenate([J, s[..., None], 1j * s[..., None]], axis=-1)
@@ -316,7 +316,7 @@ def jacobian_and_crb(seq, th, backend):
 
 
 def bench_backend(seq, backend, sim_sizes, jac_sizes, min_time, budget_s):
-    from sklearn_crb import physics
+    from sklearn_crb.physics import signal as physics
 
     rows = []
     th_all = tissues(max(sim_sizes + jac_sizes))
@@ -349,7 +349,7 @@ def jit_times(fresh):
     (imports excluded): loading the on-disk cache, and (fresh=True) compiling
     from scratch (subprocess with an empty NUMBA_CACHE_DIR)."""
     code = ("import time, numpy, torch, numba, sklearn_crb.physics;"
-            "from sklearn_crb import _numba_kernel as K;"
+            "from sklearn_crb.physics._numba import kernel as K;"
             "t = time.perf_counter(); c = time.process_time(); K.warmup();"
             "print(time.perf_counter() - t, time.process_time() - c)")
     out = {}
@@ -438,7 +438,7 @@ def main(argv=None):
                "loadavg_start": loadavg(), "rows": [], "naive": {}}
     print(f"sequence: {seq_src} ({seq.n_pulses} pulses); load average {results['loadavg_start']}")
 
-    from sklearn_crb import _numba_kernel as K
+    from sklearn_crb.physics._numba import kernel as K
 
     t0 = time.perf_counter()
     K.warmup()

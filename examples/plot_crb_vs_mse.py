@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from sklearn_crb import CRBNetRegressor, Sequence, bias_variance_report
-from sklearn_crb.network import MLP
+from sklearn_crb.estimators.network import MLP
 from sklearn_crb.simulator import MTFingerprintSimulator
 
 # %%

@@ -13,7 +13,7 @@ import numpy as np
 
 from sklearn_crb import CRBNetRegressor, MTFingerprintSimulator, Sequence
 from sklearn_crb.maps import fit_maps
-from sklearn_crb.network import MLP
+from sklearn_crb.estimators.network import MLP
 from sklearn_crb.phantom import make_phantom
 
 # %%

@@ -6,33 +6,35 @@ generalized-Bloch magnetization-transfer model.
 
 Data flow (one module per step)::
 
-    sequence -> physics (signal, Jacobian) -> crb -> simulator
-             -> regressor (CRBNetRegressor) / nlls (NLLSFitter) -> metrics -> io / cli
+    physics (parameters, sequence, R2sl, signal/Jacobian) -> crb -> simulator
+        -> estimators (CRBNetRegressor, NLLSFitter, DictionaryMatcher) -> metrics
+        -> maps -> io (images, saved models) -> demo / cli
 """
 
 from importlib import import_module
 
-from .parameters import PARAMETERS, ParameterPrior
-from .sequence import Sequence
+from sklearn_crb._version import __version__
+from sklearn_crb.physics.parameters import PARAMETERS
+from sklearn_crb.physics.priors import ParameterPrior
+from sklearn_crb.physics.sequence import Sequence
 
-__version__ = "0.1.0"
 
 # Heavier modules (skorch, scipy.optimize) are imported on first use.
 _LAZY = {
     "MTFingerprintSimulator": "simulator",
-    "CRBNetRegressor": "regressor",
-    "NLLSFitter": "nlls",
+    "CRBNetRegressor": "estimators.regressor",
+    "NLLSFitter": "estimators.nlls",
     "crb_efficiency_score": "metrics",
     "crb_normalized_mse": "metrics",
     "make_crb_scorer": "metrics",
     "bias_variance_report": "metrics",
     "cramer_rao_bound": "crb",
-    "DictionaryMatcher": "dictionary",
+    "DictionaryMatcher": "estimators.dictionary",
     "fit_maps": "maps",
     "make_phantom": "phantom",
-    "save_model": "model_io",
-    "load_model": "model_io",
-    "load_coefficients": "io",
+    "save_model": "io.models",
+    "load_model": "io.models",
+    "load_coefficients": "io.images",
 }
 
 __all__ = ["PARAMETERS", "ParameterPrior", "Sequence", *_LAZY]

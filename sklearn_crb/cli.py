@@ -40,7 +40,7 @@ class CLIError(Exception):
 
 
 def _sequence(args):
-    from .sequence import Sequence
+    from sklearn_crb.physics.sequence import Sequence
 
     if getattr(args, "sequence", None):
         return Sequence.from_mat(args.sequence, TR=args.TR)
@@ -87,7 +87,7 @@ def _add_sequence_args(p, basis=True):
 # --------------------------------------------------------------------------- simulate
 def _save_dataset(path, data):
     path = Path(path)
-    from .io import atomic_path
+    from sklearn_crb._atomic import atomic_path
 
     suffix = path.suffix.lower()
     if suffix not in (".npz", ".h5", ".hdf5"):
@@ -145,8 +145,8 @@ def simulate_dataset(simulator, n_samples, random_state=0, chunk=500, progress=T
 
 
 def _simulator_from_args(args, seq):
-    from .io import load_basis
-    from .simulator import MTFingerprintSimulator
+    from sklearn_crb.io.images import load_basis
+    from sklearn_crb.simulator import MTFingerprintSimulator
 
     basis = load_basis(args.basis, n_pulses=seq.n_pulses) if args.basis else None
     return MTFingerprintSimulator(seq, n_components=args.rank, basis=basis, estimate=tuple(args.estimate),
@@ -199,8 +199,8 @@ def _epoch_bar(total, desc, disable):
 def make_network(loss, simulator, *, hidden=(256, 256, 128), epochs=60, lr=3e-3, batch_size=256, device="auto",
                  seed=0, progress=True, paper=False, normalization="l2"):
     """A ``CRBNetRegressor`` as the CLI builds it (plain MLP, or the paper's ResNet)."""
-    from .network import MLP, ResidualMLP
-    from .regressor import CRBNetRegressor
+    from sklearn_crb.estimators.network import MLP, ResidualMLP
+    from sklearn_crb.estimators.regressor import CRBNetRegressor
 
     kw = {} if paper else {"module__hidden": tuple(hidden)}
     return CRBNetRegressor(module=ResidualMLP if paper else MLP, loss=loss, simulator=simulator, max_epochs=epochs,
@@ -210,8 +210,8 @@ def make_network(loss, simulator, *, hidden=(256, 256, 128), epochs=60, lr=3e-3,
 
 
 def _simulator_from_dataset(data):
-    from .sequence import Sequence
-    from .simulator import MTFingerprintSimulator
+    from sklearn_crb.physics.sequence import Sequence
+    from sklearn_crb.simulator import MTFingerprintSimulator
 
     meta = data["meta"]
     seq = Sequence.from_dict(meta["sequence"])
@@ -221,7 +221,7 @@ def _simulator_from_dataset(data):
 
 
 def cmd_train(args):
-    from .model_io import save_model
+    from sklearn_crb.io.models import save_model
 
     data = load_dataset(args.data)
     sim = _simulator_from_dataset(data)
@@ -248,7 +248,7 @@ def overview_png(path, maps, names=None, title=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from sklearn_crb._atomic import atomic_path
 
     names = names or [k for k, v in maps.items() if isinstance(v, np.ndarray) and v.ndim >= 2 and k != "mask"]
     ncol = min(4, len(names))
@@ -276,8 +276,8 @@ def overview_png(path, maps, names=None, title=None):
 
 
 def cmd_fit(args):
-    from .io import load_basis, load_coefficients, make_mask
-    from .maps import fit_maps
+    from sklearn_crb.io.images import load_basis, load_coefficients, make_mask
+    from sklearn_crb.maps import fit_maps
 
     # ---- all checks first
     if not args.model and not args.nlls:
@@ -286,14 +286,14 @@ def cmd_fit(args):
         raise CLIError("--model and --nlls are exclusive")
     model = None
     if args.model:
-        from .model_io import load_model
+        from sklearn_crb.io.models import load_model
 
         try:
             model = load_model(args.model, device=args.device)
         except (FileNotFoundError, ValueError) as exc:
             raise CLIError(str(exc)) from exc
         meta = model.crb_metadata_
-        from .sequence import Sequence
+        from sklearn_crb.physics.sequence import Sequence
 
         seq = _sequence(args) if args.sequence else Sequence.from_dict(meta["sequence"])
         basis = load_basis(args.basis, n_pulses=seq.n_pulses) if args.basis else meta["basis"]
@@ -305,17 +305,17 @@ def cmd_fit(args):
     img = load_coefficients(args.coefficients, basis=basis)
     mask_arr = None
     if args.mask:
-        from .io import load_array
+        from sklearn_crb.io.images import load_array
 
         mask_arr, _, _ = load_array(args.mask, None, "mask", preferred=("mask",))
     make_mask(img, mask_arr)  # shape check before any work
     if model is not None:
-        from .model_io import check_compatible
+        from sklearn_crb.io.models import check_compatible
 
         check_compatible(model, sequence=seq, basis=basis, rank=img.rank)
         estimator = model
     else:
-        from .nlls import NLLSFitter
+        from sklearn_crb.estimators.nlls import NLLSFitter
 
         estimator = NLLSFitter(seq, basis=basis, estimate=tuple(args.estimate), tied_R1=args.tied_R1,
                                device=args.device if args.device != "auto" else "cpu", n_jobs=args.n_jobs,
@@ -332,7 +332,7 @@ def cmd_fit(args):
         maps = fit_maps(estimator, img, mask_arr, sequence=seq, basis=basis, sigma=args.sigma,
                         chunk_size=args.chunk_size, device=device, progress=not args.quiet)
     elapsed = time.perf_counter() - t0
-    from .io import save_maps
+    from sklearn_crb.io.images import save_maps
 
     arrays = {k: v for k, v in maps.items() if isinstance(v, np.ndarray)}
     with _Staging(out) as staging:
@@ -402,7 +402,7 @@ def _demo_figures(staging, ph, results, names, maps_by_est):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .parameters import INDEX
+    from sklearn_crb.physics.parameters import INDEX
 
     disp = {"m0s": ("m0s", 1.0, ""), "R1f": ("T1f", None, "s"), "R2f": ("T2f", None, "ms")}
 
@@ -484,16 +484,16 @@ def run_demo(out="sklearn_crb_demo", quick=False, seed=0, progress=True, stream=
     """
     import torch
 
-    from .crb import cramer_rao_bound
-    from .io import features_from_coefficients, save_nifti
-    from .maps import fit_maps
-    from .metrics import bias_variance_report, crb_normalized_mse
-    from .model_io import save_model
-    from .nlls import NLLSFitter
-    from .parameters import INDEX
-    from .phantom import LABELS, make_phantom
-    from .sequence import Sequence
-    from .simulator import MTFingerprintSimulator
+    from sklearn_crb.crb import cramer_rao_bound
+    from sklearn_crb.io.images import features_from_coefficients, save_nifti
+    from sklearn_crb.maps import fit_maps
+    from sklearn_crb.metrics import bias_variance_report, crb_normalized_mse
+    from sklearn_crb.io.models import save_model
+    from sklearn_crb.estimators.nlls import NLLSFitter
+    from sklearn_crb.physics.parameters import INDEX
+    from sklearn_crb.phantom import LABELS, make_phantom
+    from sklearn_crb.physics.sequence import Sequence
+    from sklearn_crb.simulator import MTFingerprintSimulator
 
     stream = stream or sys.stdout
     say = lambda msg: print(msg, file=stream, flush=True)  # noqa: E731
@@ -601,7 +601,7 @@ def cmd_demo(args):
 # --------------------------------------------------------------------------- parser
 def build_parser():
     """The argparse parser of ``sklearn-crb``."""
-    from . import __version__
+    from sklearn_crb._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="sklearn-crb",

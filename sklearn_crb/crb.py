@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from .parameters import INDEX, PARAMETERS, free_parameters, resolve_estimate
+from sklearn_crb.physics.parameters import INDEX, PARAMETERS, free_parameters, resolve_estimate
 
 __all__ = ["fisher_information", "crb_from_jacobian", "cramer_rao_bound", "IllConditionedFisherWarning"]
 
@@ -224,8 +224,8 @@ def cramer_rao_bound(sequence, theta, *, estimate=PARAMETERS, nuisance="all", ti
     >>> theta = [[0.15, 0.5, 15, 30, 3, 10e-6, 0, 1]]
     >>> crb = cramer_rao_bound(Sequence.default(), theta, estimate=("m0s", "R1f"), sigma=0.01)
     """
-    from .parameters import tie_R1
-    from .physics import jacobian
+    from sklearn_crb.physics.parameters import tie_R1
+    from sklearn_crb.physics.signal import jacobian
 
     if tied_R1:
         theta = tie_R1(theta if isinstance(theta, torch.Tensor) else np.asarray(theta, dtype=float))

@@ -24,8 +24,8 @@ import warnings
 import numpy as np
 import torch
 
-from .io import CoefficientImage, features_from_coefficients, make_mask
-from .parameters import BOUNDS, INDEX, PARAMETERS, UNITS, free_parameters, resolve_estimate, tie_R1
+from sklearn_crb.io.images import CoefficientImage, features_from_coefficients, make_mask
+from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, UNITS, free_parameters, resolve_estimate, tie_R1
 
 __all__ = ["fit_maps", "FLAGS", "describe_estimator", "estimate_sigma"]
 
@@ -52,8 +52,8 @@ def describe_estimator(estimator, sequence=None, basis=None):
     ``sequence``/``basis``/``estimate``/``tied_R1`` attributes; explicit
     ``sequence``/``basis`` arguments override.
     """
-    from .sequence import Sequence
-    from .simulator import MTFingerprintSimulator
+    from sklearn_crb.physics.sequence import Sequence
+    from sklearn_crb.simulator import MTFingerprintSimulator
 
     d = _Description(kind="nlls" if hasattr(estimator, "predict_details") else "network", sequence=None, basis=None,
                      estimate=None, tied_R1=False, nuisance="all", fill=None)
@@ -88,7 +88,7 @@ def describe_estimator(estimator, sequence=None, basis=None):
             d.estimate = tuple(names)
     d.known = tuple(getattr(estimator, "fixed_", None) or ())
     if meta is not None:
-        from .model_io import check_compatible
+        from sklearn_crb.io.models import check_compatible
 
         check_compatible(meta, sequence=sequence, basis=basis)
     if sequence is not None:
@@ -201,9 +201,9 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
     """
     from tqdm.auto import tqdm
 
-    from .crb import IllConditionedFisherWarning, crb_from_jacobian
-    from .io import check_rank
-    from .physics import jacobian, simulate
+    from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
+    from sklearn_crb.io.images import check_rank
+    from sklearn_crb.physics.signal import jacobian, simulate
 
     # ---- every check before any work
     if isinstance(coefficients, CoefficientImage):

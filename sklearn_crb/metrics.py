@@ -97,7 +97,7 @@ def crb_efficiency_score(y_true, y_pred, *, crb, multioutput="uniform_average"):
 
 
 def _crb_from_simulator(simulator, y_true):
-    from .parameters import INDEX
+    from sklearn_crb.physics.parameters import INDEX
 
     from sklearn.utils.validation import check_is_fitted
 

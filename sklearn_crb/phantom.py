@@ -37,8 +37,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .parameters import INDEX, PARAMETERS, tie_R1
-from .sequence import Sequence
+from sklearn_crb._validation import check_basis
+from sklearn_crb.physics.parameters import INDEX, PARAMETERS, tie_R1
+from sklearn_crb.physics.sequence import Sequence
 
 __all__ = ["TISSUES", "PROTON_DENSITY", "LABELS", "Phantom", "make_phantom", "phantom_geometry"]
 
@@ -198,7 +199,7 @@ def make_phantom(shape=(64, 64), sequence=None, basis=None, *, snr=100.0, n_comp
     -------
     Phantom
     """
-    from .physics import simulate
+    from sklearn_crb.physics.signal import simulate
 
     rng = np.random.default_rng(random_state)
     seq = Sequence.default() if sequence is None else sequence
@@ -248,7 +249,7 @@ def make_phantom(shape=(64, 64), sequence=None, basis=None, *, snr=100.0, n_comp
 
 
 def _resolve_basis(basis, seq, n_components, rng, backend="auto"):
-    from .simulator import MTFingerprintSimulator, check_basis
+    from sklearn_crb.simulator import MTFingerprintSimulator
 
     if basis is None:
         sim = MTFingerprintSimulator(seq, n_components=n_components, backend=backend, n_basis_samples=max(300, 4 * n_components),

@@ -13,35 +13,16 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .crb import crb_from_jacobian
-from .parameters import INDEX, PARAMETERS, resolve_estimate, resolve_prior, tie_R1, validate_theta
-from .physics import jacobian, simulate
-from .sequence import Sequence
+from sklearn_crb._validation import check_basis, check_snr_range, chunk_slices
+from sklearn_crb.crb import crb_from_jacobian
+from sklearn_crb.physics.parameters import INDEX, PARAMETERS, resolve_estimate, tie_R1, validate_theta
+from sklearn_crb.physics.priors import resolve_prior
+from sklearn_crb.physics.signal import jacobian, simulate
+from sklearn_crb.physics.sequence import Sequence
 
-__all__ = ["MTFingerprintSimulator", "check_basis"]
+__all__ = ["MTFingerprintSimulator"]
 
 _MAX_STORED_RANK = 128
-
-
-def check_basis(basis, n_pulses, argname="basis"):
-    """Validate an orthonormal basis (n_pulses, rank); return complex128 numpy."""
-    try:
-        U = np.asarray(basis)
-    except Exception:  # noqa: BLE001
-        raise TypeError(f"{argname} must be an array of shape (n_pulses, rank)") from None
-    if not np.issubdtype(U.dtype, np.number):
-        raise TypeError(f"{argname} must be numeric, got dtype {U.dtype}")
-    U = U.astype(np.complex128)
-    if U.ndim != 2 or U.shape[0] != n_pulses or not (1 <= U.shape[1] <= n_pulses):
-        raise ValueError(f"{argname} must have shape ({n_pulses}, rank) for a {n_pulses}-pulse sequence, "
-                         f"got {U.shape}")
-    if not np.all(np.isfinite(U)):
-        raise ValueError(f"{argname} contains non-finite values")
-    G = U.conj().T @ U
-    err = np.abs(G - np.eye(U.shape[1])).max()
-    if err > 1e-6:
-        raise ValueError(f"{argname} must have orthonormal columns (max |U^H U - I| = {err:.2g})")
-    return U
 
 
 class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
@@ -162,20 +143,11 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         return self
 
     def _check_snr(self):
-        try:
-            lo, hi = (float(v) for v in self.snr)
-        except (TypeError, ValueError):
-            raise TypeError(f"snr must be a (low, high) pair, got {self.snr!r}") from None
-        if not (0 < lo <= hi < np.inf):
-            raise ValueError(f"snr must satisfy 0 < low <= high < inf, got {self.snr}")
-        return lo, hi
+        return check_snr_range(self.snr)
 
     # ------------------------------------------------------------- chunking
     def _chunks(self, n):
-        size = int(self.chunk_size)
-        if size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+        return chunk_slices(n, self.chunk_size)
 
     def _coefficients_and_crb(self, th, estimate=None, basis="fitted"):
         """Noise-free coefficients ``U^H s`` (M0 = 1) and the unit CRB, chunk by chunk."""
@@ -279,7 +251,7 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
             ``{rank: ndarray (n, len(estimate))}`` of inflation factors (>= 1).
         """
         check_is_fitted(self, "basis_")
-        from .parameters import free_parameters
+        from sklearn_crb.physics.parameters import free_parameters
 
         if theta is None:
             theta = [[0.15, 0.5, 15.0, 30.0, 3.0, 10e-6, 0.0, 1.0]]

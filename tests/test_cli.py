@@ -70,9 +70,9 @@ def test_fit_writes_nifti_maps_with_affine_and_png(pipeline, capsys):
 
 
 def test_python_api_and_cli_agree(pipeline):
-    from sklearn_crb.io import load_coefficients
+    from sklearn_crb.io.images import load_coefficients
     from sklearn_crb.maps import fit_maps
-    from sklearn_crb.model_io import load_model
+    from sklearn_crb.io.models import load_model
 
     d, ph = pipeline
     out = d / "fit2"

@@ -5,8 +5,8 @@ import pytest
 
 from conftest import NLLS_THETA
 from sklearn_crb import ParameterPrior
-from sklearn_crb.dictionary import DictionaryMatcher
-from sklearn_crb.physics import simulate
+from sklearn_crb.estimators.dictionary import DictionaryMatcher
+from sklearn_crb.physics.signal import simulate
 
 
 @pytest.fixture(scope="module")

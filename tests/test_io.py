@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from scipy.io import savemat
 
-from sklearn_crb.io import (atomic_path, load_basis, load_coefficients, make_mask, save_maps, save_nifti)
+from sklearn_crb._atomic import atomic_path
+from sklearn_crb.io.images import (load_basis, load_coefficients, make_mask, save_maps, save_nifti)
 
 RNG = np.random.default_rng(0)
 AFFINE = np.array([[1.5, 0, 0, -40], [0, 1.2, 0.1, -60], [0, 0, 3.0, 10], [0, 0, 0, 1]])

@@ -5,9 +5,9 @@ import pytest
 
 from sklearn_crb.crb import cramer_rao_bound
 from sklearn_crb.maps import FLAGS, fit_maps
-from sklearn_crb.parameters import INDEX
+from sklearn_crb.physics.parameters import INDEX
 from sklearn_crb.phantom import make_phantom
-from sklearn_crb.physics import simulate
+from sklearn_crb.physics.signal import simulate
 
 NAMES = ("m0s", "R1f", "R2f")
 
@@ -15,7 +15,7 @@ NAMES = ("m0s", "R1f", "R2f")
 @pytest.fixture(scope="module")
 def setup(short_sequence):
     from sklearn_crb import CRBNetRegressor, MTFingerprintSimulator
-    from sklearn_crb.network import MLP
+    from sklearn_crb.estimators.network import MLP
 
     sim = MTFingerprintSimulator(short_sequence, n_components=6, estimate=NAMES, random_state=0,
                                  n_basis_samples=300).fit()

@@ -9,7 +9,7 @@ import torch
 
 from sklearn_crb import Sequence
 from sklearn_crb.maps import fit_maps
-from sklearn_crb.model_io import check_compatible, load_model, save_model
+from sklearn_crb.io.models import check_compatible, load_model, save_model
 
 NAMES = ("m0s", "R1f", "R2f")
 
@@ -17,7 +17,7 @@ NAMES = ("m0s", "R1f", "R2f")
 @pytest.fixture(scope="module")
 def trained(short_sequence):
     from sklearn_crb import CRBNetRegressor, MTFingerprintSimulator
-    from sklearn_crb.network import MLP
+    from sklearn_crb.estimators.network import MLP
 
     sim = MTFingerprintSimulator(short_sequence, n_components=6, estimate=NAMES, random_state=0,
                                  n_basis_samples=200).fit()
@@ -43,7 +43,7 @@ def test_round_trip_and_metadata(trained, tmp_path):
 
 def test_safe_torch_load_and_skorch_load_params(trained, tmp_path):
     from sklearn_crb import CRBNetRegressor
-    from sklearn_crb.network import MLP
+    from sklearn_crb.estimators.network import MLP
 
     sim, net, X = trained
     path = save_model(net, tmp_path / "model", simulator=sim)

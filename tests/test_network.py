@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sklearn_crb.network import MLP, InputNormalization, ResidualMLP, paper_hidden
+from sklearn_crb.estimators.network import MLP, InputNormalization, ResidualMLP, paper_hidden
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

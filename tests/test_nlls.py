@@ -11,9 +11,9 @@ from scipy.optimize import least_squares
 from conftest import NLLS_THETA
 from sklearn_crb import PARAMETERS, ParameterPrior
 from sklearn_crb.crb import cramer_rao_bound
-from sklearn_crb.nlls import STATUS, NLLSFitter, NLLSFitWarning, _reduced_jacobian, _varpro
-from sklearn_crb.parameters import INDEX, free_parameters
-from sklearn_crb.physics import jacobian, simulate
+from sklearn_crb.estimators.nlls import STATUS, NLLSFitter, NLLSFitWarning, _reduced_jacobian, _varpro
+from sklearn_crb.physics.parameters import INDEX, free_parameters
+from sklearn_crb.physics.signal import jacobian, simulate
 from sklearn_crb.simulator import MTFingerprintSimulator
 
 M0_TRUE = 0.85
@@ -185,7 +185,7 @@ def test_standard_errors_match_crb(v32_sequence):
 
 def test_init_estimator_seeds_the_fit(v32_sequence):
     """A fitted estimator's predictions seed the fit: same optimum, fewer iterations."""
-    from sklearn_crb.dictionary import DictionaryMatcher
+    from sklearn_crb.estimators.dictionary import DictionaryMatcher
 
     fixed = {"omega0": 100.0, "B1": 0.9}
     theta = np.array([[0.1, 0.7, 12.0, 20.0, 2.0, 11e-6, 100.0, 0.9], [0.2, 0.4, 20.0, 35.0, 4.0, 13e-6, 100, 0.9]])

@@ -11,8 +11,8 @@ no work in ``__init__``, repr, tags, pickling of unfitted estimators) must pass.
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from sklearn_crb import Sequence
-from sklearn_crb.dictionary import DictionaryMatcher
-from sklearn_crb.nlls import NLLSFitter
+from sklearn_crb.estimators.dictionary import DictionaryMatcher
+from sklearn_crb.estimators.nlls import NLLSFitter
 
 _SEQ = Sequence.default(n_pulses=20)
 

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from conftest import NLLS_THETA, TUTORIAL_THETA
-from sklearn_crb import Sequence, physics
-from sklearn_crb._numba_kernel import jacobian_numba, simulate_numba
-from sklearn_crb.parameters import PARAMETERS
+from sklearn_crb import Sequence
+from sklearn_crb.physics import signal as physics
+from sklearn_crb.physics._numba.kernel import jacobian_numba, simulate_numba
+from sklearn_crb.physics.parameters import PARAMETERS
 
 # (m0s, R1f, R2f, Rex, R1s, T2s, omega0, B1): tutorial, NLLS test tissue
 # (omega0 != 0, B1 != 1), and a third one with negative omega0, B1 > 1.
@@ -58,7 +59,7 @@ def test_pulse_exponential_and_frechet_derivatives(alpha, TRF, B1, w0, R2s):
     derivatives against scipy."""
     from scipy.linalg import expm, expm_frechet
 
-    from sklearn_crb import _numba_kernel as K
+    from sklearn_crb.physics._numba import kernel as K
 
     m0s, R1f, R2f, Rex, R1s = 0.15, 0.5, 15.0, 30.0, 3.0
     W = np.zeros((K.NSLOT, 5, 6))

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import sklearn_crb
-from sklearn_crb.parameters import BOUNDS, INDEX, PARAMETERS, ParameterPrior, resolve_estimate, validate_theta
+from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, resolve_estimate, validate_theta
+from sklearn_crb.physics.priors import ParameterPrior
 
 
 def test_public_names():

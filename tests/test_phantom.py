@@ -5,9 +5,9 @@ import pytest
 
 from sklearn_crb import Sequence
 from sklearn_crb.maps import fit_maps
-from sklearn_crb.parameters import INDEX
+from sklearn_crb.physics.parameters import INDEX
 from sklearn_crb.phantom import PROTON_DENSITY, TISSUES, make_phantom, phantom_geometry
-from sklearn_crb.physics import simulate
+from sklearn_crb.physics.signal import simulate
 
 NAMES = ("m0s", "R1f", "R2f")
 
@@ -56,7 +56,7 @@ def default_sequence():
 
 
 def _nlls(ph, tissue, **kw):
-    from sklearn_crb.nlls import NLLSFitter
+    from sklearn_crb.estimators.nlls import NLLSFitter
 
     v = TISSUES[tissue]
     fixed = {p: v[p] for p in ("Rex", "R1s", "T2s")}

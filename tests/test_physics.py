@@ -8,8 +8,9 @@ from scipy.integrate import solve_ivp
 from scipy.linalg import expm
 
 from conftest import TUTORIAL_THETA
-from sklearn_crb import Sequence, physics
-from sklearn_crb.r2sl import r2sl
+from sklearn_crb import Sequence
+from sklearn_crb.physics import signal as physics
+from sklearn_crb.physics.r2sl.table import r2sl
 
 
 def _theta(*rows):

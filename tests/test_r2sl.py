@@ -9,8 +9,8 @@ import torch
 from scipy.integrate import quad
 from scipy.optimize import brentq
 
-from sklearn_crb import r2sl as m
-from sklearn_crb.r2sl import (
+from sklearn_crb.physics.r2sl import table as m
+from sklearn_crb.physics.r2sl.table import (
     build_r2sl_table,
     greens_superlorentzian,
     greens_superlorentzian_integral,
@@ -165,7 +165,7 @@ def test_table_file_and_provenance():
     assert tab.tau_min == pytest.approx(1.0) and tab.tau_max == pytest.approx(150.0, rel=1e-13)
     assert tab.phi0 == 0.0 and tab.phi_max == pytest.approx(4.4, rel=1e-13)
     assert np.all(np.isfinite(tab.rho)) and tab.rho.min() > 0
-    data = Path(m.__file__).parent / "data"
+    data = m._DATA_DIR
     npz = data / "r2sl_table.npz"
     assert npz.stat().st_size <= 2.6e6
     prov = json.loads((data / "r2sl_table.json").read_text())

@@ -15,8 +15,8 @@ from skorch.callbacks import Checkpoint, EarlyStopping, ProgressBar
 from skorch.dataset import ValidSplit
 
 from sklearn_crb.metrics import crb_normalized_mse, make_crb_scorer
-from sklearn_crb.network import MLP
-from sklearn_crb.regressor import CRBNetRegressor, paper_lr_scheduler
+from sklearn_crb.estimators.network import MLP
+from sklearn_crb.estimators.regressor import CRBNetRegressor, paper_lr_scheduler
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

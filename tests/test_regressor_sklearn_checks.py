@@ -8,8 +8,8 @@ their scale) and a small MLP keep them fast.
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from sklearn_crb.network import MLP
-from sklearn_crb.regressor import CRBNetRegressor
+from sklearn_crb.estimators.network import MLP
+from sklearn_crb.estimators.regressor import CRBNetRegressor
 
 #: Checks that cannot apply, with the reason.
 EXPECTED_FAILURES = {

@@ -30,9 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import atomic_dir
-from .parameters import PARAMETERS, UNITS, resolve_estimate
-from .sequence import Sequence
+from sklearn_crb._validation import check_basis
+from sklearn_crb._version import __version__
+from sklearn_crb._atomic import atomic_dir
+from sklearn_crb.physics.parameters import PARAMETERS, UNITS, resolve_estimate
+from sklearn_crb.physics.sequence import Sequence
 
 __all__ = ["save_model", "load_model", "check_compatible", "basis_sha256", "FORMAT", "FORMAT_VERSION"]
 
@@ -112,7 +114,6 @@ def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_val
         raise ValueError("sequence: pass the Sequence the network was trained for (or simulator=)")
     if basis is None:
         raise ValueError("basis: pass the compression basis the network was trained in (or simulator=)")
-    from .simulator import check_basis
 
     U = check_basis(basis, sequence.n_pulses)
     est = estimate if estimate is not None else (sim.estimate_ if sim is not None else
@@ -142,7 +143,7 @@ def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_val
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "sklearn_crb_version": __import__("sklearn_crb").__version__,
+        "sklearn_crb_version": __version__,
         "module_class": _module_path(net.module if isinstance(net.module, type) else type(inner)),
         "module_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in module_kwargs.items()},
         "input_normalization": getattr(inner, "normalization", module_kwargs.get("normalization", "l2")),
@@ -206,7 +207,7 @@ def load_model(path, *, device="auto", sequence=None, basis=None):
         Ready to ``predict``; ``net.crb_metadata_`` holds the metadata (with
         the basis under ``"basis"``), which ``maps.fit_maps`` uses.
     """
-    from .regressor import CRBNetRegressor
+    from sklearn_crb.estimators.regressor import CRBNetRegressor
 
     path = Path(path)
     meta = _read_meta(path)

@@ -17,7 +17,7 @@ Two backends compute the same thing:
     ``torch.linalg.matrix_exp`` call, a tree product for the cycle matrix, a
     5x5 solve and a sweep; the Jacobian by forward-mode autodiff.
 ``"numba"``
-    A fused CPU kernel (``sklearn_crb._numba_kernel``) with analytic tangents,
+    A fused CPU kernel (``sklearn_crb.physics._numba.kernel``) with analytic tangents,
     used by default for CPU input.
 """
 
@@ -28,15 +28,15 @@ import math
 import numpy as np
 import torch
 
-from .parameters import validate_theta
-from .r2sl import r2sl, r2sl_numpy
-from .sequence import Sequence
+from sklearn_crb.physics.parameters import PARAMETERS, SCALE, validate_theta
+from sklearn_crb.physics.r2sl.table import r2sl, r2sl_numpy
+from sklearn_crb.physics.sequence import Sequence
 
 __all__ = ["simulate", "jacobian", "pulse_hamiltonian", "free_precession_propagator"]
 
 _DTYPE = torch.float64
-#: typical magnitudes of (m0s, R1f, R2f, Rex, R1s, T2s, omega0, B1) in SI units
-_TANGENT_SCALE = (0.1, 1.0, 10.0, 10.0, 1.0, 1e-5, 100.0, 1.0)
+#: tangents are taken in theta / SCALE, so that all 8 are of order one
+_TANGENT_SCALE = tuple(SCALE[p] for p in PARAMETERS)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -231,7 +231,7 @@ def _use_numba(backend, device):
             raise ValueError("backend='numba' runs on CPU tensors only")
         return False
     try:
-        from . import _numba_kernel  # noqa: F401  (numba present and the kernel compiles)
+        from sklearn_crb.physics._numba import kernel  # noqa: F401  (numba present and the kernel compiles)
     except ImportError:
         if backend == "numba":
             raise
@@ -269,7 +269,7 @@ def simulate(sequence, theta, M0=1.0, *, backend="auto", chunk_size=None):
     """
     sequence, th, is_torch = _prepare(sequence, theta)
     if _use_numba(backend, th.device):
-        from ._numba_kernel import simulate_numba
+        from sklearn_crb.physics._numba.kernel import simulate_numba
 
         sig = torch.from_numpy(simulate_numba(sequence, th.numpy()))
     else:
@@ -319,7 +319,7 @@ def jacobian(sequence, theta, M0=1.0, *, backend="auto", chunk_size=None):
     """
     sequence, th, is_torch = _prepare(sequence, theta)
     if _use_numba(backend, th.device):
-        from ._numba_kernel import jacobian_numba
+        from sklearn_crb.physics._numba.kernel import jacobian_numba
 
         s, J = jacobian_numba(sequence, th.numpy())
         sig, J = torch.from_numpy(s), torch.from_numpy(J)

@@ -18,8 +18,10 @@ import torch
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .parameters import INDEX, PARAMETERS, resolve_estimate, resolve_prior, tie_R1, validate_theta
-from .sequence import Sequence
+from sklearn_crb._validation import check_basis
+from sklearn_crb.physics.parameters import INDEX, PARAMETERS, resolve_estimate, tie_R1, validate_theta
+from sklearn_crb.physics.priors import resolve_prior
+from sklearn_crb.physics.sequence import Sequence
 
 __all__ = ["DictionaryMatcher", "as_complex_data"]
 
@@ -142,8 +144,7 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
         -------
         self
         """
-        from .physics import simulate
-        from .simulator import check_basis
+        from sklearn_crb.physics.signal import simulate
 
         seq = Sequence.resolve(self.sequence)
         for name in ("n_atoms", "batch_size"):

@@ -61,7 +61,7 @@ DEFAULT_H0 = 1.0 / 16.0
 DEFAULT_LEVELS = 4
 DEFAULT_STENCIL = 12
 
-_DATA_DIR = Path(__file__).resolve().parent / "data"
+_DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # sklearn_crb/data
 _TABLE_NPZ = "r2sl_table.npz"
 _TABLE_JSON = "r2sl_table.json"
 
@@ -648,7 +648,7 @@ def save_r2sl_table(table: "R2slTable", info: dict | None = None, npz_path=None,
     import numba
     import scipy
 
-    from . import __version__
+    from sklearn_crb._version import __version__
 
     prov = {
         "file": npz_path.name,

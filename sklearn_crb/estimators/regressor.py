@@ -38,7 +38,7 @@ from skorch.regressor import NeuralNetRegressor
 from skorch.utils import to_tensor
 from torch import nn
 
-from .network import ResidualMLP
+from sklearn_crb.estimators.network import ResidualMLP
 
 # torch's RNG is process-global: serialise seeded initialisation so that nets
 # fitted concurrently in threads (joblib threading / dask threads) stay reproducible.
@@ -293,7 +293,7 @@ class CRBNetRegressor(NeuralNetRegressor):
 
     def _crb_from_y(self, Y, unit):
         """CRB of the targets computed by the simulator (other parameters: prior centre)."""
-        from .parameters import INDEX
+        from sklearn_crb.physics.parameters import INDEX
 
         sim = self._fitted_simulator()
         est = tuple(sim.estimate_)

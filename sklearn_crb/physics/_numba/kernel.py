@@ -73,7 +73,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .r2sl import rho_bilinear
+from sklearn_crb.physics.r2sl.table import rho_bilinear
 
 __all__ = ["simulate_numba", "jacobian_numba", "prepare_sequence", "warmup"]
 
@@ -1116,7 +1116,7 @@ def prepare_sequence(sequence):
 
 def _table():
     """(rho, log_tau0, dlog_tau, phi0, dphi) of the shipped R2sl table."""
-    from .r2sl import load_r2sl_table
+    from sklearn_crb.physics.r2sl.table import load_r2sl_table
 
     t = load_r2sl_table()
     args = _TABLE_CACHE.get(id(t))
@@ -1232,7 +1232,7 @@ def warmup():
     """
     import time
 
-    from .sequence import Sequence
+    from sklearn_crb.physics.sequence import Sequence
 
     t0 = time.perf_counter()
     seq = Sequence(np.full(4, 0.3), np.full(4, 3e-4), 3.5e-3)

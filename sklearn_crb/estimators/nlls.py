@@ -55,8 +55,9 @@ from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .parameters import BOUNDS, INDEX, PARAMETERS, free_parameters, resolve_estimate, validate_theta
-from .sequence import Sequence
+from sklearn_crb._validation import check_basis
+from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, SCALE, free_parameters, resolve_estimate, validate_theta
+from sklearn_crb.physics.sequence import Sequence
 
 __all__ = ["NLLSFitter", "NLLSFitWarning", "STATUS", "DEFAULT_START", "DEFAULT_BOUNDS"]
 
@@ -75,8 +76,6 @@ _TIED_R1_START = 0.7
 DEFAULT_BOUNDS = {"m0s": (0.0, 0.99), "R1f": (1e-3, 100.0), "R2f": (1e-3, 1e4), "Rex": (0.0, 1e4),
                   "R1s": (1e-3, 100.0), "T2s": (5e-6, 25e-6), "omega0": (-1e5, 1e5), "B1": (0.05, 1.4)}
 
-#: Typical magnitudes: the solver works in ``theta / scale``.
-_SCALE = {"m0s": 0.1, "R1f": 1.0, "R2f": 10.0, "Rex": 10.0, "R1s": 1.0, "T2s": 1e-5, "omega0": 100.0, "B1": 1.0}
 
 _R2SL_TRF_OVER_T2S = (1.0, 150.0)
 _R2SL_MAX_B1_ALPHA = 4.4
@@ -135,13 +134,13 @@ class _Problem:
 
     def model(self, x):
         """g(theta) (n, K) complex at M0 = 1."""
-        from .physics import simulate
+        from sklearn_crb.physics.signal import simulate
 
         return self._project(simulate(self.sequence, self.theta(x), backend=self.backend))
 
     def model_and_jacobian(self, x):
         """g (n, K) and dg/dtheta (n, K, 8) in SI units, all 8 columns."""
-        from .physics import jacobian
+        from sklearn_crb.physics.signal import jacobian
 
         s, J = jacobian(self.sequence, self.theta(x), backend=self.backend)
         return self._project(s), self._project(J)
@@ -555,7 +554,6 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         -------
         self
         """
-        from .simulator import check_basis
 
         seq = Sequence.resolve(self.sequence)
         self.sequence_ = seq
@@ -607,7 +605,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
             check_is_fitted(self.init)
         self.dictionary_ = None
         if self.init is None and isinstance(self.start, str) and self.start == "dictionary":
-            from .dictionary import DictionaryMatcher
+            from sklearn_crb.estimators.dictionary import DictionaryMatcher
 
             self.dictionary_ = DictionaryMatcher(
                 seq, basis=self.basis_, estimate=free, tied_R1=self.tied_R1, fixed=self.fixed_,
@@ -620,7 +618,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
 
     # ------------------------------------------------------------- predict
     def _as_complex(self, X, argname="X"):
-        from .dictionary import as_complex_data
+        from sklearn_crb.estimators.dictionary import as_complex_data
 
         return as_complex_data(self, X, self.sequence_.n_pulses, self.basis_, argname)
 
@@ -645,7 +643,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
                 th = det["theta_best"] if self.n_starts > 1 else det["theta"][:, None, :]
         else:
             th = np.broadcast_to(self.starts_[None], (n,) + self.starts_.shape)
-        scale = np.array([_SCALE[q] for q in free])
+        scale = np.array([SCALE[q] for q in free])
         lo = np.array([self.bounds_[q][0] for q in free])
         hi = np.array([self.bounds_[q][1] for q in free])
         return np.clip(th[..., idx], lo, hi) / scale
@@ -653,7 +651,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
     def _problem(self):
         free = self.free_parameters_
         base = np.array([self.fixed_.get(p, DEFAULT_START[p]) for p in PARAMETERS])
-        scale = np.array([_SCALE[q] for q in free])
+        scale = np.array([SCALE[q] for q in free])
         return _Problem(
             sequence=self.sequence_, basis=self.basis_, free_idx=tuple(INDEX[q] for q in free),
             tied_R1=bool(self.tied_R1), base_theta=base, scale=scale,
@@ -749,7 +747,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
 
     def _standard_errors(self, g, dg, M0, resid, status, K, p):
         """CRB at the estimate, with sigma known or estimated from the residual."""
-        from .crb import IllConditionedFisherWarning, crb_from_jacobian
+        from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
 
         n = g.shape[0]
         crb = np.full((n, len(self.estimate_)), np.nan)
@@ -781,7 +779,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         return details["estimate"]
 
     def __sklearn_tags__(self):
-        from .dictionary import model_estimator_tags
+        from sklearn_crb.estimators.dictionary import model_estimator_tags
 
         return model_estimator_tags(super().__sklearn_tags__())
 

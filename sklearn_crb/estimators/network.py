@@ -1,0 +1,207 @@
+"""PyTorch modules for fingerprint-to-parameter regression.
+
+``ResidualMLP`` is the architecture of Zhang et al., "Cramér–Rao bound-informed
+training of neural networks for quantitative MRI", MRM 2022 (paper_notes.md):
+an L2-normalised input, a widening/narrowing stack of fully connected layers,
+each followed by BatchNorm1d and ReLU, skip connections between layers of equal
+width (added before BatchNorm/ReLU) and a linear output layer. ``MLP`` is a
+plain fully connected baseline. Both start with ``InputNormalization``.
+
+Features are real vectors ``[Re c, Im c]`` of ``n_features // 2`` complex
+(compressed) coefficients ``c``, as made by ``MTFingerprintSimulator``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["InputNormalization", "ResidualMLP", "MLP", "paper_hidden"]
+
+_NORMALIZATIONS = ("l2", "first-coefficient", None)
+
+
+def paper_hidden(n_features=26):
+    """Hidden widths of the paper's network for ``n_features`` inputs.
+
+    The paper (26 inputs) uses 128-256-512-1024-768-640-512-384-256-192-128-26-10-6;
+    the 26-wide layer takes the skip from the (normalised) input, so it
+    follows ``n_features`` here.
+    """
+    return (128, 256, 512, 1024, 768, 640, 512, 384, 256, 192, 128, int(n_features), 10, 6)
+
+
+class InputNormalization(nn.Module):
+    """Remove the unknown proton density ``M0`` from the input features.
+
+    Parameters
+    ----------
+    mode : {"l2", "first-coefficient", None}
+        ``"l2"`` divides each feature vector by its Euclidean norm (Zhang et
+        al. 2022; removes ``|M0|``, keeps its phase). ``"first-coefficient"``
+        divides the complex coefficients by the first one (Mao et al.;
+        removes magnitude and phase of ``M0``). ``None``: identity.
+
+    Notes
+    -----
+    All-zero rows (background voxels of a coefficient image) have no
+    direction; they raise ``ValueError`` instead of producing NaNs. Mask them
+    before prediction.
+    """
+
+    def __init__(self, mode="l2"):
+        super().__init__()
+        if mode not in _NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {mode!r}")
+        self.mode = mode
+
+    @staticmethod
+    def _raise_zero(bad, what):
+        idx = torch.nonzero(bad).ravel()[:5].tolist()
+        raise ValueError(
+            f"X has {int(bad.sum())} rows whose {what} is zero (e.g. rows {idx}); such rows (background "
+            "voxels) cannot be normalised: mask them out before calling the network"
+        )
+
+    def forward(self, x):
+        if self.mode is None:
+            return x
+        if self.mode == "l2":
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            bad = norm[..., 0] == 0
+            if bool(bad.any()):
+                self._raise_zero(bad, "L2 norm")
+            return x / norm
+        r = x.shape[-1] // 2
+        re, im = x[..., :r], x[..., r:]
+        a, b = re[..., :1], im[..., :1]
+        d = a * a + b * b
+        bad = d[..., 0] == 0
+        if bool(bad.any()):
+            self._raise_zero(bad, "first complex coefficient")
+        # c / c0 = c * conj(c0) / |c0|^2
+        return torch.cat([(re * a + im * b) / d, (im * a - re * b) / d], dim=-1)
+
+    def extra_repr(self):
+        return f"mode={self.mode!r}"
+
+
+def _check_dims(n_features, n_outputs, normalization):
+    n_features, n_outputs = int(n_features), int(n_outputs)
+    if n_features < 1 or n_outputs < 1:
+        raise ValueError(f"n_features and n_outputs must be >= 1, got {n_features}, {n_outputs}")
+    if normalization == "first-coefficient" and n_features % 2:
+        raise ValueError(
+            f"normalization='first-coefficient' needs [Re c, Im c] features (an even n_features), got {n_features}"
+        )
+    return n_features, n_outputs
+
+
+def _check_hidden(hidden):
+    try:
+        hidden = tuple(int(h) for h in hidden)
+    except TypeError:
+        raise TypeError(f"hidden must be a sequence of layer widths, got {hidden!r}") from None
+    if any(h < 1 for h in hidden):
+        raise ValueError(f"hidden widths must be >= 1, got {hidden}")
+    return hidden
+
+
+class ResidualMLP(nn.Module):
+    """The residual fully connected network of Zhang et al. 2022.
+
+    Parameters
+    ----------
+    n_features : int
+        Input width (``2 * rank``; 26 in the paper).
+    n_outputs : int
+        Number of estimated parameters (3 in the paper).
+    hidden : sequence of int or None
+        Hidden-layer widths; None: the paper's (``paper_hidden(n_features)``,
+        about 2.7 M weights for 26 inputs).
+    skips : "auto", None or sequence of (int, int)
+        Skip connections ``(source, target)`` between hidden layers (index
+        ``-1`` is the normalised input), added to the target's linear output
+        before its BatchNorm and ReLU. ``"auto"``: every layer receives the
+        most recent earlier activation of the same width that is not its
+        direct predecessor (this reproduces the paper's 512-512, 256-256,
+        128-128 and input-26 skips).
+    normalization : {"l2", "first-coefficient", None}
+        See :class:`InputNormalization`.
+    batch_norm : bool
+        BatchNorm1d after every hidden layer (paper: True).
+
+    Notes
+    -----
+    The output layer is linear; the regressor trains it on standardised
+    targets.
+    """
+
+    def __init__(self, n_features=26, n_outputs=3, hidden=None, skips="auto", normalization="l2", batch_norm=True):
+        super().__init__()
+        n_features, n_outputs = _check_dims(n_features, n_outputs, normalization)
+        hidden = paper_hidden(n_features) if hidden is None else _check_hidden(hidden)
+        self.n_features, self.n_outputs, self.hidden = n_features, n_outputs, hidden
+        self.normalize = InputNormalization(normalization)
+        widths = (n_features,) + hidden  # widths[k + 1] is hidden layer k, widths[0] the input (-1)
+        if skips == "auto":
+            pairs = []
+            for j in range(len(hidden)):
+                for i in range(j - 2, -2, -1):
+                    if widths[i + 1] == hidden[j]:
+                        pairs.append((i, j))
+                        break
+        elif skips is None:
+            pairs = []
+        else:
+            try:
+                pairs = [(int(i), int(j)) for i, j in skips]
+            except (TypeError, ValueError):
+                raise TypeError(f"skips must be 'auto', None or (source, target) pairs, got {skips!r}") from None
+            for i, j in pairs:
+                if not (-1 <= i < j - 1 and 0 <= j < len(hidden)) or widths[i + 1] != hidden[j]:
+                    raise ValueError(f"invalid skip ({i}, {j}) for hidden widths {hidden} (input {n_features})")
+        self.skips = tuple(pairs)
+        self._skip_into = {j: i for i, j in pairs}
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(h) if batch_norm else nn.Identity() for h in hidden)
+        self.out = nn.Linear(widths[-1], n_outputs)
+
+    def forward(self, X):
+        h = self.normalize(X)
+        acts = {-1: h}
+        for j, (lin, bn) in enumerate(zip(self.linears, self.norms)):
+            z = lin(h)
+            if j in self._skip_into:
+                z = z + acts[self._skip_into[j]]
+            h = torch.relu(bn(z))
+            acts[j] = h
+        return self.out(h)
+
+
+class MLP(nn.Module):
+    """A plain fully connected network (Linear-BatchNorm-ReLU blocks).
+
+    Parameters
+    ----------
+    n_features, n_outputs : int
+    hidden : sequence of int
+        Hidden-layer widths.
+    normalization : {"l2", "first-coefficient", None}
+    batch_norm : bool
+    """
+
+    def __init__(self, n_features=26, n_outputs=3, hidden=(256, 256, 128), normalization="l2", batch_norm=True):
+        super().__init__()
+        n_features, n_outputs = _check_dims(n_features, n_outputs, normalization)
+        hidden = _check_hidden(hidden)
+        self.n_features, self.n_outputs, self.hidden = n_features, n_outputs, hidden
+        self.normalize = InputNormalization(normalization)
+        layers = []
+        for a, b in zip((n_features,) + hidden[:-1], hidden):
+            layers += [nn.Linear(a, b), nn.BatchNorm1d(b) if batch_norm else nn.Identity(), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(hidden[-1] if hidden else n_features, n_outputs)
+
+    def forward(self, X):
+        return self.out(self.body(self.normalize(X)))

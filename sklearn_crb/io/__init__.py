@@ -1,0 +1,1 @@
+"""Reading and writing: coefficient images and NIfTI maps (:mod:`.images`), saved networks (:mod:`.models`)."""
