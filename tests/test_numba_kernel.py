@@ -3,10 +3,13 @@ reference backend and against finite differences of itself."""
 
 import numpy as np
 import pytest
+from scipy.linalg import expm, expm_frechet
 
 from conftest import NLLS_THETA, TUTORIAL_THETA
 from sklearn_crb import Sequence
 from sklearn_crb.physics import signal as physics
+from sklearn_crb.physics._numba import bloch as B
+from sklearn_crb.physics._numba import expm as X
 from sklearn_crb.physics._numba.kernel import jacobian_numba, simulate_numba
 from sklearn_crb.physics.parameters import PARAMETERS
 
@@ -57,27 +60,23 @@ def _short(n=40, kind0="crusher", phi=np.pi, mixed=False):
 def test_pulse_exponential_and_frechet_derivatives(alpha, TRF, B1, w0, R2s):
     """expm of the affine 5x6 pulse generator and its 8 directional (Frechet)
     derivatives against scipy."""
-    from scipy.linalg import expm, expm_frechet
-
-    from sklearn_crb.physics._numba import kernel as K
-
     m0s, R1f, R2f, Rex, R1s = 0.15, 0.5, 15.0, 30.0, 3.0
-    W = np.zeros((K.NSLOT, 5, 6))
-    D = np.zeros((K.NSLOT, 5, 6, 8))
-    K._pulse_generator(W, alpha / TRF, TRF, B1, w0, m0s, R1f, R2f, Rex, R1s, R2s)
-    K._pulse_generator_tangents(D, alpha / TRF, TRF, m0s, R1f, Rex, R1s, -1.3e9, -2.7e3)
+    W = np.zeros((X.NSLOT, 5, 6))
+    D = np.zeros((X.NSLOT, 5, 6, 8))
+    B._pulse_generator(W, alpha / TRF, TRF, B1, w0, m0s, R1f, R2f, Rex, R1s, R2s)
+    B._pulse_generator_tangents(D, alpha / TRF, TRF, m0s, R1f, Rex, R1s, -1.3e9, -2.7e3)
     full = lambda X: np.vstack([X, np.zeros((1, 6))])  # noqa: E731
     A, dA = full(W[0]), [full(D[0, :, :, p]) for p in range(8)]
-    K._dexpm(W, D)
+    X._dexpm(W, D)
     U = expm(A)
-    np.testing.assert_allclose(W[K._P], U[:5], rtol=0, atol=1e-14 * np.abs(U).max())
+    np.testing.assert_allclose(W[X._P], U[:5], rtol=0, atol=1e-14 * np.abs(U).max())
     for p in range(8):
         dU = expm_frechet(A, dA[p], compute_expm=False)
-        np.testing.assert_allclose(D[K._P, :, :, p], dU[:5], rtol=0, atol=1e-12 * max(np.abs(dU).max(), 1e-300))
-    W2 = np.zeros((K.NSLOT, 5, 6))
+        np.testing.assert_allclose(D[X._P, :, :, p], dU[:5], rtol=0, atol=1e-12 * max(np.abs(dU).max(), 1e-300))
+    W2 = np.zeros((X.NSLOT, 5, 6))
     W2[0] = A[:5]
-    K._expm(W2)
-    np.testing.assert_array_equal(W2[K._P], W[K._P])  # value path == dual path, bit for bit
+    X._expm(W2)
+    np.testing.assert_array_equal(W2[X._P], W[X._P])  # value path == dual path, bit for bit
 
 
 # --------------------------------------------------------------------- vs torch

@@ -1,4 +1,5 @@
-"""Tests for sklearn_crb.r2sl (linearised super-Lorentzian R2sl, table and lookup)."""
+"""Tests for sklearn_crb.physics.r2sl (the IDE solver, the table builder and the lookup)."""
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -9,21 +10,26 @@ import torch
 from scipy.integrate import quad
 from scipy.optimize import brentq
 
-from sklearn_crb.physics.r2sl import table as m
-from sklearn_crb.physics.r2sl.table import (
-    build_r2sl_table,
+from sklearn_crb.physics.r2sl import build
+from sklearn_crb.physics.r2sl.build import build_r2sl_table
+from sklearn_crb.physics.r2sl.ide import (
     greens_superlorentzian,
     greens_superlorentzian_integral,
-    load_r2sl_table,
-    r2sl,
-    r2sl_numpy,
     semisolid_z,
     solve_rho,
     z_linear,
 )
+from sklearn_crb.physics.r2sl.table import (
+    TABLE_PATH,
+    bilinear,
+    cell,
+    load_r2sl_table,
+    r2sl,
+    r2sl_numpy,
+)
 
 # (TRF [s], alpha [rad], B1, T2s [s]) -> R2sl [1/s], dR2sl/dT2s [1/s^2], dR2sl/dB1 [1/s]
-# from docs/gbloch_spec.md §2 (independent re-implementation).
+# from an independent re-implementation of Assländer et al., MRM 2022, Eq. 9.
 SPEC = np.array([
     (500e-6, np.pi, 1.0, 10e-6, 16013.65, -1.349e9, -2691.0),
     (400e-6, np.pi / 2, 1.0, 10e-6, 17443.36, -1.460e9, -416.0),
@@ -165,10 +171,13 @@ def test_table_file_and_provenance():
     assert tab.tau_min == pytest.approx(1.0) and tab.tau_max == pytest.approx(150.0, rel=1e-13)
     assert tab.phi0 == 0.0 and tab.phi_max == pytest.approx(4.4, rel=1e-13)
     assert np.all(np.isfinite(tab.rho)) and tab.rho.min() > 0
-    data = m._DATA_DIR
-    npz = data / "r2sl_table.npz"
+    npz = TABLE_PATH
     assert npz.stat().st_size <= 2.6e6
-    prov = json.loads((data / "r2sl_table.json").read_text())
+    prov = json.loads(npz.with_suffix(".json").read_text())
+    # the shipped table was built before the move to physics/r2sl/build.py
+    assert prov["build_command"].split()[:3] in (["python", "-m", "sklearn_crb.r2sl"],
+                                                 ["python", "-m", build.BUILD_COMMAND.split()[-1]])
+    assert prov["sha256"] == hashlib.sha256(npz.read_bytes()).hexdigest()
     assert prov["n_tau"] == tab.n_tau and prov["n_phi"] == tab.n_phi
     assert prov["dlog_tau"] == tab.dlog_tau and prov["dphi"] == tab.dphi
     assert prov["ide_rel_error_estimate_max"] < 2e-6
@@ -233,20 +242,32 @@ def test_torch_broadcasting_and_scalars():
     assert R0.shape == ()
 
 
-def test_numba_scalar_matches():
+def test_numba_compiled_lookup_matches_numpy():
+    """The kernel compiles the very cell rule and formula of the numpy and torch lookups."""
+    numba = pytest.importorskip("numba")
+    from sklearn_crb.physics._numba import bloch
+
     tab = load_r2sl_table()
-    f, rb = m.numba_r2sl_scalar()
     TRF, alpha, B1, T2s = _random_inputs(50, seed=5)
+    # plus the table's edges and corners
+    TRF = np.concatenate([TRF, [5e-4, 5e-4, 5e-4, 5e-4]])
+    T2s = np.concatenate([T2s, [5e-4, 5e-4 / 150, 5e-4, 5e-4 / 150]])
+    alpha = np.concatenate([alpha, [np.pi, np.pi, np.pi, np.pi]])
+    B1 = np.concatenate([B1, [0.0, 0.0, 4.4 / np.pi, 4.4 / np.pi]])
     Rn, dTn, dBn = r2sl_numpy(TRF, alpha, B1, T2s)
-    for k in range(50):
-        args = (TRF[k], alpha[k], B1[k], T2s[k], tab.log_tau0, tab.dlog_tau, tab.phi0, tab.dphi,
-                tab.rho)
-        out = f(*args)
-        py = m.r2sl_scalar(*args)
+    for k in range(TRF.size):
+        out = bloch._r2sl(math.log(TRF[k]) - math.log(T2s[k]), B1[k] * abs(alpha[k]), T2s[k],
+                          abs(alpha[k]), tab.rho, tab.log_tau0, tab.dlog_tau, tab.phi0, tab.dphi)
         np.testing.assert_allclose(out, (Rn[k], dTn[k], dBn[k]), rtol=1e-14, atol=1e-9)
-        np.testing.assert_allclose(py, out, rtol=1e-14, atol=1e-9)
-    with pytest.raises(ValueError):
-        f(5e-4, np.pi, 1.0, 3e-6, tab.log_tau0, tab.dlog_tau, tab.phi0, tab.dphi, tab.rho)
+    assert isinstance(bloch._bilinear, numba.core.registry.CPUDispatcher)
+    assert bloch._bilinear.py_func is bilinear and bloch._cell.py_func is cell
+
+
+def test_cell_rule():
+    assert cell(-0.5, 5) == (0.0, -0.5)  # extrapolated from the first cell
+    assert cell(2.25, 5) == (2.0, 0.25)
+    assert cell(4.0, 5) == (3.0, 1.0)  # the upper edge belongs to the last cell
+    assert cell(4.5, 5) == (3.0, 1.5)
 
 
 def test_table_edges_inclusive():
@@ -299,13 +320,13 @@ def test_nonpositive_times():
 # ----------------------------------------------------------------------------- command line
 def test_cli_rebuild_tiny(tmp_path):
     out = tmp_path / "tiny.npz"
-    rc = m.main(["--n-tau", "4", "--n-phi", "3", "--tau-min", "2", "--tau-max", "6",
+    rc = build.main(["--n-tau", "4", "--n-phi", "3", "--tau-min", "2", "--tau-max", "6",
                  "--phi-max", "3", "--levels", "3", "-o", str(out)])
     assert rc == 0
-    tab = m.load_r2sl_table(out)
+    tab = load_r2sl_table(out)
     prov = json.loads(out.with_suffix(".json").read_text())
     assert tab.rho.shape == (4, 3) and prov["n_tau"] == 4
-    assert prov["build_command"].startswith("python -m sklearn_crb.r2sl")
-    assert not list(tmp_path.glob("*.tmp"))
+    assert prov["build_command"].startswith("python -m sklearn_crb.physics.r2sl.build")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.npz"]  # no temporaries
     R, _, _ = r2sl_numpy(6e-5, 1.5, 1.0, 1e-5, table=tab)  # a table node (tau=6, phi=1.5)
     assert float(R) * 1e-5 == pytest.approx(float(solve_rho(6.0, 1.5)), rel=1e-6)
