@@ -2,7 +2,7 @@
 
 For complex data ``d = M0 * s(theta) + n`` with white Gaussian noise of
 variance ``sigma**2`` per real component, the Fisher information is
-``F = Re(J^H J) / sigma**2`` (Zhang et al., MRM 2022, Eq. 3; gbloch_spec.md §4),
+``F = Re(J^H J) / sigma**2`` (Zhang et al., MRM 2022, Eq. 3),
 with ``J`` the Jacobian of the (optionally compressed, ``U^H s``) signal with
 respect to every unknown: the estimated parameters, the nuisance parameters
 (kept as columns, i.e. marginalised) and the complex ``M0`` (columns ``s`` and
@@ -17,9 +17,12 @@ import warnings
 import numpy as np
 import torch
 
-from sklearn_crb.physics.parameters import INDEX, PARAMETERS, free_parameters, resolve_estimate
+from sklearn_crb._validation import check_basis
+from sklearn_crb.physics.parameters import INDEX, PARAMETERS, free_parameters, resolve_estimate, tie_R1
+from sklearn_crb.physics.signal import jacobian
 
-__all__ = ["fisher_information", "crb_from_jacobian", "cramer_rao_bound", "IllConditionedFisherWarning"]
+__all__ = ["fisher_information", "crb_from_jacobian", "cramer_rao_bound", "project",
+           "IllConditionedFisherWarning"]
 
 
 class IllConditionedFisherWarning(UserWarning):
@@ -39,12 +42,67 @@ def _as_tensor(x, argname, complex_ok=True):
 
 
 def project(basis, x):
-    """``U^H x`` along the pulse axis (axis 1) of ``x`` (n, N) or (n, N, P)."""
+    """``U^H x`` along the pulse axis (axis 1) of ``x`` (n, N) or (n, N, P).
+
+    The one home of the compression ``U^H s`` (of signals and of Jacobians).
+
+    Parameters
+    ----------
+    basis : torch.Tensor, complex, shape (n_pulses, rank)
+        Orthonormal basis U (see :func:`sklearn_crb._validation.check_basis`).
+    x : torch.Tensor, shape (n, n_pulses) or (n, n_pulses, n_params)
+
+    Returns
+    -------
+    torch.Tensor, complex128, shape (n, rank) or (n, rank, n_params)
+    """
     U = basis.to(device=x.device, dtype=torch.complex128)
     xc = x.to(torch.complex128)
     if xc.ndim == 2:
         return xc @ U.conj()
     return torch.einsum("ntp,tr->nrp", xc, U.conj())
+
+
+def _check_finite(x, argname):
+    """ValueError naming the samples of ``x`` (n, ...) that hold NaN or inf."""
+    flat = torch.view_as_real(x).reshape(x.shape[0], -1) if torch.is_complex(x) else x.reshape(x.shape[0], -1)
+    bad = ~torch.isfinite(flat).all(dim=1)
+    if bool(bad.any()):
+        idx = torch.nonzero(bad).ravel().tolist()
+        raise ValueError(f"{argname} contains non-finite values in {len(idx)} sample(s), e.g. {idx[:5]}")
+
+
+def _check_basis(basis, n_pulses, device):
+    """Orthonormal basis as a complex128 tensor on ``device`` (checked as the simulator does)."""
+    if isinstance(basis, torch.Tensor):
+        basis = basis.detach().cpu().numpy()
+    return torch.from_numpy(check_basis(basis, n_pulses)).to(device)
+
+
+def _noise_scale(sigma, M0, n, device):
+    """``sigma**2 / |M0|**2`` (scalar or (n,)), after checking both."""
+    sig = _as_tensor(sigma, "sigma").to(device)
+    m0 = _as_tensor(M0, "M0").to(device)
+    if torch.is_complex(sig):
+        raise TypeError("sigma must be real")
+    for name, x in (("sigma", sig), ("M0", m0)):
+        if x.ndim > 1 or (x.ndim == 1 and x.shape[0] != n):
+            raise ValueError(f"{name} must be a scalar or have shape ({n},), got {tuple(x.shape)}")
+        if not bool(torch.isfinite(torch.view_as_real(x) if torch.is_complex(x) else x).all()):
+            raise ValueError(f"{name} must be finite")
+    sig = sig.to(torch.float64)
+    if bool((sig <= 0).any()):
+        raise ValueError(f"sigma must be positive, got min(sigma) = {float(sig.min()):g}")
+    a = m0.abs().to(torch.float64)
+    if bool((a == 0).any()):
+        raise ValueError("M0 must be non-zero")
+    scale = (sig / a) ** 2
+    if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any()):
+        raise ValueError(
+            "sigma/|M0| is so extreme that sigma**2/|M0|**2 over- or underflows float64 "
+            f"(sigma in [{float(sig.min()):g}, {float(sig.max()):g}], |M0| in [{float(a.min()):g}, "
+            f"{float(a.max()):g}]); rescale the data")
+    return scale
 
 
 def fisher_information(J, sigma=1.0, basis=None):
@@ -66,12 +124,15 @@ def fisher_information(J, sigma=1.0, basis=None):
     Jt = _as_tensor(J, "J").to(torch.complex128)
     if Jt.ndim != 3:
         raise ValueError(f"J must have shape (n_samples, n_pulses, n_params), got {tuple(Jt.shape)}")
+    _check_finite(Jt, "J")
+    scale = _noise_scale(sigma, 1.0, Jt.shape[0], Jt.device)
     if basis is not None:
-        U = _as_tensor(basis, "basis")
-        if U.ndim != 2 or U.shape[0] != Jt.shape[1]:
-            raise ValueError(f"basis must have shape ({Jt.shape[1]}, rank), got {tuple(U.shape)}")
-        Jt = project(U, Jt)
-    return (Jt.conj().transpose(-1, -2) @ Jt).real / float(sigma) ** 2
+        Jt = project(_check_basis(basis, Jt.shape[1], Jt.device), Jt)
+    F = (Jt.conj().transpose(-1, -2) @ Jt).real
+    F = F / (scale[:, None, None] if scale.ndim == 1 else scale)
+    if not bool(torch.isfinite(F).all()):
+        raise ValueError("the Fisher information over- or underflows float64 for this J and sigma; rescale them")
+    return F
 
 
 def _scaled_inverse_diag(F, rcond):
@@ -153,6 +214,10 @@ def crb_from_jacobian(signal, J, *, estimate=PARAMETERS, nuisance="all", tied_R1
         raise ValueError(f"J must have shape (n_samples, n_pulses, {len(PARAMETERS)}), got {tuple(Jt.shape)}")
     if st.shape != Jt.shape[:2]:
         raise ValueError(f"signal must have shape {tuple(Jt.shape[:2])}, got {tuple(st.shape)}")
+    _check_finite(Jt, "J")
+    _check_finite(st, "signal")
+    n = Jt.shape[0]
+    scale = _noise_scale(sigma, M0, n, Jt.device)
     est, nuis = _columns(estimate, nuisance, tied_R1)
     cols = []
     names = []
@@ -170,14 +235,13 @@ def crb_from_jacobian(signal, J, *, estimate=PARAMETERS, nuisance="all", tied_R1
     Jf = torch.stack(cols, dim=-1)
     F = fisher_information(Jf, 1.0, basis)
     diag, cond, singular = _scaled_inverse_diag(F, rcond)
-    n = Jt.shape[0]
-    M0t = torch.as_tensor(M0, device=Jt.device)
-    scale = torch.as_tensor(sigma, dtype=torch.float64, device=Jt.device) ** 2 / M0t.abs().to(torch.float64) ** 2
-    if scale.ndim > 1 or (scale.ndim == 1 and scale.shape[0] != n):
-        raise ValueError(f"M0 and sigma must be scalars or have shape ({n},)")
-    if not torch.all(torch.isfinite(scale)) or torch.any(scale <= 0):
-        raise ValueError("M0 must be non-zero and finite, and sigma positive and finite")
     crb = diag[:, : len(est)] * (scale[:, None] if scale.ndim == 1 else scale)
+    ok = singular[:, None] | (torch.isfinite(crb) & (crb > 0))
+    if not bool(ok.all()):
+        idx = torch.nonzero(~ok.all(dim=1)).ravel().tolist()
+        raise ValueError(
+            f"the CRB over- or underflows float64 for {len(idx)} sample(s), e.g. {idx[:5]}: "
+            "sigma/|M0| is too extreme for this Fisher information; rescale sigma and M0")
     if singular.any():
         idx = torch.nonzero(singular).ravel().tolist()
         msg = (f"Fisher information is singular or ill-conditioned (rcond={rcond:g}) for {len(idx)} of {n} "
@@ -224,9 +288,6 @@ def cramer_rao_bound(sequence, theta, *, estimate=PARAMETERS, nuisance="all", ti
     >>> theta = [[0.15, 0.5, 15, 30, 3, 10e-6, 0, 1]]
     >>> crb = cramer_rao_bound(Sequence.default(), theta, estimate=("m0s", "R1f"), sigma=0.01)
     """
-    from sklearn_crb.physics.parameters import tie_R1
-    from sklearn_crb.physics.signal import jacobian
-
     if tied_R1:
         theta = tie_R1(theta if isinstance(theta, torch.Tensor) else np.asarray(theta, dtype=float))
     s, J = jacobian(sequence, theta, backend=backend)

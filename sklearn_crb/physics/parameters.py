@@ -116,10 +116,15 @@ def validate_theta(theta, argname="theta"):
     TypeError, ValueError
         Naming the argument, the parameter and the offending sample.
     """
+    expected = f"{argname} must be a real array of shape (n_samples, 8), got {type(theta).__name__}"
     try:
-        arr = np.asarray(theta.detach().cpu() if hasattr(theta, "detach") else theta, dtype=np.float64)
+        raw = np.asarray(theta.detach().cpu() if hasattr(theta, "detach") else theta)
+        real = not np.iscomplexobj(raw)
+        arr = raw.astype(np.float64) if real else None
     except (TypeError, ValueError):
-        raise TypeError(f"{argname} must be a real array of shape (n_samples, 8), got {type(theta).__name__}") from None
+        raise TypeError(expected) from None
+    if not real:  # a cast would silently drop the imaginary part
+        raise TypeError(f"{argname} must be real, got complex dtype {raw.dtype}")
     if arr.ndim == 1 and arr.shape[0] == len(PARAMETERS):
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != len(PARAMETERS):

@@ -4,7 +4,8 @@ A hybrid-state sequence (Assländer et al., Phys Rev Research 2019) is given by
 the flip angle ``alpha`` (rad) and the duration ``TRF`` (s) of each pulse, the
 repetition time ``TR`` (s) and, per pulse, the gradient moment that decides how
 the pulse acts on transverse magnetization (``"balanced"`` or ``"crusher"``,
-see ``gbloch_spec.md`` §1).
+the crushed inversion pulse of Assländer et al., MRM 2022, "Generalized Bloch
+model").
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ import os
 
 import numpy as np
 
-__all__ = ["Sequence", "GRAD_MOMENTS"]
+__all__ = ["Sequence", "GRAD_MOMENTS", "TR_MAX"]
 
 GRAD_MOMENTS = ("balanced", "crusher", "spoiler_dual", "spoiler_prepulse")
+
+#: Longest accepted repetition time (s). MT fingerprinting uses TRs of a few ms;
+#: beyond about 100 s the steady-state solve of the model loses all precision.
+TR_MAX = 1.0
 
 
 class Sequence:
@@ -29,7 +34,7 @@ class Sequence:
     TRF : array_like, shape (n_pulses,)
         Pulse durations in s, each in (0, TR].
     TR : float
-        Repetition time in s.
+        Repetition time in s, in (0, TR_MAX] (TR_MAX = 1 s).
     grad_moment : str or sequence of str, optional
         Per pulse ``"balanced"`` (default for all but the first),
         ``"crusher"`` (default for pulse 0: the inversion pulse with
@@ -56,8 +61,8 @@ class Sequence:
             TR = float(TR)
         except (TypeError, ValueError):
             raise TypeError(f"TR must be a positive float in s, got {TR!r}") from None
-        if not np.isfinite(TR) or TR <= 0:
-            raise ValueError(f"TR must be a positive finite time in s, got {TR}")
+        if not np.isfinite(TR) or TR <= 0 or TR > TR_MAX:
+            raise ValueError(f"TR must be a positive finite time in (0, {TR_MAX:g}] s, got TR={TR!r}")
         if np.any(TRF <= 0) or np.any(TRF > TR):
             i = int(np.flatnonzero((TRF <= 0) | (TRF > TR))[0])
             raise ValueError(f"TRF must lie in (0, TR={TR:g} s]; TRF[{i}] = {TRF[i]:g} s")
@@ -87,9 +92,14 @@ class Sequence:
     @staticmethod
     def _as_vector(x, argname):
         try:
-            arr = np.asarray(x, dtype=np.float64)
+            raw = np.asarray(x)
         except (TypeError, ValueError):
             raise TypeError(f"{argname} must be a real 1-D array, got {type(x).__name__}") from None
+        if np.iscomplexobj(raw):
+            raise TypeError(f"{argname} must be real, got complex dtype {raw.dtype}")
+        if raw.dtype.kind not in "biuf":
+            raise TypeError(f"{argname} must be a real numeric 1-D array, got dtype {raw.dtype}")
+        arr = raw.astype(np.float64)
         arr = np.array(arr.reshape(-1) if arr.ndim == 2 and 1 in arr.shape else arr, dtype=np.float64)
         if arr.ndim != 1 or arr.size == 0:
             raise ValueError(f"{argname} must be a non-empty 1-D array, got shape {np.shape(x)}")
@@ -189,7 +199,8 @@ class Sequence:
         for key in ("alpha", "TRF"):
             if key not in data:
                 raise ValueError(f"{path} has no variable {key!r} (found {sorted(data)})")
-        return cls(np.ravel(data["alpha"]), np.ravel(data["TRF"]), TR, grad_moment,
+        # a vector, (1, N) or (N, 1) only: a (2, N) variable is not a pulse train
+        return cls(np.asarray(data["alpha"]), np.asarray(data["TRF"]), TR, grad_moment,
                    name=name or os.path.splitext(os.path.basename(path))[0])
 
     @classmethod

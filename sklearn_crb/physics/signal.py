@@ -6,7 +6,8 @@ Implements the linear approximation of the generalized Bloch model
 ``E_i = F_i P_i R(phi) F_i`` (free precession, pulse, RF phase cycling), the
 crushed inversion pulse, the periodic steady state of the whole cycle, and the
 signal ``xf + i yf`` at the TR boundary (TR/2 after each pulse centre), in the
-phase-cycled frame. See ``gbloch_spec.md`` §1-3.
+phase-cycled frame (Assländer et al., MRM 2022;87:2003-2017, Eqs. 1-9, and the
+periodic steady state of Zhang et al., MRM 2022).
 
 State vector: ``m = (xf, yf, zf, xs, zs, 1)`` with ``M0 = 1``.
 
@@ -27,7 +28,9 @@ import math
 
 import numpy as np
 import torch
+from torch.func import jvp
 
+from sklearn_crb._validation import chunk_slices
 from sklearn_crb.physics.parameters import PARAMETERS, SCALE, validate_theta
 from sklearn_crb.physics.r2sl.table import r2sl, r2sl_numpy
 from sklearn_crb.physics.sequence import Sequence
@@ -53,7 +56,8 @@ def pulse_hamiltonian(omega1, B1, omega0, m0s, R1f, R2f, Rex, R1s, R2s, M0=1.0):
     All arguments broadcast (torch tensors or floats). ``omega1`` (rad/s) is the
     nominal nutation rate, scaled by ``B1``; ``R2s`` (1/s) is the linearised
     semi-solid saturation rate; rates in 1/s, ``omega0`` in rad/s.
-    Free precession is ``omega1 = 0, R2s = 0``. (gbloch_spec.md §1.)
+    Free precession is ``omega1 = 0, R2s = 0`` (Assländer et al., MRM 2022, Eq. 9 with the
+    two-pool Bloch-McConnell exchange terms).
     """
     args = torch.broadcast_tensors(*[torch.as_tensor(a, dtype=_DTYPE) for a in
                                      (omega1, B1, omega0, m0s, R1f, R2f, Rex, R1s, R2s, M0)])
@@ -87,7 +91,7 @@ def _exp2x2(a, b, c, d):
 
 
 def free_precession_propagator(t, m0s, R1f, R2f, Rex, R1s, omega0, M0=1.0):
-    """Exact ``D_xs expm(H_fp t)`` (..., 6, 6) in closed form (spec §8.1).
+    """Exact ``D_xs expm(H_fp t)`` (..., 6, 6) in closed form.
 
     ``(xf, yf)`` decay with R2f and rotate by ``omega0 t``; ``xs`` is zeroed
     (crushed by the ``D_xs`` projection); ``(zf, zs)`` relax and exchange
@@ -111,7 +115,7 @@ def free_precession_propagator(t, m0s, R1f, R2f, Rex, R1s, omega0, M0=1.0):
 
 
 def _crusher_propagator(alpha, TRF, B1, R2s):
-    """Instantaneous crushed pulse ``U_c`` (..., 6, 6) (spec §1, ``:crusher``).
+    """Instantaneous crushed pulse ``U_c`` (..., 6, 6) (the ``"crusher"`` gradient moment).
 
     Keeps only the refocused echo path of the free pool; the semi-solid pool
     sees ``expm([[-R2s, B1 w1], [-B1 w1, 0]] TRF)``.
@@ -230,18 +234,35 @@ def _use_numba(backend, device):
         if backend == "numba" and device.type != "cpu":
             raise ValueError("backend='numba' runs on CPU tensors only")
         return False
+    return _numba_kernel(required=backend == "numba") is not None
+
+
+def _numba_kernel(required=False):
+    """The numba kernel module, or None without numba.
+
+    Imported on first use, not at module import: numba is optional for the torch
+    backend, and importing the kernel costs a second (its cache is checked then).
+    """
     try:
-        from sklearn_crb.physics._numba import kernel  # noqa: F401  (numba present and the kernel compiles)
+        from sklearn_crb.physics._numba import kernel
     except ImportError:
-        if backend == "numba":
+        if required:
             raise
-        return False
-    return True
+        return None
+    return kernel
 
 
-def _chunks(n, size):
-    size = max(1, int(size))
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+def _check_finite(out, sequence, th, what):
+    """Raise, naming the samples, when the model gave non-finite values (never silent NaN)."""
+    flat = torch.view_as_real(out).reshape(out.shape[0], -1)
+    bad = ~torch.isfinite(flat).all(dim=1)
+    if bool(bad.any()):
+        idx = torch.nonzero(bad).flatten().tolist()
+        raise ValueError(
+            f"{what} is not finite for {len(idx)} sample(s) (indices {idx[:10]}"
+            f"{', ...' if len(idx) > 10 else ''}; first theta = {th[idx[0]].tolist()}, "
+            f"sequence TR = {sequence.TR} s): these parameters are outside the range where "
+            "the model can be evaluated")
 
 
 def simulate(sequence, theta, M0=1.0, *, backend="auto", chunk_size=None):
@@ -269,22 +290,19 @@ def simulate(sequence, theta, M0=1.0, *, backend="auto", chunk_size=None):
     """
     sequence, th, is_torch = _prepare(sequence, theta)
     if _use_numba(backend, th.device):
-        from sklearn_crb.physics._numba.kernel import simulate_numba
-
-        sig = torch.from_numpy(simulate_numba(sequence, th.numpy()))
+        sig = torch.from_numpy(_numba_kernel().simulate_numba(sequence, th.numpy()))
     else:
         parts = []
-        for sl in _chunks(th.shape[0], chunk_size or 64):
+        for sl in chunk_slices(th.shape[0], 64 if chunk_size is None else chunk_size):
             xy = _signal_real(sequence, th[sl])
             parts.append(torch.complex(xy[..., 0], xy[..., 1]))
         sig = torch.cat(parts)
+    _check_finite(sig, sequence, th, "the simulated signal")
     sig = _apply_M0(sig, M0, th.shape[0])
     return sig if is_torch else sig.numpy()
 
 
 def _jacobian_torch(sequence, th):
-    from torch.func import jvp
-
     f = lambda x: _signal_real(sequence, x)  # noqa: E731
     # tangents of typical size: a unit T2s tangent (1 s!) would force many
     # extra squarings in the matrix-exponential derivative and lose accuracy
@@ -319,17 +337,17 @@ def jacobian(sequence, theta, M0=1.0, *, backend="auto", chunk_size=None):
     """
     sequence, th, is_torch = _prepare(sequence, theta)
     if _use_numba(backend, th.device):
-        from sklearn_crb.physics._numba.kernel import jacobian_numba
-
-        s, J = jacobian_numba(sequence, th.numpy())
+        s, J = _numba_kernel().jacobian_numba(sequence, th.numpy())
         sig, J = torch.from_numpy(s), torch.from_numpy(J)
     else:
         ss, JJ = [], []
-        for sl in _chunks(th.shape[0], chunk_size or 16):
+        for sl in chunk_slices(th.shape[0], 16 if chunk_size is None else chunk_size):
             s, J = _jacobian_torch(sequence, th[sl])
             ss.append(s)
             JJ.append(J)
         sig, J = torch.cat(ss), torch.cat(JJ)
+    _check_finite(sig, sequence, th, "the simulated signal")
+    _check_finite(J, sequence, th, "the Jacobian")
     sig = _apply_M0(sig, M0, th.shape[0])
     J = _apply_M0(J.reshape(J.shape[0], -1), M0, th.shape[0]).reshape(J.shape)
     if is_torch:
