@@ -1,8 +1,17 @@
 """Parameter maps with standard-error, goodness-of-fit and failure maps.
 
-``fit_maps`` applies a fitted estimator (``CRBNetRegressor``, ``NLLSFitter``
-or a network loaded with ``sklearn_crb.model_io.load_model``) to every voxel
-of a coefficient image, in chunks, and adds per voxel
+``fit_maps`` applies a fitted estimator (``CRBNetRegressor``, ``NLLSFitter``,
+``DictionaryMatcher`` or a network loaded with
+``sklearn_crb.io.models.load_model``) to every voxel of a coefficient image,
+in chunks, through one protocol::
+
+    det = estimator.predict_details(X, fixed=None, compute_crb=True)
+
+which returns per voxel all eight parameters ``theta`` (the fixed and
+nuisance values the estimator's model fingerprint used included), the
+complex ``M0``, the residual norm, a convergence flag, the CRB at ``M0 = 1,
+sigma = 1`` of the estimated parameters, and the number of real unknowns
+``n_free`` of the fit. From these the maps give per voxel
 
 * the standard error ``sqrt(CRB(theta_hat))`` of each estimated parameter:
   the Cramér–Rao bound of the rank-r coefficients (Zhang et al., MRM 2022,
@@ -19,93 +28,77 @@ of a coefficient image, in chunks, and adds per voxel
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-import torch
+from scipy.stats import chi2
+from tqdm.auto import tqdm
 
-from sklearn_crb.io.images import CoefficientImage, features_from_coefficients, make_mask
-from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, UNITS, free_parameters, resolve_estimate, tie_R1
+from sklearn_crb._validation import chunk_slices
+from sklearn_crb.io.images import CoefficientImage, check_rank, features_from_coefficients, make_mask
+from sklearn_crb.io.models import basis_sha256, check_compatible
+from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, UNITS
+from sklearn_crb.physics.sequence import Sequence
 
-__all__ = ["fit_maps", "FLAGS", "describe_estimator", "estimate_sigma"]
+__all__ = ["fit_maps", "FLAGS", "check_estimator", "estimate_sigma"]
 
 #: Bits of the ``"flags"`` map (0 = fitted without problems).
 FLAGS = {
     "invalid_input": 1,  # non-finite or all-zero coefficients (never fitted)
-    "estimator_failed": 2,  # non-finite prediction or NLLS not converged
-    "out_of_range": 4,  # estimate outside the physical bounds (clipped for the CRB/residual)
+    "estimator_failed": 2,  # non-finite estimate or M0, or the estimator reports no convergence
+    "out_of_range": 4,  # estimate outside the physical bounds (physics.parameters.BOUNDS)
     "singular_crb": 8,  # Fisher information singular at the estimate: no standard error
 }
 
 
-class _Description(dict):
-    """What ``fit_maps`` needs to know about an estimator."""
+def _carried(estimator):
+    """The sequence and basis an estimator carries, or None (attributes only, no type checks).
 
-    __getattr__ = dict.__getitem__
-
-
-def describe_estimator(estimator, sequence=None, basis=None):
-    """Sequence, basis, estimated parameters and fill values of an estimator.
-
-    Looks, in order, at ``crb_metadata_`` (set by ``model_io.load_model``),
-    a fitted simulator (``simulator_``/``simulator``) and the estimator's own
-    ``sequence``/``basis``/``estimate``/``tied_R1`` attributes; explicit
-    ``sequence``/``basis`` arguments override.
+    ``crb_metadata_`` (a model loaded by ``io.models.load_model``), a fitted
+    simulator (``simulator_``/``simulator``), or the estimator's own fitted
+    ``sequence_``/``basis_``.
     """
-    from sklearn_crb.physics.sequence import Sequence
-    from sklearn_crb.simulator import MTFingerprintSimulator
-
-    d = _Description(kind="nlls" if hasattr(estimator, "predict_details") else "network", sequence=None, basis=None,
-                     estimate=None, tied_R1=False, nuisance="all", fill=None)
     meta = getattr(estimator, "crb_metadata_", None)
     if meta is not None:
-        d.update(sequence=Sequence.from_dict(meta["sequence"]), basis=meta.get("basis"),
-                 estimate=tuple(meta["estimate"]), tied_R1=bool(meta.get("tied_R1", False)),
-                 nuisance=meta.get("nuisance", "all"), fill=np.asarray(meta["fill_values"], dtype=float))
-    sim = None
+        return meta
     for attr in ("simulator_", "simulator"):
-        cand = getattr(estimator, attr, None)
-        if isinstance(cand, MTFingerprintSimulator) and hasattr(cand, "basis_"):
-            sim = cand
-            break
-    if sim is not None and meta is None:
-        d.update(sequence=sim.sequence_, basis=sim.basis_, estimate=tuple(sim.estimate_),
-                 tied_R1=bool(sim.tied_R1), nuisance=sim.nuisance, fill=sim.prior_.center())
-    if meta is None and sim is None:
-        for attr in ("sequence", "basis", "tied_R1", "nuisance"):
-            val = getattr(estimator, attr + "_", None)
-            val = getattr(estimator, attr, None) if val is None else val
-            if val is not None:
-                d[attr] = val
-    if d.estimate is None:
-        est = getattr(estimator, "estimate_", None)
-        est = getattr(estimator, "estimate", None) if est is None else est
-        if est is not None:
-            d.estimate = tuple(est)
-    if d.estimate is None:
-        names = getattr(estimator, "target_names_", None)
-        if names is not None and all(n in INDEX for n in names):
-            d.estimate = tuple(names)
-    d.known = tuple(getattr(estimator, "fixed_", None) or ())
-    if meta is not None:
-        from sklearn_crb.io.models import check_compatible
+        sim = getattr(estimator, attr, None)
+        if getattr(sim, "basis_", None) is not None and getattr(sim, "sequence_", None) is not None:
+            return _meta(sim.sequence_, sim.basis_)
+    seq, U = getattr(estimator, "sequence_", None), getattr(estimator, "basis_", None)
+    if isinstance(seq, Sequence) and U is not None:
+        return _meta(seq, U)
+    return None
 
-        check_compatible(meta, sequence=sequence, basis=basis)
-    if sequence is not None:
-        d.sequence = sequence
-    if basis is not None:
-        d.basis = basis
-    if d.sequence is None:
-        raise ValueError("sequence: the estimator does not carry its sequence; pass sequence=")
-    if d.basis is None:
-        raise ValueError("basis: the estimator does not carry its compression basis; pass basis=")
-    if d.estimate is None:
-        raise ValueError("the estimator does not say which parameters it estimates (no estimate/estimate_)")
-    d.estimate = resolve_estimate(d.estimate, d.tied_R1)
-    d.basis = np.asarray(d.basis, dtype=np.complex128)
-    if d.basis.ndim != 2 or d.basis.shape[0] != d.sequence.n_pulses:
-        raise ValueError(f"basis has shape {d.basis.shape} but the sequence has {d.sequence.n_pulses} pulses")
-    return d
+
+def _meta(sequence, basis):
+    U = np.asarray(basis)
+    return {"sequence": sequence.to_dict(), "sequence_sha256": sequence.sha256(), "rank": int(U.shape[1]),
+            "basis": U, "basis_sha256": basis_sha256(U)}
+
+
+def check_estimator(estimator, rank, sequence=None, basis=None):
+    """Refuse an estimator that cannot be applied to a rank-``rank`` coefficient image.
+
+    The estimator fits with its own sequence and basis (``predict_details``
+    protocol); ``sequence``/``basis``, when given, are the acquisition of the
+    data and must be the estimator's (``io.models.check_compatible``).
+
+    Raises
+    ------
+    TypeError
+        The estimator does not implement ``predict_details``.
+    ValueError
+        Rank, sequence or basis mismatch, or no basis to work in.
+    """
+    if not callable(getattr(estimator, "predict_details", None)):
+        raise TypeError(f"estimator must implement predict_details(X, fixed=, compute_crb=) (the maps protocol), "
+                        f"got {type(estimator).__name__}")
+    meta = _carried(estimator)
+    if meta is None:
+        raise ValueError("the estimator carries no sequence and compression basis (coefficient images are "
+                         "rank-r): fit it with basis= (NLLS, dictionary) or simulator= (network), or load a "
+                         "saved model")
+    check_rank(rank, meta["rank"])
+    check_compatible(meta, sequence=sequence, basis=basis, rank=rank)
 
 
 def estimate_sigma(residual_sq, dof):
@@ -115,8 +108,6 @@ def estimate_sigma(residual_sq, dof):
     of freedom; the median is used (robust to badly fitted voxels) with its
     chi-squared correction.
     """
-    from scipy.stats import chi2
-
     r = np.asarray(residual_sq, dtype=float)
     r = r[np.isfinite(r)]
     if r.size == 0 or dof < 1:
@@ -125,13 +116,10 @@ def estimate_sigma(residual_sq, dof):
     return float(np.sqrt(np.median(r) / chi2.median(dof)))
 
 
-def _clip(theta):
+def _out_of_range(theta):
     lo = np.array([BOUNDS[p][0] for p in PARAMETERS])
     hi = np.array([BOUNDS[p][1] for p in PARAMETERS])
-    # keep strictly inside so that every parameter stays identifiable
-    eps = np.array([1e-4, 0, 0, 1e-3, 0, 0, 0, 0])
-    outside = np.any((theta < lo) | (theta > hi), axis=1)
-    return np.clip(theta, lo + eps, hi), outside
+    return np.any((theta < lo) | (theta > hi), axis=1)
 
 
 def _fixed_columns(fixed, mask, n_vox):
@@ -152,42 +140,39 @@ def _fixed_columns(fixed, mask, n_vox):
 
 
 def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, sigma=None, fixed=None,
-             chunk_size=2048, device="cpu", compute_se=True, threshold=0.05, progress=False, backend="auto"):
+             chunk_size=2048, compute_se=True, threshold=0.05, progress=False):
     """Fit every masked voxel of a coefficient image and return named maps.
 
     Parameters
     ----------
-    estimator : fitted CRBNetRegressor, NLLSFitter or loaded model
-        Its ``predict`` takes features ``[Re c, Im c]`` (n, 2r).
+    estimator : fitted estimator with ``predict_details``
+        ``CRBNetRegressor``, ``NLLSFitter``, ``DictionaryMatcher`` or a
+        loaded model; it takes features ``[Re c, Im c]`` (n, 2r) and fits
+        with its own sequence and basis.
     coefficients : CoefficientImage or ndarray, complex, shape (*spatial, r)
     mask : None, array_like (spatial) or path
         Voxels to fit; None: automatic (``io.make_mask``). Non-finite and
         all-zero voxels are always excluded and flagged.
     sequence : Sequence, optional
-        Overrides the estimator's sequence.
+        The data's sequence: refused unless it is the estimator's.
     basis : array_like (n_pulses, r), optional
-        Overrides the estimator's basis; its rank must match the image.
+        The data's basis: refused unless it is the estimator's (to 1e-6).
     sigma : float, optional
         Noise standard deviation per real component of the coefficients;
         default: estimated from the residuals (``estimate_sigma``).
     fixed : dict, optional
         Values (scalars or maps) of parameters the estimator does not give,
-        e.g. a measured ``{"B1": b1_map}``; they are treated as known.
-        Parameters neither estimated nor fixed take the training prior's
-        centre and are marginalised as nuisance in the CRB.
+        e.g. a measured ``{"B1": b1_map}``; they are treated as known
+        (passed to ``predict_details`` chunk by chunk). Parameters neither
+        estimated nor fixed are the estimator's nuisance parameters.
     chunk_size : int
         Voxels per chunk.
-    device : str
-        ``"cpu"``, ``"cuda"`` or ``"auto"``: device of the physics (signal
-        and Jacobian at the estimate).
     compute_se : bool
         Compute the standard-error maps (one Jacobian per voxel).
     threshold : float
         Automatic-mask threshold (see ``io.make_mask``).
     progress : bool
         Show a tqdm progress bar.
-    backend : str
-        Physics backend on CPU.
 
     Returns
     -------
@@ -195,16 +180,10 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
         ``<p>`` and ``<p>_se`` for each estimated parameter p (SI units),
         ``M0_abs``, ``M0_phase`` (rad), ``relative_residual``, ``flags``
         (int, see ``FLAGS``) and ``mask`` (bool). Voxels outside the mask are
-        0; voxels without a finite estimate are NaN; all problems are flagged. ``maps["sigma"]`` is
-        not a map but the noise level used (float), and ``maps["units"]`` a
+        0; voxels without a finite estimate are NaN; all problems are
+        flagged. ``maps["sigma"]`` is not a map but the noise level used (float), and ``maps["units"]`` a
         dict of units.
     """
-    from tqdm.auto import tqdm
-
-    from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
-    from sklearn_crb.io.images import check_rank
-    from sklearn_crb.physics.signal import jacobian, simulate
-
     # ---- every check before any work
     if isinstance(coefficients, CoefficientImage):
         c_img = coefficients.data
@@ -214,129 +193,69 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
             raise TypeError("coefficients must be complex with the coefficient axis last (or a CoefficientImage)")
     if c_img.ndim < 2:
         raise ValueError(f"coefficients must have shape (*spatial, rank), got {c_img.shape}")
-    info = describe_estimator(estimator, sequence, basis)
-    check_rank(c_img.shape[-1], info.basis.shape[1])
-    chunk_size = int(chunk_size)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_estimator(estimator, c_img.shape[-1], sequence, basis)
+    chunk_slices(0, chunk_size)
     if sigma is not None and not (np.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be positive and finite, got {sigma}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
     fit_mask, invalid = make_mask(c_img, mask, threshold=threshold)
     spatial = c_img.shape[:-1]
     n_vox = int(fit_mask.sum())
     fixed_cols = _fixed_columns(fixed, fit_mask, n_vox)
-    est = info.estimate
-    known = tuple(p for p in set(fixed_cols) | set(info.known) if p not in est)
-    free = free_parameters(info.tied_R1)
-    nuis = tuple(p for p in free if p not in est and p not in known) if info.nuisance == "all" else (
-        tuple(p for p in (info.nuisance or ()) if p not in est and p not in known))
-    fill = info.fill if info.fill is not None else None
 
     c = c_img[fit_mask]  # (n, r)
-    U = info.basis
-    Ut = torch.as_tensor(U, device=device)
-    theta = np.zeros((n_vox, len(PARAMETERS)))
-    M0 = np.zeros(n_vox, dtype=np.complex128)
+    theta = np.full((n_vox, len(PARAMETERS)), np.nan)
+    M0 = np.full(n_vox, np.nan + 0j)
     res_sq = np.full(n_vox, np.nan)
-    rel = np.full(n_vox, np.nan)
-    crb_unit = np.full((n_vox, len(est)), np.nan)
-    flags = np.zeros(n_vox, dtype=np.int16)
-    n_free_fit = len(est) + len(nuis) + 2
-    if info.kind == "nlls":
-        if getattr(estimator, "basis_", None) is None:
-            raise ValueError("fit_maps needs an NLLSFitter with a basis (coefficient images are rank-r)")
-        n_free_fit = len(estimator.free_parameters_) + 2
-
-    chunks = [slice(i, min(i + chunk_size, n_vox)) for i in range(0, n_vox, chunk_size)]
+    crb_unit = None
+    converged = np.zeros(n_vox, dtype=bool)
+    est, n_free = None, None
     bar = tqdm(total=n_vox, desc="fit_maps", unit="voxel", disable=not progress)
-    for sl in chunks:
-        cc = c[sl]
-        X = features_from_coefficients(cc)
-        if info.kind == "nlls":
-            with warnings.catch_warnings():  # failures are reported in the flag map
-                warnings.filterwarnings("ignore", message="NLLSFitter")
-                det = estimator.predict_details(X)
-            th = np.asarray(det["theta"], dtype=float).copy()
-            m0_fit = np.asarray(det["M0"])
-            conv = np.asarray(det["converged"], dtype=bool)
-            failed = ~conv | ~np.all(np.isfinite(th), axis=1)
-            # the fitter's CRB is at its per-voxel sigma: bring it back to M0 = 1, sigma = 1
-            with np.errstate(invalid="ignore", divide="ignore"):
-                nlls_unit = np.asarray(det["crb"]) * (np.abs(m0_fit) ** 2 / np.asarray(det["sigma"]) ** 2)[:, None]
-        else:
-            pred = np.asarray(estimator.predict(X), dtype=float).reshape(len(cc), -1)
-            if pred.shape[1] != len(est):
-                raise ValueError(f"the estimator returned {pred.shape[1]} outputs, expected {len(est)} ({est})")
-            if fill is None:
-                raise ValueError("the estimator carries no values for the parameters it does not estimate; "
-                                 "pass fixed= or use a model saved with model_io")
-            th = np.tile(fill, (len(cc), 1))
-            th[:, [INDEX[p] for p in est]] = pred
-            m0_fit = None
-            failed = ~np.all(np.isfinite(pred), axis=1)
-        for p, col in fixed_cols.items():
-            if p not in est:
-                th[:, INDEX[p]] = col[sl]
-        if info.tied_R1:
-            th = tie_R1(th)
-        th_eval, clipped = _clip(np.where(np.isfinite(th), th, fill if fill is not None else 0.0))
-        if fill is None and np.any(~np.isfinite(th)):
-            th_eval = np.where(np.isfinite(th), th_eval, np.array([0.1, 1, 10, 10, 1, 1e-5, 0, 1]))
-        theta[sl] = th
-        flags[sl] |= np.where(failed, FLAGS["estimator_failed"], 0).astype(np.int16)
-        flags[sl] |= np.where(clipped & ~failed, FLAGS["out_of_range"], 0).astype(np.int16)
-
-        if info.kind == "nlls":
-            M0[sl] = m0_fit
-            res_sq[sl] = np.asarray(det["residual_norm"]) ** 2
-            rel[sl] = np.sqrt(res_sq[sl]) / np.linalg.norm(cc, axis=1)
-            crb_unit[sl] = nlls_unit
-            bar.update(len(cc))
-            continue
-        tt = torch.as_tensor(th_eval, device=device) if device.type != "cpu" else th_eval
+    for sl in chunk_slices(n_vox, chunk_size):
+        fx = {p: col[sl] for p, col in fixed_cols.items()} or None
+        det = estimator.predict_details(features_from_coefficients(c[sl]), fixed=fx, compute_crb=compute_se)
+        if est is None:
+            est, n_free = tuple(det["estimate"]), int(det["n_free"])
+            bad = sorted(set(fixed_cols) & set(est))
+            if bad:
+                raise ValueError(f"fixed: {bad} are estimated by the estimator; fix only parameters it does not "
+                                 f"estimate (it estimates {est})")
+            crb_unit = np.full((n_vox, len(est)), np.nan)
+        theta[sl] = det["theta"]
+        M0[sl] = det["M0"]
+        res_sq[sl] = np.asarray(det["residual_norm"], dtype=float) ** 2
+        converged[sl] = det["converged"]
         if compute_se:
-            s, J = jacobian(info.sequence, tt, backend=backend)
-        else:
-            s, J = simulate(info.sequence, tt, backend=backend), None
-        s_t = torch.as_tensor(s, device=device)
-        u = (s_t @ Ut.conj()).cpu().numpy()  # (n, r): U^H s at M0 = 1
-        if m0_fit is None:
-            m0_fit = np.sum(u.conj() * cc, axis=1) / np.sum(np.abs(u) ** 2, axis=1)
-        M0[sl] = m0_fit
-        r = cc - m0_fit[:, None] * u
-        res_sq[sl] = np.sum(np.abs(r) ** 2, axis=1)
-        rel[sl] = np.sqrt(res_sq[sl]) / np.linalg.norm(cc, axis=1)
-        if compute_se:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", IllConditionedFisherWarning)
-                cu = crb_from_jacobian(s, J, estimate=est, nuisance=nuis if nuis else None, tied_R1=info.tied_R1,
-                                       basis=Ut, on_singular="inf")
-            crb_unit[sl] = cu.cpu().numpy() if isinstance(cu, torch.Tensor) else cu
-        bar.update(len(cc))
+            crb_unit[sl] = det["crb_unit"]
+        bar.update(sl.stop - sl.start)
     bar.close()
+    if est is None:  # nothing to fit: ask for the names on an empty batch
+        det = estimator.predict_details(np.zeros((0, 2 * c_img.shape[-1])), fixed=None, compute_crb=False)
+        est, n_free = tuple(det["estimate"]), int(det["n_free"])
+        crb_unit = np.full((0, len(est)), np.nan)
 
+    cols = [INDEX[p] for p in est]
+    # not-converged voxels keep their (flagged) last iterate; only non-finite estimates become NaN
+    failed = ~np.all(np.isfinite(theta[:, cols]), axis=1) | ~np.isfinite(M0)
+    flags = np.where(~converged | failed, FLAGS["estimator_failed"], 0).astype(np.int16)
+    with np.errstate(invalid="ignore"):
+        flags |= np.where(_out_of_range(theta) & ~failed, FLAGS["out_of_range"], 0).astype(np.int16)
     ok = flags == 0
     if sigma is None:
-        sigma = estimate_sigma(res_sq[ok] if ok.any() else res_sq, 2 * U.shape[1] - n_free_fit)
+        sigma = estimate_sigma(res_sq[ok] if ok.any() else res_sq, 2 * c_img.shape[-1] - n_free)
     sigma = float(sigma)
     with np.errstate(divide="ignore", invalid="ignore"):
-        se = np.sqrt(crb_unit) * sigma / np.abs(M0)[:, None]
-    if compute_se:
-        bad_se = ~np.all(np.isfinite(se), axis=1)
-        flags |= np.where(bad_se, FLAGS["singular_crb"], 0).astype(np.int16)
+        rel = np.sqrt(res_sq) / np.linalg.norm(c, axis=1)
+        if compute_se:
+            se = np.sqrt(crb_unit) * sigma / np.abs(M0)[:, None]
+            flags |= np.where(~np.all(np.isfinite(se), axis=1), FLAGS["singular_crb"], 0).astype(np.int16)
 
     def to_map(values, dtype=float):
         out = np.zeros(spatial, dtype=dtype)
         out[fit_mask] = values
         return out
 
-    # not-converged voxels keep their (flagged) last iterate; only non-finite estimates become NaN
-    failed = ~np.all(np.isfinite(theta[:, [INDEX[p] for p in est]]), axis=1) | ~np.isfinite(M0)
     maps = {}
-    for k, p in enumerate(est):
+    for p in est:
         maps[p] = to_map(np.where(failed, np.nan, theta[:, INDEX[p]]))
     maps["M0_abs"] = to_map(np.where(failed, np.nan, np.abs(M0)))
     maps["M0_phase"] = to_map(np.where(failed, np.nan, np.angle(M0)))
@@ -353,8 +272,3 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
     units.update({p + "_se": UNITS[p] for p in est}, M0_abs="a.u.", M0_phase="rad", relative_residual="1")
     maps["units"] = units
     return maps
-
-
-def map_names(maps):
-    """Names of the array-valued entries of a ``fit_maps`` result."""
-    return [k for k, v in maps.items() if isinstance(v, np.ndarray)]

@@ -13,22 +13,20 @@ them from
 always with the coefficient axis last, and checks every mismatch (rank versus
 basis, basis length versus sequence, mask shape versus image) before any
 work starts. Outputs are written atomically: to a temporary file in the
-target directory, then moved into place with ``os.replace``, so an
-interrupted run never leaves a partly written file.
+target directory, then moved into place with ``os.replace``
+(:mod:`sklearn_crb._atomic`), so an interrupted run never leaves a partly
+written file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from sklearn_crb._atomic import atomic_path
+from sklearn_crb.io._files import atomic_file, atomic_files, check_file_name
 
 __all__ = [
     "CoefficientImage",
@@ -115,6 +113,8 @@ def _h5_to_numpy(ds):
 
 
 def _read_mat(path, argname):
+    # MATLAB readers are imported on demand: most inputs are NIfTI or NumPy
+    import h5py
     from scipy.io import loadmat
 
     try:
@@ -122,11 +122,8 @@ def _read_mat(path, argname):
     except NotImplementedError:
         pass  # v7.3: HDF5
     except Exception as exc:  # noqa: BLE001 - any parse error means an unreadable file
-        import h5py
-
         if not h5py.is_hdf5(path):
             raise ValueError(f"{argname}: {path} is not a readable MATLAB file ({exc})") from exc
-    import h5py
 
     try:
         with h5py.File(path, "r") as f:
@@ -150,7 +147,7 @@ def load_array(path, key=None, argname="path", preferred=_COEF_KEYS):
     affine, header = np.eye(4), None
     try:
         if _is_nifti(name):
-            import nibabel as nib
+            import nibabel as nib  # heavy; only NIfTI input needs it
 
             img = nib.load(str(path))
             arr = np.asanyarray(img.dataobj)
@@ -349,7 +346,7 @@ def save_nifti(path, data, affine=None, header=None, dtype=np.float32):
     dtype : numpy dtype
         Stored data type.
     """
-    import nibabel as nib
+    import nibabel as nib  # heavy; only NIfTI output needs it
 
     if not _is_nifti(path):
         raise ValueError(f"NIfTI output must end in .nii or .nii.gz, got {path}")
@@ -369,7 +366,7 @@ def save_nifti(path, data, affine=None, header=None, dtype=np.float32):
     if header is not None:  # keep the input's qform/sform codes
         img.set_qform(affine, int(hdr["qform_code"]) or 1)
         img.set_sform(affine, int(hdr["sform_code"]) or 1)
-    with atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         nib.save(img, str(tmp))
     return Path(path)
 
@@ -377,28 +374,22 @@ def save_nifti(path, data, affine=None, header=None, dtype=np.float32):
 def save_maps(maps, outdir, *, affine=None, header=None, prefix="", names=None):
     """Save a dict of maps as NIfTI files ``<outdir>/<prefix><name>.nii.gz``.
 
-    All files are written to a staging directory first and moved into place
-    only when every one has been written.
+    Every file is staged next to its target and the targets are replaced
+    only when all of them have been written (``io._files.atomic_files``).
+    ``prefix`` must not contain path separators.
 
     Returns
     -------
     dict of name -> Path
     """
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    prefix = check_file_name(prefix, "prefix") if prefix else ""
     names = list(maps) if names is None else list(names)
-    staging = Path(tempfile.mkdtemp(prefix=".maps.", suffix=".tmp", dir=outdir))
-    try:
-        paths = {}
+    files = {name: f"{prefix}{check_file_name(name, 'maps key')}.nii.gz" for name in names}
+    with atomic_files(outdir, list(files.values())) as tmp:
         for name in names:
             arr = np.asarray(maps[name])
             dtype = np.uint8 if arr.dtype == bool else (np.int16 if np.issubdtype(arr.dtype, np.integer)
                                                         else np.float32)
-            fname = f"{prefix}{name}.nii.gz"
-            save_nifti(staging / fname, arr, affine, header, dtype=dtype)
-            paths[name] = outdir / fname
-        for name in names:
-            os.replace(staging / paths[name].name, paths[name])
-        return paths
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            save_nifti(tmp[files[name]], arr, affine, header, dtype=dtype)
+    return {name: outdir / f for name, f in files.items()}

@@ -23,24 +23,50 @@ basis returns plausible-looking nonsense on another.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sklearn.utils.validation import check_is_fitted
+
 from sklearn_crb._validation import check_basis
 from sklearn_crb._version import __version__
-from sklearn_crb._atomic import atomic_dir
+from sklearn_crb.estimators.network import MLP, ResidualMLP
+from sklearn_crb.estimators.regressor import CRBNetRegressor
+from sklearn_crb.io._files import atomic_folder, check_output_folder
 from sklearn_crb.physics.parameters import PARAMETERS, UNITS, resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
 
-__all__ = ["save_model", "load_model", "check_compatible", "basis_sha256", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save_model", "load_model", "check_compatible", "basis_sha256", "file_sha256", "NETWORKS", "FORMAT",
+           "FORMAT_VERSION", "MODEL_FILES"]
 
 FORMAT = "sklearn-crb-network"
-FORMAT_VERSION = 1
+#: 2: ``module_class`` is a registry name and ``params_sha256`` is recorded.
+FORMAT_VERSION = 2
+#: The files of a model folder; a folder holding anything else is never replaced.
+MODEL_FILES = ("params.pt", "model.json", "basis.npy")
 _JSON_TYPES = (str, int, float, bool, type(None))
+
+#: The only network classes a ``model.json`` may name. Nothing else is
+#: imported or called: a model folder from someone else is untrusted input.
+NETWORKS = {"MLP": MLP, "ResidualMLP": ResidualMLP}
+#: ``module_class`` values written by format version 1 (a dotted path).
+_LEGACY_NAMES = {f"{mod}:{cls}": cls for mod in ("sklearn_crb.network", "sklearn_crb.estimators.network")
+                 for cls in NETWORKS}
+#: JSON type of every constructor argument (checked against the signatures in the tests).
+_SCHEMAS = {
+    "MLP": {"n_features": "size", "n_outputs": "size", "hidden": "widths", "normalization": "str|null",
+            "batch_norm": "bool"},
+    "ResidualMLP": {"n_features": "size", "n_outputs": "size", "hidden": "widths|null", "skips": "skips",
+                    "normalization": "str|null", "batch_norm": "bool"},
+}
+_KIND_TEXT = {"size": "an integer in [1, 65536]", "widths": "a list of integers in [1, 65536]",
+              "widths|null": "null or a list of integers in [1, 65536]", "str|null": "a string or null",
+              "bool": "true or false", "skips": '"auto", null or a list of [source, target] integer pairs'}
+_MAX_WIDTH, _MAX_LAYERS = 65536, 256
 
 
 def basis_sha256(basis):
@@ -48,6 +74,15 @@ def basis_sha256(basis):
     U = np.ascontiguousarray(np.asarray(basis), dtype="<c16")
     h = hashlib.sha256(str(U.shape).encode())
     h.update(U.tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path):
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
 
 
@@ -59,27 +94,70 @@ def _jsonable(v):
     return False
 
 
-def _module_path(module):
+def _registry_name(module):
     cls = module if isinstance(module, type) else type(module)
-    path = f"{cls.__module__}:{cls.__qualname__}"
-    if not cls.__module__.startswith("sklearn_crb."):
-        raise ValueError(f"only modules defined in sklearn_crb can be saved in the portable format, got {path}; "
-                         "use skorch save_params with your own loading code")
-    return path
+    for name, known in NETWORKS.items():
+        if cls is known:
+            return name
+    raise ValueError(f"only the package's own networks {sorted(NETWORKS)} can be saved in the portable format, "
+                     f"got {cls.__module__}.{cls.__qualname__}; use skorch save_params with your own loading code")
 
 
-def _import_module_class(path):
-    mod, _, name = path.partition(":")
-    if not mod.startswith("sklearn_crb."):
-        raise ValueError(f"model.json names module class {path!r} outside sklearn_crb; refusing to import it")
-    obj = importlib.import_module(mod)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
+# ---------------------------------------------------------------- validation of model.json (untrusted)
+def _fail(file, key, what):
+    raise ValueError(f"model: {file}: {key!r} {what}")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_kwarg(file, key, kind, v):
+    """One JSON-typed constructor argument of a registered network."""
+    width = lambda x: _is_int(x) and 1 <= x <= _MAX_WIDTH  # noqa: E731
+    ok = {
+        "size": lambda: width(v),
+        "widths": lambda: isinstance(v, list) and len(v) <= _MAX_LAYERS and all(width(x) for x in v),
+        "widths|null": lambda: v is None or (isinstance(v, list) and len(v) <= _MAX_LAYERS
+                                             and all(width(x) for x in v)),
+        "str|null": lambda: v is None or isinstance(v, str),
+        "bool": lambda: isinstance(v, bool),
+        "skips": lambda: v is None or v == "auto" or (isinstance(v, list) and all(
+            isinstance(pair, list) and len(pair) == 2 and all(_is_int(i) for i in pair) for pair in v)),
+    }[kind]()
+    if not ok:
+        _fail(file, f"module_kwargs.{key}", f"must be {_KIND_TEXT[kind]}, got {v!r:.80}")
+    return tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+
+
+def _module_kwargs(file, name, kwargs):
+    """Validate ``module_kwargs`` against the registered constructor's schema."""
+    if name not in NETWORKS:
+        legacy = _LEGACY_NAMES.get(name)
+        if legacy is None:
+            _fail(file, "module_class", f"names {name!r}, which is not one of the package's networks "
+                                        f"{sorted(NETWORKS)}; refusing to load it")
+        name = legacy
+    if not isinstance(kwargs, dict):
+        _fail(file, "module_kwargs", f"must be a JSON object, got {type(kwargs).__name__}")
+    schema = _SCHEMAS[name]
+    unknown = sorted(set(kwargs) - set(schema))
+    if unknown:
+        _fail(file, "module_kwargs", f"has keys {unknown} that {name} does not take (it takes {sorted(schema)})")
+    return name, {k: _check_kwarg(file, k, schema[k], v) for k, v in kwargs.items()}
+
+
+def _require(meta, file, key, types, what):
+    if key not in meta:
+        _fail(file, key, "is missing")
+    v = meta[key]
+    if not isinstance(v, types) or (int in types and bool not in types and isinstance(v, bool)):
+        _fail(file, key, f"must be {what}, got {type(v).__name__}")
+    return v
 
 
 def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_values=None, tied_R1=None,
-               nuisance=None, estimate=None):
+               nuisance=None, estimate=None, overwrite=True):
     """Save a fitted ``CRBNetRegressor`` with its metadata (atomically).
 
     Parameters
@@ -97,14 +175,18 @@ def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_val
         the residual and the CRB at the estimate); default: prior centre.
     tied_R1, nuisance, estimate : optional
         Override the simulator's.
+    overwrite : bool
+        Replace an existing saved model at ``path`` (atomically: the old one
+        stays whole until the new one is complete). A folder that holds
+        anything but a saved model's files is never replaced.
 
     Returns
     -------
     Path
     """
-    from sklearn.utils.validation import check_is_fitted
-
     check_is_fitted(net, "module_")
+    path = check_output_folder(path, overwrite=overwrite, owned_names=MODEL_FILES, marker="model.json",
+                               argname="path")
     sim = simulator if simulator is not None else getattr(net, "simulator", None)
     if sim is not None and not hasattr(sim, "basis_"):
         raise ValueError("simulator must be fitted")
@@ -144,7 +226,7 @@ def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_val
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "sklearn_crb_version": __version__,
-        "module_class": _module_path(net.module if isinstance(net.module, type) else type(inner)),
+        "module_class": _registry_name(net.module if isinstance(net.module, type) else type(inner)),
         "module_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in module_kwargs.items()},
         "input_normalization": getattr(inner, "normalization", module_kwargs.get("normalization", "l2")),
         "n_features": int(net.n_features_in_),
@@ -163,34 +245,94 @@ def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_val
         "sequence_sha256": sequence.sha256(),
         "sequence": sequence.to_dict(),
     }
-    with atomic_dir(path) as tmp:
+    with atomic_folder(path) as tmp:
         net.save_params(f_params=str(tmp / "params.pt"))
+        meta["params_sha256"] = file_sha256(tmp / "params.pt")
         np.save(tmp / "basis.npy", U, allow_pickle=False)
         (tmp / "model.json").write_text(json.dumps(meta, indent=1))
     return Path(path)
 
 
 def _read_meta(path):
+    """Read and validate ``model.json``: one ``ValueError`` naming the file and the key."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model: {path} is not a model directory (expected params.pt, model.json, basis.npy)")
-    missing = [f for f in ("params.pt", "model.json", "basis.npy") if not (path / f).is_file()]
+    missing = [f for f in MODEL_FILES if not (path / f).is_file()]
     if missing:
         raise ValueError(f"model: {path} is incomplete, missing {missing}")
+    file = path / "model.json"
     try:
-        meta = json.loads((path / "model.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"model: {path / 'model.json'} is not valid JSON ({exc})") from exc
+        meta = json.loads(file.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"model: {file} is not valid JSON ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"model: {file} must hold a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
-        raise ValueError(f"model: {path} is not a {FORMAT} model (format={meta.get('format')!r})")
-    if int(meta.get("format_version", -1)) > FORMAT_VERSION:
-        raise ValueError(f"model: format version {meta['format_version']} is newer than this package supports "
+        raise ValueError(f"model: {path} is not a {FORMAT} model (format={meta.get('format')!r:.60})")
+    version = _require(meta, file, "format_version", int, "an integer")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"model: {file}: format version {version} is newer than this package supports "
                          f"({FORMAT_VERSION}); upgrade sklearn-crb")
+    if version >= 2:
+        _require(meta, file, "params_sha256", str, "a SHA-256 hex string")
+    _require(meta, file, "module_class", str, "a string")
+    _require(meta, file, "module_kwargs", dict, "a JSON object")
+    n_features = _require(meta, file, "n_features", int, "an integer")
+    n_outputs = _require(meta, file, "n_outputs", int, "an integer")
+    rank = _require(meta, file, "rank", int, "an integer")
+    est = _require(meta, file, "estimate", list, "a list of parameter names")
+    tied = _require(meta, file, "tied_R1", bool, "true or false")
+    fill = _require(meta, file, "fill_values", list, "a list of 8 numbers")
+    for key in ("basis_sha256", "sequence_sha256"):
+        _require(meta, file, key, str, "a SHA-256 hex string")
+    _require(meta, file, "sequence", dict, "a JSON object")
+    if not all(isinstance(p, str) for p in est):
+        _fail(file, "estimate", "must be a list of parameter names")
+    try:
+        meta["estimate"] = list(resolve_estimate(tuple(est), tied))
+    except (ValueError, TypeError) as exc:
+        _fail(file, "estimate", f"is invalid ({exc})")
+    if len(est) != n_outputs:
+        _fail(file, "n_outputs", f"is {n_outputs} but 'estimate' names {len(est)} parameters")
+    if n_features != 2 * rank or rank < 1:
+        _fail(file, "n_features", f"is {n_features} but 'rank' is {rank} (expected 2 * rank real features)")
+    if len(fill) != len(PARAMETERS) or not all(_is_int(v) or isinstance(v, float) for v in fill) or not np.all(
+            np.isfinite(np.asarray(fill, dtype=float))):
+        _fail(file, "fill_values", "must be 8 finite numbers in PARAMETERS order")
+    for key in ("loss",):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            _fail(file, key, "must be a string or null")
+    nuis = meta.get("nuisance", "all")
+    if not (nuis is None or isinstance(nuis, str) or (isinstance(nuis, list) and all(isinstance(p, str)
+                                                                                    for p in nuis))):
+        _fail(file, "nuisance", "must be a string, a list of parameter names or null")
+    meta["_module"] = _module_kwargs(file, meta["module_class"], meta["module_kwargs"])
+    try:
+        meta["_sequence"] = Sequence.from_dict(meta["sequence"])
+    except Exception as exc:  # noqa: BLE001 - an arbitrary JSON object: any failure is a bad file
+        _fail(file, "sequence", f"is not a valid sequence ({type(exc).__name__}: {exc})")
+    if meta["_sequence"].sha256() != meta["sequence_sha256"]:
+        _fail(file, "sequence", "does not match 'sequence_sha256' (corrupt model)")
     return meta
 
 
+def _expected_state(cls, kwargs, n_outputs):
+    """Shapes of the state dict of the wrapped network, built without memory (meta device)."""
+    with torch.device("meta"):
+        inner = cls(**kwargs)
+    shapes = {f"module.{k}": tuple(v.shape) for k, v in inner.state_dict().items()}
+    shapes.update(mean=(n_outputs,), scale=(n_outputs,))
+    return shapes
+
+
 def load_model(path, *, device="auto", sequence=None, basis=None):
-    """Load a model saved by :func:`save_model`.
+    """Load a model saved by :func:`save_model`; the folder is untrusted input.
+
+    Only the registered networks (``NETWORKS``) are built, with the
+    constructor arguments of ``model.json`` checked against their schema;
+    ``params.pt`` must match its recorded SHA-256, loads with
+    ``torch.load(weights_only=True)`` and must fit the network exactly.
 
     Parameters
     ----------
@@ -206,35 +348,58 @@ def load_model(path, *, device="auto", sequence=None, basis=None):
     net : CRBNetRegressor
         Ready to ``predict``; ``net.crb_metadata_`` holds the metadata (with
         the basis under ``"basis"``), which ``maps.fit_maps`` uses.
-    """
-    from sklearn_crb.estimators.regressor import CRBNetRegressor
 
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` is not a folder.
+    ValueError
+        Anything wrong with the folder, naming the file and the key.
+    """
     path = Path(path)
     meta = _read_meta(path)
+    name, kwargs = meta.pop("_module")
+    seq = meta.pop("_sequence")
     try:
         U = np.load(path / "basis.npy", allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt file
         raise ValueError(f"model: {path / 'basis.npy'} is not a readable .npy file ({exc})") from exc
     if basis_sha256(U) != meta["basis_sha256"]:
         raise ValueError(f"model: {path / 'basis.npy'} does not match the basis hash in model.json (corrupt model)")
-    seq = Sequence.from_dict(meta["sequence"])
-    if seq.sha256() != meta["sequence_sha256"]:
-        raise ValueError("model: the sequence in model.json does not match its hash (corrupt model)")
+    if U.shape != (seq.n_pulses, meta["rank"]):
+        _fail(path / "model.json", "rank", f"is {meta['rank']} but basis.npy has shape {U.shape}")
+    params = path / "params.pt"
+    if "params_sha256" in meta and file_sha256(params) != meta["params_sha256"]:
+        raise ValueError(f"model: {params} does not match 'params_sha256' in model.json (corrupt or altered "
+                         "weights); refusing to load it")
     try:
-        state = torch.load(path / "params.pt", map_location="cpu", weights_only=True)
+        state = torch.load(params, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"model: {path / 'params.pt'} cannot be loaded safely ({type(exc).__name__}: {exc})") from exc
-    del state  # the load above is the safety check; skorch loads it again into the module
-    cls = _import_module_class(meta["module_class"])
-    kwargs = {f"module__{k}": tuple(v) if isinstance(v, list) else v for k, v in meta["module_kwargs"].items()}
-    kwargs.setdefault("module__n_features", meta["n_features"])
-    kwargs.setdefault("module__n_outputs", meta["n_outputs"])
+        raise ValueError(f"model: {params} cannot be loaded safely ({type(exc).__name__}: {exc})") from exc
+    kwargs.setdefault("n_features", meta["n_features"])
+    kwargs.setdefault("n_outputs", meta["n_outputs"])
+    cls = NETWORKS[name]
+    try:
+        expected = _expected_state(cls, kwargs, meta["n_outputs"])
+    except (ValueError, TypeError) as exc:
+        _fail(path / "model.json", "module_kwargs", f"is rejected by {name} ({exc})")
+    got = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) and all(
+        isinstance(v, torch.Tensor) for v in state.values()) else None
+    if got is None:
+        raise ValueError(f"model: {params} is not a state dict of tensors")
+    if got != expected:
+        diff = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
+        raise ValueError(f"model: {params} does not fit the network described by model.json "
+                         f"('module_class' {name}, 'module_kwargs'): mismatch at {diff[:4]}")
+    if any(not torch.all(torch.isfinite(v)) for v in state.values() if v.is_floating_point()):
+        raise ValueError(f"model: {params} holds non-finite weights")
+    del state  # checked; skorch loads the file into the module
     net = CRBNetRegressor(module=cls, loss=meta.get("loss") or "crb", target_names=tuple(meta["estimate"]),
-                          device=device, **kwargs)
+                          device=device, **{f"module__{k}": v for k, v in kwargs.items()})
     net.n_features_in_ = int(meta["n_features"])
     net.n_outputs_ = int(meta["n_outputs"])
     net.initialize()
-    net.load_params(f_params=str(path / "params.pt"))
+    net.load_params(f_params=str(params))
     net.target_names_ = tuple(meta["estimate"])
     net.crb_metadata_ = dict(meta, basis=U)
     if sequence is not None or basis is not None:

@@ -1,0 +1,141 @@
+"""Output policy on top of the one atomic writer (:mod:`sklearn_crb._atomic`).
+
+* Every output appears whole or not at all (``atomic_path``/``atomic_dir``).
+* Outputs get the permissions of an ordinary ``open()``/``mkdir()`` under
+  the process umask (``tempfile`` creates its files 0600 and folders 0700).
+* Nothing the package did not write is replaced or deleted: an existing
+  output is replaced only when asked to (``overwrite=True``) *and* when it is
+  recognisably one of the package's own outputs (``owned``).
+* Several files written into one folder are staged next to their targets
+  and moved into place only after all of them were written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from sklearn_crb._atomic import atomic_dir, atomic_path
+
+__all__ = ["umask", "atomic_file", "atomic_folder", "atomic_files", "check_output_file", "check_output_folder",
+           "check_file_name"]
+
+
+def umask():
+    """The process umask (read without changing it for longer than two calls)."""
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _first_existing(path):
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_writable_parent(path, argname):
+    base = _first_existing(Path(path).parent)
+    if not base.is_dir():
+        raise ValueError(f"{argname}: cannot create {path}: {base} is not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{argname}: cannot write to {base} (permission denied)")
+
+
+def check_file_name(name, argname):
+    """Refuse a file-name part (e.g. a prefix) that could leave its folder."""
+    name = str(name)
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if any(s in name for s in seps) or "\0" in name or name in (".", ".."):
+        raise ValueError(f"{argname} must be a plain file-name prefix without path separators, got {name!r}")
+    return name
+
+
+def check_output_file(path, *, overwrite=False, owned=None, argname="out"):
+    """Refuse an output file that exists (unless ``overwrite`` and ``owned(path)``).
+
+    ``owned`` is a predicate saying whether an existing file was written by
+    the package (for example a readable training set); without it nothing
+    existing may be replaced.
+    """
+    path = Path(os.path.abspath(os.fspath(path)))
+    if path.is_dir():
+        raise ValueError(f"{argname}: {path} is a folder, expected a file path")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise ValueError(f"{argname}: {path} exists; pass --overwrite to replace it")
+        if owned is None or not owned(path):
+            raise ValueError(f"{argname}: {path} exists and was not written by sklearn-crb; refusing to replace it")
+    _check_writable_parent(path, argname)
+    return path
+
+
+def check_output_folder(path, *, overwrite=False, owned_names=(), marker=None, argname="out"):
+    """Refuse an output folder that holds anything the package did not write.
+
+    An empty folder may be filled. A non-empty one may be replaced only with
+    ``overwrite`` and only if every entry is one of ``owned_names`` and
+    ``marker`` (a file name) is among them. The current folder and its
+    parents are never replaced.
+    """
+    path = Path(os.path.abspath(os.fspath(path)))
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{argname}: {path} exists and is not a folder")
+    if path.is_dir():
+        cwd = Path.cwd().resolve()
+        if path.resolve() == cwd or path.resolve() in cwd.parents:
+            raise ValueError(f"{argname}: {path} is the current folder or one of its parents; give a new folder")
+        entries = set(os.listdir(path))
+        if entries:
+            foreign = sorted(entries - set(owned_names))
+            if foreign or (marker is not None and marker not in entries):
+                raise ValueError(f"{argname}: {path} is not empty and not an sklearn-crb output "
+                                 f"(it holds {foreign[:3] or sorted(entries)[:3]}); refusing to replace it")
+            if not overwrite:
+                raise ValueError(f"{argname}: {path} exists; pass --overwrite to replace it")
+    _check_writable_parent(path, argname)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """``atomic_path`` whose result has the umask's file permissions."""
+    with atomic_path(path) as tmp:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~umask())
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """``atomic_dir`` of an absolute path, with the umask's folder permissions.
+
+    Callers check first (:func:`check_output_folder`) that replacing the
+    folder deletes nothing the package did not write.
+    """
+    path = Path(os.path.abspath(os.fspath(path)))
+    with atomic_dir(path) as tmp:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~umask())
+
+
+@contextlib.contextmanager
+def atomic_files(folder, names):
+    """Write several files into ``folder``: yields ``{name: temporary path}``.
+
+    Every file is staged next to its target (``atomic_path``) and the
+    targets are replaced only after the block finished, so a failure leaves
+    none of them written or changed.
+    """
+    folder = Path(os.path.abspath(os.fspath(folder)))
+    created = not folder.exists()
+    try:
+        with contextlib.ExitStack() as stack:
+            tmps = {name: stack.enter_context(atomic_file(folder / name)) for name in names}
+            yield tmps
+    except BaseException:
+        if created:  # leave no empty folder behind either
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise

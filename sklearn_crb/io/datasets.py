@@ -1,0 +1,167 @@
+"""The simulated training-set format of ``sklearn-crb simulate``/``train``.
+
+A training set holds, per sample, the noisy compressed features ``X``
+(``[Re c, Im c]``), the targets ``y``, their CRB ``crb`` at the sample's
+SNR, the noise-free features ``X_clean`` and the CRB at ``M0 = 1, sigma =
+1`` (``crb_unit``), which is what the noise augmentation of Zhang et al.
+(MRM 2022, Sec. 2.3) rescales every epoch; and once per set the basis and a
+JSON ``meta`` record (sequence with its SHA-256, estimated parameters, tied
+R1, SNR range, noise level, prior).
+
+Two containers hold the same arrays: NumPy ``.npz`` (read with
+``allow_pickle=False``) and HDF5 (``.h5``/``.hdf5``). ``meta`` is stored as
+UTF-8 bytes in both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from sklearn_crb.io._files import atomic_file, check_output_file
+from sklearn_crb.physics.sequence import Sequence
+from sklearn_crb.simulator import MTFingerprintSimulator
+
+__all__ = ["SUFFIXES", "REQUIRED", "save_dataset", "load_dataset", "is_dataset", "simulate_dataset",
+           "dataset_meta", "simulator_from_dataset"]
+
+#: File suffixes of the two containers.
+SUFFIXES = (".npz", ".h5", ".hdf5")
+#: Entries every training set has.
+REQUIRED = ("X", "y", "crb", "basis", "meta")
+_META_KEYS = {"estimate": list, "tied_R1": bool, "snr": list, "sigma": (int, float), "sequence": dict}
+
+
+def _check_suffix(path, argname):
+    if Path(path).suffix.lower() not in SUFFIXES:
+        raise ValueError(f"{argname} must end in .npz, .h5 or .hdf5, got {Path(path).name}")
+
+
+def save_dataset(path, data, *, overwrite=False, argname="out"):
+    """Write a training set atomically (``.npz`` or HDF5 by suffix).
+
+    An existing file is replaced only with ``overwrite=True`` and only if it
+    is itself a training set (:func:`is_dataset`).
+    """
+    _check_suffix(path, argname)
+    path = check_output_file(path, overwrite=overwrite, owned=is_dataset, argname=argname)
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise ValueError(f"data lacks {missing}")
+    with atomic_file(path) as tmp:
+        if path.suffix.lower() == ".npz":
+            with open(tmp, "wb") as f:  # a file object: savez must not append ".npz" to the temporary name
+                np.savez_compressed(f, **data)
+        else:
+            import h5py  # optional container; imported only when HDF5 is asked for
+
+            with h5py.File(tmp, "w") as f:
+                for k, v in data.items():
+                    f.create_dataset(k, data=v)
+    return path
+
+
+def _parse_meta(meta, path):
+    if isinstance(meta, np.ndarray):  # .npz gives a 0-d bytes/str array
+        if meta.ndim != 0:
+            raise ValueError(f"data: {path}: 'meta' must be one JSON string, got an array of shape {meta.shape}")
+        meta = meta.item()
+    if isinstance(meta, bytes):
+        meta = meta.decode("utf-8", errors="strict")
+    if not isinstance(meta, str):
+        raise ValueError(f"data: {path}: 'meta' must be a JSON string, got {type(meta).__name__}")
+    try:
+        meta = json.loads(meta)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"data: {path}: 'meta' is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"data: {path}: 'meta' must be a JSON object, got {type(meta).__name__}")
+    for key, typ in _META_KEYS.items():
+        if key not in meta:
+            raise ValueError(f"data: {path}: 'meta' lacks the key {key!r}")
+        if not isinstance(meta[key], typ):
+            raise ValueError(f"data: {path}: 'meta'[{key!r}] has the wrong type {type(meta[key]).__name__}")
+    return meta
+
+
+def load_dataset(path, argname="data"):
+    """Read a training set written by :func:`save_dataset` (``.npz`` or HDF5).
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Naming the file and what is wrong with it.
+    """
+    path = Path(os.fspath(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"{argname}: file not found: {path}")
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        else:
+            import h5py  # optional container
+
+            with h5py.File(path, "r") as f:
+                data = {k: f[k][()] for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise many types
+        raise ValueError(f"{argname}: {path} is truncated or not a training set ({type(exc).__name__}: {exc})") from exc
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise ValueError(f"{argname}: {path} lacks {missing}; write it with `sklearn-crb simulate`")
+    data["meta"] = _parse_meta(data["meta"], path)
+    n = len(data["X"]) if np.ndim(data["X"]) == 2 else -1
+    for k in ("X", "y", "crb"):
+        arr = data[k]
+        if arr.ndim != 2 or len(arr) != n or not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"{argname}: {path}: {k!r} must be a 2-D float array with one row per sample, "
+                             f"got {arr.dtype} {arr.shape}")
+    return data
+
+
+def is_dataset(path):
+    """Whether ``path`` is a readable training set (so the package wrote it)."""
+    try:
+        load_dataset(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def simulate_dataset(simulator, n_samples, random_state=0, chunk=500, progress=True):
+    """``make_dataset`` in chunks with a progress bar; returns a dict of arrays."""
+    from tqdm.auto import tqdm  # progress bar only
+
+    seeds = np.random.SeedSequence(random_state).spawn(max(1, -(-n_samples // chunk)))
+    parts = []
+    with tqdm(total=n_samples, desc="simulate", unit="sample", disable=not progress) as bar:
+        for i, seed in enumerate(seeds):
+            n = min(chunk, n_samples - i * chunk)
+            X, y, crb, det = simulator.make_dataset(n, np.random.default_rng(seed), return_details=True)
+            parts.append({"X": X, "y": y, "crb": crb, "X_clean": det["X_clean"], "crb_unit": det["crb_unit"],
+                          "theta": det["theta"], "M0": det["M0"]})
+            bar.update(n)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def dataset_meta(simulator, prior=None):
+    """The ``meta`` record of a training set simulated by a fitted ``simulator``, as bytes."""
+    seq = simulator.sequence_
+    return np.bytes_(json.dumps({
+        "estimate": list(simulator.estimate_), "tied_R1": bool(simulator.tied_R1), "snr": list(simulator.snr),
+        "sigma": simulator.sigma, "prior": prior, "nuisance": "all", "sequence": seq.to_dict(),
+        "sequence_sha256": seq.sha256(), "fill_values": simulator.prior_.center().tolist()}))
+
+
+def simulator_from_dataset(data):
+    """The fitted simulator a training set was made with (its sequence, basis, SNR and prior)."""
+    meta = data["meta"]
+    seq = Sequence.from_dict(meta["sequence"])
+    if "sequence_sha256" in meta and seq.sha256() != meta["sequence_sha256"]:
+        raise ValueError("data: the sequence in 'meta' does not match its SHA-256 (corrupt training set)")
+    return MTFingerprintSimulator(seq, basis=data["basis"], estimate=tuple(meta["estimate"]),
+                                  snr=tuple(meta["snr"]), sigma=meta["sigma"], tied_R1=meta["tied_R1"],
+                                  prior=meta.get("prior")).fit()
