@@ -134,7 +134,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         d = fitter.predict_details(X)
         t = time.perf_counter() - t0
-        e = d["estimate"][:, :3]
+        e = d["prediction"][:, :3]
         ok = ~d["failed"] if "failed" in d else np.ones(len(X), bool)
         methods[name] = {"voxels_per_s": len(X) / t, "seconds": t, "setup_seconds": t_fit,
                          "failed_fraction": float(1 - ok.mean()),
@@ -163,7 +163,7 @@ def main(argv=None):
                              **accuracy(est_sp[:, :3], y[:ns], crb[:ns], np.ones(ns, bool))}
     # accuracy of the batched cold NLLS on the same voxels, for a like-for-like comparison
     d_same = NLLSFitter(**common).fit().predict_details(X[:ns])
-    methods["nlls_cold_on_scipy_voxels"] = accuracy(d_same["estimate"][:, :3], y[:ns], crb[:ns], np.ones(ns, bool))
+    methods["nlls_cold_on_scipy_voxels"] = accuracy(d_same["prediction"][:, :3], y[:ns], crb[:ns], np.ones(ns, bool))
     speedup = methods["nlls_cold"]["voxels_per_s"] / methods["scipy_loop"]["voxels_per_s"]
 
     import torch

@@ -60,7 +60,7 @@ def test_bad_rows_flagged(matcher, short_sequence):
     with pytest.warns(UserWarning, match="2 of 3"):
         d = matcher.predict_details(s)
     assert d["failed"].tolist() == [False, True, True]
-    assert np.isnan(d["estimate"][1:]).all() and np.isfinite(d["estimate"][0]).all()
+    assert np.isnan(d["prediction"][1:]).all() and np.isfinite(d["prediction"][0]).all()
 
 
 def test_fixed_and_tied(short_sequence):

@@ -1,4 +1,4 @@
-"""NLLSFitter: exact recovery (spec §6, test/NLLS.jl), agreement with scipy, bounds,
+"""NLLSFitter: exact recovery (test/NLLS.jl of MRIgeneralizedBloch.jl), agreement with scipy, bounds,
 failure flags, the dask path, and Monte-Carlo efficiency at high SNR."""
 
 import warnings
@@ -11,7 +11,8 @@ from scipy.optimize import least_squares
 from conftest import NLLS_THETA
 from sklearn_crb import PARAMETERS, ParameterPrior
 from sklearn_crb.crb import cramer_rao_bound
-from sklearn_crb.estimators.nlls import STATUS, NLLSFitter, NLLSFitWarning, _reduced_jacobian, _varpro
+from sklearn_crb.estimators._lm import reduced_jacobian, varpro
+from sklearn_crb.estimators.nlls import STATUS, NLLSFitter, NLLSFitWarning
 from sklearn_crb.physics.parameters import INDEX, free_parameters
 from sklearn_crb.physics.signal import jacobian, simulate
 from sklearn_crb.simulator import MTFingerprintSimulator
@@ -34,15 +35,16 @@ def test_reduced_jacobian_matches_finite_differences(short_sequence):
     x = torch.as_tensor(th[:, list(prob.free_idx)] / prob.scale)
     y = torch.as_tensor(simulate(short_sequence, th) * (0.7 + 0.2j))
     y = y + 0.02 * torch.as_tensor(rng.standard_normal(y.shape) + 1j * rng.standard_normal(y.shape))
-    g, dg = prob.model_and_jacobian(x)
-    a, r, gg = _varpro(g, y)
-    Jr = _reduced_jacobian(g, prob.free_columns(dg), a, r, gg)
+    base = torch.as_tensor(th)
+    g, dg = prob.model_and_jacobian(x, base)
+    a, r, gg = varpro(g, y)
+    Jr = reduced_jacobian(g, prob.free_columns(dg), a, r, gg)
     for k in range(x.shape[1]):
         h = 1e-6 * max(1.0, float(x[:, k].abs().max()))
         e = torch.zeros_like(x)
         e[:, k] = h
-        rp = _varpro(prob.model(x + e), y)[1]
-        rm = _varpro(prob.model(x - e), y)[1]
+        rp = varpro(prob.model(x + e, base), y)[1]
+        rm = varpro(prob.model(x - e, base), y)[1]
         fd = (rp - rm) / (2 * h)
         np.testing.assert_allclose(Jr[..., k].numpy(), fd.numpy(), rtol=1e-5, atol=1e-7 * float(fd.abs().max()),
                                    err_msg=f"column {prob.free_idx[k]}")
@@ -168,7 +170,7 @@ def test_bad_voxels_flagged(v32_sequence):
     nl1 = NLLSFitter(v32_sequence, fixed={"omega0": 100.0, "B1": 0.9}, max_iter=2).fit()
     with pytest.warns(NLLSFitWarning, match="max_iter"):
         d1 = nl1.predict_details(s[[0]])
-    assert d1["failed"][0] and not d1["converged"][0] and np.isfinite(d1["estimate"]).all()
+    assert d1["failed"][0] and not d1["converged"][0] and np.isfinite(d1["prediction"]).all()
 
 
 def test_standard_errors_match_crb(v32_sequence):
@@ -265,7 +267,7 @@ def test_dask_matches_serial(short_sequence):
 
 
 # ---------------------------------------------------------- Monte-Carlo efficiency
-#: White-matter-like tissue (paper_notes.md, Mao et al.): T1 = 1.92 s tied, T2f = 77.6 ms.
+#: White-matter-like tissue (Mao et al., arXiv 2312.11468): T1 = 1.92 s tied, T2f = 77.6 ms.
 WM_THETA = np.array([0.2, 1 / 1.92, 1 / 0.0776, 16.5, 1 / 1.92, 12.4e-6, 50.0, 0.9])
 #: SNR = |M0| / sigma. At 2000, sqrt(CRB)/value is 0.66 % (m0s), 0.34 % (R1f), 0.37 % (R2f) and at
 #: most 2.8 % for the nuisance parameters (Rex, T2s, omega0, B1), i.e. well inside the asymptotic regime.
@@ -289,7 +291,7 @@ def test_monte_carlo_efficiency(v32_sequence):
     nl = NLLSFitter(v32_sequence, estimate=est, tied_R1=True, start=start, chunk_size=n).fit()
     d = nl.predict_details(s)
     assert d["converged"].all()
-    nmse = ((d["estimate"] - WM_THETA[:3]) ** 2).mean(0) / crb
+    nmse = ((d["prediction"] - WM_THETA[:3]) ** 2).mean(0) / crb
     assert np.all((nmse > 0.8) & (nmse < 1.3)), nmse
     # standard errors at the estimate (sigma from the residual) agree with the CRB
     np.testing.assert_allclose(np.median(d["std_error"], 0), np.sqrt(crb), rtol=0.05)

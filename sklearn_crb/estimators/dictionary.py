@@ -2,11 +2,11 @@
 
 Each voxel gets the parameters of the dictionary atom whose normalised
 (compressed) fingerprint has the largest ``|<d, y>|``; the complex M0 follows
-in closed form, ``M0 = <g, y> / ||g||^2``. Taking the modulus of the inner
-product makes the match invariant to the complex M0 (scale and phase), like
-the NLLS variable projection. The estimate is quantised to the dictionary, so
-it is a baseline and a start for :class:`sklearn_crb.nlls.NLLSFitter`, not an
-efficient estimator.
+by linear least squares, ``M0 = <g, y> / ||g||^2``. Taking the modulus of the
+inner product makes the match invariant to the complex M0 (scale and phase),
+like the variable projection of NLLS. The estimate is quantised to the
+dictionary, so it is a baseline and a start for
+:class:`sklearn_crb.estimators.nlls.NLLSFitter`, not an efficient estimator.
 """
 
 from __future__ import annotations
@@ -15,59 +15,21 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.base import BaseEstimator, RegressorMixin, _fit_context
+from sklearn.utils.validation import check_is_fitted
 
-from sklearn_crb._validation import check_basis
-from sklearn_crb.physics.parameters import INDEX, PARAMETERS, resolve_estimate, tie_R1, validate_theta
+from sklearn_crb._validation import check_basis, check_parameter_dict, chunk_slices
+from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian, project
+from sklearn_crb.estimators._base import (MODEL_PARAMETER_CONSTRAINTS, POSITIVE_INT, as_complex_data,
+                                          model_estimator_tags, resolve_fixed, robust_norm)
+from sklearn_crb.physics.parameters import INDEX, free_parameters, resolve_estimate, tie_R1, validate_theta
 from sklearn_crb.physics.priors import resolve_prior
 from sklearn_crb.physics.sequence import Sequence
+from sklearn_crb.physics.signal import jacobian, simulate
 
-__all__ = ["DictionaryMatcher", "as_complex_data"]
+__all__ = ["DictionaryMatcher"]
 
-
-def model_estimator_tags(tags):
-    """sklearn tags shared by the model-based estimators (dictionary, NLLS):
-    the model, not ``fit``, fixes the features; NaN voxels are flagged, not
-    rejected; ``y`` is optional and multi-output."""
-    tags.requires_fit = True
-    tags.input_tags.allow_nan = True
-    tags.target_tags.required = False
-    tags.target_tags.multi_output = True
-    tags.regressor_tags.poor_score = True
-    return tags
-
-
-def as_complex_data(estimator, X, n_pulses, basis, argname="X"):
-    """Complex data (n, K) from real ``[Re c, Im c]`` (n, 2K), complex coefficients (n, K)
-    or complex full signals (n, n_pulses) (projected on ``basis`` if set).
-
-    ``estimator.n_features_in_`` must be ``2 K``. NaN is allowed (flagged by the caller).
-    """
-    K = estimator.n_features_in_ // 2
-    if isinstance(X, torch.Tensor):
-        X = X.detach().cpu().numpy()
-    if np.iscomplexobj(X):
-        arr = np.asarray(X, dtype=np.complex128)
-        if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] not in (n_pulses, K):
-            raise ValueError(f"{argname} (complex) must have shape (n_samples, {n_pulses}) (full signals) or "
-                             f"(n_samples, {K}) (coefficients), got {arr.shape}")
-        if arr.shape[1] == n_pulses and basis is not None:
-            arr = arr @ basis.conj()
-        return arr
-    arr = validate_data(estimator, X, reset=False, ensure_all_finite="allow-nan", dtype=np.float64)
-    return arr[:, :K] + 1j * arr[:, K:]
-
-
-def _check_fixed(fixed):
-    if fixed is None:
-        return {}
-    if not isinstance(fixed, dict):
-        raise TypeError(f"fixed must be a dict mapping parameter names to values, got {type(fixed).__name__}")
-    bad = [k for k in fixed if k not in PARAMETERS]
-    if bad:
-        raise ValueError(f"fixed has unknown parameter names {bad}; allowed: {PARAMETERS}")
-    return {k: float(v) for k, v in fixed.items()}
+_SHARED = ("sequence", "basis", "estimate", "tied_R1", "fixed", "prior", "backend", "random_state")
 
 
 class DictionaryMatcher(RegressorMixin, BaseEstimator):
@@ -87,7 +49,7 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
         ``{name: value}`` held fixed in every atom (e.g. a known B1).
     prior : ParameterPrior, "parenchyma", "paper2022" or None
         Distribution the atoms are drawn from (``None``: ``"paper2022"`` when
-        ``tied_R1``, else ``"parenchyma"``; see ``parameters.resolve_prior``).
+        ``tied_R1``, else ``"parenchyma"``; see ``physics.priors.resolve_prior``).
     n_atoms : int
         Number of atoms drawn from the prior (ignored if ``theta`` is given).
     theta : array_like (n_atoms, 8), optional
@@ -115,9 +77,16 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
     Examples
     --------
     >>> from sklearn_crb import Sequence
-    >>> from sklearn_crb.dictionary import DictionaryMatcher
+    >>> from sklearn_crb.estimators.dictionary import DictionaryMatcher
     >>> dm = DictionaryMatcher(Sequence.default(n_pulses=120), n_atoms=500, random_state=0).fit()
     """
+
+    _parameter_constraints: dict = {
+        **{k: MODEL_PARAMETER_CONSTRAINTS[k] for k in _SHARED},
+        "n_atoms": [POSITIVE_INT],
+        "theta": ["array-like", None],
+        "batch_size": [POSITIVE_INT],
+    }
 
     def __init__(self, sequence=None, basis=None, estimate=("m0s", "R1f", "R2f"), tied_R1=False, fixed=None,
                  prior=None, n_atoms=2000, theta=None, backend="auto", batch_size=4096, random_state=None):
@@ -133,6 +102,7 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
         self.batch_size = batch_size
         self.random_state = random_state
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X=None, y=None):
         """Simulate the dictionary.
 
@@ -144,28 +114,21 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
         -------
         self
         """
-        from sklearn_crb.physics.signal import simulate
-
         seq = Sequence.resolve(self.sequence)
-        for name in ("n_atoms", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         self.sequence_ = seq
         self.basis_ = None if self.basis is None else check_basis(self.basis, seq.n_pulses)
         self.estimate_ = resolve_estimate(self.estimate, self.tied_R1)
-        fixed = _check_fixed(self.fixed)
+        self.fixed_ = {k: float(v) for k, v in check_parameter_dict(self.fixed, "fixed").items()}
         if self.theta is not None:
             theta = validate_theta(self.theta, "theta").copy()
         else:
             theta = resolve_prior(self.prior, seq.TR, self.tied_R1).sample(int(self.n_atoms), self.random_state)
-        for k, v in fixed.items():
+        for k, v in self.fixed_.items():
             theta[:, INDEX[k]] = v
         if self.tied_R1:
             theta = tie_R1(theta)
         theta = validate_theta(theta, "theta")
-        s = simulate(seq, theta, backend=self.backend)
-        g = s if self.basis_ is None else s @ self.basis_.conj()
+        g = self._fingerprints(theta)
         norms = np.linalg.norm(g, axis=1)
         keep = np.isfinite(norms) & (norms > 0)
         if not keep.any():
@@ -176,22 +139,68 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
         self.n_features_in_ = 2 * g.shape[1]
         return self
 
-    def predict_details(self, X, n_best=1):
-        """Match every voxel.
+    def _fingerprints(self, theta):
+        s = simulate(self.sequence_, theta, backend=self.backend)
+        return s if self.basis_ is None else s @ self.basis_.conj()
+
+    def _nuisance(self, fixed):
+        """Free parameters the atoms vary besides ``estimate_`` (marginalised in the CRB)."""
+        return tuple(q for q in free_parameters(self.tied_R1)
+                     if q not in self.estimate_ and q not in self.fixed_ and q not in fixed)
+
+    def _match(self, yunit, rows, n_best):
+        """Best atom index, <d, y> of the unit data, and the n_best atoms of each row in ``rows``."""
+        n = yunit.shape[0]
+        idx = np.full(n, -1, dtype=np.int64)
+        ip = np.zeros(n, dtype=np.complex128)
+        best = np.full((n, n_best), -1, dtype=np.int64)
+        Dc = self.atoms_.conj().T
+        for sl in chunk_slices(rows.size, self.batch_size, "batch_size"):
+            r = rows[sl]
+            C = yunit[r] @ Dc  # <d, y>, conj on the atom
+            aC = np.abs(C)
+            j = aC.argmax(1)
+            idx[r] = j
+            ip[r] = C[np.arange(r.size), j]
+            if n_best > 1:
+                kb = min(n_best, aC.shape[1])
+                top = np.argpartition(-aC, kb - 1, axis=1)[:, :kb]
+                order = np.argsort(-np.take_along_axis(aC, top, 1), axis=1)
+                best[r, :kb] = np.take_along_axis(top, order, 1)
+        return idx, ip, best
+
+    def predict_details(self, X, n_best=1, *, fixed=None, compute_crb=True):
+        """Match every voxel (the ``predict_details`` protocol).
 
         Parameters
         ----------
         X : array_like
             Real ``[Re c, Im c]`` (n, 2K), complex coefficients (n, K) or
-            complex full signals (n, n_pulses).
+            complex full signals (n, n_pulses). Non-finite rows are flagged.
+        n_best : int
+            Also return the ``n_best`` best atoms (``theta_best``).
+        fixed : dict, optional
+            ``{name: scalar or (n,) array}`` of parameters not in
+            ``estimate_`` (e.g. a measured B1 map). The match uses the stored
+            atoms; the fixed values replace the atom's in ``theta``, and M0,
+            the residual and the CRB are computed at that theta (one
+            simulation per voxel). Non-finite or out-of-range values flag the voxel.
+        compute_crb : bool
+            Compute ``crb_unit`` at the matched theta (one Jacobian per voxel).
 
         Returns
         -------
         dict
-            ``estimate`` (n, len(estimate_)), ``theta`` (n, 8), ``M0``
-            complex (n,), ``correlation`` (n,) in [0, 1], ``index`` (n,) atom
-            index (-1 if unmatched), ``failed`` (n,) bool (non-finite or zero
-            input; those rows are NaN); with ``n_best > 1`` also
+            ``theta`` (n, 8) of the best atom (fixed values substituted);
+            ``M0`` complex (n,) by linear least squares; ``residual_norm``
+            (n,) ``||y - M0 g(theta)||``; ``converged`` (n,) bool (False for
+            non-finite or zero input, or invalid fixed values: those rows are
+            NaN); ``crb_unit`` (n, len(estimate_)) at M0 = 1, sigma = 1 (the
+            parameters the atoms vary and complex M0 marginalised; None
+            without ``compute_crb``); ``n_free``; ``estimate`` (names);
+            ``prediction`` (n, len(estimate_)), what ``predict`` returns;
+            ``correlation`` (n,) in [0, 1]; ``index`` (n,) atom index (-1 if
+            unmatched); ``failed`` = ``~converged``; with ``n_best > 1`` also
             ``theta_best`` (n, n_best, 8), the best atoms by decreasing match.
         """
         if isinstance(n_best, bool) or not isinstance(n_best, (int, np.integer)) or n_best < 1:
@@ -199,38 +208,54 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
         check_is_fitted(self, "atoms_")
         y = as_complex_data(self, X, self.sequence_.n_pulses, self.basis_)
         n = y.shape[0]
-        finite = np.isfinite(y.view(np.float64)).reshape(n, -1).all(1)
-        ynorm = np.linalg.norm(np.where(finite[:, None], y, 0), axis=1)
-        ok = finite & (ynorm > 0)
-        idx = np.full(n, -1, dtype=np.int64)
-        ip = np.zeros(n, dtype=np.complex128)
-        Dc = self.atoms_.conj().T
-        bs = int(self.batch_size)
+        allowed = tuple(q for q in free_parameters(self.tied_R1) if q not in self.estimate_)
+        fixed, bad_fixed = resolve_fixed(fixed, n, allowed)
+        ynorm, yunit = robust_norm(y)
+        ok = np.isfinite(ynorm) & (ynorm > 0) & ~bad_fixed
         rows = np.flatnonzero(ok)
-        best = np.full((n, int(n_best)), -1, dtype=np.int64)
-        for i in range(0, rows.size, bs):
-            r = rows[i:i + bs]
-            C = y[r] @ Dc  # <d, y>, conj on the atom
-            aC = np.abs(C)
-            j = aC.argmax(1)
-            idx[r] = j
-            if n_best > 1:
-                kb = min(int(n_best), aC.shape[1])
-                top = np.argpartition(-aC, kb - 1, axis=1)[:, :kb]
-                order = np.argsort(-np.take_along_axis(aC, top, 1), axis=1)
-                best[r, :kb] = np.take_along_axis(top, order, 1)
-            ip[r] = C[np.arange(r.size), j]
+        idx, ip, best = self._match(yunit, rows, int(n_best))
         theta = np.full((n, 8), np.nan)
-        M0 = np.full(n, np.nan + 0j)
+        theta[rows] = self.theta_[idx[rows]]
+        for k, v in fixed.items():
+            theta[rows, INDEX[k]] = v[rows]
+        if self.tied_R1:
+            theta = tie_R1(theta)
+        a = np.full(n, np.nan + 0j)  # M0 of the unit-norm data
+        res = np.full(n, np.nan)
+        crb_unit = np.full((n, len(self.estimate_)), np.nan) if compute_crb else None
+        s = J = None
+        if rows.size and (compute_crb or fixed):
+            s, J = jacobian(self.sequence_, theta[rows], backend=self.backend) if compute_crb else (
+                simulate(self.sequence_, theta[rows], backend=self.backend), None)
+        if rows.size:
+            if fixed:  # the fingerprint at the substituted theta
+                g = s if self.basis_ is None else project(torch.as_tensor(self.basis_), torch.as_tensor(s)).numpy()
+                gg = np.einsum("ij,ij->i", g.conj(), g).real
+                a[rows] = np.einsum("ij,ij->i", g.conj(), yunit[rows]) / gg
+                res[rows] = np.linalg.norm(yunit[rows] - a[rows, None] * g, axis=1)
+            else:
+                d = self.atoms_[idx[rows]]
+                res[rows] = np.linalg.norm(yunit[rows] - ip[rows, None] * d, axis=1)
+                a[rows] = ip[rows] / self.atom_norms_[idx[rows]]
+            if compute_crb:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", IllConditionedFisherWarning)
+                    crb_unit[rows] = crb_from_jacobian(s, J, estimate=self.estimate_,
+                                                       nuisance=self._nuisance(fixed) or None, tied_R1=self.tied_R1,
+                                                       basis=self.basis_, on_singular="inf")
+        with np.errstate(over="ignore", invalid="ignore"):
+            M0 = a * ynorm
+            resid = res * ynorm
         corr = np.full(n, np.nan)
-        theta[ok] = self.theta_[idx[ok]]
-        M0[ok] = ip[ok] / self.atom_norms_[idx[ok]]
-        corr[ok] = np.abs(ip[ok]) / ynorm[ok]
+        corr[rows] = np.abs(ip[rows])
         if (~ok).any():
             warnings.warn(f"DictionaryMatcher: {int((~ok).sum())} of {n} voxels have non-finite or all-zero input "
-                          f"and get NaN (see predict_details()['failed'])", UserWarning, stacklevel=3)
-        out = {"estimate": theta[:, [INDEX[p] for p in self.estimate_]], "theta": theta, "M0": M0,
-               "correlation": corr, "index": idx, "failed": ~ok}
+                          f"or invalid fixed values and get NaN (see predict_details()['failed'])", UserWarning,
+                          stacklevel=2)
+        out = {"theta": theta, "M0": M0, "residual_norm": resid, "converged": ok, "crb_unit": crb_unit,
+               "n_free": len(self.estimate_) + len(self._nuisance(fixed)) + 2, "estimate": tuple(self.estimate_),
+               "prediction": theta[:, [INDEX[p] for p in self.estimate_]], "correlation": corr, "index": idx,
+               "failed": ~ok}
         if n_best > 1:
             tb = np.full((n, int(n_best), 8), np.nan)
             sel = best >= 0
@@ -241,7 +266,7 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
 
     def predict(self, X):
         """Matched parameters ``estimate_`` (n, len(estimate_)), SI units (NaN for unusable input, warned)."""
-        return self.predict_details(X)["estimate"]
+        return self.predict_details(X, compute_crb=False)["prediction"]
 
     def __sklearn_tags__(self):
         return model_estimator_tags(super().__sklearn_tags__())

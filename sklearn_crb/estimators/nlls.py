@@ -1,322 +1,72 @@
 """``NLLSFitter``: bounded Levenberg–Marquardt fits of MT fingerprints, batched over voxels.
 
-The reference estimator of the field and the baseline of Zhang et al.
-(MRM 2022): nonlinear least squares of the generalized-Bloch model,
+The reference estimator of the field and the baseline of Zhang et al. (MRM
+2022): nonlinear least squares of the generalized-Bloch model (Assländer et
+al., MRM 2022),
 
     min_{theta, M0}  || y - M0 * g(theta) ||^2,     g(theta) = U^H s(theta)
 
-(``U = I`` for the full signal), with box bounds on ``theta``. It mirrors
-``fit_gBloch`` of MRIgeneralizedBloch.jl (LsqFit's Levenberg–Marquardt,
-gbloch_spec.md §5) with two changes:
-
-* **Variable projection** (Golub & Pereyra, SIAM J Numer Anal 1973). The
-  complex ``M0`` enters linearly, so for every ``theta`` it has the closed
-  form ``M0(theta) = g^H y / ||g||^2`` and the problem reduces to
-  ``min_theta ||r(theta)||^2`` with ``r = P_perp(theta) y``,
-  ``P_perp = I - g g^H / ||g||^2``. The solver uses the *exact* Jacobian of
-  this reduced residual (the full Golub–Pereyra form, not Kaufman's
-  simplification, which drops the second term)::
-
-      dr/dtheta_k = -P_perp (M0 dg_k) - g (dg_k^H r) / ||g||^2
-
-  where ``dg_k = U^H ds/dtheta_k`` comes exact from
-  :func:`sklearn_crb.physics.jacobian`. (In the real-stacked form the two
-  M0 columns ``[g, i g]`` are orthogonal with equal norms, which is what
-  collapses the pseudo-inverse to ``g^H / ||g||^2``.) This removes two of the
-  ten unknowns and the worst-conditioned directions (the M0 phase and scale).
-* **Batched**: every voxel has its own damping ``lambda``, its own step
-  acceptance and its own convergence test; converged voxels leave the active
-  set, so they stop costing physics evaluations.
-
-The LM step follows LsqFit: ``(J^T J + lambda diag(D)) delta = -J^T r`` with
-``D = max(diag(J^T J), 1e-6)``, the step is clipped into the box, accepted if
-the cost decreases with gain ratio ``rho > 1e-3``. LsqFit then divides ``lambda`` by 10 if ``rho > 0.75``
-and multiplies it by 10 on a rejection (``damping="lsqfit"``); the default
-is Nielsen's smoother update (``damping="nielsen"``), which needs fewer
-iterations. Parameters are
-optimised in units of a fixed per-parameter scale and each voxel's data are
-normalised to unit norm, so the tolerances mean the same for every voxel.
-
-Voxel chunks run through :mod:`joblib`, so ``with
-joblib.parallel_config(backend="dask"):`` on a ``dask.distributed`` cluster
-spreads a volume over its workers with no code change.
+(``U = I`` for the full signal), with box bounds on ``theta``, as
+``fit_gBloch`` of MRIgeneralizedBloch.jl. The complex ``M0`` is projected
+out (variable projection, Golub & Pereyra 1973); the batched solver lives in
+:mod:`sklearn_crb.estimators._lm`. This module is the scikit-learn estimator:
+declared parameter validation, bounds and starts, chunking over
+:mod:`joblib` (so ``with joblib.parallel_config(backend="dask"):`` spreads a
+volume over a ``dask.distributed`` cluster), and the ``predict_details``
+protocol shared with :class:`~sklearn_crb.estimators.dictionary.DictionaryMatcher`.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-
 from numbers import Real
 
 import numpy as np
 import torch
 from joblib import Parallel, delayed
-from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.base import BaseEstimator, RegressorMixin, _fit_context
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from sklearn_crb._validation import check_basis
+from sklearn_crb._validation import check_basis, check_parameter_dict, chunk_slices
+from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
+from sklearn_crb.estimators import _lm
+from sklearn_crb.estimators._base import (MODEL_PARAMETER_CONSTRAINTS, POSITIVE_INT, POSITIVE_REAL, as_complex_data,
+                                          model_estimator_tags, resolve_fixed, robust_norm)
+from sklearn_crb.estimators.dictionary import DictionaryMatcher
 from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, SCALE, free_parameters, resolve_estimate, validate_theta
+from sklearn_crb.physics.r2sl.table import PHI_MAX, TAU_MAX, TAU_MIN
 from sklearn_crb.physics.sequence import Sequence
 
 __all__ = ["NLLSFitter", "NLLSFitWarning", "STATUS", "DEFAULT_START", "DEFAULT_BOUNDS"]
 
-_DTYPE = torch.float64
+#: Per-voxel status codes of ``predict_details`` (see :mod:`sklearn_crb.estimators._lm`).
+STATUS = _lm.STATUS
 
-#: Start values of ``fit_gBloch`` (gbloch_spec.md §5); with ``tied_R1`` the
+#: Start values of ``fit_gBloch`` (MRIgeneralizedBloch.jl); with ``tied_R1`` the
 #: tied R1 starts at 0.7 1/s (Julia's ``R1a``).
 DEFAULT_START = {"m0s": 0.2, "R1f": 0.3, "R2f": 15.0, "Rex": 20.0, "R1s": 3.0, "T2s": 10e-6,
                  "omega0": 0.0, "B1": 1.0}
 _TIED_R1_START = 0.7
 
-#: Default box bounds (SI units). They stay inside ``parameters.BOUNDS`` (the
-#: physics validates them) and T2s covers the parenchyma prior, [5, 25] us.
-#: ``fit`` further intersects T2s and B1 with the range the R2sl table covers
-#: for the sequence (TRF/T2s in [1, 150], B1*max|alpha| <= 4.4 rad, B1 <= 1.4).
-DEFAULT_BOUNDS = {"m0s": (0.0, 0.99), "R1f": (1e-3, 100.0), "R2f": (1e-3, 1e4), "Rex": (0.0, 1e4),
-                  "R1s": (1e-3, 100.0), "T2s": (5e-6, 25e-6), "omega0": (-1e5, 1e5), "B1": (0.05, 1.4)}
+#: Default box (SI units): the physical ``parameters.BOUNDS`` except T2s in the
+#: parenchyma range [5, 25] us and B1 >= 0.05. ``fit`` further intersects T2s
+#: and B1 with the range the R2sl table covers for the sequence.
+DEFAULT_BOUNDS = {**BOUNDS, "T2s": (5e-6, 25e-6), "B1": (0.05, BOUNDS["B1"][1])}
 
 
-_R2SL_TRF_OVER_T2S = (1.0, 150.0)
-_R2SL_MAX_B1_ALPHA = 4.4
-_R2SL_MAX_B1 = 1.4
+def r2sl_range(seq):
+    """``{"T2s": (lo, hi), "B1": (lo, hi)}`` keeping the R2sl lookup of ``seq`` inside its table.
 
-#: Per-voxel status codes of ``predict_details``.
-STATUS = {0: "converged", 1: "max_iter", 2: "unused", 3: "nonfinite_input", 4: "zero_input",
-          5: "nonfinite_model"}
-_OK, _MAXIT, _STALL, _NANIN, _ZEROIN, _NANMODEL = range(6)
-
-_LAMBDA_MIN, _LAMBDA_MAX = 1e-16, 1e16
+    The table covers ``TRF/T2s`` in [TAU_MIN, TAU_MAX] and ``B1 |alpha|`` in [0, PHI_MAX].
+    """
+    TRF = np.asarray(seq.TRF)
+    b1_hi = min(BOUNDS["B1"][1], PHI_MAX / np.abs(seq.alpha).max())
+    return {"T2s": (TRF.max() / TAU_MAX, TRF.min() / TAU_MIN), "B1": (BOUNDS["B1"][0], b1_hi)}
 
 
 class NLLSFitWarning(UserWarning):
     """Some voxels did not converge or could not be fitted (see ``predict_details``)."""
-
-
-# --------------------------------------------------------------------------- the batched solver
-@dataclass
-class _Problem:
-    """Everything a worker needs (picklable: shipped to joblib/dask workers)."""
-
-    sequence: Sequence
-    basis: np.ndarray | None  # (N, r) complex
-    free_idx: tuple
-    tied_R1: bool
-    base_theta: np.ndarray  # (8,) fixed values (free entries overwritten)
-    scale: np.ndarray  # (p,)
-    lo: np.ndarray  # (p,) scaled
-    hi: np.ndarray
-    max_iter: int
-    gtol: float
-    xtol: float
-    ftol: float
-    se_tol: float
-    lambda0: float
-    damping: str
-    backend: str
-    device: str
-
-    def theta(self, x):
-        """Full (n, 8) parameters from scaled free parameters x (n, p)."""
-        th = torch.as_tensor(self.base_theta, dtype=_DTYPE, device=x.device).repeat(x.shape[0], 1)
-        th[:, list(self.free_idx)] = x * torch.as_tensor(self.scale, dtype=_DTYPE, device=x.device)
-        if self.tied_R1:
-            th[:, INDEX["R1s"]] = th[:, INDEX["R1f"]]
-        return th
-
-    def _project(self, s):
-        if self.basis is None:
-            return s
-        U = torch.as_tensor(self.basis, device=s.device)
-        if s.ndim == 2:
-            return s @ U.conj()
-        return torch.einsum("ntp,tr->nrp", s, U.conj())
-
-    def model(self, x):
-        """g(theta) (n, K) complex at M0 = 1."""
-        from sklearn_crb.physics.signal import simulate
-
-        return self._project(simulate(self.sequence, self.theta(x), backend=self.backend))
-
-    def model_and_jacobian(self, x):
-        """g (n, K) and dg/dtheta (n, K, 8) in SI units, all 8 columns."""
-        from sklearn_crb.physics.signal import jacobian
-
-        s, J = jacobian(self.sequence, self.theta(x), backend=self.backend)
-        return self._project(s), self._project(J)
-
-    def free_columns(self, dg):
-        """dg/dx (n, K, p): free columns in scaled units (tied R1: R1f + R1s)."""
-        cols = []
-        for k, j in enumerate(self.free_idx):
-            c = dg[..., j]
-            if self.tied_R1 and j == INDEX["R1f"]:
-                c = c + dg[..., INDEX["R1s"]]
-            cols.append(c * float(self.scale[k]))
-        return torch.stack(cols, dim=-1)
-
-
-def _varpro(g, y):
-    """Closed-form complex M0 and the projected residual ``y - M0 g``."""
-    gg = (g.real**2 + g.imag**2).sum(-1)
-    a = (g.conj() * y).sum(-1) / gg
-    r = y - a[:, None] * g
-    return a, r, gg
-
-
-def _reduced_jacobian(g, dgx, a, r, gg):
-    """Exact (Golub–Pereyra) Jacobian of ``r(theta) = P_perp(theta) y``, complex (n, K, p)."""
-    Pdg = dgx - g[:, :, None] * ((g.conj()[:, :, None] * dgx).sum(1) / gg[:, None])[:, None, :]
-    second = g[:, :, None] * ((dgx.conj() * r[:, :, None]).sum(1) / gg[:, None])[:, None, :]
-    return -a[:, None, None] * Pdg - second
-
-
-def _cost(r):
-    return (r.real**2 + r.imag**2).sum(-1)
-
-
-def _lm_solve(prob, y, x0):
-    """Batched bounded LM on the variable-projected problem.
-
-    Parameters
-    ----------
-    y : complex tensor (n, K), unit norm per row.
-    x0 : real tensor (n, p), scaled start inside the box.
-
-    Returns
-    -------
-    dict of tensors: x, a (M0 of the normalised data), cost, n_iter, status,
-    g, dg (model and full Jacobian at x, for the CRB).
-    """
-    n, p = x0.shape
-    dev = x0.device
-    lo = torch.as_tensor(prob.lo, dtype=_DTYPE, device=dev)
-    hi = torch.as_tensor(prob.hi, dtype=_DTYPE, device=dev)
-    x = torch.minimum(torch.maximum(x0.clone(), lo), hi)
-    g, dg = prob.model_and_jacobian(x)
-    a, r, gg = _varpro(g, y)
-    cost = _cost(r)
-    status = torch.full((n,), _MAXIT, dtype=torch.int64, device=dev)
-    n_iter = torch.zeros(n, dtype=torch.int64, device=dev)
-    lam = torch.full((n,), float(prob.lambda0), dtype=_DTYPE, device=dev)
-    nu = torch.full((n,), 2.0, dtype=_DTYPE, device=dev)
-    finite = torch.isfinite(cost) & (gg > 0) & torch.isfinite(torch.view_as_real(dg)).flatten(1).all(1)
-    status[~finite] = _NANMODEL
-    active = torch.nonzero(finite).ravel()
-    Jr = torch.zeros((n, g.shape[1], p), dtype=g.dtype, device=dev)
-    if active.numel():
-        Jr[active] = _reduced_jacobian(g[active], prob.free_columns(dg[active]), a[active], r[active], gg[active])
-    eye = torch.eye(p, dtype=_DTYPE, device=dev)
-
-    def projected_gradient(idx):
-        grad = (Jr[idx].conj() * r[idx][:, :, None]).sum(1).real
-        xi = x[idx]
-        blocked = ((xi <= lo) & (grad > 0)) | ((xi >= hi) & (grad < 0))
-        return grad, torch.where(blocked, torch.zeros_like(grad), grad)
-
-    for _ in range(int(prob.max_iter)):
-        if active.numel() == 0:
-            break
-        A = active
-        JA = Jr[A]
-        rA = r[A]
-        grad, pg = projected_gradient(A)
-        done_grad = pg.abs().amax(-1) < prob.gtol
-        JTJ = (JA.conj().transpose(1, 2) @ JA).real
-        D = torch.clamp(torch.diagonal(JTJ, dim1=1, dim2=2), min=1e-6)
-        M = JTJ + lam[A, None, None] * torch.diag_embed(D)
-        # variables held at a bound by the gradient are removed from the step (projected LM)
-        blocked = pg != grad
-        keep = (~blocked).to(_DTYPE)
-        M = M * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(blocked.to(_DTYPE))
-        L, info = torch.linalg.cholesky_ex(M)
-        ok = info == 0
-        delta = torch.cholesky_solve(-(grad * keep)[:, :, None], torch.where(ok[:, None, None], L, eye))[..., 0]
-        xA = x[A]
-        xt = torch.minimum(torch.maximum(xA + delta, lo), hi)
-        delta = xt - xA
-        pred = _cost(rA + (JA @ delta.to(JA.dtype)[:, :, None])[..., 0])
-        gt = prob.model(xt)
-        at, rt, ggt = _varpro(gt, y[A])
-        cost_t = _cost(rt)
-        cA = cost[A]
-        rho = (cost_t - cA) / (pred - cA)
-        good_t = torch.isfinite(cost_t) & (ggt > 0)
-        accept = ok & good_t & (cost_t < cA) & (rho > 1e-3) & ~done_grad
-        if prob.damping == "lsqfit":
-            lam_new = torch.where(accept & (rho > 0.75), torch.clamp(lam[A] * 0.1, min=_LAMBDA_MIN), lam[A])
-            lam_new = torch.where(~accept & ~done_grad, torch.clamp(lam[A] * 10.0, max=_LAMBDA_MAX), lam_new)
-        else:  # Nielsen (1999): smooth decrease on success, doubling increase factor on failure
-            shrink = torch.clamp(1.0 - (2.0 * rho - 1.0) ** 3, min=1.0 / 3.0)
-            shrink = torch.nan_to_num(shrink, nan=1.0 / 3.0)
-            lam_new = torch.where(accept, torch.clamp(lam[A] * shrink, min=_LAMBDA_MIN), lam[A])
-            lam_new = torch.where(~accept & ~done_grad, torch.clamp(lam[A] * nu[A], max=_LAMBDA_MAX), lam_new)
-            nu[A] = torch.where(accept, torch.full_like(nu[A], 2.0), torch.where(done_grad, nu[A], 2.0 * nu[A]))
-        lam[A] = lam_new
-        n_iter[A] += (~done_grad).long()
-        dx_small = delta.norm(dim=-1) < prob.xtol * (prob.xtol + xt.norm(dim=-1))
-        if prob.se_tol > 0:
-            # statistical stop: every component of the step is below se_tol standard
-            # errors (noise estimated from the residual; never triggers on noiseless data)
-            s2 = cA / max(2 * JA.shape[1] - p - 2, 1)
-            Dj = torch.diagonal(JTJ, dim1=1, dim2=2).clamp_min(1e-300).rsqrt()
-            Ls, info_s = torch.linalg.cholesky_ex(Dj[:, :, None] * JTJ * Dj[:, None, :])
-            cov_diag = torch.cholesky_inverse(torch.where((info_s == 0)[:, None, None], Ls, eye))
-            se = (torch.diagonal(cov_diag, dim1=1, dim2=2).clamp_min(0) * s2[:, None]).sqrt() * Dj
-            dx_small = dx_small | ((info_s == 0) & (delta.abs() <= prob.se_tol * se).all(-1))
-        df_small = (cA - cost_t) <= prob.ftol * cA
-        acc = A[accept]
-        if acc.numel():
-            x[acc] = xt[accept]
-            ga, dga = prob.model_and_jacobian(x[acc])
-            aa, ra, gga = _varpro(ga, y[acc])
-            good = torch.isfinite(_cost(ra)) & torch.isfinite(torch.view_as_real(dga)).flatten(1).all(1)
-            g[acc], dg[acc], a[acc], r[acc], cost[acc] = ga, dga, aa, ra, _cost(ra)
-            Jr[acc] = _reduced_jacobian(ga, prob.free_columns(dga), aa, ra, gga)
-            bad = acc[~good]
-            status[bad] = _NANMODEL
-        # lambda at its maximum: even a vanishing gradient step does not lower the cost, i.e. a
-        # minimum to machine precision (happens with noisy data below gtol's reach)
-        converged = done_grad | (accept & (dx_small | df_small)) | (cost[A] <= 1e-28) | (lam[A] >= _LAMBDA_MAX)
-        status[A[converged & (status[A] == _MAXIT)]] = _OK
-        active = A[(status[A] == _MAXIT)]
-    return {"x": x, "a": a, "cost": cost, "n_iter": n_iter, "status": status, "g": g, "dg": dg}
-
-
-def _fit_chunk(prob, y, x0):
-    """Fit one chunk of voxels (runs in a joblib/dask worker).
-
-    Parameters
-    ----------
-    y : ndarray complex (n, K), unit-norm rows.
-    x0 : ndarray (n, n_starts, p) scaled starts.
-
-    Returns a dict of numpy arrays; for several starts the best (lowest
-    cost, failures last) is kept per voxel.
-    """
-    n, n_starts, p = x0.shape
-    dev = torch.device(prob.device)
-    yt = torch.as_tensor(y, device=dev)
-    yrep = yt.repeat_interleave(n_starts, dim=0)
-    res = _lm_solve(prob, yrep, torch.as_tensor(x0.reshape(n * n_starts, p), dtype=_DTYPE, device=dev))
-    cost = torch.where(res["status"] >= _NANIN, torch.full_like(res["cost"], float("inf")), res["cost"])
-    cost = torch.nan_to_num(cost, nan=float("inf"))
-    best = cost.view(n, n_starts).argmin(1) + torch.arange(n, device=dev) * n_starts
-    out = {k: v[best].cpu().numpy() for k, v in res.items()}
-    out["theta"] = prob.theta(res["x"][best]).cpu().numpy()
-    return out
-
-
-# --------------------------------------------------------------------------- the estimator
-def _check_names(d, argname):
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise TypeError(f"{argname} must be a dict mapping parameter names to values, got {type(d).__name__}")
-    bad = [k for k in d if k not in PARAMETERS]
-    if bad:
-        raise ValueError(f"{argname} has unknown parameter names {bad}; allowed: {PARAMETERS}")
-    return dict(d)
 
 
 class NLLSFitter(RegressorMixin, BaseEstimator):
@@ -421,16 +171,19 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
     Notes
     -----
     The solver and the variable projection are described in the module
-    docstring. ``predict_details`` returns per-voxel flags; failed voxels
-    (non-finite or all-zero input, non-finite model, no convergence within
-    ``max_iter`` or stalled damping) are kept, flagged and warned about with
-    :class:`NLLSFitWarning`: ``predict`` returns NaN only for voxels whose
-    input cannot be fitted, and the last iterate for the others.
+    docstring of :mod:`sklearn_crb.estimators._lm`. ``predict_details``
+    returns per-voxel flags; failed voxels (non-finite or all-zero input,
+    invalid fixed values, non-finite model or output, no convergence within
+    ``max_iter``) are kept, flagged and warned about with
+    :class:`NLLSFitWarning`: ``predict`` returns NaN only for voxels that
+    cannot be fitted, and the last iterate for the others. Each voxel is
+    scaled to unit norm before the solve (without overflow, so data scaled by
+    1e+-160 fit like any other) and ``M0`` is scaled back.
 
     Examples
     --------
     >>> from sklearn_crb import Sequence
-    >>> from sklearn_crb.nlls import NLLSFitter
+    >>> from sklearn_crb.estimators.nlls import NLLSFitter
     >>> from sklearn_crb.physics import simulate
     >>> seq = Sequence.default(n_pulses=120)
     >>> theta = [[0.15, 0.5, 15.0, 30.0, 3.0, 12e-6, 50.0, 0.9]]
@@ -439,10 +192,29 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
     >>> m0s_R1f_R2f = nlls.predict(s)
     """
 
+    _parameter_constraints: dict = {
+        **MODEL_PARAMETER_CONSTRAINTS,
+        "bounds": [dict, None],
+        "start": [StrOptions({"default", "grid", "dictionary"}), dict, "array-like", None],
+        "init": [HasMethods(["predict"]), None],
+        "n_dictionary": [POSITIVE_INT],
+        "n_starts": [POSITIVE_INT],
+        "sigma": [POSITIVE_REAL, None],
+        "max_iter": [POSITIVE_INT],
+        "gtol": [POSITIVE_REAL],
+        "xtol": [POSITIVE_REAL],
+        "ftol": [POSITIVE_REAL],
+        "se_tol": [Interval(Real, 0, np.inf, closed="left")],
+        "lambda0": [POSITIVE_REAL],
+        "damping": [StrOptions({"lsqfit", "nielsen"})],
+        "device": [str, torch.device],
+        "progress": ["boolean"],
+    }
+
     def __init__(self, sequence=None, basis=None, estimate=("m0s", "R1f", "R2f"), fixed=None, tied_R1=False,
-                 bounds=None, start=None, init=None, prior=None, n_dictionary=2000, n_starts=1, sigma=None, max_iter=100,
-                 gtol=1e-10, xtol=1e-8, ftol=1e-10, se_tol=1e-2, lambda0=1.0, damping="nielsen", backend="auto", device="cpu", chunk_size=256,
-                 n_jobs=None, progress=False, random_state=None):
+                 bounds=None, start=None, init=None, prior=None, n_dictionary=2000, n_starts=1, sigma=None,
+                 max_iter=100, gtol=1e-10, xtol=1e-8, ftol=1e-10, se_tol=1e-2, lambda0=1.0, damping="nielsen",
+                 backend="auto", device="cpu", chunk_size=256, n_jobs=None, progress=False, random_state=None):
         self.sequence = sequence
         self.basis = basis
         self.estimate = estimate
@@ -470,26 +242,14 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         self.random_state = random_state
 
     # ------------------------------------------------------------------ fit
-    def _check_positive(self, name, integer=False):
-        v = getattr(self, name)
-        ok = isinstance(v, (int, np.integer)) if integer else isinstance(v, (int, float, np.integer, np.floating))
-        if isinstance(v, bool) or not ok or not np.isfinite(v) or v <= 0:
-            kind = "a positive integer" if integer else "a positive finite number"
-            raise ValueError(f"{name} must be {kind}, got {v!r}")
-
     def _effective_bounds(self, seq, free):
-        user = _check_names(self.bounds, "bounds")
-        TRF = np.asarray(seq.TRF)
-        t2s_lo = TRF.max() / _R2SL_TRF_OVER_T2S[1]
-        t2s_hi = TRF.min() / _R2SL_TRF_OVER_T2S[0]
-        b1_hi = min(_R2SL_MAX_B1, _R2SL_MAX_B1_ALPHA / np.abs(seq.alpha).max())
+        user = check_parameter_dict(self.bounds, "bounds")
+        table = r2sl_range(seq)
         out = {}
         for name in free:
             lo, hi = DEFAULT_BOUNDS[name]
-            if name == "T2s" and name not in user:
-                lo, hi = max(lo, t2s_lo), min(hi, t2s_hi)
-            if name == "B1" and name not in user:
-                hi = min(hi, b1_hi)
+            if name in table and name not in user:
+                lo, hi = max(lo, table[name][0]), min(hi, table[name][1])
             if name in user:
                 try:
                     lo, hi = (float(v) for v in user[name])
@@ -501,46 +261,40 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
             if lo < plo or hi > phi:
                 raise ValueError(f"bounds[{name!r}] = ({lo:g}, {hi:g}) must lie inside the physical range "
                                  f"[{plo:g}, {phi:g}]")
-            if name == "T2s" and (lo < t2s_lo * (1 - 1e-12) or hi > t2s_hi * (1 + 1e-12)):
+            if name == "T2s" and (lo < table["T2s"][0] * (1 - 1e-12) or hi > table["T2s"][1] * (1 + 1e-12)):
                 raise ValueError(f"bounds['T2s'] = ({lo:g}, {hi:g}) s leaves the R2sl table for this sequence "
-                                 f"(TRF/T2s in [1, 150] needs T2s in [{t2s_lo:g}, {t2s_hi:g}] s)")
-            if name == "B1" and hi > b1_hi * (1 + 1e-12):
+                                 f"(TRF/T2s in [{TAU_MIN:g}, {TAU_MAX:g}] needs T2s in "
+                                 f"[{table['T2s'][0]:g}, {table['T2s'][1]:g}] s)")
+            if name == "B1" and hi > table["B1"][1] * (1 + 1e-12):
                 raise ValueError(f"bounds['B1'] upper bound {hi:g} leaves the R2sl table for this sequence "
-                                 f"(B1 <= {b1_hi:g})")
+                                 f"(B1 <= {table['B1'][1]:g})")
             out[name] = (lo, hi)
         return out
 
-    def _starts(self, free):
+    def _starts(self):
         base = dict(DEFAULT_START)
         if self.tied_R1:
             base["R1f"] = _TIED_R1_START
         base.update(self.fixed_)
         start = self.start
-        if isinstance(start, str) or start is None:
-            key = start or "default"
-            if key not in ("default", "grid", "dictionary"):
-                raise ValueError(f"start must be None, 'default', 'grid', 'dictionary', a dict or an array, "
-                                 f"got {start!r}")
-            rows = [np.array([base[p] for p in PARAMETERS])]
-            if key == "grid":
-                rows = []
-                for m0s in (0.05, 0.25):
-                    for R1f in (0.4, 1.2):
-                        for R2f in (8.0, 25.0):
-                            d = dict(base, m0s=m0s, R1f=R1f, R2f=R2f)
-                            d.update(self.fixed_)
-                            rows.append(np.array([d[p] for p in PARAMETERS]))
-            return np.array(rows)
-        if isinstance(start, dict):
-            base.update(_check_names(start, "start"))
+        if start is None or isinstance(start, str):
+            if start == "grid":
+                rows = [dict(base, m0s=m0s, R1f=R1f, R2f=R2f, **self.fixed_)
+                        for m0s in (0.05, 0.25) for R1f in (0.4, 1.2) for R2f in (8.0, 25.0)]
+            else:
+                rows = [base]
+            starts = np.array([[d[p] for p in PARAMETERS] for d in rows], dtype=float)
+        elif isinstance(start, dict):
+            base.update(check_parameter_dict(start, "start"))
             base.update(self.fixed_)
-            return np.array([[base[p] for p in PARAMETERS]], dtype=float)
-        arr = np.asarray(start, dtype=float)
-        if arr.ndim == 1:
-            arr = arr[None]
-        arr = validate_theta(arr, "start")
-        return arr
+            starts = np.array([[base[p] for p in PARAMETERS]], dtype=float)
+        else:
+            starts = validate_theta(np.atleast_2d(np.asarray(start, dtype=float)), "start")
+        if self.tied_R1:
+            starts[:, INDEX["R1s"]] = starts[:, INDEX["R1f"]]
+        return starts
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X=None, y=None):
         """Validate the model (cheap; ``start="dictionary"`` also builds the dictionary).
 
@@ -554,12 +308,11 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         -------
         self
         """
-
         seq = Sequence.resolve(self.sequence)
         self.sequence_ = seq
         self.basis_ = None if self.basis is None else check_basis(self.basis, seq.n_pulses)
         K = seq.n_pulses if self.basis_ is None else self.basis_.shape[1]
-        self.fixed_ = {k: float(v) for k, v in _check_names(self.fixed, "fixed").items()}
+        self.fixed_ = {k: float(v) for k, v in check_parameter_dict(self.fixed, "fixed").items()}
         if self.tied_R1 and "R1s" in self.fixed_:
             raise ValueError("fixed cannot contain 'R1s' when tied_R1=True (R1s = R1f)")
         free = tuple(p for p in free_parameters(self.tied_R1) if p not in self.fixed_)
@@ -572,18 +325,6 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         if 2 * K < len(free) + 2:
             raise ValueError(f"the model has {len(free)} parameters plus complex M0 but the data only {2 * K} "
                              f"real values (basis rank {K}); fix parameters or use a larger basis")
-        for name in ("max_iter", "chunk_size", "n_dictionary", "n_starts"):
-            self._check_positive(name, integer=True)
-        for name in ("gtol", "xtol", "ftol", "lambda0"):
-            self._check_positive(name)
-        if not (isinstance(self.se_tol, Real) and np.isfinite(self.se_tol) and self.se_tol >= 0):
-            raise ValueError(f"se_tol must be a finite number >= 0, got {self.se_tol!r}")
-        if self.sigma is not None:
-            self._check_positive("sigma")
-        if self.damping not in ("lsqfit", "nielsen"):
-            raise ValueError(f"damping must be 'lsqfit' or 'nielsen', got {self.damping!r}")
-        if self.backend not in ("auto", "numba", "torch"):
-            raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {self.backend!r}")
         try:
             dev = torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -595,52 +336,38 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         self.bounds_ = self._effective_bounds(seq, free)
         for name, v in self.fixed_.items():
             validate_theta(np.array([[v if p == name else DEFAULT_START[p] for p in PARAMETERS]]), "fixed")
-        starts = self._starts(free)
-        if self.tied_R1:
-            starts[:, INDEX["R1s"]] = starts[:, INDEX["R1f"]]
-        self.starts_ = starts
+        self.starts_ = self._starts()
         if self.init is not None:
-            if not hasattr(self.init, "predict"):
-                raise TypeError(f"init must be a fitted estimator with predict, got {type(self.init).__name__}")
             check_is_fitted(self.init)
         self.dictionary_ = None
-        if self.init is None and isinstance(self.start, str) and self.start == "dictionary":
-            from sklearn_crb.estimators.dictionary import DictionaryMatcher
-
+        if self.init is None and self.start == "dictionary":
             self.dictionary_ = DictionaryMatcher(
                 seq, basis=self.basis_, estimate=free, tied_R1=self.tied_R1, fixed=self.fixed_,
                 prior=self.prior, n_atoms=self.n_dictionary, backend=self.backend,
                 random_state=self.random_state).fit()
         self.n_features_in_ = 2 * K
         if X is not None:
-            self._as_complex(X, "X")
+            as_complex_data(self, X, seq.n_pulses, self.basis_)
         return self
 
     # ------------------------------------------------------------- predict
-    def _as_complex(self, X, argname="X"):
-        from sklearn_crb.estimators.dictionary import as_complex_data
-
-        return as_complex_data(self, X, self.sequence_.n_pulses, self.basis_, argname)
-
-    def _initial(self, X, y):
-        """Scaled starts (n, n_starts, p) for the voxels."""
-        free = self.free_parameters_
+    def _initial(self, X, y, free, base):
+        """Scaled starts (n, n_starts, p) of the free parameters ``free``; ``base`` (n, 8) fixed values."""
         n = y.shape[0]
         idx = [INDEX[q] for q in free]
-        if self.init is not None or self.dictionary_ is not None:
+        if self.init is not None:
             th = np.repeat(self.starts_[:1], n, axis=0)
-            if self.init is not None:
-                pred = np.asarray(self.init.predict(X), dtype=float).reshape(n, -1)
-                names = tuple(getattr(self.init, "estimate_", self.estimate_))
-                if pred.shape[1] != len(names):
-                    raise ValueError(f"init.predict returned {pred.shape[1]} columns but init names {names}")
-                for k, q in enumerate(names):
-                    if q in free:
-                        th[:, INDEX[q]] = np.where(np.isfinite(pred[:, k]), pred[:, k], th[:, INDEX[q]])
-                th = th[:, None, :]
-            else:
-                det = self.dictionary_.predict_details(y, n_best=int(self.n_starts))
-                th = det["theta_best"] if self.n_starts > 1 else det["theta"][:, None, :]
+            pred = np.asarray(self.init.predict(X), dtype=float).reshape(n, -1)
+            names = tuple(getattr(self.init, "estimate_", self.estimate_))
+            if pred.shape[1] != len(names):
+                raise ValueError(f"init.predict returned {pred.shape[1]} columns but init names {names}")
+            for k, q in enumerate(names):
+                if q in free:
+                    th[:, INDEX[q]] = np.where(np.isfinite(pred[:, k]), pred[:, k], th[:, INDEX[q]])
+            th = th[:, None, :]
+        elif self.dictionary_ is not None:
+            det = self.dictionary_.predict_details(y, n_best=int(self.n_starts), compute_crb=False)
+            th = det["theta_best"] if self.n_starts > 1 else det["theta"][:, None, :]
         else:
             th = np.broadcast_to(self.starts_[None], (n,) + self.starts_.shape)
         scale = np.array([SCALE[q] for q in free])
@@ -648,122 +375,143 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         hi = np.array([self.bounds_[q][1] for q in free])
         return np.clip(th[..., idx], lo, hi) / scale
 
-    def _problem(self):
-        free = self.free_parameters_
-        base = np.array([self.fixed_.get(p, DEFAULT_START[p]) for p in PARAMETERS])
+    def _problem(self, free=None):
+        free = self.free_parameters_ if free is None else free
         scale = np.array([SCALE[q] for q in free])
-        return _Problem(
+        return _lm.Problem(
             sequence=self.sequence_, basis=self.basis_, free_idx=tuple(INDEX[q] for q in free),
-            tied_R1=bool(self.tied_R1), base_theta=base, scale=scale,
+            tied_R1=bool(self.tied_R1), scale=scale,
             lo=np.array([self.bounds_[q][0] for q in free]) / scale,
             hi=np.array([self.bounds_[q][1] for q in free]) / scale,
             max_iter=int(self.max_iter), gtol=float(self.gtol), xtol=float(self.xtol), ftol=float(self.ftol),
-            se_tol=float(self.se_tol),
-            lambda0=float(self.lambda0), damping=self.damping, backend=self.backend, device=str(self.device))
+            se_tol=float(self.se_tol), lambda0=float(self.lambda0), damping=self.damping, backend=self.backend,
+            device=str(self.device))
 
-    def predict_details(self, X):
-        """Fit every voxel and return all results.
+    def _base_theta(self, n, fixed):
+        """(n, 8) values of the parameters that are not fitted: constructor ``fixed``, then per-voxel ``fixed``."""
+        base = np.tile([self.fixed_.get(p, DEFAULT_START[p]) for p in PARAMETERS], (n, 1))
+        for name, v in fixed.items():
+            base[:, INDEX[name]] = v
+        return base
+
+    def predict_details(self, X, *, fixed=None, compute_crb=True):
+        """Fit every voxel and return all results (the ``predict_details`` protocol).
 
         Parameters
         ----------
         X : array_like
             Real features ``[Re c, Im c]`` (n, 2K), complex coefficients
             (n, K) or complex full signals (n, n_pulses) (projected on
-            ``basis`` when one is set). NaN rows are allowed and flagged.
+            ``basis`` when one is set). Non-finite rows are allowed and flagged.
+        fixed : dict, optional
+            ``{name: scalar or (n,) array}`` (SI units) of parameters held
+            fixed in this fit, per voxel (e.g. a measured B1 map): any
+            parameter not in ``estimate_``. Free nuisance parameters named
+            here are not fitted. Non-finite values, or values outside the
+            physical range and the R2sl table, flag the voxel
+            (``status`` "invalid_fixed").
+        compute_crb : bool
+            Compute ``crb_unit``/``crb``/``std_error`` (one Jacobian per voxel,
+            already at hand from the solve).
 
         Returns
         -------
-        details : dict of ndarray, one row per voxel
-            ``estimate`` (n, len(estimate_)) — what ``predict`` returns;
+        details : dict, one row per voxel
             ``theta`` (n, 8) all parameters (fixed ones filled in);
             ``M0`` complex (n,) in data units; ``residual_norm`` (n,)
-            ``||y - M0 g(theta)||`` in data units; ``n_iter`` (n,);
-            ``converged`` (n,) bool; ``status`` (n,) int, see ``STATUS``;
-            ``failed`` (n,) bool (``status != 0``); ``at_bound`` (n, p) bool;
-            ``sigma`` (n,) noise level used for the errors; ``crb`` (n,
-            len(estimate_)) CRB at the estimate (squared SI units);
-            ``std_error`` = sqrt(crb); ``free_parameters``, ``status_names``.
+            ``||y - M0 g(theta)||``; ``converged`` (n,) bool; ``crb_unit``
+            (n, len(estimate_)) CRB at theta for M0 = 1, sigma = 1 (free
+            nuisance parameters and complex M0 marginalised; inf where
+            singular; None without ``compute_crb``); ``n_free`` the real
+            unknowns per voxel (free parameters + 2); ``estimate`` the names
+            ``estimate_``. Also ``prediction`` (n, len(estimate_)), what
+            ``predict`` returns; ``n_iter`` (n,); ``status`` (n,) int, see
+            ``STATUS``; ``failed`` (n,) bool (``status != 0``); ``at_bound``
+            (n, p) bool; ``sigma`` (n,) noise level used for the errors;
+            ``crb`` (n, len(estimate_)) CRB in squared SI units at that sigma
+            and the fitted M0; ``std_error`` = sqrt(crb); ``free_parameters``,
+            ``status_names``.
         """
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional progress bar, imported only when predicting
 
         check_is_fitted(self, "free_parameters_")
-        y = self._as_complex(X)
+        y = as_complex_data(self, X, self.sequence_.n_pulses, self.basis_)
         n, K = y.shape
-        free = self.free_parameters_
+        allowed = tuple(q for q in free_parameters(self.tied_R1) if q not in self.estimate_)
+        fixed, bad_fixed = resolve_fixed(fixed, n, allowed, {**BOUNDS, **r2sl_range(self.sequence_)})
+        free = tuple(q for q in self.free_parameters_ if q not in fixed)
         p = len(free)
-        nanin = ~np.isfinite(y.view(np.float64)).reshape(n, -1).all(1)
-        ynorm = np.linalg.norm(np.where(nanin[:, None], 0, y), axis=1)
-        zeroin = ~nanin & (ynorm == 0)
-        valid = np.flatnonzero(~nanin & ~zeroin)
+        base = self._base_theta(n, fixed)
+        ynorm, yunit = robust_norm(y)
+        nanin = np.isnan(ynorm)
+        zeroin = ynorm == 0
+        status = np.select([nanin, zeroin, bad_fixed], [_lm.NANIN, _lm.ZEROIN, _lm.INVALID_FIXED], _lm.MAXIT)
+        valid = np.flatnonzero(status == _lm.MAXIT)
         theta = np.full((n, 8), np.nan)
-        M0 = np.full(n, np.nan + 0j)
-        resid = np.full(n, np.nan)
+        a = np.full(n, np.nan + 0j)
+        cost = np.full(n, np.nan)
         n_iter = np.zeros(n, dtype=np.int64)
-        status = np.where(nanin, _NANIN, np.where(zeroin, _ZEROIN, _MAXIT)).astype(np.int64)
         g_all = np.zeros((n, K), dtype=np.complex128)
         dg_all = np.zeros((n, K, 8), dtype=np.complex128)
-        x_all = np.full((n, p), np.nan)
         if valid.size:
-            yv = y[valid] / ynorm[valid, None]
-            x0 = np.ascontiguousarray(self._initial(_rows(X, valid) if self.init is not None else None, yv))
-            prob = self._problem()
-            cs = int(self.chunk_size)
-            n_starts = x0.shape[1]
-            step = max(1, cs // n_starts)
-            slices = [slice(i, min(i + step, valid.size)) for i in range(0, valid.size, step)]
+            yv = yunit[valid]
+            Xv = _rows(X, valid) if self.init is not None else None
+            x0 = np.ascontiguousarray(self._initial(Xv, yv, free, base[valid]))
+            prob = self._problem(free)
+            slices = chunk_slices(valid.size, max(1, int(self.chunk_size) // x0.shape[1]))
             par = Parallel(n_jobs=self.n_jobs, return_as="generator")
-            gen = par(delayed(_fit_chunk)(prob, yv[sl], x0[sl]) for sl in slices)
+            gen = par(delayed(_lm.fit_chunk)(prob, yv[sl], x0[sl], base[valid[sl]]) for sl in slices)
             with tqdm(total=valid.size, disable=not self.progress, unit="voxel", desc="NLLS") as bar:
                 for sl, res in zip(slices, gen):
                     idx = valid[sl]
-                    theta[idx] = res["theta"]
-                    M0[idx] = res["a"] * ynorm[idx]
-                    resid[idx] = np.sqrt(res["cost"]) * ynorm[idx]
-                    n_iter[idx] = res["n_iter"]
-                    status[idx] = res["status"]
-                    g_all[idx] = res["g"]
-                    dg_all[idx] = res["dg"]
-                    x_all[idx] = res["x"]
+                    theta[idx], a[idx], cost[idx] = res["theta"], res["a"], res["cost"]
+                    n_iter[idx], status[idx] = res["n_iter"], res["status"]
+                    g_all[idx], dg_all[idx] = res["g"], res["dg"]
                     bar.update(sl.stop - sl.start)
-        # a non-finite model is a failure of the fit, not of the input: theta stays the last iterate
+        with np.errstate(over="ignore", invalid="ignore"):
+            M0 = a * ynorm  # back to data units (a is the M0 of the unit-norm data)
+            resid = np.sqrt(cost) * ynorm
+        lost = (status < _lm.NANIN) & ~(np.isfinite(M0) & np.isfinite(resid))
+        status[lost] = _lm.NANOUT  # the data's scale pushes M0 or the residual beyond float64
         lo = np.array([self.bounds_[q][0] for q in free])
         hi = np.array([self.bounds_[q][1] for q in free])
         th_free = theta[:, [INDEX[q] for q in free]]
         tol = 1e-9 * (hi - lo)
         at_bound = (th_free <= lo + tol) | (th_free >= hi - tol)
-        sigma, crb = self._standard_errors(g_all, dg_all, M0, resid, status, K, p)
+        dof = 2 * K - p - 2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sigma = resid / np.sqrt(dof) if self.sigma is None else np.full(n, float(self.sigma))
+        crb_unit = crb = None
+        if compute_crb:
+            crb_unit, crb = self._crb(g_all, dg_all, M0, sigma, status, free)
         est = theta[:, [INDEX[q] for q in self.estimate_]]
-        failed = status != _OK
+        failed = status != _lm.OK
         if failed.any():
             counts = {STATUS[s]: int((status == s).sum()) for s in np.unique(status[failed])}
             warnings.warn(f"NLLSFitter: {int(failed.sum())} of {n} voxels failed or did not converge {counts}; "
-                          f"see predict_details()['status']", NLLSFitWarning, stacklevel=3)
+                          f"see predict_details()['status']", NLLSFitWarning, stacklevel=2)
         return {
-            "estimate": est, "theta": theta, "M0": M0, "residual_norm": resid, "n_iter": n_iter,
-            "converged": status == _OK, "status": status, "failed": failed, "at_bound": at_bound,
-            "sigma": sigma, "crb": crb, "std_error": np.sqrt(crb),
+            "theta": theta, "M0": M0, "residual_norm": resid, "converged": status == _lm.OK,
+            "crb_unit": crb_unit, "n_free": p + 2, "estimate": tuple(self.estimate_),
+            "prediction": est, "n_iter": n_iter, "status": status, "failed": failed, "at_bound": at_bound,
+            "sigma": sigma, "crb": crb, "std_error": None if crb is None else np.sqrt(crb),
             "free_parameters": free, "status_names": dict(STATUS),
         }
 
-    def _standard_errors(self, g, dg, M0, resid, status, K, p):
-        """CRB at the estimate, with sigma known or estimated from the residual."""
-        from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
-
+    def _crb(self, g, dg, M0, sigma, status, free):
+        """CRB at the estimate: for M0 = 1, sigma = 1, and at the fitted M0 and sigma."""
         n = g.shape[0]
-        crb = np.full((n, len(self.estimate_)), np.nan)
-        dof = 2 * K - p - 2
-        sigma = np.full(n, np.nan) if self.sigma is None else np.full(n, float(self.sigma))
-        if self.sigma is None:
-            sigma = resid / np.sqrt(dof)
-        ok = np.flatnonzero((status < _NANIN) & np.isfinite(M0) & (np.abs(M0) > 0))
+        unit = np.full((n, len(self.estimate_)), np.nan)
+        ok = np.flatnonzero((status < _lm.NANIN) & (np.abs(M0) > 0))
         if ok.size:
-            nuis = tuple(q for q in self.free_parameters_ if q not in self.estimate_)
+            nuis = tuple(q for q in free if q not in self.estimate_)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", IllConditionedFisherWarning)
-                unit = crb_from_jacobian(g[ok], dg[ok], estimate=self.estimate_, nuisance=nuis or None,
-                                         tied_R1=self.tied_R1, on_singular="inf")
-            crb[ok] = unit * (sigma[ok] ** 2 / np.abs(M0[ok]) ** 2)[:, None]
-        return sigma, crb
+                unit[ok] = crb_from_jacobian(g[ok], dg[ok], estimate=self.estimate_, nuisance=nuis or None,
+                                             tied_R1=self.tied_R1, on_singular="inf")
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            crb = unit * ((sigma / np.abs(M0)) ** 2)[:, None]
+        return unit, crb
 
     def predict(self, X, return_details=False):
         """Estimated parameters ``estimate_`` (n, len(estimate_)), SI units.
@@ -775,12 +523,10 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         """
         details = self.predict_details(X)
         if return_details:
-            return details["estimate"], details
-        return details["estimate"]
+            return details["prediction"], details
+        return details["prediction"]
 
     def __sklearn_tags__(self):
-        from sklearn_crb.estimators.dictionary import model_estimator_tags
-
         return model_estimator_tags(super().__sklearn_tags__())
 
 
