@@ -7,7 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sklearn_crb.cli import load_dataset, main
+from sklearn_crb.cli import main
+from sklearn_crb.io.datasets import load_dataset
 
 AFFINE = np.diag([2.0, 2.0, 4.0, 1.0])
 AFFINE[:3, 3] = [-30, -20, 5]

@@ -151,6 +151,7 @@ def _require(meta, file, key, types, what):
     if key not in meta:
         _fail(file, key, "is missing")
     v = meta[key]
+    types = types if isinstance(types, tuple) else (types,)
     if not isinstance(v, types) or (int in types and bool not in types and isinstance(v, bool)):
         _fail(file, key, f"must be {what}, got {type(v).__name__}")
     return v
