@@ -7,7 +7,7 @@ Cramér-Rao bound) versus batch size for
 * the batched torch backend (``backend="torch"``, forward-mode autodiff),
 * a naive per-sample baseline: ``scipy.linalg.expm`` of every pulse and free
   precession in a Python loop (signal), and the Julia-style Jacobian (one
-  11-state block-triangular ``expm`` run per parameter, gbloch_spec.md §3),
+  11-state block-triangular ``expm`` run per parameter),
 
 on the published v3.2 sequence (1142 pulses; ``Sequence.default()`` if the
 data file is missing), and the numba JIT time (loading the on-disk cache, and
@@ -43,7 +43,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 V32_NAME = "control_MT_v3p2_TR3p5ms_discretized.mat"
-# tutorial tissue (gbloch_spec.md §6) and a spread around it
+# tutorial tissue (MRIgeneralizedBloch.jl) and a spread around it
 THETA0 = np.array([0.15, 0.5, 15.0, 30.0, 3.0, 10e-6, 0.0, 1.0])
 TARGET_FPS, TARGET_JPS = 1000.0, 100.0
 
@@ -140,7 +140,7 @@ def timeit(fn, min_time, max_reps=1000):
 
 # --------------------------------------------------------------------------- naive baseline
 def _naive_parts(seq, th):
-    """Per-pulse generators for the naive scipy loop (gbloch_spec.md §1)."""
+    """Per-pulse generators for the naive scipy loop (Assländer et al., MRM 2022, Eq. 9)."""
     from sklearn_crb.physics.r2sl.table import r2sl_numpy
 
     m0s, R1f, R2f, Rex, R1s, T2s, w0, B1 = th
@@ -241,7 +241,7 @@ def naive_signal(seq, th):
 
 def naive_jacobian(seq, th):
     """Julia-style Jacobian: per parameter, an 11-state run [m(5); dm(5); 1] with
-    block-triangular expm of every segment (gbloch_spec.md §3)."""
+    block-triangular expm of every segment (Van Loan's block-triangular Fréchet derivative)."""
     from scipy.linalg import expm
 
     H, dH, R2s, dT, dB = _naive_parts(seq, th)

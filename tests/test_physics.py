@@ -1,4 +1,4 @@
-"""Physics: checks against independent references (spec §6), ODE integration,
+"""Physics: checks against independent references (MRIgeneralizedBloch.jl), ODE integration,
 finite differences, symmetries and known limits."""
 
 import numpy as np
@@ -19,7 +19,7 @@ def _theta(*rows):
 
 # ----------------------------------------------------------------- building blocks
 def test_single_pulse_propagator_reference():
-    """MatrixExp_Hamiltonians.jl:29-64 docstring example (spec §6)."""
+    """MatrixExp_Hamiltonians.jl:29-64 docstring example (MRIgeneralizedBloch.jl)."""
     H = physics.pulse_hamiltonian(np.pi / 500e-6, 1.0, 0.0, 0.1, 1.0, 15.0, 30.0, 6.5, 1e5).numpy()
     m = expm(H * 500e-6) @ np.array([0, 0, 0.9, 0, 0.1, 1.0])
     ref = [0.0010647535813058293, 0.0, -0.8957848274535014, 0.005126529591877105, 0.08122007142111888, 1.0]
@@ -43,7 +43,7 @@ def test_equilibrium_is_fixed_point_of_free_precession():
 
 # ---------------------------------------------------------------- reference values
 def test_v32_fingerprint_reference_values(v32_sequence):
-    """Independent re-implementation values of gbloch_spec.md §6 (their R2sl
+    """Independent re-implementation values of MRIgeneralizedBloch.jl's examples (their R2sl
     table differs from ours by ~1e-5, hence rtol 2e-5)."""
     s = physics.simulate(v32_sequence, TUTORIAL_THETA[None])[0]
     idx = [0, 1, 2, 9, 99, 199, 499, 999, 1141]
@@ -107,7 +107,7 @@ def _ode_cycle(seq, th, m_start):
 @pytest.mark.parametrize("theta", [TUTORIAL_THETA, np.array([0.2, 0.35, 15.4, 20.0, 2.5, 11e-6, 300.0, 0.9])])
 def test_full_cycle_against_solve_ivp(v32_sequence, theta):
     """All 1142 samples from an independent ODE integration (rtol 1e-6) and the
-    cycle closes on its start state (spec: periodic steady state)."""
+    cycle closes on its start state (periodic steady state)."""
     seq = v32_sequence
     sig = physics.simulate(seq, theta[None])[0]
     # the simulator's state at pulse 0 (TR boundary): recover zf, zs from one

@@ -14,7 +14,7 @@ def test_v32_file_facts(v32_sequence):
     assert seq.alpha[0] == pytest.approx(np.pi)
     assert seq.TRF[0] == pytest.approx(500e-6)
     assert seq.grad_moment[0] == "crusher" and set(seq.grad_moment[1:]) == {"balanced"}
-    # facts from gbloch_spec.md §0
+    # facts of the published v3.2 sequence (Assländer et al., MRM 2022)
     assert seq.alpha[1:].min() == pytest.approx(0.040168, abs=1e-6)
     assert seq.TRF[1:].min() == pytest.approx(217.4e-6, rel=1e-3)
     assert np.sum(seq.omega1**2 * seq.TRF) / (seq.n_pulses * seq.TR) == pytest.approx(2.85e5, rel=1e-2)

@@ -86,7 +86,7 @@ def _cosh_sinhc(q2):
 
 @njit(**_JIT)
 def _free_precession(t, phi, R2f, w0, La, Lb, Lc, Ld, zf_eq, zs_eq, fp):
-    """Closed-form D_xs expm(H_fp t) (spec §8.1) into fp (14,).
+    """Closed-form D_xs expm(H_fp t) (two-pool Bloch-McConnell relaxation and exchange) into fp (14,).
 
     fp[0:4] = e^{-R2f t} R(phi + w0 t) (row-major 2x2, the phase-cycled
     rotation R(phi) F folded in), fp[4:8] = e^{-R2f t} R(w0 t),
@@ -303,7 +303,7 @@ def _dassemble(W, D, fp, dfp, Q, dQ, E, dE, k):
 # =========================================================================== pulses
 @njit(**_JIT)
 def _pulse_generator(W, w1, TRF, B1, w0, m0s, R1f, R2f, Rex, R1s, R2s):
-    """W[_A] = H TRF (5x6, affine column last), spec §1."""
+    """W[_A] = H TRF (5x6, affine column last), Assländer et al., MRM 2022, Eq. 9."""
     m0f = 1.0 - m0s
     w = B1 * w1
     for i in range(5):
@@ -336,7 +336,7 @@ def _zero_tangents(D, s):
 
 @njit(**_JIT)
 def _pulse_generator_tangents(D, w1, TRF, m0s, R1f, Rex, R1s, dR2s_dT2s, dR2s_dB1):
-    """D[_A][..., p] = dH/dtheta_p TRF (spec §3 'Per-parameter derivative of H', M0 = 1)."""
+    """D[_A][..., p] = dH/dtheta_p TRF (the per-parameter derivative of H, M0 = 1)."""
     m0f = 1.0 - m0s
     _zero_tangents(D, _A)
     # m0s
@@ -401,7 +401,7 @@ def _crusher_free_pool(alpha, B1, W):
 
 @njit(**_JIT)
 def _crusher(alpha, w1, TRF, B1, R2s, W):
-    """U_c (spec §1 ':crusher') into W[_P]: the refocused echo path of the free
+    """U_c (the ``"crusher"`` gradient moment) into W[_P]: the refocused echo path of the free
     pool and the semi-solid saturation expm([[-R2sl, B1 w1], [-B1 w1, 0]] TRF)."""
     _crusher_generator(alpha, w1, TRF, B1, R2s, W)
     _expm(W)

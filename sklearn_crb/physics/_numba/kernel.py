@@ -230,7 +230,7 @@ def _tangent_step(E, dE, k, S, ks, dS, x, z):
 
 @njit(**_JIT)
 def _steady_jacobian(E, dE, out, J, t, S, dS, C, M, piv, rhs):
-    """out[t] (N,) and J[t] (N, 8) from E, dE (spec §3 tangent sweep).
+    """out[t] (N,) and J[t] (N, 8) from E, dE (the tangent sweep of the module docstring).
 
     S (N, 4), dS (2, 4, 8) scratch.
     """
@@ -319,7 +319,7 @@ enable_source_cache(_jacobian_kernel)
 
 # =========================================================================== Python API
 class _SeqArrays:
-    """Per-sequence arrays for the kernels (tissue independent, spec §8.5).
+    """Per-sequence arrays for the kernels (tissue independent).
 
     All are fresh, writable, C-contiguous copies, so that the kernels always
     see the same argument types (one compiled specialisation).
