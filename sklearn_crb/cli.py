@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+import joblib
 import numpy as np
 import torch
 
@@ -146,8 +147,6 @@ def _dask_context(scheduler):
         from dask.distributed import Client, LocalCluster
     except ImportError as exc:
         raise CLIError("--scheduler needs dask.distributed (pip install 'dask[distributed]')") from exc
-    import joblib  # only with dask: joblib's dask backend
-
     stack = contextlib.ExitStack()
     try:
         if scheduler == "local":

@@ -40,6 +40,8 @@ import numpy as np
 from sklearn_crb._validation import check_basis
 from sklearn_crb.physics.parameters import INDEX, PARAMETERS, tie_R1
 from sklearn_crb.physics.sequence import Sequence
+from sklearn_crb.physics.signal import simulate
+from sklearn_crb.simulator import MTFingerprintSimulator
 
 __all__ = ["TISSUES", "PROTON_DENSITY", "LABELS", "Phantom", "make_phantom", "phantom_geometry"]
 
@@ -199,8 +201,6 @@ def make_phantom(shape=(64, 64), sequence=None, basis=None, *, snr=100.0, n_comp
     -------
     Phantom
     """
-    from sklearn_crb.physics.signal import simulate
-
     rng = np.random.default_rng(random_state)
     seq = Sequence.default() if sequence is None else sequence
     if not isinstance(seq, Sequence):
@@ -249,10 +249,9 @@ def make_phantom(shape=(64, 64), sequence=None, basis=None, *, snr=100.0, n_comp
 
 
 def _resolve_basis(basis, seq, n_components, rng, backend="auto"):
-    from sklearn_crb.simulator import MTFingerprintSimulator
-
     if basis is None:
-        sim = MTFingerprintSimulator(seq, n_components=n_components, backend=backend, n_basis_samples=max(300, 4 * n_components),
+        sim = MTFingerprintSimulator(seq, n_components=n_components, backend=backend,
+                                     n_basis_samples=max(300, 4 * n_components),
                                      random_state=int(rng.integers(2**31))).fit()
         return sim.basis_
     if isinstance(basis, MTFingerprintSimulator):

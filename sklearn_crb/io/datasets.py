@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from sklearn_crb.io._files import atomic_file, check_output_file
 from sklearn_crb.physics.sequence import Sequence
@@ -133,8 +134,6 @@ def is_dataset(path):
 
 def simulate_dataset(simulator, n_samples, random_state=0, chunk=500, progress=True):
     """``make_dataset`` in chunks with a progress bar; returns a dict of arrays."""
-    from tqdm.auto import tqdm  # progress bar only
-
     seeds = np.random.SeedSequence(random_state).spawn(max(1, -(-n_samples // chunk)))
     parts = []
     with tqdm(total=n_samples, desc="simulate", unit="sample", disable=not progress) as bar:

@@ -7,14 +7,19 @@ A model is a directory::
                     (network weights and the target scaling buffers); loads
                     with ``torch.load(..., weights_only=True)`` and with
                     ``CRBNetRegressor.load_params(f_params=...)``
-      model.json    format version, module class and hyper-parameters, the
+      model.json    format version, the network's registry name (``NETWORKS``)
+                    and its JSON-typed constructor arguments, the SHA-256 of
+                    params.pt, the
                     input normalisation, parameter names and units, which are
                     estimated, the tied-R1 model, the values assumed for the
                     parameters that are not estimated, the sequence (full
                     description and SHA-256) and the basis SHA-256
       basis.npy     the compression basis (complex128, ``allow_pickle=False``)
 
-No pickle is involved: JSON, ``.npy`` and a tensor-only state dict. Applying
+No pickle is involved: JSON, ``.npy`` and a tensor-only state dict, and a
+model folder is treated as untrusted input: ``model.json`` can name only the
+package's own networks, every key is type-checked, and the weights must
+match their hash and the network's shapes. Applying
 the model to data from a different basis or sequence is refused
 (:func:`check_compatible`), because a network trained on coefficients of one
 basis returns plausible-looking nonsense on another.
