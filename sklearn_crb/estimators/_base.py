@@ -39,8 +39,15 @@ __all__ = [
     "resolve_fixed",
 ]
 
-#: A positive integer / a positive finite float, for ``_parameter_constraints``.
-POSITIVE_INT = Interval(Integral, 1, None, closed="left")
+class _IntInterval(Interval):
+    """An integer interval that, unlike sklearn's, rejects ``True``/``False``."""
+
+    def is_satisfied_by(self, val):
+        return not isinstance(val, (bool, np.bool_)) and super().is_satisfied_by(val)
+
+
+#: A positive integer (not a bool) / a positive finite float, for ``_parameter_constraints``.
+POSITIVE_INT = _IntInterval(Integral, 1, None, closed="left")
 POSITIVE_REAL = Interval(Real, 0, np.inf, closed="neither")
 
 #: Declared constraints of the constructor arguments shared by the model-based
@@ -93,7 +100,9 @@ def as_complex_data(estimator, X, n_pulses, basis, argname="X"):
             arr = out
         return arr
     arr = validate_data(estimator, X, reset=False, ensure_all_finite=False, dtype=np.float64)
-    return arr[:, :K] + 1j * arr[:, K:]
+    out = np.empty((arr.shape[0], K), dtype=np.complex128)
+    out.real, out.imag = arr[:, :K], arr[:, K:]  # no 1j * inf = nan + inf j
+    return out
 
 
 def finite_rows(y):
@@ -122,7 +131,7 @@ def robust_norm(y):
     m = np.abs(yy).max(axis=1) if y.shape[1] else np.zeros(y.shape[0])
     good = ok & (m > 0)
     e = np.zeros(y.shape[0])
-    e[good] = np.ceil(np.log2(m[good]))
+    e[good] = np.floor(np.log2(m[good]))  # max |z| in [1, 2): 2**e never overflows
     p2 = np.ldexp(1.0, e.astype(np.int64))  # exact scaling by a power of two
     z = yy / p2[:, None]
     nz = np.linalg.norm(z, axis=1)

@@ -91,12 +91,12 @@ class Problem:
         return project(torch.as_tensor(self.basis), s)
 
     def model(self, x, base):
-        """g(theta) (n, K) complex at M0 = 1."""
-        return self._project(simulate(self.sequence, self.theta(x, base), backend=self.backend))
+        """g(theta) (n, K) complex at M0 = 1 (NaN rows where the model is not finite)."""
+        return self._project(_rowwise_safe(simulate, self.sequence, self.theta(x, base), self.backend)[0])
 
     def model_and_jacobian(self, x, base):
-        """g (n, K) and dg/dtheta (n, K, 8) in SI units, all 8 columns."""
-        s, J = jacobian(self.sequence, self.theta(x, base), backend=self.backend)
+        """g (n, K) and dg/dtheta (n, K, 8) in SI units, all 8 columns (NaN rows where not finite)."""
+        s, J = _rowwise_safe(jacobian, self.sequence, self.theta(x, base), self.backend)
         return self._project(s), self._project(J)
 
     def free_columns(self, dg):
@@ -108,6 +108,32 @@ class Problem:
                 c = c + dg[..., INDEX["R1s"]]
             cols.append(c * float(self.scale[k]))
         return torch.stack(cols, dim=-1)
+
+
+def _rowwise_safe(fn, sequence, th, backend):
+    """``fn(sequence, th)`` (simulate or jacobian) as a tuple; NaN rows instead of an error.
+
+    The physics raises on a non-finite model (never silent NaN). One such
+    trial point must not abort a chunk of voxels, so on that error (rare: the
+    box keeps theta physical) the rows are evaluated one by one and the
+    failing ones come back as NaN, which the solver flags ``nonfinite_model``.
+    """
+    try:
+        out = fn(sequence, th, backend=backend)
+        return out if isinstance(out, tuple) else (out,)
+    except ValueError:
+        if th.shape[0] == 1:
+            raise
+    rows = []
+    for i in range(th.shape[0]):  # error path only
+        try:
+            rows.append(_rowwise_safe(fn, sequence, th[i:i + 1], backend))
+        except ValueError:
+            rows.append(None)
+    N = sequence.n_pulses
+    shapes = [(1, N)] if fn is simulate else [(1, N), (1, N, 8)]
+    nan = [torch.full(sh, complex("nan+nanj"), dtype=torch.complex128, device=th.device) for sh in shapes]
+    return tuple(torch.cat([nan[k] if r is None else r[k] for r in rows]) for k in range(len(shapes)))
 
 
 def varpro(g, y):
