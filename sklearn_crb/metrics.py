@@ -5,13 +5,23 @@
 equals 1 for an efficient one; a biased estimator (one leaning on its
 training prior at low SNR) can go below 1, so report bias and variance
 separately with :func:`bias_variance_report`.
+
+Edge cases: every score is a finite float or a clear ``ValueError``. CRBs must
+be positive normal floats (a subnormal CRB is refused: its reciprocal
+overflows), inputs real (complex arrays are refused, not truncated), and a
+normalised squared error beyond the float64 range is refused. The efficiency
+of several parameters is the reciprocal of their mean normalised MSE, so one
+perfectly predicted parameter cannot make it infinite.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import sklearn
 from sklearn.metrics import make_scorer
 from sklearn.utils import Bunch
+
+from sklearn_crb.simulator import unpack_targets
 
 __all__ = ["crb_normalized_mse", "crb_efficiency_score", "make_crb_scorer", "bias_variance_report"]
 
@@ -19,6 +29,8 @@ _MULTI = ("raw_values", "uniform_average")
 
 
 def _as_2d(a, argname):
+    if np.iscomplexobj(a):
+        raise TypeError(f"{argname} must be real, got a complex array (pass the real parameters, not coefficients)")
     try:
         arr = np.asarray(a, dtype=np.float64)
     except (TypeError, ValueError):
@@ -45,6 +57,9 @@ def _check_inputs(y_true, y_pred, crb):
             raise ValueError(f"{name} contains non-finite values")
     if np.any(c <= 0):
         raise ValueError("crb must be strictly positive")
+    if np.any(c < np.finfo(np.float64).tiny):
+        raise ValueError(f"crb has subnormal values (below {np.finfo(np.float64).tiny:.3g}): such a bound is "
+                         "degenerate; drop those samples")
     return yt, yp, c
 
 
@@ -79,44 +94,40 @@ def crb_normalized_mse(y_true, y_pred, *, crb, multioutput="uniform_average"):
         1 for an efficient unbiased estimator; lower is better.
     """
     yt, yp, c = _check_inputs(y_true, y_pred, crb)
-    return _aggregate(np.mean((yp - yt) ** 2 / c, axis=0), multioutput)
+    with np.errstate(over="ignore"):
+        values = np.mean((yp - yt) ** 2 / c, axis=0)
+    if not np.all(np.isfinite(values)):
+        raise ValueError("the CRB-normalised squared errors overflow float64 (errors over 1e154 x sqrt(CRB))")
+    return _aggregate(values, multioutput)
 
 
 def crb_efficiency_score(y_true, y_pred, *, crb, multioutput="uniform_average"):
-    """Statistical efficiency: the reciprocal of the CRB-normalised MSE per parameter.
+    """Statistical efficiency: the reciprocal of the CRB-normalised MSE.
 
-    ``1 / crb_normalized_mse`` is computed for each parameter, then
-    aggregated by ``multioutput``. 1 for an efficient unbiased estimator;
-    higher is better (values above 1 are possible only for biased
-    estimators). Parameters and returns as in :func:`crb_normalized_mse`.
+    1 for an efficient unbiased estimator; higher is better (values above 1
+    are possible only for biased estimators). Per parameter
+    (``"raw_values"``) it is ``1 / nMSE_p``; aggregated (``"uniform_average"``
+    or weights) it is ``1 / (weighted mean of nMSE_p)``, the weighted harmonic
+    mean of the per-parameter efficiencies: a parameter predicted perfectly
+    cannot make the score infinite. A zero nMSE counts as the smallest
+    normal float64, so the score is always finite (at most ~4.5e307).
+    Parameters as in :func:`crb_normalized_mse`.
     """
     nmse = crb_normalized_mse(y_true, y_pred, crb=crb, multioutput="raw_values")
-    with np.errstate(divide="ignore"):
-        eff = np.where(nmse > 0, 1.0 / np.maximum(nmse, np.finfo(float).tiny), np.inf)
-    return _aggregate(eff, multioutput)
+    tiny = np.finfo(np.float64).tiny
+    if isinstance(multioutput, str) and multioutput == "raw_values":
+        return 1.0 / np.maximum(nmse, tiny)
+    return 1.0 / max(_aggregate(nmse, multioutput), tiny)
 
 
-def _crb_from_simulator(simulator, y_true):
-    from sklearn_crb.physics.parameters import INDEX
-
-    from sklearn.utils.validation import check_is_fitted
-
-    check_is_fitted(simulator, "basis_")
-    yt = _as_2d(y_true, "y_true")
-    est = tuple(simulator.estimate_)
-    if yt.shape[1] != len(est):
-        raise ValueError(f"y_true has {yt.shape[1]} columns but the simulator estimates {est}")
-    theta = np.tile(simulator.prior_.center(), (yt.shape[0], 1))
-    theta[:, [INDEX[p] for p in est]] = yt
-    return np.asarray(simulator.crb(theta, M0=1.0, sigma=simulator.sigma), dtype=np.float64)
-
-
-def _crb_score(y_true, y_pred, crb=None, *, metric, simulator, multioutput):
+def _crb_score(y_true, y_pred, crb=None, *, metric, multioutput):
+    y_true, packed = unpack_targets(np.asarray(y_true))
+    crb = packed if crb is None else crb
     if crb is None:
-        if simulator is None:
-            raise ValueError("the CRB scorer needs crb: enable metadata routing and pass crb= (it is requested), "
-                             "or build the scorer with make_crb_scorer(simulator=...)")
-        crb = _crb_from_simulator(simulator, y_true)
+        raise ValueError("the CRB scorer sees no per-sample CRB: pack it with the targets "
+                         "(y = sklearn_crb.simulator.pack_targets(y, crb), which every CV fold slices), or enable "
+                         "metadata routing and pass crb= (the scorer requests it). Use GridSearchCV(..., "
+                         "error_score='raise') so that a scorer error cannot turn into a NaN candidate")
     func = crb_normalized_mse if metric == "normalized_mse" else crb_efficiency_score
     return func(y_true, y_pred, crb=crb, multioutput=multioutput)
 
@@ -124,16 +135,22 @@ def _crb_score(y_true, y_pred, crb=None, *, metric, simulator, multioutput):
 def make_crb_scorer(metric="efficiency", *, simulator=None, multioutput="uniform_average", request_crb="auto"):
     """A scorer for ``GridSearchCV(scoring=...)`` / ``cross_validate``.
 
+    The per-sample CRB of the test samples comes either packed with the
+    targets (``y = simulator.pack_targets(y, crb)``: works without metadata
+    routing, the folds slice it) or as routed metadata (``crb=``). Without
+    either the scorer raises; sklearn's searches turn scorer errors into NaN
+    scores with only a warning, so pass ``error_score="raise"``.
+
     Parameters
     ----------
     metric : {"efficiency", "normalized_mse"}
         ``crb_efficiency_score`` (greater is better) or
         ``crb_normalized_mse`` (the scorer returns its negative, sklearn's
         convention for losses).
-    simulator : MTFingerprintSimulator, optional
-        A fitted simulator that computes the CRB from ``y_true`` (the
-        estimated parameters; others at the prior centre) at ``|M0| = 1``
-        and its ``sigma``, when no ``crb`` is routed to the scorer.
+    simulator : None
+        Removed: a CRB computed from ``y_true`` alone (nuisance parameters at
+        the prior centre, ``|M0| = 1``) was off by factors 0.02-35. Passing
+        one raises ``ValueError``.
     multioutput : "uniform_average", "raw_values" or weights
         ``"raw_values"`` is not valid for model selection.
     request_crb : "auto", bool
@@ -146,20 +163,21 @@ def make_crb_scorer(metric="efficiency", *, simulator=None, multioutput="uniform
 
     Examples
     --------
-    >>> import sklearn
-    >>> sklearn.set_config(enable_metadata_routing=True)  # doctest: +SKIP
-    >>> search = GridSearchCV(net.set_fit_request(crb=True), grid, scoring=make_crb_scorer())  # doctest: +SKIP
-    >>> search.fit(X, y, crb=crb)  # doctest: +SKIP
+    >>> from sklearn_crb.simulator import pack_targets
+    >>> search = GridSearchCV(net, grid, scoring=make_crb_scorer(), error_score="raise")  # doctest: +SKIP
+    >>> search.fit(X, pack_targets(y, crb))  # doctest: +SKIP
     """
+    if simulator is not None:
+        raise ValueError("make_crb_scorer(simulator=) was removed: its CRB (from y_true alone, nuisance parameters "
+                         "at the prior centre, |M0| = 1) was wrong. Pass the per-sample CRB from make_dataset "
+                         "packed with the targets (sklearn_crb.simulator.pack_targets(y, crb)) or routed as crb=")
     if metric not in ("efficiency", "normalized_mse"):
         raise ValueError(f"metric must be 'efficiency' or 'normalized_mse', got {metric!r}")
     if isinstance(multioutput, str) and multioutput not in _MULTI:
         raise ValueError(f"multioutput must be one of {_MULTI} or weights, got {multioutput!r}")
     scorer = make_scorer(_crb_score, greater_is_better=(metric == "efficiency"), metric=metric,
-                         simulator=simulator, multioutput=multioutput)
+                         multioutput=multioutput)
     if request_crb == "auto":
-        import sklearn
-
         request_crb = bool(sklearn.get_config().get("enable_metadata_routing", False))
     if request_crb:
         scorer = scorer.set_score_request(crb=True)
@@ -200,6 +218,8 @@ def bias_variance_report(y_true, y_pred, *, crb, groups=None, names=None):
         parameter and statistic, ``parameter``/``statistic``/``value``), and
         ``to_string()`` formats it.
     """
+    if np.iscomplexobj(y_pred):
+        raise TypeError("y_pred must be real, got a complex array")
     yp = np.asarray(y_pred, dtype=np.float64)
     if yp.ndim == 3:
         yt, c = _as_2d(y_true, "y_true"), _as_2d(crb, "crb")

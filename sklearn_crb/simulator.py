@@ -4,25 +4,135 @@ Turns tissue parameters into the real feature vectors an estimator sees,
 ``[Re c, Im c]`` with ``c = U^H s(theta)`` in a low-rank basis ``U`` (SVD of
 simulated fingerprints, Zhang et al. 2022: rank 13 keeps ~99 % of the energy),
 and attaches to every sample the CRB *of the compressed coefficients* at its
-own ``|M0|`` and noise level ``sigma`` (gbloch_spec.md §4, paper_notes.md).
+own ``|M0|`` and noise level ``sigma`` (Zhang et al., MRM 2022, Eq. 3).
+
+This module is also the one home of the M0/noise model
+(:func:`draw_m0_and_noise`, :func:`apply_m0_and_noise`, :func:`crb_gain`),
+used by :meth:`MTFingerprintSimulator.make_dataset` and by the per-batch
+augmentation of ``CRBNetRegressor``, and of the packing of per-sample CRBs
+with their targets (:func:`pack_targets`, :func:`unpack_targets`).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from sklearn_crb._validation import check_basis, check_snr_range, chunk_slices
 from sklearn_crb.crb import crb_from_jacobian
-from sklearn_crb.physics.parameters import INDEX, PARAMETERS, resolve_estimate, tie_R1, validate_theta
+from sklearn_crb.physics.parameters import (INDEX, PARAMETERS, free_parameters, resolve_estimate, tie_R1,
+                                            validate_theta)
 from sklearn_crb.physics.priors import resolve_prior
 from sklearn_crb.physics.signal import jacobian, simulate
 from sklearn_crb.physics.sequence import Sequence
 
-__all__ = ["MTFingerprintSimulator"]
+__all__ = ["MTFingerprintSimulator", "draw_m0_and_noise", "apply_m0_and_noise", "crb_gain", "pack_targets",
+           "unpack_targets"]
 
 _MAX_STORED_RANK = 128
+_ON_SINGULAR = ("raise", "redraw", "inf")
+_MAX_REDRAWS = 20
+
+
+def draw_m0_and_noise(rng, n_samples, rank, snr, sigma, noise=True):
+    """The M0/noise model of the training data (Zhang et al., MRM 2022).
+
+    ``M0 = |M0| exp(i phi)`` with ``|M0| = sigma * U[snr]`` and
+    ``phi ~ U[0, 2 pi)``; complex white noise of standard deviation ``sigma``
+    per real component on each of the ``rank`` coefficients.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    n_samples, rank : int
+    snr : (float, float)
+        Range of ``|M0| / sigma``.
+    sigma : float
+    noise : bool
+        Draw the noise (False: ``noise`` is None and no numbers are drawn for it).
+
+    Returns
+    -------
+    M0 : ndarray, complex128, shape (n_samples,)
+    noise : ndarray, complex128, shape (n_samples, rank), or None
+    """
+    lo, hi = check_snr_range(snr)
+    sigma = _check_sigma(sigma)
+    M0 = sigma * rng.uniform(lo, hi, n_samples) * np.exp(2j * np.pi * rng.uniform(0, 1, n_samples))
+    if not noise:
+        return M0, None
+    shape = (n_samples, int(rank))
+    return M0, sigma * (rng.standard_normal(shape) + 1j * rng.standard_normal(shape))
+
+
+def apply_m0_and_noise(X_clean, M0, noise=None):
+    """Features ``[Re c, Im c]`` of ``M0 * c + noise`` for clean features of ``c``.
+
+    Works on numpy arrays and on torch tensors (then ``M0`` and ``noise`` are
+    moved to the tensor's dtype and device), so that the simulator and the
+    network's per-batch augmentation share one model.
+    """
+    r = X_clean.shape[1] // 2
+    a, b = np.real(M0), np.imag(M0)
+    nr = ni = None
+    if noise is not None:
+        nr, ni = np.real(noise), np.imag(noise)
+    if isinstance(X_clean, torch.Tensor):
+        kw = dict(dtype=X_clean.dtype, device=X_clean.device)
+        a, b = torch.as_tensor(a, **kw), torch.as_tensor(b, **kw)
+        if noise is not None:
+            nr, ni = torch.as_tensor(nr, **kw), torch.as_tensor(ni, **kw)
+        cat = torch.cat
+    else:
+        a, b = a.astype(X_clean.dtype, copy=False), b.astype(X_clean.dtype, copy=False)
+        cat = np.concatenate
+    re, im = X_clean[:, :r], X_clean[:, r:]
+    out_re = a[:, None] * re - b[:, None] * im
+    out_im = a[:, None] * im + b[:, None] * re
+    if noise is not None:
+        out_re, out_im = out_re + nr, out_im + ni
+    return cat([out_re, out_im], 1)
+
+
+def crb_gain(M0, sigma):
+    """``|M0|^2 / sigma^2``: the CRB at ``(M0, sigma)`` is the unit CRB divided by it."""
+    return np.abs(M0) ** 2 / float(sigma) ** 2
+
+
+def pack_targets(y, crb):
+    """Pack targets and their per-sample CRBs into one array (n, 2, n_outputs).
+
+    ``packed[:, 0]`` are the targets, ``packed[:, 1]`` the CRBs. Cross-validation
+    slices the packed array by samples, so the CRB of every test sample
+    reaches ``CRBNetRegressor.fit``/``score`` and ``make_crb_scorer`` without
+    metadata routing.
+    """
+    yt = np.asarray(y, dtype=np.float64)
+    c = np.asarray(crb, dtype=np.float64)
+    yt = yt[:, None] if yt.ndim == 1 else yt
+    c = c[:, None] if c.ndim == 1 else c
+    if yt.ndim != 2 or c.shape != yt.shape:
+        raise ValueError(f"crb must have the shape of y {yt.shape}, got {c.shape}")
+    return np.stack([yt, c], axis=1)
+
+
+def unpack_targets(y):
+    """``(y, crb)`` of an array made by :func:`pack_targets`; ``(y, None)`` for other arrays."""
+    if isinstance(y, np.ndarray) and y.ndim == 3 and y.shape[1] == 2:
+        return y[:, 0], y[:, 1]
+    return y, None
+
+
+def _check_sigma(sigma, argname="sigma"):
+    try:
+        sig = float(sigma)
+    except (TypeError, ValueError):
+        raise TypeError(f"{argname} must be a positive finite float, got {sigma!r}") from None
+    if not (np.isfinite(sig) and sig > 0):
+        raise ValueError(f"{argname} must be positive and finite, got {sigma!r}")
+    return sig
 
 
 class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
@@ -32,11 +142,14 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
     ----------
     sequence : Sequence or None
         Pulse train; ``None`` uses ``Sequence.default()``.
-    n_components : int
-        Rank ``r`` of the compression basis (ignored when ``basis`` is given).
-    basis : array_like, complex, shape (n_pulses, r), optional
+    n_components : int or None
+        Rank ``r`` of the compression basis. With ``basis``: the first ``r``
+        of its columns (None: all of them); without: the rank of the SVD
+        basis (None: 13, the paper's).
+    basis : array_like, complex, shape (n_pulses, k), optional
         A fixed orthonormal basis (e.g. the one real data were reconstructed
-        in). If None, ``fit`` learns one by SVD.
+        in), possibly wider than ``n_components``. If None, ``fit`` learns one
+        by SVD.
     estimate : tuple of str
         Parameters the downstream estimator predicts (targets ``y``).
     snr : (float, float)
@@ -74,7 +187,7 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         8 (``transform`` takes ``theta``).
     """
 
-    def __init__(self, sequence=None, n_components=13, basis=None, estimate=("m0s", "R1f", "R2f"),
+    def __init__(self, sequence=None, n_components=None, basis=None, estimate=("m0s", "R1f", "R2f"),
                  snr=(10.0, 100.0), sigma=0.01, tied_R1=False, nuisance="all", prior=None,
                  n_basis_samples=1000, backend="auto", chunk_size=2048, random_state=None):
         self.sequence = sequence
@@ -107,20 +220,26 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         self
         """
         seq = Sequence.resolve(self.sequence)
-        lo, hi = self._check_snr()
-        if not (np.isfinite(self.sigma) and self.sigma > 0):
-            raise ValueError(f"sigma must be positive and finite, got {self.sigma}")
+        self._check_snr()
+        _check_sigma(self.sigma)
         self.sequence_ = seq
         self.estimate_ = resolve_estimate(self.estimate, self.tied_R1)
         self.prior_ = resolve_prior(self.prior, seq.TR, self.tied_R1)
         self.n_features_in_ = len(PARAMETERS)
         if self.basis is not None:
-            self.basis_ = check_basis(self.basis, seq.n_pulses)
+            U = check_basis(self.basis, seq.n_pulses)
+            if self.n_components is not None:
+                r = int(self.n_components)
+                if not 1 <= r <= U.shape[1]:
+                    raise ValueError(f"n_components must be in [1, {U.shape[1]}] (the columns of basis), "
+                                     f"got {self.n_components}")
+                U = np.ascontiguousarray(U[:, :r])
+            self.basis_ = U
             self.singular_values_ = None
             self.explained_energy_ = None
             self._extended_basis = self.basis_
         else:
-            r = int(self.n_components)
+            r = 13 if self.n_components is None else int(self.n_components)
             if not 1 <= r <= seq.n_pulses:
                 raise ValueError(f"n_components must be in [1, {seq.n_pulses}], got {self.n_components}")
             if X is None:
@@ -149,15 +268,19 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
     def _chunks(self, n):
         return chunk_slices(n, self.chunk_size)
 
-    def _coefficients_and_crb(self, th, estimate=None, basis="fitted"):
-        """Noise-free coefficients ``U^H s`` (M0 = 1) and the unit CRB, chunk by chunk."""
-        U = self.basis_ if basis == "fitted" else basis
+    def _coefficients_and_crb(self, th, estimate=None, compressed=True, on_singular="raise"):
+        """Noise-free coefficients ``U^H s`` (M0 = 1) and the unit CRB, chunk by chunk.
+
+        The CRB is that of the compressed coefficients (``compressed=True``)
+        or of the full signal.
+        """
+        U = self.basis_ if compressed else None
         cs, crbs = [], []
         for sl in self._chunks(th.shape[0]):
             s, J = jacobian(self.sequence_, th[sl], backend=self.backend)
             cs.append(s @ self.basis_.conj())
             crbs.append(crb_from_jacobian(s, J, estimate=estimate or self.estimate_, nuisance=self.nuisance,
-                                          tied_R1=self.tied_R1, basis=U))
+                                          tied_R1=self.tied_R1, basis=U, on_singular=on_singular))
         return np.concatenate(cs), np.concatenate(crbs)
 
     # ------------------------------------------------------------ transform
@@ -208,10 +331,13 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         ----------
         theta : array_like (n, 8)
         M0 : complex or array_like (n,)
+            The CRB scales as ``1 / |M0|^2``.
         sigma : float or array_like (n,), default ``self.sigma``
         compressed : bool
             CRB of the rank-r coefficients (True) or of the full signal.
         estimate : tuple of str, default ``estimate_``
+        on_singular : {"raise", "inf"}
+            See :func:`sklearn_crb.crb.crb_from_jacobian`.
 
         Returns
         -------
@@ -219,12 +345,7 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, "basis_")
         th = self._theta(theta, "theta")
-        if on_singular != "raise":
-            s, J = jacobian(self.sequence_, th, backend=self.backend)
-            return crb_from_jacobian(s, J, estimate=estimate or self.estimate_, nuisance=self.nuisance,
-                                     tied_R1=self.tied_R1, M0=M0, sigma=self.sigma if sigma is None else sigma,
-                                     basis=self.basis_ if compressed else None, on_singular=on_singular)
-        _, unit = self._coefficients_and_crb(th, estimate, "fitted" if compressed else None)
+        _, unit = self._coefficients_and_crb(th, estimate, compressed, on_singular)
         sig = np.asarray(self.sigma if sigma is None else sigma, dtype=float)
         M0 = np.asarray(M0)
         if not (np.all(np.isfinite(sig)) and np.all(sig > 0) and np.all(np.isfinite(M0)) and np.all(M0 != 0)):
@@ -238,7 +359,7 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         Parameters
         ----------
         theta : array_like (n, 8), optional
-            Default: the spec's tutorial tissue (m0s=.15, R1f=.5, R2f=15,
+            Default: a white-matter-like tissue (m0s=.15, R1f=.5, R2f=15,
             Rex=30, R1s=3, T2s=10 us, omega0=0, B1=1).
         ranks : sequence of int, optional
             Ranks of the learned SVD basis to evaluate (default: n_components_).
@@ -251,8 +372,6 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
             ``{rank: ndarray (n, len(estimate))}`` of inflation factors (>= 1).
         """
         check_is_fitted(self, "basis_")
-        from sklearn_crb.physics.parameters import free_parameters
-
         if theta is None:
             theta = [[0.15, 0.5, 15.0, 30.0, 3.0, 10e-6, 0.0, 1.0]]
         est = estimate or free_parameters(self.tied_R1)
@@ -269,12 +388,14 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         return out
 
     # -------------------------------------------------------------- dataset
-    def make_dataset(self, n_samples, random_state=None, *, noise=True, theta=None, return_details=False):
+    def make_dataset(self, n_samples, random_state=None, *, noise=True, theta=None, return_details=False,
+                     on_singular="raise"):
         """Noisy features, targets and per-sample CRBs.
 
         Each sample gets ``M0 = |M0| exp(i phi)`` with ``|M0| = sigma * U[snr]``
         and ``phi ~ U[0, 2 pi)``, and complex white noise of standard deviation
-        ``sigma`` per real component added to its coefficients.
+        ``sigma`` per real component added to its coefficients
+        (:func:`draw_m0_and_noise`).
 
         Parameters
         ----------
@@ -287,9 +408,14 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
             Use these parameters instead of prior draws.
         return_details : bool
             Also return a dict with ``theta``, ``M0``, ``sigma``,
-            ``X_clean`` (noise-free features at M0 = 1) and ``crb_unit``
-            (CRB at M0 = 1, sigma = 1), which is what per-epoch noise
-            augmentation needs.
+            ``X_clean`` (noise-free features at M0 = 1), ``crb_unit``
+            (CRB at M0 = 1, sigma = 1; what per-epoch noise augmentation
+            needs) and ``singular`` (bool per sample).
+        on_singular : {"raise", "redraw", "inf"}
+            A draw whose Fisher matrix is singular: raise ``ValueError``;
+            replace it by a new prior draw (not with ``theta=``); or keep it
+            with ``inf`` CRBs, flagged in ``details["singular"]`` (such rows
+            cannot train a CRB-loss network: drop them).
 
         Returns
         -------
@@ -299,24 +425,36 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
             CRB of each sample at its own ``|M0|`` and ``sigma``.
         """
         check_is_fitted(self, "basis_")
+        if on_singular not in _ON_SINGULAR:
+            raise ValueError(f"on_singular must be one of {_ON_SINGULAR}, got {on_singular!r}")
+        if on_singular == "redraw" and theta is not None:
+            raise ValueError("on_singular='redraw' draws new parameters from the prior: it cannot be used with theta=")
         rng = np.random.default_rng(self.random_state if random_state is None else random_state)
         if theta is None:
             theta = self.prior_.sample(n_samples, rng)
         th = self._theta(theta, "theta")
+        c, crb_unit = self._coefficients_and_crb(th, on_singular="raise" if on_singular == "raise" else "inf")
+        singular = ~np.all(np.isfinite(crb_unit), axis=1)
+        for _ in range(_MAX_REDRAWS if on_singular == "redraw" else 0):
+            if not singular.any():
+                break
+            idx = np.flatnonzero(singular)
+            th[idx] = self._theta(self.prior_.sample(idx.size, rng), "theta")
+            c[idx], crb_unit[idx] = self._coefficients_and_crb(th[idx], on_singular="inf")
+            singular[idx] = ~np.all(np.isfinite(crb_unit[idx]), axis=1)
+        if on_singular == "redraw" and singular.any():
+            raise ValueError(f"{int(singular.sum())} draws stayed singular after {_MAX_REDRAWS} redraws: "
+                             "the prior puts too much mass where the parameters are not identifiable")
         n = th.shape[0]
-        lo, hi = self._check_snr()
-        sig = float(self.sigma)
-        M0 = sig * rng.uniform(lo, hi, n) * np.exp(2j * np.pi * rng.uniform(0, 1, n))
-        c, crb_unit = self._coefficients_and_crb(th)
+        sig = _check_sigma(self.sigma)
+        M0, eps = draw_m0_and_noise(rng, n, c.shape[1], self.snr, sig, noise=noise)
         X_clean = np.hstack([c.real, c.imag])
-        cn = M0[:, None] * c
-        if noise:
-            cn = cn + sig * (rng.standard_normal(cn.shape) + 1j * rng.standard_normal(cn.shape))
-        X = np.hstack([cn.real, cn.imag])
+        X = apply_m0_and_noise(X_clean, M0, eps)
         y = th[:, [INDEX[p] for p in self.estimate_]]
-        crb = crb_unit * (sig**2 / np.abs(M0) ** 2)[:, None]
+        crb = crb_unit / crb_gain(M0, sig)[:, None]
         if return_details:
-            return X, y, crb, {"theta": th, "M0": M0, "sigma": sig, "X_clean": X_clean, "crb_unit": crb_unit}
+            return X, y, crb, {"theta": th, "M0": M0, "sigma": sig, "X_clean": X_clean, "crb_unit": crb_unit,
+                               "singular": singular}
         return X, y, crb
 
     def __sklearn_tags__(self):

@@ -1,30 +1,22 @@
 """``CRBNetRegressor``: a skorch network trained with the CRB-normalised loss.
 
 Zhang et al., "Cramér–Rao bound-informed training of neural networks for
-quantitative MRI", MRM 2022: the loss is the mean over samples ``n`` and
-estimated parameters ``p`` of ``(theta_hat - theta)^2 / CRB``, with each
-sample's own CRB (at its own ``|M0|`` and noise level). During training every
-epoch can re-draw ``M0`` and the noise of each (noise-free) fingerprint and
-rescale its CRB by ``sigma^2 / |M0|^2`` (paper_notes.md).
+quantitative MRI", MRM 2022. The training pieces (losses, target scaling, the
+paper's LR schedule, per-batch M0/noise augmentation, the validation CRB
+score) live in :mod:`sklearn_crb.estimators._training`; this module wires them
+into skorch.
 
-Design
-------
 The per-sample CRB travels with its sample: ``fit`` packs ``X`` into the dict
-``{"X": features, "w": loss weights, "c": 1/CRB}`` that skorch's ``Dataset``
-slices, shuffles and batches together with ``y``; only ``"X"`` reaches the
-module, the rest reaches :meth:`CRBNetRegressor.get_loss`. Targets are
-standardised; all three losses are weighted squared errors of the
-standardised outputs (``w = s^2/CRB``, ``s^2`` or ``s^2/theta^2`` for
-``"crb"``, ``"mse"`` and ``"relative"``, with ``s`` the target scale), so the
-network trains in float32 at a well-conditioned scale while the loss is the
-one in physical units.
+``{"X": features, "w": loss weights, "c": s^2/CRB}`` that skorch's
+``Dataset`` slices, shuffles and batches together with ``y``; only ``"X"``
+reaches the module, the rest reaches :meth:`CRBNetRegressor.get_loss` and
+the scoring callback.
 """
 
 from __future__ import annotations
 
 import inspect
 import threading
-from contextlib import contextmanager
 from collections.abc import Mapping
 from numbers import Integral, Real
 
@@ -32,100 +24,27 @@ import numpy as np
 import torch
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
-from skorch.callbacks import LRScheduler
 from skorch.dataset import Dataset, ValidSplit, unpack_data
 from skorch.regressor import NeuralNetRegressor
 from skorch.utils import to_tensor
 from torch import nn
 
+from sklearn_crb._validation import check_snr_range, resolve_device
+from sklearn_crb.estimators._network_details import network_details
+from sklearn_crb.estimators._training import (LOSSES, CRBScoring, DivergenceGuard, StepDecayWithFloor,
+                                              TargetStandardizedModule, WeightedMSELoss, augment_batch,
+                                              check_float32_range, loss_weights, paper_lr_scheduler,
+                                              target_scaling)
 from sklearn_crb.estimators.network import ResidualMLP
+from sklearn_crb.simulator import MTFingerprintSimulator, unpack_targets
 
-# torch's RNG is process-global: serialise seeded initialisation so that nets
-# fitted concurrently in threads (joblib threading / dask threads) stay reproducible.
+# torch's RNG is process-global: seeded module construction runs under this
+# lock (and in a forked RNG state), so nets fitted concurrently in threads
+# (joblib threading / dask threads) stay reproducible.
 _SEED_LOCK = threading.Lock()
 
 __all__ = ["CRBNetRegressor", "WeightedMSELoss", "TargetStandardizedModule", "StepDecayWithFloor",
-           "paper_lr_scheduler"]
-
-_LOSSES = ("crb", "mse", "relative")
-
-
-class WeightedMSELoss(nn.Module):
-    """``mean_{n,p} w_np (y_pred_np - y_true_np)^2`` (all losses of the regressor).
-
-    With standardised targets ``y = (theta - m) / s`` and ``w = s^2 / CRB`` this
-    is the CRB-normalised MSE of Zhang et al. 2022 in physical units.
-    """
-
-    def forward(self, y_pred, y_true, weight):
-        return torch.mean(weight * (y_pred - y_true) ** 2)
-
-
-class TargetStandardizedModule(nn.Module):
-    """Wraps the regression network; stores the target scaling as buffers.
-
-    ``forward`` returns standardised outputs (what the loss sees);
-    :meth:`to_physical` maps them to SI units. Keeping the scaling in the
-    module's ``state_dict`` makes ``save_params``/``load_params`` and
-    ``Checkpoint`` restore a net that predicts in physical units.
-
-    Parameters
-    ----------
-    module : nn.Module
-        The network (``ResidualMLP``, ``MLP`` or any module mapping
-        ``(batch, n_features)`` to ``(batch, n_outputs)``).
-    n_outputs : int
-    """
-
-    def __init__(self, module, n_outputs):
-        super().__init__()
-        self.module = module
-        self.register_buffer("mean", torch.zeros(int(n_outputs), dtype=torch.float64))
-        self.register_buffer("scale", torch.ones(int(n_outputs), dtype=torch.float64))
-
-    def forward(self, X):
-        return self.module(X)
-
-    def to_physical(self, out):
-        return out.to(self.scale.dtype) * self.scale + self.mean
-
-
-class StepDecayWithFloor:
-    """Multiplicative LR factor ``max(gamma ** (epoch // step_size), min_factor)``.
-
-    A picklable ``lr_lambda`` for :class:`torch.optim.lr_scheduler.LambdaLR`.
-    """
-
-    def __init__(self, step_size=40, gamma=0.5, min_factor=1e-3):
-        self.step_size, self.gamma, self.min_factor = int(step_size), float(gamma), float(min_factor)
-
-    def __call__(self, epoch):
-        return max(self.gamma ** (epoch // self.step_size), self.min_factor)
-
-
-def paper_lr_scheduler(lr=1e-2, step_size=40, gamma=0.5, min_lr=1e-5):
-    """The step schedule of Zhang et al. 2022 as a skorch ``LRScheduler``.
-
-    The learning rate starts at ``lr`` (the net's ``lr`` must match), is
-    multiplied by ``gamma`` every ``step_size`` epochs and never drops below
-    ``min_lr`` (paper: 0.01, halved every 40 epochs, floor 1e-5).
-
-    Examples
-    --------
-    >>> net = CRBNetRegressor(lr=1e-2, callbacks=[("lr", paper_lr_scheduler(1e-2))])  # doctest: +SKIP
-    """
-    from torch.optim.lr_scheduler import LambdaLR
-
-    if not (lr > 0 and min_lr > 0):
-        raise ValueError(f"lr and min_lr must be positive, got {lr}, {min_lr}")
-    return LRScheduler(policy=LambdaLR, lr_lambda=StepDecayWithFloor(step_size, gamma, min_lr / lr),
-                       step_every="epoch")
-
-
-def _resolve_device(device):
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+           "paper_lr_scheduler", "CRBScoring", "DivergenceGuard"]
 
 
 def _check_positive_finite(a, argname):
@@ -165,15 +84,16 @@ class CRBNetRegressor(NeuralNetRegressor):
         for none, or any skorch ``train_split`` callable.
     loss : {"crb", "mse", "relative"}, default "crb"
         ``"crb"``: mean of ``(theta_hat - theta)^2 / CRB``; needs ``crb=`` in
-        ``fit`` or a ``simulator``. ``"mse"``: mean squared error in raw SI
+        ``fit`` (or targets packed with ``simulator.pack_targets``), or
+        :meth:`fit_simulated`. ``"mse"``: mean squared error in raw SI
         units (the paper's baseline). ``"relative"``: mean of
         ``(theta_hat - theta)^2 / theta^2`` (targets must be non-zero).
     simulator : MTFingerprintSimulator, optional
-        A *fitted* simulator. When ``crb`` is not passed to ``fit``, the CRB
-        is computed from ``y`` (the estimated parameters; the other parameters
-        are set to the prior centre) at ``|M0| = 1`` and the simulator's
-        ``sigma`` (with ``augment``: at unit ``M0`` and ``sigma``). It also
-        supplies ``target_names``, ``snr`` and ``sigma`` defaults.
+        A *fitted* simulator: the data source of :meth:`fit_simulated`, the
+        model context of :meth:`predict_details` (sequence, basis, nuisance
+        fill values) and the default of ``target_names``, ``snr`` and
+        ``sigma``. It does not make CRBs for ``fit(X, y)``: a CRB computed
+        from ``y`` alone would miss the sample's nuisance parameters and SNR.
     augment : bool or "auto", default "auto"
         Per-epoch noise augmentation (paper). When True, ``fit`` takes
         *noise-free* features at ``M0 = 1`` and the CRB at ``M0 = 1``,
@@ -196,8 +116,12 @@ class CRBNetRegressor(NeuralNetRegressor):
         Seeds the weight initialisation, the batch shuffling, the validation
         split and the augmentation draws (None: torch's global RNG).
     device : str, default "auto"
-        ``"auto"`` uses CUDA when available, else CPU. The network always runs
-        in float32; inputs may be float64.
+        ``"auto"`` uses CUDA when available, else CPU. It is resolved once, at
+        construction and ``set_params``, into the attribute ``device`` that
+        skorch uses; ``get_params``, ``clone`` and pickles keep the value
+        given ("auto" re-resolves where a pickle is loaded). ``device_`` is
+        the resolved ``torch.device``. The network runs in float32; inputs
+        may be float64 (rows outside float32's range are refused).
     verbose : int, default 0
     **kwargs
         Further skorch parameters.
@@ -211,11 +135,15 @@ class CRBNetRegressor(NeuralNetRegressor):
     target_names_ : tuple of str
     augment_ : bool
         Whether the last fit used noise augmentation.
+    simulator_ : MTFingerprintSimulator or None
+        The fitted simulator the net was given (its model context).
     history_ : skorch History
         Per epoch ``train_loss``, ``valid_loss`` and, when CRBs are known,
         ``valid_crb`` (mean CRB-normalised MSE on the validation part),
         ``valid_crb_best`` (for ``Checkpoint(monitor="valid_crb_best")``) and
-        ``valid_crb_<name>`` per parameter.
+        ``valid_crb_<name>`` per parameter (:class:`CRBScoring`). A
+        non-finite or diverging training loss stops ``fit`` with
+        ``FloatingPointError`` (:class:`DivergenceGuard`).
 
     Examples
     --------
@@ -228,7 +156,9 @@ class CRBNetRegressor(NeuralNetRegressor):
                  max_epochs=100, batch_size=1024, train_split=0.2, loss="crb", simulator=None, augment="auto",
                  snr=None, sigma=None, target_names=None, random_state=None, device="auto", verbose=0, **kwargs):
         super().__init__(module, *args, criterion=criterion, optimizer=optimizer, lr=lr, max_epochs=max_epochs,
-                         batch_size=batch_size, train_split=train_split, device=device, verbose=verbose, **kwargs)
+                         batch_size=batch_size, train_split=train_split, device=resolve_device(device),
+                         verbose=verbose, **kwargs)
+        self._device_param = device
         self.loss = loss
         self.simulator = simulator
         self.augment = augment
@@ -236,6 +166,31 @@ class CRBNetRegressor(NeuralNetRegressor):
         self.sigma = sigma
         self.target_names = target_names
         self.random_state = random_state
+
+    # ------------------------------------------------------------ device
+    def get_params(self, deep=True, **kwargs):
+        params = super().get_params(deep=deep, **kwargs)
+        params["device"] = self.__dict__.get("_device_param", params.get("device"))
+        return params
+
+    def set_params(self, **kwargs):
+        if "device" in kwargs:
+            self._device_param = kwargs["device"]
+            kwargs["device"] = resolve_device(kwargs["device"])
+        return super().set_params(**kwargs)
+
+    def __setstate__(self, state):
+        if state.get("_device_param") == "auto":  # re-resolve where the pickle is loaded
+            state["device"] = resolve_device("auto")
+        super().__setstate__(state)
+
+    @property
+    def device_(self):
+        """The torch device the network runs on."""
+        return torch.device(self.device)
+
+    def get_default_callbacks(self):
+        return [*super().get_default_callbacks(), ("valid_crb", CRBScoring()), ("divergence", DivergenceGuard())]
 
     # ------------------------------------------------------------ helpers
     def _seed(self, offset=0):
@@ -246,63 +201,30 @@ class CRBNetRegressor(NeuralNetRegressor):
             raise TypeError(f"random_state must be an int or None, got {rs!r}")
         return (int(rs) + 7919 * offset) % (2**32)
 
-    @contextmanager
-    def _resolved_device(self):
-        """skorch reads ``self.device`` directly; map "auto" for its duration."""
-        if self.device != "auto":
-            yield
-            return
-        self.__dict__["device"] = _resolve_device("auto")
-        try:
-            yield
-        finally:
-            self.__dict__["device"] = "auto"
-
-    @property
-    def device_(self):
-        """The torch device the network runs on."""
-        return torch.device(_resolve_device(self.device))
-
-    def _check_loss(self):
-        if self.loss not in _LOSSES:
-            raise ValueError(f"loss must be one of {_LOSSES}, got {self.loss!r}")
-
     def _noise_setup(self):
         sim = self.simulator
         snr = self.snr if self.snr is not None else (getattr(sim, "snr", None) or (10.0, 100.0))
         sigma = self.sigma if self.sigma is not None else (getattr(sim, "sigma", None) or 0.01)
-        try:
-            lo, hi = (float(v) for v in snr)
-        except (TypeError, ValueError):
-            raise TypeError(f"snr must be a (low, high) pair, got {snr!r}") from None
-        if not (0 < lo <= hi < np.inf):
-            raise ValueError(f"snr must satisfy 0 < low <= high < inf, got {snr!r}")
+        lo, hi = check_snr_range(snr)
         if not (isinstance(sigma, Real) and np.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a positive finite float, got {sigma!r}")
-        return lo, hi, float(sigma)
+        return (lo, hi), float(sigma)
 
     def _fitted_simulator(self):
         sim = self.simulator
         if sim is None:
             return None
-        try:
-            check_is_fitted(sim, "basis_")
-        except Exception as exc:  # noqa: BLE001 - NotFittedError or missing API
-            raise ValueError("simulator must be a fitted MTFingerprintSimulator (call simulator.fit() first)") from exc
+        if not isinstance(sim, MTFingerprintSimulator) or not hasattr(sim, "basis_"):
+            raise ValueError("simulator must be a fitted MTFingerprintSimulator (call simulator.fit() first)")
         return sim
 
-    def _crb_from_y(self, Y, unit):
-        """CRB of the targets computed by the simulator (other parameters: prior centre)."""
-        from sklearn_crb.physics.parameters import INDEX
-
-        sim = self._fitted_simulator()
-        est = tuple(sim.estimate_)
-        if Y.shape[1] != len(est):
-            raise ValueError(f"y has {Y.shape[1]} columns but the simulator estimates {len(est)} ({est}); "
-                             "pass crb= explicitly")
-        theta = np.tile(sim.prior_.center(), (Y.shape[0], 1))
-        theta[:, [INDEX[p] for p in est]] = Y
-        return np.asarray(sim.crb(theta, M0=1.0, sigma=1.0 if unit else sim.sigma), dtype=np.float64)
+    def _normalization(self):
+        mode = self.get_params_for("module").get("normalization")
+        if mode is None and "normalization" not in self.get_params_for("module"):
+            inner = getattr(getattr(self, "module_", None), "module", None)
+            norm = getattr(inner, "normalize", None)
+            mode = getattr(norm, "mode", "l2" if inner is None else None)
+        return mode
 
     def _resolve_names(self, n_outputs):
         names = self.target_names
@@ -317,15 +239,17 @@ class CRBNetRegressor(NeuralNetRegressor):
 
     def _prepare(self, X, y, crb, augment, reset):
         """Validate the data and pack it into the dict skorch batches."""
-        self._check_loss()
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        y, packed = unpack_targets(y)
+        crb = packed if crb is None else crb
         X, y = validate_data(self, X, y, reset=reset, multi_output=True, y_numeric=True, dtype=np.float64)
         if X.shape[0] < 2:
             raise ValueError(f"CRBNetRegressor needs at least 2 samples to fit, got n_samples={X.shape[0]}")
         Y = y.reshape(y.shape[0], -1)
         if not np.all(np.isfinite(Y)):
             raise ValueError("y contains non-finite values")
-        if crb is None and self.simulator is not None:
-            crb = self._crb_from_y(Y, unit=augment)
+        self.simulator_ = self._fitted_simulator()
         if crb is not None:
             crb = np.asarray(crb, dtype=np.float64)
             if crb.ndim == 1 and Y.shape[1] == 1:
@@ -335,38 +259,28 @@ class CRBNetRegressor(NeuralNetRegressor):
                                  f"got {crb.shape}")
             _check_positive_finite(crb, "crb")
         elif self.loss == "crb":
-            raise ValueError("loss='crb' needs the per-sample CRB: pass fit(X, y, crb=...) or give the regressor "
-                             "a fitted simulator=; or choose loss='mse' or 'relative'")
-        if augment:
-            if X.shape[1] % 2:
-                raise ValueError("augment=True needs [Re c, Im c] features (an even number of columns)")
-        mode = self.get_params_for("module").get("normalization", "l2")
+            raise ValueError("loss='crb' needs the per-sample CRB at each sample's own parameters and SNR: pass "
+                             "fit(X, y, crb=...) (e.g. from simulator.make_dataset), pack it with the targets "
+                             "(sklearn_crb.simulator.pack_targets(y, crb)), or train with fit_simulated(); or "
+                             "choose loss='mse' or 'relative'")
+        if augment and X.shape[1] % 2:
+            raise ValueError("augment=True needs [Re c, Im c] features (an even number of columns)")
+        mode = self._normalization()
         zero = ~np.any(X != 0, axis=1)
         if mode is not None and zero.any():
             raise ValueError(f"X has all-zero rows (e.g. row {int(np.flatnonzero(zero)[0])}: background voxels) "
                              f"that normalization={mode!r} cannot handle; mask them out before fit")
-
+        check_float32_range(X, mode)
         if reset or not hasattr(self, "y_mean_"):
             self._y_1d_ = y.ndim == 1
             self.n_outputs_ = Y.shape[1]
-            self.y_mean_ = Y.mean(axis=0)
-            scale = Y.std(axis=0)
-            self.y_scale_ = np.where(scale > 0, scale, np.where(self.y_mean_ != 0, np.abs(self.y_mean_), 1.0))
+            self.y_mean_, self.y_scale_ = target_scaling(Y)
             self.target_names_ = self._resolve_names(Y.shape[1])
         elif Y.shape[1] != self.n_outputs_:
             raise ValueError(f"y has {Y.shape[1]} targets, the net was fitted with {self.n_outputs_}")
-        s2 = self.y_scale_**2
-        if self.loss == "crb":
-            w = s2 / crb
-        elif self.loss == "mse":
-            w = np.broadcast_to(s2, Y.shape)
-        else:
-            if np.any(Y == 0):
-                raise ValueError("loss='relative' divides by theta^2: y must not contain zeros")
-            w = s2 / Y**2
-        Xd = {"X": X.astype(np.float32), "w": np.ascontiguousarray(w, dtype=np.float32)}
+        Xd = {"X": X.astype(np.float32), "w": loss_weights(self.loss, Y, crb, self.y_scale_)}
         if crb is not None:
-            Xd["c"] = (s2 / crb).astype(np.float32)
+            Xd["c"] = loss_weights("crb", Y, crb, self.y_scale_)
         Ys = ((Y - self.y_mean_) / self.y_scale_).astype(np.float32)
         self.augment_ = bool(augment)
         if augment:
@@ -392,7 +306,9 @@ class CRBNetRegressor(NeuralNetRegressor):
             Features, e.g. ``[Re c, Im c]`` of compressed fingerprints
             (noise-free at ``M0 = 1`` when ``augment=True``).
         y : array_like, shape (n_samples,) or (n_samples, n_outputs)
-            True parameters in SI units.
+            True parameters in SI units, or targets packed with their CRBs by
+            :func:`sklearn_crb.simulator.pack_targets` (then ``crb`` follows
+            every cross-validation fold without metadata routing).
         crb : array_like, shape like ``y``, optional
             Per-sample Cramér–Rao bounds (squared SI units); at ``M0 = 1``,
             ``sigma = 1`` when ``augment=True``. Sliced with its samples by
@@ -405,8 +321,8 @@ class CRBNetRegressor(NeuralNetRegressor):
         -------
         self
         """
-        Xd, Ys = self._prepare(X, y, crb, self._resolve_augment(False), reset=not (self.warm_start and
-                                                                                      self.initialized_))
+        Xd, Ys = self._prepare(X, y, crb, self._resolve_augment(False),
+                               reset=not (self.warm_start and self.initialized_))
         if not self.warm_start or not self.initialized_:
             self.initialize()
         return self._fit_packed(Xd, Ys, "fit", **fit_params)
@@ -467,39 +383,24 @@ class CRBNetRegressor(NeuralNetRegressor):
                               ("n_outputs", getattr(self, "n_outputs_", None))):
                 if name in params and name not in kwargs and val is not None:
                     kwargs[name] = val
-            inner = self.initialized_instance(module, kwargs)
+            seed = self._seed(0)
+            if seed is not None and inspect.isclass(module):
+                # built once, seeded, under the lock: no unseeded draw from the global RNG
+                with _SEED_LOCK, torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    inner = self.initialized_instance(module, kwargs)
+            else:
+                inner = self.initialized_instance(module, kwargs)
         n_out = getattr(self, "n_outputs_", None) or kwargs.get("n_outputs") or getattr(inner, "n_outputs", None)
         if n_out is None:
             raise ValueError("cannot tell the number of outputs of the module: fit the net or pass "
                              "module__n_outputs")
-        seed = self._seed(0)
-        if seed is not None and inspect.isclass(module):
-            with _SEED_LOCK, torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                inner = self.initialized_instance(module, kwargs)
         self.module_ = TargetStandardizedModule(inner, n_out)
         return self
 
-    def initialize(self):
-        with self._resolved_device():
-            return super().initialize()
-
-    def _initialize_module(self, reason=None):
-        with self._resolved_device():
-            return super()._initialize_module(reason=reason)
-
-    def _initialize_criterion(self, reason=None):
-        with self._resolved_device():
-            return super()._initialize_criterion(reason=reason)
-
-    def _initialize_optimizer(self, reason=None):
-        with self._resolved_device():
-            return super()._initialize_optimizer(reason=reason)
-
     def load_params(self, *args, **kwargs):
         """skorch's ``load_params``; also restores ``n_features_in_``/``n_outputs_``."""
-        with self._resolved_device():
-            super().load_params(*args, **kwargs)
+        super().load_params(*args, **kwargs)
         inner = self.module_.module
         if getattr(inner, "n_features", None) is not None:
             self.n_features_in_ = int(inner.n_features)
@@ -509,14 +410,6 @@ class CRBNetRegressor(NeuralNetRegressor):
         if not hasattr(self, "target_names_"):
             self.target_names_ = self._resolve_names(self.n_outputs_)
         return self
-
-    def __setstate__(self, state):
-        auto = state.get("device") == "auto"
-        if auto:
-            state["device"] = _resolve_device("auto")
-        super().__setstate__(state)
-        if auto:
-            self.__dict__["device"] = "auto"
 
     def get_split_datasets(self, X, y=None, **fit_params):
         ts = self.train_split
@@ -539,35 +432,8 @@ class CRBNetRegressor(NeuralNetRegressor):
             return subset  # a user-supplied validation set is taken as is
         idx = np.asarray(subset.indices)
         Xd = {k: np.asarray(v)[idx] for k, v in subset.dataset.X.items()}
-        Xd = self._draw_noise(Xd, np.random.default_rng(self._seed(3)))
+        Xd = augment_batch(Xd, np.random.default_rng(self._seed(3)), *self.noise_, self.loss)
         return Dataset(Xd, np.asarray(subset.dataset.y)[idx])
-
-    def _draw_noise(self, Xd, rng):
-        """Apply a complex M0 and Gaussian noise to noise-free features (numpy or torch)."""
-        lo, hi, sigma = self.noise_
-        x = Xd["X"]
-        n, f = x.shape
-        r = f // 2
-        mag = sigma * rng.uniform(lo, hi, n)
-        phi = 2 * np.pi * rng.uniform(0, 1, n)
-        noise = sigma * rng.standard_normal((n, f))
-        a, b = mag * np.cos(phi), mag * np.sin(phi)
-        gain = (mag / sigma) ** 2  # |M0|^2 / sigma^2 rescales 1/CRB_unit
-        if isinstance(x, torch.Tensor):
-            kw = dict(dtype=x.dtype, device=x.device)
-            a, b, noise, gain = (torch.as_tensor(v, **kw) for v in (a, b, noise, gain))
-            cat = torch.cat
-        else:
-            a, b, noise, gain = (v.astype(x.dtype) for v in (a, b, noise, gain))
-            cat = np.concatenate
-        re, im = x[:, :r], x[:, r:]
-        out = dict(Xd)
-        out["X"] = cat([a[:, None] * re - b[:, None] * im, a[:, None] * im + b[:, None] * re], 1) + noise
-        if "c" in Xd:
-            out["c"] = Xd["c"] * gain[:, None]
-        if self.loss == "crb":
-            out["w"] = Xd["w"] * gain[:, None]
-        return out
 
     def get_iterator(self, dataset, training=False):
         if not training:
@@ -579,8 +445,7 @@ class CRBNetRegressor(NeuralNetRegressor):
         if len(dataset) > 1 and len(dataset) % bs == 1 and "drop_last" not in kwargs:
             kwargs["drop_last"] = True
         kwargs.setdefault("batch_size", bs)
-        if "shuffle" not in kwargs:
-            kwargs["shuffle"] = True
+        kwargs.setdefault("shuffle", True)
         seed = self._seed(4)
         if seed is not None and "generator" not in kwargs:
             kwargs["generator"] = torch.Generator().manual_seed(seed)
@@ -595,7 +460,7 @@ class CRBNetRegressor(NeuralNetRegressor):
         return self.module_(x, **fit_params)
 
     def get_loss(self, y_pred, y_true, X=None, training=False):
-        """Weighted squared error of the standardised outputs (see the module docstring)."""
+        """Weighted squared error of the standardised outputs (see :mod:`._training`)."""
         y_true = to_tensor(y_true, device=self.device_)
         if isinstance(X, Mapping) and "w" in X:
             w = to_tensor(X["w"], device=self.device_)
@@ -609,39 +474,12 @@ class CRBNetRegressor(NeuralNetRegressor):
         self._set_training(True)
         Xi, yi = unpack_data(batch)
         if self.augment_:
-            Xi = self._draw_noise({k: to_tensor(v, device=self.device_) for k, v in Xi.items()}, self.rng_)
+            Xi = augment_batch({k: to_tensor(v, device=self.device_) for k, v in Xi.items()}, self.rng_,
+                               *self.noise_, self.loss)
         y_pred = self.infer(Xi, **fit_params)
         loss = self.get_loss(y_pred, yi, X=Xi, training=True)
         loss.backward()
         return {"loss": loss, "y_pred": y_pred}
-
-    def validation_step(self, batch, **fit_params):
-        step = super().validation_step(batch, **fit_params)
-        Xi, yi = unpack_data(batch)
-        if isinstance(Xi, Mapping) and "c" in Xi:
-            c = to_tensor(Xi["c"], device=self.device_)
-            yt = to_tensor(yi, device=self.device_).reshape(step["y_pred"].shape)
-            err = (c * (step["y_pred"] - yt) ** 2).sum(0).detach().double().cpu().numpy()
-            acc = self._valid_acc_
-            acc[0] = err if acc[0] is None else acc[0] + err
-            acc[1] += yt.shape[0]
-        return step
-
-    def on_epoch_begin(self, net, dataset_train=None, dataset_valid=None, **kwargs):
-        super().on_epoch_begin(net, dataset_train=dataset_train, dataset_valid=dataset_valid, **kwargs)
-        self._valid_acc_ = [None, 0]
-
-    def on_epoch_end(self, net, dataset_train=None, dataset_valid=None, **kwargs):
-        super().on_epoch_end(net, dataset_train=dataset_train, dataset_valid=dataset_valid, **kwargs)
-        acc = getattr(self, "_valid_acc_", [None, 0])
-        if acc[0] is not None and acc[1] > 0:
-            per = acc[0] / acc[1]
-            mean = float(per.mean())
-            past = [v for v in self.history[:-1, "valid_crb"]] if "valid_crb" in self.history[0] else []
-            self.history.record("valid_crb", mean)
-            self.history.record("valid_crb_best", bool(not past or mean < min(past)))
-            for name, v in zip(self.target_names_, per):
-                self.history.record(f"valid_crb_{name}", float(v))
 
     # ------------------------------------------------------------ predict
     def predict(self, X, batch_size=None):
@@ -650,7 +488,8 @@ class CRBNetRegressor(NeuralNetRegressor):
         Parameters
         ----------
         X : array_like, shape (n_samples, n_features)
-            Features; all-zero rows (background) raise ``ValueError``: mask them.
+            Features; all-zero rows (background) and rows outside float32's
+            range raise ``ValueError``: mask or rescale them.
         batch_size : int, optional
             Samples per forward pass. Default: 1024 on CPU (activations stay
             in cache: a 37,625-voxel slice through the paper's network took
@@ -663,10 +502,12 @@ class CRBNetRegressor(NeuralNetRegressor):
         self.check_is_fitted()
         check_is_fitted(self, "n_features_in_")
         X = validate_data(self, X, reset=False, dtype=(np.float32, np.float64))
+        mode = getattr(getattr(self.module_.module, "normalize", None), "mode", None)
         zero = ~np.any(X != 0, axis=1)
-        if getattr(getattr(self.module_.module, "normalize", None), "mode", None) is not None and zero.any():
+        if mode is not None and zero.any():
             raise ValueError(f"X has {int(zero.sum())} all-zero rows (e.g. row {int(np.flatnonzero(zero)[0])}): "
                              "background voxels cannot be normalised; mask them out before predict")
+        check_float32_range(X, mode)
         dev = self.device_
         if batch_size is None:
             batch_size = 1024 if dev.type == "cpu" else 65536
@@ -676,8 +517,54 @@ class CRBNetRegressor(NeuralNetRegressor):
             for i in range(0, X.shape[0], int(batch_size)):
                 xb = torch.as_tensor(X[i: i + int(batch_size)], dtype=torch.float32, device=dev)
                 outs.append(self.module_.to_physical(self.module_(xb)).cpu())
-        y = torch.cat(outs).numpy()
+        y = torch.cat(outs).numpy() if outs else np.zeros((0, self.n_outputs_))
         return y[:, 0] if getattr(self, "_y_1d_", False) else y
+
+    def predict_details(self, X, *, fixed=None, compute_crb=True, sequence=None, basis=None):
+        """Estimates with M0, residual, convergence and unit CRB (the ``predict_details`` protocol).
+
+        ``theta`` holds the network's estimates, the ``fixed`` values and, for
+        the other parameters, the fill values of the model context (the
+        simulator's prior centre, or ``crb_metadata_["fill_values"]`` of a
+        loaded model). See :func:`sklearn_crb.estimators._network_details.network_details`.
+
+        Parameters
+        ----------
+        X : array_like (n, 2r)
+        fixed : dict, optional
+            ``{name: scalar or (n,) array}`` of known, non-estimated parameters.
+        compute_crb : bool
+        sequence, basis : optional
+            Override the model context's sequence and basis.
+
+        Returns
+        -------
+        dict
+            ``theta``, ``M0``, ``residual_norm``, ``converged``, ``crb_unit``,
+            ``n_free``, ``estimate`` and ``out_of_range``.
+        """
+        self.check_is_fitted()
+        return network_details(self, X, fixed=fixed, compute_crb=compute_crb, sequence=sequence, basis=basis)
+
+    def score(self, X, y, sample_weight=None, crb=None):
+        """CRB efficiency (``metrics.crb_efficiency_score``), not R^2.
+
+        Needs the per-sample CRB: ``crb=`` or targets packed with
+        :func:`sklearn_crb.simulator.pack_targets`; raises ``ValueError``
+        without one.
+        """
+        # metrics sits above the estimators in the import flow
+        from sklearn_crb.metrics import crb_efficiency_score
+
+        y, packed = unpack_targets(y)
+        crb = packed if crb is None else crb
+        if crb is None:
+            raise ValueError("CRBNetRegressor.score is the CRB efficiency and needs the per-sample CRB: pass "
+                             "score(X, y, crb=...) or y = sklearn_crb.simulator.pack_targets(y, crb); for R^2 use "
+                             "sklearn.metrics.r2_score(y, net.predict(X))")
+        if sample_weight is not None:
+            raise ValueError("sample_weight is not supported by the CRB efficiency score")
+        return crb_efficiency_score(y, self.predict(X), crb=crb)
 
     @available_if(lambda self: False)
     def predict_proba(self, X):
@@ -687,8 +574,7 @@ class CRBNetRegressor(NeuralNetRegressor):
     def trim_for_prediction(self):
         """Drop optimizer, criterion and training-only state (smaller pickles)."""
         super().trim_for_prediction()
-        for name in ("rng_", "_valid_acc_"):
-            self.__dict__.pop(name, None)
+        self.__dict__.pop("rng_", None)
         return self
 
     def __sklearn_tags__(self):

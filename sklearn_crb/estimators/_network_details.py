@@ -1,0 +1,171 @@
+"""``predict_details`` for networks: the model at the network's estimate.
+
+A network predicts only the parameters it estimates. To report M0, the
+residual and the CRB, the fingerprint model needs every parameter: the
+estimates, the caller's ``fixed`` values, and for the rest the fill values of
+the model context. :func:`polish_nuisance` is the step where per-voxel
+nuisance estimates will replace the fill values; today it keeps them.
+
+M0 is the variable-projection (linear least-squares) solution of the complex
+scale at fixed theta, ``M0 = <u, c> / <u, u>`` with ``u = U^H s(theta)``; the
+CRB is that of the compressed coefficients at ``M0 = 1``, ``sigma = 1``
+(Zhang et al., MRM 2022, Eq. 3), with the nuisance parameters and complex M0
+marginalised.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from sklearn_crb._validation import check_parameter_dict, complex_from_features
+from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
+from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, free_parameters, resolve_estimate, tie_R1
+from sklearn_crb.physics.sequence import Sequence
+from sklearn_crb.physics.signal import jacobian, simulate
+
+__all__ = ["model_context", "polish_nuisance", "network_details"]
+
+_LO = np.array([BOUNDS[p][0] for p in PARAMETERS])
+_HI = np.array([BOUNDS[p][1] for p in PARAMETERS])
+# strictly inside, so that every parameter stays identifiable at the bounds (m0s = 0, Rex = 0)
+_EPS = np.array([1e-4, 0, 0, 1e-3, 0, 0, 0, 0])
+
+
+def model_context(net, sequence=None, basis=None):
+    """Sequence, basis, estimate, tied_R1, nuisance and fill values of a fitted network.
+
+    From ``net.crb_metadata_`` (set by ``io.models.load_model``: keys
+    ``sequence`` (a ``Sequence.to_dict``), ``basis``, ``estimate``,
+    ``tied_R1``, ``nuisance``, ``fill_values``) or else ``net.simulator_``
+    (``fit_simulated`` or ``simulator=``); ``sequence``/``basis`` override.
+    """
+    meta = getattr(net, "crb_metadata_", None)
+    sim = getattr(net, "simulator_", None)
+    if meta is not None:
+        ctx = dict(sequence=Sequence.from_dict(meta["sequence"]), basis=meta.get("basis"),
+                   estimate=tuple(meta["estimate"]), tied_R1=bool(meta.get("tied_R1", False)),
+                   nuisance=meta.get("nuisance", "all"), fill=np.asarray(meta["fill_values"], dtype=np.float64))
+    elif sim is not None:
+        ctx = dict(sequence=sim.sequence_, basis=sim.basis_, estimate=tuple(sim.estimate_),
+                   tied_R1=bool(sim.tied_R1), nuisance=sim.nuisance, fill=np.asarray(sim.prior_.center(), float))
+    else:
+        raise ValueError("predict_details needs the network's model (sequence, basis, fill values): train it with "
+                         "simulator= or fit_simulated, or load it with sklearn_crb.io.models.load_model")
+    if sequence is not None:
+        ctx["sequence"] = sequence
+    if basis is not None:
+        ctx["basis"] = basis
+    if ctx["basis"] is None:
+        raise ValueError("basis: the network does not carry its compression basis; pass basis=")
+    ctx["basis"] = np.asarray(ctx["basis"], dtype=np.complex128)
+    if ctx["basis"].ndim != 2 or ctx["basis"].shape[0] != ctx["sequence"].n_pulses:
+        raise ValueError(f"basis has shape {ctx['basis'].shape} but the sequence has {ctx['sequence'].n_pulses} "
+                         "pulses")
+    ctx["estimate"] = resolve_estimate(ctx["estimate"], ctx["tied_R1"])
+    if ctx["fill"].shape != (len(PARAMETERS),):
+        raise ValueError(f"fill_values must have {len(PARAMETERS)} entries, got shape {ctx['fill'].shape}")
+    return ctx
+
+
+def _nuisance_names(ctx, fixed_names):
+    est, tied = ctx["estimate"], ctx["tied_R1"]
+    nuis = ctx["nuisance"]
+    if nuis == "all":
+        names = free_parameters(tied)
+    elif nuis is None:
+        names = ()
+    else:
+        names = resolve_estimate(nuis, tied, "nuisance")
+    return tuple(p for p in names if p not in est and p not in fixed_names)
+
+
+def polish_nuisance(theta, c, ctx, nuisance, converged):
+    """Per-voxel nuisance values with the estimates held (hook; today: the fill values unchanged).
+
+    Parameters
+    ----------
+    theta : ndarray (n, 8)
+        Estimates, fixed values and fill values.
+    c : ndarray, complex (n, r)
+        The coefficients.
+    ctx : dict
+        The model context (:func:`model_context`).
+    nuisance : tuple of str
+        Parameters a polish step may refine.
+    converged : ndarray of bool (n,)
+
+    Returns
+    -------
+    theta : ndarray (n, 8)
+    """
+    return theta
+
+
+def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basis=None, backend="auto"):
+    """The ``predict_details`` protocol for a fitted ``CRBNetRegressor`` (see its method)."""
+    ctx = model_context(net, sequence, basis)
+    est, tied, U = ctx["estimate"], ctx["tied_R1"], ctx["basis"]
+    fixed = check_parameter_dict(fixed, "fixed")
+    both = sorted(set(fixed) & set(est))
+    if both:
+        raise ValueError(f"fixed: {both} are estimated by the network; fix only parameters it does not estimate")
+    nuis = _nuisance_names(ctx, tuple(fixed))
+    n_free = len(est) + len(nuis) + 2
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != 2 * U.shape[1]:
+        raise ValueError(f"X must have shape (n_samples, {2 * U.shape[1]}) ([Re c, Im c] in the model's rank-"
+                         f"{U.shape[1]} basis), got {X.shape}")
+    n = X.shape[0]
+    out = {"estimate": est, "n_free": n_free}
+    if n == 0:
+        return dict(out, theta=np.zeros((0, len(PARAMETERS))), M0=np.zeros(0, complex), residual_norm=np.zeros(0),
+                    converged=np.zeros(0, bool), crb_unit=np.zeros((0, len(est))) if compute_crb else None,
+                    out_of_range=np.zeros(0, bool))
+    names = tuple(getattr(net, "target_names_", est))
+    if set(names) != set(est):
+        raise ValueError(f"the network predicts {names} but its model context estimates {est}")
+    theta = np.tile(ctx["fill"], (n, 1))
+    for p, v in fixed.items():
+        col = np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))
+        if not np.all(np.isfinite(col)):
+            raise ValueError(f"fixed[{p!r}] has non-finite values")
+        theta[:, INDEX[p]] = col
+    finite_in = np.all(np.isfinite(X), axis=1) & np.any(X != 0, axis=1)
+    pred = np.full((n, len(est)), np.nan)
+    if finite_in.any():
+        p = np.asarray(net.predict(X[finite_in]), dtype=np.float64).reshape(int(finite_in.sum()), -1)
+        pred[finite_in] = p
+    for j, p in enumerate(names):
+        theta[:, INDEX[p]] = pred[:, j]
+    if tied:
+        theta = tie_R1(theta)
+    c = complex_from_features(X)
+    converged = finite_in & np.all(np.isfinite(pred), axis=1)
+    theta = polish_nuisance(theta, c, ctx, nuis, converged)
+    # the model is evaluated strictly inside the bounds; failed rows at the fill values (their outputs are NaN)
+    out_of_range = converged & np.any((theta < _LO) | (theta > _HI), axis=1)
+    th_model = np.where(converged[:, None], np.clip(theta, _LO + _EPS, _HI), ctx["fill"])
+    if tied:
+        th_model = tie_R1(th_model)
+    seq = ctx["sequence"]
+    if compute_crb:
+        s, J = jacobian(seq, th_model, backend=backend)
+    else:
+        s, J = simulate(seq, th_model, backend=backend), None
+    u = s @ U.conj()
+    M0 = np.einsum("nr,nr->n", u.conj(), c) / np.einsum("nr,nr->n", u.conj(), u).real
+    res = np.linalg.norm(c - M0[:, None] * u, axis=1)
+    converged = converged & np.isfinite(M0) & np.isfinite(res)
+    crb_unit = None
+    if compute_crb:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", IllConditionedFisherWarning)  # reported as inf, flagged by the caller
+            crb_unit = crb_from_jacobian(s, J, estimate=est, nuisance=nuis, tied_R1=tied, basis=U, on_singular="inf")
+        crb_unit = np.asarray(crb_unit, dtype=np.float64)
+        crb_unit[~converged] = np.nan
+    M0 = np.where(converged, M0, np.nan + 0j)
+    res = np.where(converged, res, np.nan)
+    return dict(out, theta=theta, M0=M0.astype(np.complex128), residual_norm=res.astype(np.float64),
+                converged=converged, crb_unit=crb_unit, out_of_range=out_of_range)

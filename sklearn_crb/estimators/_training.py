@@ -1,0 +1,287 @@
+"""Training pieces of ``CRBNetRegressor``: losses, target scaling, schedule, augmentation, scoring.
+
+Zhang et al., "Cramér–Rao bound-informed training of neural networks for
+quantitative MRI", MRM 2022: the loss is the mean over samples ``n`` and
+estimated parameters ``p`` of ``(theta_hat - theta)^2 / CRB``, with each
+sample's own CRB at its own ``|M0|`` and noise level. Every training batch
+can re-draw ``M0`` and the noise of its (noise-free) fingerprints; the CRB
+then scales by ``sigma^2 / |M0|^2``.
+
+All three losses are weighted squared errors of standardised outputs
+(``y = (theta - m) / s``): ``w = s^2/CRB`` (``"crb"``), ``s^2`` (``"mse"``)
+or ``s^2/theta^2`` (``"relative"``), so the network trains in float32 at a
+well-conditioned scale while the loss is the one in physical units.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from skorch.callbacks import Callback, LRScheduler
+from skorch.callbacks.scoring import ScoringBase
+from skorch.dataset import unpack_data
+from skorch.utils import to_tensor
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from sklearn_crb.simulator import apply_m0_and_noise, crb_gain, draw_m0_and_noise
+
+__all__ = ["LOSSES", "WeightedMSELoss", "TargetStandardizedModule", "StepDecayWithFloor", "paper_lr_scheduler",
+           "target_scaling", "loss_weights", "augment_batch", "CRBScoring", "DivergenceGuard",
+           "check_float32_range"]
+
+LOSSES = ("crb", "mse", "relative")
+
+_F32 = np.finfo(np.float32)
+#: Largest per-row max |x| whose squared L2 norm stays finite in float32 (checked per feature count).
+_F32_SQRT_MAX = float(np.sqrt(_F32.max))
+#: Smallest per-row max |x| whose square is a normal float32.
+_F32_SQRT_TINY = float(np.sqrt(_F32.tiny))
+#: A training loss this many times above its first epoch's value is divergence.
+DIVERGENCE_FACTOR = 1e6
+
+
+class WeightedMSELoss(nn.Module):
+    """``mean_{n,p} w_np (y_pred_np - y_true_np)^2`` (all losses of the regressor).
+
+    With standardised targets ``y = (theta - m) / s`` and ``w = s^2 / CRB`` this
+    is the CRB-normalised MSE of Zhang et al. 2022 in physical units.
+    """
+
+    def forward(self, y_pred, y_true, weight):
+        return torch.mean(weight * (y_pred - y_true) ** 2)
+
+
+class TargetStandardizedModule(nn.Module):
+    """Wraps the regression network; stores the target scaling as buffers.
+
+    ``forward`` returns standardised outputs (what the loss sees);
+    :meth:`to_physical` maps them to SI units. Keeping the scaling in the
+    module's ``state_dict`` makes ``save_params``/``load_params`` and
+    ``Checkpoint`` restore a net that predicts in physical units.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The network mapping ``(batch, n_features)`` to ``(batch, n_outputs)``.
+    n_outputs : int
+    """
+
+    def __init__(self, module, n_outputs):
+        super().__init__()
+        self.module = module
+        self.register_buffer("mean", torch.zeros(int(n_outputs), dtype=torch.float64))
+        self.register_buffer("scale", torch.ones(int(n_outputs), dtype=torch.float64))
+
+    def forward(self, X):
+        return self.module(X)
+
+    def to_physical(self, out):
+        return out.to(self.scale.dtype) * self.scale + self.mean
+
+
+class StepDecayWithFloor:
+    """Multiplicative LR factor ``max(gamma ** (epoch // step_size), min_factor)``.
+
+    A picklable ``lr_lambda`` for :class:`torch.optim.lr_scheduler.LambdaLR`.
+    """
+
+    def __init__(self, step_size=40, gamma=0.5, min_factor=1e-3):
+        self.step_size, self.gamma, self.min_factor = int(step_size), float(gamma), float(min_factor)
+
+    def __call__(self, epoch):
+        return max(self.gamma ** (epoch // self.step_size), self.min_factor)
+
+
+def paper_lr_scheduler(lr=1e-2, step_size=40, gamma=0.5, min_lr=1e-5):
+    """The step schedule of Zhang et al. 2022 as a skorch ``LRScheduler``.
+
+    The learning rate starts at ``lr`` (the net's ``lr`` must match), is
+    multiplied by ``gamma`` every ``step_size`` epochs and never drops below
+    ``min_lr`` (paper: 0.01, halved every 40 epochs, floor 1e-5).
+
+    Examples
+    --------
+    >>> net = CRBNetRegressor(lr=1e-2, callbacks=[("lr", paper_lr_scheduler(1e-2))])  # doctest: +SKIP
+    """
+    if not (lr > 0 and min_lr > 0):
+        raise ValueError(f"lr and min_lr must be positive, got {lr}, {min_lr}")
+    return LRScheduler(policy=LambdaLR, lr_lambda=StepDecayWithFloor(step_size, gamma, min_lr / lr),
+                       step_every="epoch")
+
+
+def target_scaling(Y):
+    """Mean and scale of the targets (std; ``|mean|`` or 1 for a constant column)."""
+    mean = Y.mean(axis=0)
+    scale = Y.std(axis=0)
+    return mean, np.where(scale > 0, scale, np.where(mean != 0, np.abs(mean), 1.0))
+
+
+def loss_weights(loss, Y, crb, scale):
+    """Per-sample, per-target weights ``w`` of the standardised squared error (float32).
+
+    Raises ``ValueError`` when a weight is not a finite float32 (e.g. a CRB
+    of 1e-300 against a target scale of 0.1): such a loss cannot be trained.
+    """
+    s2 = scale**2
+    if loss == "crb":
+        w = s2 / crb
+    elif loss == "mse":
+        w = np.broadcast_to(s2, Y.shape)
+    else:
+        if np.any(Y == 0):
+            raise ValueError("loss='relative' divides by theta^2: y must not contain zeros")
+        w = s2 / Y**2
+    with np.errstate(over="ignore"):
+        w32 = np.ascontiguousarray(w, dtype=np.float32)
+    bad = ~np.isfinite(w32) | (w32 <= 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad.any(axis=1))[0])
+        what = "crb" if loss == "crb" else "y"
+        raise ValueError(f"the loss weights (target scale^2 / {'CRB' if loss == 'crb' else 'theta^2'}) of "
+                         f"{int(bad.any(axis=1).sum())} samples are not finite positive float32 numbers (e.g. row "
+                         f"{i}: {what} = {(crb if loss == 'crb' else Y)[i]}): the {what} values are degenerate "
+                         f"(far below the targets' scale {scale}); drop those samples")
+    return w32
+
+
+def augment_batch(Xd, rng, snr, sigma, loss):
+    """A fresh complex ``M0`` and noise for a packed batch of noise-free features.
+
+    ``Xd`` is the dict packed by the regressor (``"X"``: features at
+    ``M0 = 1``, ``"w"``: loss weights, ``"c"``: ``s^2/CRB_unit``), numpy or
+    torch. The M0/noise model is :func:`sklearn_crb.simulator.draw_m0_and_noise`;
+    ``"c"`` (and ``"w"`` for ``loss="crb"``) are multiplied by
+    ``|M0|^2 / sigma^2``, the inverse scaling of each sample's CRB.
+    """
+    x = Xd["X"]
+    M0, noise = draw_m0_and_noise(rng, x.shape[0], x.shape[1] // 2, snr, sigma)
+    gain = crb_gain(M0, sigma)
+    if isinstance(x, torch.Tensor):
+        gain = torch.as_tensor(gain, dtype=x.dtype, device=x.device)
+    else:
+        gain = gain.astype(x.dtype)
+    out = dict(Xd)
+    out["X"] = apply_m0_and_noise(x, M0, noise)
+    if "c" in Xd:
+        out["c"] = Xd["c"] * gain[:, None]
+    if loss == "crb":
+        out["w"] = Xd["w"] * gain[:, None]
+    return out
+
+
+def check_float32_range(X, normalization, argname="X"):
+    """Refuse rows the float32 network cannot represent (instead of silent garbage).
+
+    With an input normalisation (``"l2"``/``"first-coefficient"``) the net
+    is invariant to a common scale of a row, so rows whose largest |value|
+    leaves ``[sqrt(tiny32), sqrt(max32 / n_features)]`` would underflow or
+    overflow in the norm: they are refused with a hint to rescale. Without
+    normalisation every value must be a finite float32.
+    """
+    a = np.abs(X)
+    m = a.max(axis=1) if X.shape[1] else np.zeros(X.shape[0])
+    if normalization is None:
+        bad = m > _F32.max
+        reason = "exceed the float32 range"
+    else:
+        hi = _F32_SQRT_MAX / np.sqrt(max(X.shape[1], 1))
+        bad = (m > hi) | ((m < _F32_SQRT_TINY) & (m > 0))
+        reason = (f"have a largest |value| outside [{_F32_SQRT_TINY:.2g}, {hi:.2g}], where the float32 network's "
+                  f"input normalisation {normalization!r} under- or overflows")
+    if bad.any():
+        idx = np.flatnonzero(bad)
+        raise ValueError(f"{argname} has {idx.size} rows that {reason} (e.g. rows {idx[:5].tolist()}, max |value| "
+                         f"{m[idx[0]]:.3g}); rescale the data by a common factor (the normalised network is "
+                         "invariant to it) or mask those voxels")
+
+
+class CRBScoring(ScoringBase):
+    """Validation CRB-normalised MSE, per epoch, as a skorch scoring callback.
+
+    Records ``valid_crb`` (mean over parameters of ``mean (theta_hat -
+    theta)^2 / CRB`` on the validation part), ``valid_crb_best`` (for
+    ``Checkpoint(monitor="valid_crb_best")``) and ``valid_crb_<name>`` per
+    parameter, whatever the training loss. Needs the per-sample CRB packed
+    with the validation samples (``"c"``); records nothing without it.
+
+    Parameters
+    ----------
+    names : sequence of str or None
+        Parameter names for the per-parameter columns; None: the net's
+        ``target_names_``.
+    """
+
+    def __init__(self, names=None):
+        super().__init__(scoring=None, lower_is_better=True, on_train=False, name="valid_crb")
+        self.names = names
+
+    def initialize(self):
+        self.best_score_ = np.inf
+        self.name_ = self.name
+        self._acc = [None, 0]
+        return self
+
+    def on_epoch_begin(self, net, **kwargs):
+        self._acc = [None, 0]
+
+    def on_batch_end(self, net, batch, training, y_pred=None, **kwargs):
+        if training or y_pred is None:
+            return
+        Xi, yi = unpack_data(batch)
+        if not (isinstance(Xi, dict) and "c" in Xi):
+            return
+        dev = y_pred.device
+        c = to_tensor(Xi["c"], device=dev)
+        yt = to_tensor(yi, device=dev).reshape(y_pred.shape).to(y_pred.dtype)
+        err = (c * (y_pred.detach() - yt) ** 2).sum(0).double().cpu().numpy()
+        self._acc[0] = err if self._acc[0] is None else self._acc[0] + err
+        self._acc[1] += yt.shape[0]
+
+    def on_epoch_end(self, net, **kwargs):
+        total, count = self._acc
+        if total is None or count == 0:
+            return
+        per = total / count
+        score = float(per.mean())
+        net.history.record(self.name_, score)
+        is_best = self._is_best_score(score)
+        net.history.record(self.name_ + "_best", bool(is_best))
+        if is_best:
+            self.best_score_ = score
+        names = self.names if self.names is not None else getattr(net, "target_names_", None)
+        names = names or tuple(f"y{j}" for j in range(per.size))
+        for name, v in zip(names, per):
+            net.history.record(f"{self.name_}_{name}", float(v))
+
+
+class DivergenceGuard(Callback):
+    """Stop training with a clear error on a non-finite or diverging loss.
+
+    A training batch with a non-finite loss, or an epoch whose training loss
+    exceeds ``factor`` times the first epoch's, raises ``FloatingPointError``
+    (skorch lets it through; a net that goes on would predict NaN).
+    """
+
+    def __init__(self, factor=DIVERGENCE_FACTOR):
+        self.factor = factor
+
+    def initialize(self):
+        self.first_loss_ = None
+        return self
+
+    def on_batch_end(self, net, batch=None, training=None, loss=None, **kwargs):
+        if training and loss is not None and not bool(torch.isfinite(loss.detach()).all()):
+            raise FloatingPointError(
+                f"training diverged: non-finite loss in epoch {len(net.history)} (lr={net.lr}); lower lr, check "
+                "that the CRBs and targets are well scaled, or use gradient clipping")
+
+    def on_epoch_end(self, net, **kwargs):
+        loss = net.history[-1].get("train_loss")
+        if loss is None:
+            return
+        if self.first_loss_ is None:
+            self.first_loss_ = loss
+        elif loss > self.factor * max(self.first_loss_, np.finfo(float).tiny):
+            raise FloatingPointError(f"training diverged: train_loss {loss:.3g} in epoch {len(net.history)} is "
+                                     f"over {self.factor:g} x the first epoch's ({self.first_loss_:.3g}); lower lr")
