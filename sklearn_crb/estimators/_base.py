@@ -9,6 +9,10 @@
   their norm without overflow or underflow (inputs scaled by 1e+-160 must
   neither overflow to ``inf`` nor underflow to zero);
 * :func:`resolve_fixed`: the ``fixed=`` argument of ``predict_details``;
+* :data:`DEFAULT_BOUNDS`, :func:`r2sl_range`, :func:`fit_box`: the box of
+  fitted parameters (``parameters.BOUNDS`` with the documented overrides,
+  cut to the range the R2sl table of a sequence covers), and
+  :data:`DEFAULT_START`, :func:`start_values`: the starts of a fit;
 * :data:`MODEL_PARAMETER_CONSTRAINTS`: the declared validation
   (``sklearn.utils._param_validation``) of the constructor arguments the
   estimators share.
@@ -24,11 +28,17 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import validate_data
 
 from sklearn_crb._validation import check_parameter_dict
-from sklearn_crb.physics.parameters import BOUNDS, PARAMETERS
+from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, validate_theta
 from sklearn_crb.physics.priors import ParameterPrior
+from sklearn_crb.physics.r2sl.table import PHI_MAX, TAU_MAX, TAU_MIN
 from sklearn_crb.physics.sequence import Sequence
 
 __all__ = [
+    "DEFAULT_BOUNDS",
+    "DEFAULT_START",
+    "start_values",
+    "fit_box",
+    "r2sl_range",
     "MODEL_PARAMETER_CONSTRAINTS",
     "POSITIVE_INT",
     "POSITIVE_REAL",
@@ -187,3 +197,83 @@ def resolve_fixed(fixed, n, allowed, ranges=None, argname="fixed"):
         bad |= out
         values[name] = np.where(out, 0.5 * (lo + hi), arr)
     return values, bad
+
+
+#: Default box (SI units): the physical ``parameters.BOUNDS`` except T2s in the
+#: parenchyma range [5, 25] us and B1 >= 0.05. ``fit`` further intersects T2s
+#: and B1 with the range the R2sl table covers for the sequence.
+DEFAULT_BOUNDS = {**BOUNDS, "T2s": (5e-6, 25e-6), "B1": (0.05, BOUNDS["B1"][1])}
+
+
+def r2sl_range(seq):
+    """``{"T2s": (lo, hi), "B1": (lo, hi)}`` keeping the R2sl lookup of ``seq`` inside its table.
+
+    The table covers ``TRF/T2s`` in [TAU_MIN, TAU_MAX] and ``B1 |alpha|`` in [0, PHI_MAX].
+    """
+    TRF = np.asarray(seq.TRF)
+    b1_hi = min(BOUNDS["B1"][1], PHI_MAX / np.abs(seq.alpha).max())
+    return {"T2s": (TRF.max() / TAU_MAX, TRF.min() / TAU_MIN), "B1": (BOUNDS["B1"][0], b1_hi)}
+
+
+def fit_box(seq, free, bounds=None):
+    """``{name: (low, high)}`` of the parameters ``free``: ``DEFAULT_BOUNDS`` cut to the R2sl table of
+    ``seq``, or the user's ``bounds`` (checked against ``BOUNDS`` and the table)."""
+    user = check_parameter_dict(bounds, "bounds")
+    table = r2sl_range(seq)
+    out = {}
+    for name in free:
+        lo, hi = DEFAULT_BOUNDS[name]
+        if name in table and name not in user:
+            lo, hi = max(lo, table[name][0]), min(hi, table[name][1])
+        if name in user:
+            try:
+                lo, hi = (float(v) for v in user[name])
+            except (TypeError, ValueError):
+                raise TypeError(f"bounds[{name!r}] must be a (low, high) pair, got {user[name]!r}") from None
+        plo, phi = BOUNDS[name]
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+            raise ValueError(f"bounds[{name!r}] must be finite with low < high, got ({lo}, {hi})")
+        if lo < plo or hi > phi:
+            raise ValueError(f"bounds[{name!r}] = ({lo:g}, {hi:g}) must lie inside the physical range "
+                             f"[{plo:g}, {phi:g}]")
+        if name == "T2s" and (lo < table["T2s"][0] * (1 - 1e-12) or hi > table["T2s"][1] * (1 + 1e-12)):
+            raise ValueError(f"bounds['T2s'] = ({lo:g}, {hi:g}) s leaves the R2sl table for this sequence "
+                             f"(TRF/T2s in [{TAU_MIN:g}, {TAU_MAX:g}] needs T2s in "
+                             f"[{table['T2s'][0]:g}, {table['T2s'][1]:g}] s)")
+        if name == "B1" and hi > table["B1"][1] * (1 + 1e-12):
+            raise ValueError(f"bounds['B1'] upper bound {hi:g} leaves the R2sl table for this sequence "
+                             f"(B1 <= {table['B1'][1]:g})")
+        out[name] = (lo, hi)
+    return out
+
+
+#: Start values of ``fit_gBloch`` (MRIgeneralizedBloch.jl); with ``tied_R1`` the
+#: tied R1 starts at 0.7 1/s (Julia's ``R1a``).
+DEFAULT_START = {"m0s": 0.2, "R1f": 0.3, "R2f": 15.0, "Rex": 20.0, "R1s": 3.0, "T2s": 10e-6,
+                 "omega0": 0.0, "B1": 1.0}
+_TIED_R1_START = 0.7
+
+
+def start_values(start, fixed, tied_R1):
+    """Start values (n_starts, 8) of a fit from ``start`` (None, "default", "grid", a dict or an array;
+    "dictionary" starts from ``DEFAULT_START`` until matched), with the ``fixed`` values filled in."""
+    base = dict(DEFAULT_START)
+    if tied_R1:
+        base["R1f"] = _TIED_R1_START
+    base.update(fixed)
+    if start is None or isinstance(start, str):
+        if start == "grid":
+            rows = [dict(base, m0s=m0s, R1f=R1f, R2f=R2f, **fixed)
+                    for m0s in (0.05, 0.25) for R1f in (0.4, 1.2) for R2f in (8.0, 25.0)]
+        else:
+            rows = [base]
+        starts = np.array([[d[p] for p in PARAMETERS] for d in rows], dtype=float)
+    elif isinstance(start, dict):
+        base.update(check_parameter_dict(start, "start"))
+        base.update(fixed)
+        starts = np.array([[base[p] for p in PARAMETERS]], dtype=float)
+    else:
+        starts = validate_theta(np.atleast_2d(np.asarray(start, dtype=float)), "start")
+    if tied_R1:
+        starts[:, INDEX["R1s"]] = starts[:, INDEX["R1f"]]
+    return starts

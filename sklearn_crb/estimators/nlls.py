@@ -31,39 +31,17 @@ from sklearn.utils.validation import check_is_fitted
 from sklearn_crb._validation import check_basis, check_parameter_dict, chunk_slices
 from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
 from sklearn_crb.estimators import _lm
-from sklearn_crb.estimators._base import (MODEL_PARAMETER_CONSTRAINTS, POSITIVE_INT, POSITIVE_REAL, as_complex_data,
-                                          model_estimator_tags, resolve_fixed, robust_norm)
+from sklearn_crb.estimators._base import (DEFAULT_BOUNDS, DEFAULT_START, MODEL_PARAMETER_CONSTRAINTS, POSITIVE_INT,
+                                          POSITIVE_REAL, as_complex_data, fit_box, model_estimator_tags, r2sl_range,
+                                          resolve_fixed, robust_norm, start_values)
 from sklearn_crb.estimators.dictionary import DictionaryMatcher
 from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, SCALE, free_parameters, resolve_estimate, validate_theta
-from sklearn_crb.physics.r2sl.table import PHI_MAX, TAU_MAX, TAU_MIN
 from sklearn_crb.physics.sequence import Sequence
 
 __all__ = ["NLLSFitter", "NLLSFitWarning", "STATUS", "DEFAULT_START", "DEFAULT_BOUNDS"]
 
 #: Per-voxel status codes of ``predict_details`` (see :mod:`sklearn_crb.estimators._lm`).
 STATUS = _lm.STATUS
-
-#: Start values of ``fit_gBloch`` (MRIgeneralizedBloch.jl); with ``tied_R1`` the
-#: tied R1 starts at 0.7 1/s (Julia's ``R1a``).
-DEFAULT_START = {"m0s": 0.2, "R1f": 0.3, "R2f": 15.0, "Rex": 20.0, "R1s": 3.0, "T2s": 10e-6,
-                 "omega0": 0.0, "B1": 1.0}
-_TIED_R1_START = 0.7
-
-#: Default box (SI units): the physical ``parameters.BOUNDS`` except T2s in the
-#: parenchyma range [5, 25] us and B1 >= 0.05. ``fit`` further intersects T2s
-#: and B1 with the range the R2sl table covers for the sequence.
-DEFAULT_BOUNDS = {**BOUNDS, "T2s": (5e-6, 25e-6), "B1": (0.05, BOUNDS["B1"][1])}
-
-
-def r2sl_range(seq):
-    """``{"T2s": (lo, hi), "B1": (lo, hi)}`` keeping the R2sl lookup of ``seq`` inside its table.
-
-    The table covers ``TRF/T2s`` in [TAU_MIN, TAU_MAX] and ``B1 |alpha|`` in [0, PHI_MAX].
-    """
-    TRF = np.asarray(seq.TRF)
-    b1_hi = min(BOUNDS["B1"][1], PHI_MAX / np.abs(seq.alpha).max())
-    return {"T2s": (TRF.max() / TAU_MAX, TRF.min() / TAU_MIN), "B1": (BOUNDS["B1"][0], b1_hi)}
-
 
 class NLLSFitWarning(UserWarning):
     """Some voxels did not converge or could not be fitted (see ``predict_details``)."""
@@ -242,58 +220,6 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         self.random_state = random_state
 
     # ------------------------------------------------------------------ fit
-    def _effective_bounds(self, seq, free):
-        user = check_parameter_dict(self.bounds, "bounds")
-        table = r2sl_range(seq)
-        out = {}
-        for name in free:
-            lo, hi = DEFAULT_BOUNDS[name]
-            if name in table and name not in user:
-                lo, hi = max(lo, table[name][0]), min(hi, table[name][1])
-            if name in user:
-                try:
-                    lo, hi = (float(v) for v in user[name])
-                except (TypeError, ValueError):
-                    raise TypeError(f"bounds[{name!r}] must be a (low, high) pair, got {user[name]!r}") from None
-            plo, phi = BOUNDS[name]
-            if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
-                raise ValueError(f"bounds[{name!r}] must be finite with low < high, got ({lo}, {hi})")
-            if lo < plo or hi > phi:
-                raise ValueError(f"bounds[{name!r}] = ({lo:g}, {hi:g}) must lie inside the physical range "
-                                 f"[{plo:g}, {phi:g}]")
-            if name == "T2s" and (lo < table["T2s"][0] * (1 - 1e-12) or hi > table["T2s"][1] * (1 + 1e-12)):
-                raise ValueError(f"bounds['T2s'] = ({lo:g}, {hi:g}) s leaves the R2sl table for this sequence "
-                                 f"(TRF/T2s in [{TAU_MIN:g}, {TAU_MAX:g}] needs T2s in "
-                                 f"[{table['T2s'][0]:g}, {table['T2s'][1]:g}] s)")
-            if name == "B1" and hi > table["B1"][1] * (1 + 1e-12):
-                raise ValueError(f"bounds['B1'] upper bound {hi:g} leaves the R2sl table for this sequence "
-                                 f"(B1 <= {table['B1'][1]:g})")
-            out[name] = (lo, hi)
-        return out
-
-    def _starts(self):
-        base = dict(DEFAULT_START)
-        if self.tied_R1:
-            base["R1f"] = _TIED_R1_START
-        base.update(self.fixed_)
-        start = self.start
-        if start is None or isinstance(start, str):
-            if start == "grid":
-                rows = [dict(base, m0s=m0s, R1f=R1f, R2f=R2f, **self.fixed_)
-                        for m0s in (0.05, 0.25) for R1f in (0.4, 1.2) for R2f in (8.0, 25.0)]
-            else:
-                rows = [base]
-            starts = np.array([[d[p] for p in PARAMETERS] for d in rows], dtype=float)
-        elif isinstance(start, dict):
-            base.update(check_parameter_dict(start, "start"))
-            base.update(self.fixed_)
-            starts = np.array([[base[p] for p in PARAMETERS]], dtype=float)
-        else:
-            starts = validate_theta(np.atleast_2d(np.asarray(start, dtype=float)), "start")
-        if self.tied_R1:
-            starts[:, INDEX["R1s"]] = starts[:, INDEX["R1f"]]
-        return starts
-
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X=None, y=None):
         """Validate the model (cheap; ``start="dictionary"`` also builds the dictionary).
@@ -333,10 +259,10 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but CUDA is not available")
         self.free_parameters_ = free
-        self.bounds_ = self._effective_bounds(seq, free)
+        self.bounds_ = fit_box(seq, free, self.bounds)
         for name, v in self.fixed_.items():
             validate_theta(np.array([[v if p == name else DEFAULT_START[p] for p in PARAMETERS]]), "fixed")
-        self.starts_ = self._starts()
+        self.starts_ = start_values(self.start, self.fixed_, self.tied_R1)
         if self.init is not None:
             check_is_fitted(self.init)
         self.dictionary_ = None
