@@ -12,6 +12,7 @@ from conftest import NLLS_THETA
 from sklearn_crb import PARAMETERS, ParameterPrior
 from sklearn_crb.crb import cramer_rao_bound
 from sklearn_crb.estimators._lm import reduced_jacobian, varpro
+from sklearn_crb.estimators.dictionary import DictionaryMatcher
 from sklearn_crb.estimators.nlls import STATUS, NLLSFitter, NLLSFitWarning
 from sklearn_crb.physics.parameters import INDEX, free_parameters
 from sklearn_crb.physics.signal import jacobian, simulate
@@ -187,8 +188,6 @@ def test_standard_errors_match_crb(v32_sequence):
 
 def test_init_estimator_seeds_the_fit(v32_sequence):
     """A fitted estimator's predictions seed the fit: same optimum, fewer iterations."""
-    from sklearn_crb.estimators.dictionary import DictionaryMatcher
-
     fixed = {"omega0": 100.0, "B1": 0.9}
     theta = np.array([[0.1, 0.7, 12.0, 20.0, 2.0, 11e-6, 100.0, 0.9], [0.2, 0.4, 20.0, 35.0, 4.0, 13e-6, 100, 0.9]])
     s = 0.6 * simulate(v32_sequence, theta)
