@@ -1,1 +1,1 @@
-"""Reading and writing: coefficient images and NIfTI maps (:mod:`.images`), saved networks (:mod:`.models`)."""
+"""Reading and writing: coefficient images and NIfTI maps (:mod:`.images`), saved networks (:mod:`.models`), training sets (:mod:`.datasets`); the output policy over the one atomic writer (:mod:`._files`)."""
