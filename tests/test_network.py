@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_paper_architecture_size_and_skips():
     m = ResidualMLP(26, 3)
     n_weights = sum(p.numel() for p in m.parameters())
-    # paper_notes.md: about 2.68 M parameters
+    # Zhang et al. 2022: about 2.68 M parameters
     assert abs(n_weights - 2.68e6) / 2.68e6 < 0.01
     # 512->512, 256->256, 128->128 and input->26 skips
     widths = (26,) + paper_hidden(26)

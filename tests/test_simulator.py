@@ -82,6 +82,15 @@ def test_user_basis_and_tied(short_sequence):
     assert X.shape == (20, 24)
     with pytest.raises(ValueError, match="orthonormal"):
         MTFingerprintSimulator(short_sequence, basis=2 * Q).fit()
+    # a wider basis with a rank: its first r columns
+    wide = MTFingerprintSimulator(short_sequence, basis=Q, n_components=5).fit()
+    np.testing.assert_array_equal(wide.basis_, Q[:, :5])
+    assert wide.n_components_ == 5 and wide.make_dataset(4, random_state=0)[0].shape == (4, 10)
+    np.testing.assert_allclose(wide.transform(TUTORIAL_THETA[None]),
+                               np.hstack([(c := physics.simulate(short_sequence, TUTORIAL_THETA[None]) @ Q[:, :5].conj()).real,
+                                          c.imag]), atol=1e-14)
+    with pytest.raises(ValueError, match=r"n_components must be in \[1, 12\]"):
+        MTFingerprintSimulator(short_sequence, basis=Q, n_components=13).fit()
     with pytest.raises(ValueError, match=r"basis must have shape \(120, rank\)"):
         MTFingerprintSimulator(short_sequence, basis=Q[:100]).fit()
 

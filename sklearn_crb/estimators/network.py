@@ -1,7 +1,7 @@
 """PyTorch modules for fingerprint-to-parameter regression.
 
 ``ResidualMLP`` is the architecture of Zhang et al., "Cramér–Rao bound-informed
-training of neural networks for quantitative MRI", MRM 2022 (paper_notes.md):
+training of neural networks for quantitative MRI", MRM 2022:
 an L2-normalised input, a widening/narrowing stack of fully connected layers,
 each followed by BatchNorm1d and ReLU, skip connections between layers of equal
 width (added before BatchNorm/ReLU) and a linear output layer. ``MLP`` is a

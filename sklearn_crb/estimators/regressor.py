@@ -556,6 +556,7 @@ class CRBNetRegressor(NeuralNetRegressor):
         # metrics sits above the estimators in the import flow
         from sklearn_crb.metrics import crb_efficiency_score
 
+        y_pred = self.predict(X)  # validates X first
         y, packed = unpack_targets(y)
         crb = packed if crb is None else crb
         if crb is None:
@@ -564,7 +565,7 @@ class CRBNetRegressor(NeuralNetRegressor):
                              "sklearn.metrics.r2_score(y, net.predict(X))")
         if sample_weight is not None:
             raise ValueError("sample_weight is not supported by the CRB efficiency score")
-        return crb_efficiency_score(y, self.predict(X), crb=crb)
+        return crb_efficiency_score(y, y_pred, crb=crb)
 
     @available_if(lambda self: False)
     def predict_proba(self, X):
