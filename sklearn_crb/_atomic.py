@@ -14,7 +14,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_dir"]
+__all__ = ["atomic_path", "atomic_dir", "umask"]
+
+
+def umask():
+    """The process umask (``os.umask`` can only be read by setting it; restored at once)."""
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def _split_suffix(name):
@@ -31,15 +38,17 @@ def atomic_path(path):
 
     The temporary name keeps the suffix of ``path`` (writers such as nibabel
     pick the format from it). On an exception the temporary file is removed
-    and ``path`` is left untouched.
+    and ``path`` is left untouched. The result has the permissions of an
+    ordinary ``open()`` under the process umask (``mkstemp`` makes 0600).
     """
-    path = Path(path)
+    path = Path(os.path.abspath(os.fspath(path)))
     path.parent.mkdir(parents=True, exist_ok=True)
     stem, suf = _split_suffix(path.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suf}", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -52,15 +61,19 @@ def atomic_dir(path):
     """Yield a temporary directory next to ``path``; it replaces ``path`` on success.
 
     An existing ``path`` directory is replaced only once the new one is
-    complete; on an exception the temporary directory is deleted.
+    complete; on an exception the temporary directory is deleted. Callers
+    check first (``io._files.check_output_folder``) that replacing ``path``
+    deletes nothing the package did not write. The folder gets the
+    permissions of an ordinary ``mkdir()`` under the umask (``mkdtemp``: 0700).
     """
-    path = Path(path)
+    path = Path(os.path.abspath(os.fspath(path)))  # "." has no usable name or parent
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not path.is_dir():
         raise ValueError(f"output path {path} exists and is not a directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~umask())
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")

@@ -154,14 +154,14 @@ def _scaled_inverse_diag(F, rcond):
 
 def _columns(estimate, nuisance, tied_R1):
     """Free parameter names (estimated first, canonical order) and their J columns."""
-    est = resolve_estimate(estimate, tied_R1)
+    est = resolve_estimate(estimate, tied_R1, times=False)  # the CRB is of rates; callers use crb_to_targets
     allowed = free_parameters(tied_R1)
     if nuisance == "all":
         nuis = tuple(p for p in allowed if p not in est)
     elif nuisance is None:
         nuis = ()
     else:
-        nuis = tuple(p for p in resolve_estimate(nuisance, tied_R1, "nuisance") if p not in est)
+        nuis = tuple(p for p in resolve_estimate(nuisance, tied_R1, "nuisance", times=False) if p not in est)
     return est, nuis
 
 

@@ -24,7 +24,8 @@ from sklearn_crb.crb import cramer_rao_bound
 from sklearn_crb.estimators.network import MLP, ResidualMLP
 from sklearn_crb.estimators.nlls import NLLSFitter
 from sklearn_crb.estimators.regressor import CRBNetRegressor
-from sklearn_crb.io._files import atomic_folder, check_output_folder
+from sklearn_crb._atomic import atomic_dir
+from sklearn_crb.io._files import check_output_folder
 from sklearn_crb.io.datasets import simulate_dataset
 from sklearn_crb.io.images import features_from_coefficients, save_nifti
 from sklearn_crb.io.models import save_model
@@ -119,7 +120,7 @@ def run_demo(out="sklearn_crb_demo", quick=False, seed=0, progress=True, stream=
     torch.manual_seed(seed)
     out = check_output_folder(out, overwrite=overwrite, owned_names=DEMO_FILES, marker="results.json")
     names = ("m0s", "R1f", "R2f")
-    with atomic_folder(out) as staging:
+    with atomic_dir(out) as staging:
         seq = Sequence.default()
         say(f"[1/6] basis and {cfg['n_train']} training fingerprints with CRBs ({seq.n_pulses} pulses, rank 13)")
         sim = MTFingerprintSimulator(seq, n_components=13, estimate=names, n_basis_samples=cfg["n_basis"],

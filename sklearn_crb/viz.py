@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sklearn_crb.io._files import atomic_file
+from sklearn_crb._atomic import atomic_path
 from sklearn_crb.physics.parameters import INDEX
 
 __all__ = ["overview_png", "demo_figures"]
@@ -60,7 +60,7 @@ def overview_png(path, maps, names=None, title=None):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     return Path(path)
 

@@ -1,8 +1,7 @@
 """Output policy on top of the one atomic writer (:mod:`sklearn_crb._atomic`).
 
-* Every output appears whole or not at all (``atomic_path``/``atomic_dir``).
-* Outputs get the permissions of an ordinary ``open()``/``mkdir()`` under
-  the process umask (``tempfile`` creates its files 0600 and folders 0700).
+* Every output appears whole or not at all, with the umask's permissions
+  (``atomic_path``/``atomic_dir``).
 * Nothing the package did not write is replaced or deleted: an existing
   output is replaced only when asked to (``overwrite=True``) *and* when it is
   recognisably one of the package's own outputs (``owned``).
@@ -16,17 +15,10 @@ import contextlib
 import os
 from pathlib import Path
 
-from sklearn_crb._atomic import atomic_dir, atomic_path
+from sklearn_crb._atomic import atomic_path
 
-__all__ = ["umask", "atomic_file", "atomic_folder", "atomic_files", "check_output_file", "check_output_folder",
+__all__ = ["atomic_files", "check_output_file", "check_output_folder",
            "check_file_name"]
-
-
-def umask():
-    """The process umask (read without changing it for longer than two calls)."""
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
 
 
 def _first_existing(path):
@@ -100,27 +92,6 @@ def check_output_folder(path, *, overwrite=False, owned_names=(), marker=None, a
 
 
 @contextlib.contextmanager
-def atomic_file(path):
-    """``atomic_path`` whose result has the umask's file permissions."""
-    with atomic_path(path) as tmp:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~umask())
-
-
-@contextlib.contextmanager
-def atomic_folder(path):
-    """``atomic_dir`` of an absolute path, with the umask's folder permissions.
-
-    Callers check first (:func:`check_output_folder`) that replacing the
-    folder deletes nothing the package did not write.
-    """
-    path = Path(os.path.abspath(os.fspath(path)))
-    with atomic_dir(path) as tmp:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~umask())
-
-
-@contextlib.contextmanager
 def atomic_files(folder, names):
     """Write several files into ``folder``: yields ``{name: temporary path}``.
 
@@ -132,7 +103,7 @@ def atomic_files(folder, names):
     created = not folder.exists()
     try:
         with contextlib.ExitStack() as stack:
-            tmps = {name: stack.enter_context(atomic_file(folder / name)) for name in names}
+            tmps = {name: stack.enter_context(atomic_path(folder / name)) for name in names}
             yield tmps
     except BaseException:
         if created:  # leave no empty folder behind either

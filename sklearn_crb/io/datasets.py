@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from sklearn_crb.io._files import atomic_file, check_output_file
+from sklearn_crb._atomic import atomic_path
+from sklearn_crb.io._files import check_output_file
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.simulator import MTFingerprintSimulator
 
@@ -52,7 +53,7 @@ def save_dataset(path, data, *, overwrite=False, argname="out"):
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise ValueError(f"data lacks {missing}")
-    with atomic_file(path) as tmp:
+    with atomic_path(path) as tmp:
         if path.suffix.lower() == ".npz":
             with open(tmp, "wb") as f:  # a file object: savez must not append ".npz" to the temporary name
                 np.savez_compressed(f, **data)

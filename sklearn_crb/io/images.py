@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sklearn_crb.io._files import atomic_file, atomic_files, check_file_name
+from sklearn_crb._atomic import atomic_path
+from sklearn_crb.io._files import atomic_files, check_file_name
 
 __all__ = [
     "CoefficientImage",
@@ -366,7 +367,7 @@ def save_nifti(path, data, affine=None, header=None, dtype=np.float32):
     if header is not None:  # keep the input's qform/sform codes
         img.set_qform(affine, int(hdr["qform_code"]) or 1)
         img.set_sform(affine, int(hdr["sform_code"]) or 1)
-    with atomic_file(path) as tmp:
+    with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     return Path(path)
 

@@ -41,7 +41,8 @@ from sklearn_crb._validation import check_basis
 from sklearn_crb._version import __version__
 from sklearn_crb.estimators.network import MLP, ResidualMLP
 from sklearn_crb.estimators.regressor import CRBNetRegressor
-from sklearn_crb.io._files import atomic_folder, check_output_folder
+from sklearn_crb._atomic import atomic_dir
+from sklearn_crb.io._files import check_output_folder
 from sklearn_crb.physics.parameters import PARAMETERS, UNITS, resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
 
@@ -251,7 +252,7 @@ def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_val
         "sequence_sha256": sequence.sha256(),
         "sequence": sequence.to_dict(),
     }
-    with atomic_folder(path) as tmp:
+    with atomic_dir(path) as tmp:
         net.save_params(f_params=str(tmp / "params.pt"))
         meta["params_sha256"] = file_sha256(tmp / "params.pt")
         np.save(tmp / "basis.npy", U, allow_pickle=False)
