@@ -146,12 +146,7 @@ def resolve_estimate(estimate, tied_R1=False, argname="estimate", times=True):
         duplicates, including a rate named together with its time
         (e.g. ``R1f`` and ``T1f``).
     """
-    if isinstance(estimate, str):
-        estimate = (estimate,)
-    try:
-        names = tuple(estimate)
-    except TypeError:
-        raise TypeError(f"{argname} must be a sequence of parameter names, got {estimate!r}") from None
+    names = _name_tuple(estimate, argname, "parameter")
     rates = free_parameters(tied_R1)
     allowed = rates + tuple(t for t, r in TIMES.items() if times and r in rates)
     bad = [p for p in names if not isinstance(p, str) or p not in allowed]
@@ -171,13 +166,18 @@ def resolve_estimate(estimate, tied_R1=False, argname="estimate", times=True):
     return tuple(sorted(names, key=lambda p: INDEX[rate_name(p)]))
 
 
-def _target_indices(names, argname="names"):
+def _name_tuple(names, argname, what):
+    """A tuple of names from one name or a sequence of them."""
     if isinstance(names, str):
-        names = (names,)
+        return (names,)
     try:
-        names = tuple(names)
+        return tuple(names)
     except TypeError:
-        raise TypeError(f"{argname} must be a sequence of target names, got {names!r}") from None
+        raise TypeError(f"{argname} must be a sequence of {what} names, got {names!r}") from None
+
+
+def _target_indices(names, argname="names"):
+    names = _name_tuple(names, argname, "target")
     if not names:
         raise ValueError(f"{argname} must name at least one target")
     try:
