@@ -26,9 +26,32 @@ Tissue values (3 T, the unconstrained two-pool generalized-Bloch model):
 * Proton density |M0| (relative to CSF = 1): WM 0.69, GM 0.80, CSF 1.0
   (e.g. Neeb et al., NeuroImage 2006;29:910-922).
 
+Tissue values of the tied model (``tied_R1=True``: one T1, R1s = R1f),
+``TIED_TISSUES``. A tied fit absorbs the fast semi-solid T1 into a shorter
+apparent T1 and a larger exchange rate, so its maps differ from the
+unconstrained model's. The values are chosen to match published tied-model
+(single-T1) maps of in-vivo brain at 3 T (WM m0s ≈ 0.13-0.15, T1 ≈ 1.5 s;
+GM m0s ≈ 0.07-0.08, T1 ≈ 2 s), which the package's tied NLLS reproduces to
+about 5 % on an in-vivo slice of the hybrid-state sequence (Assländer et
+al., MRM 2022); the WM/GM m0s ratio is that of bSSFP qMT (Gloor et al.,
+above). Rex ≈ 25-30 1/s is what tied in-vivo fits give:
+
+* WM: m0s = 0.14, T1 = 1.5 s, T2f = 70 ms, Rex = 28 1/s, T2s = 12 µs;
+* GM: m0s = 0.08, T1 = 2.0 s, T2f = 90 ms, Rex = 25 1/s, T2s = 12 µs;
+* CSF: m0s = 0.01, T1 = 4.5 s (Lu et al., JMRI 2005;22:13-22: 4.3-4.4 s
+  at 3 T; Rooney et al., MRM 2007;57:308-318), T2f = 1.5 s, Rex = 25 1/s,
+  T2s = 12 µs. m0s = 0.01 (not 0) keeps the CRB finite (it is singular at
+  m0s = 0, where Rex and T2s drop out); in-vivo tied fits give ≈ 0.01.
+* Proton densities as for the unconstrained model.
+
+Both tissue sets lie inside the ``"brain"`` prior of their model
+(``resolve_prior("brain", tied_R1=...)``), so a network trained on that
+prior can represent every phantom voxel.
+
 The noise has standard deviation ``sigma = 1 / snr`` per real component of
 the coefficients, so ``snr`` is the SNR of a voxel with ``|M0| = 1`` (CSF);
-WM voxels have SNR ``0.69 snr``.
+WM voxels have SNR ``0.69 snr`` (``snr = 116`` gives the in-vivo
+``|M0|/sigma ≈ 80`` in WM).
 """
 
 from __future__ import annotations
@@ -43,7 +66,8 @@ from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.physics.signal import simulate
 from sklearn_crb.simulator import MTFingerprintSimulator
 
-__all__ = ["TISSUES", "PROTON_DENSITY", "LABELS", "Phantom", "make_phantom", "phantom_geometry"]
+__all__ = ["TISSUES", "TIED_TISSUES", "tissue_values", "PROTON_DENSITY", "LABELS", "Phantom", "make_phantom",
+           "phantom_geometry"]
 
 #: Tissue parameters in ``PARAMETERS`` order without the fields (omega0, B1).
 TISSUES = {
@@ -51,9 +75,20 @@ TISSUES = {
     "GM": {"m0s": 0.10, "R1f": 1 / 2.3, "R2f": 1 / 90e-3, "Rex": 14.0, "R1s": 1 / 0.34, "T2s": 12.0e-6},
     "CSF": {"m0s": 0.0, "R1f": 1 / 4.0, "R2f": 1 / 0.5, "Rex": 16.5, "R1s": 1 / 0.337, "T2s": 12.4e-6},
 }
+#: Tissue parameters of the tied model (R1s = R1f), see the module docstring.
+TIED_TISSUES = {
+    "WM": {"m0s": 0.14, "R1f": 1 / 1.5, "R2f": 1 / 70e-3, "Rex": 28.0, "R1s": 1 / 1.5, "T2s": 12e-6},
+    "GM": {"m0s": 0.08, "R1f": 1 / 2.0, "R2f": 1 / 90e-3, "Rex": 25.0, "R1s": 1 / 2.0, "T2s": 12e-6},
+    "CSF": {"m0s": 0.01, "R1f": 1 / 4.5, "R2f": 1 / 1.5, "Rex": 25.0, "R1s": 1 / 4.5, "T2s": 12e-6},
+}
 PROTON_DENSITY = {"WM": 0.69, "GM": 0.80, "CSF": 1.0}
 #: Label values of ``Phantom.labels``.
 LABELS = {"background": 0, "WM": 1, "GM": 2, "CSF": 3}
+
+
+def tissue_values(tied_R1=False):
+    """The tissue table of a model: ``TIED_TISSUES`` if ``tied_R1`` else ``TISSUES``."""
+    return TIED_TISSUES if tied_R1 else TISSUES
 
 
 @dataclass
@@ -77,6 +112,7 @@ class Phantom:
     basis : ndarray, complex128, shape (n_pulses, r)
     sequence : Sequence
     tied_R1 : bool
+        Whether the tied-model tissues (``TIED_TISSUES``) were simulated.
     """
 
     coefficients: np.ndarray
@@ -175,15 +211,16 @@ def make_phantom(shape=(64, 64), sequence=None, basis=None, *, snr=100.0, n_comp
         Default ``Sequence.default()``.
     basis : array_like (n_pulses, r) or fitted MTFingerprintSimulator, optional
         Compression basis; default: a rank-``n_components`` SVD basis learnt
-        by ``MTFingerprintSimulator`` from the parenchyma prior (seeded by
-        ``random_state``).
+        by ``MTFingerprintSimulator`` from the ``"brain"`` prior of the model
+        (seeded by ``random_state``).
     snr : float
         ``1 / sigma``: SNR of a voxel with ``|M0| = 1`` (CSF); ``np.inf`` for
         a noise-free image.
     n_components : int
         Rank of the default basis.
     tied_R1 : bool
-        Simulate with ``R1s = R1f`` (the paper's single-T1 model).
+        Simulate the tied model (``R1s = R1f``, the paper's single T1) with
+        its tissue values ``TIED_TISSUES``; False: ``TISSUES``.
     fields : bool
         Smooth B0/B1 fields (False: omega0 = 0, B1 = 1 everywhere).
     b1_range, b0_max_hz
@@ -210,7 +247,7 @@ def make_phantom(shape=(64, 64), sequence=None, basis=None, *, snr=100.0, n_comp
         raise ValueError(f"snr must be positive, got {snr}")
     if uniform is not None and uniform not in TISSUES:
         raise ValueError(f"uniform must be None or one of {tuple(TISSUES)}, got {uniform!r}")
-    U = _resolve_basis(basis, seq, n_components, rng, backend)
+    U = _resolve_basis(basis, seq, n_components, rng, backend, tied_R1)
     labels, B1, omega0, phase = phantom_geometry(shape, b1_range, b0_max_hz)
     if uniform is not None:
         labels = np.where(labels > 0, LABELS[uniform], 0).astype(np.int16)
@@ -224,7 +261,7 @@ def make_phantom(shape=(64, 64), sequence=None, basis=None, *, snr=100.0, n_comp
 
     theta = np.zeros(labels.shape + (len(PARAMETERS),))
     M0 = np.zeros(labels.shape, dtype=np.complex128)
-    for name, values in TISSUES.items():
+    for name, values in tissue_values(tied_R1).items():
         sel = labels == LABELS[name]
         for p, v in values.items():
             theta[sel, INDEX[p]] = v
@@ -248,9 +285,9 @@ def make_phantom(shape=(64, 64), sequence=None, basis=None, *, snr=100.0, n_comp
     return Phantom(noisy, clean, theta, M0, labels, sigma, U, seq, bool(tied_R1))
 
 
-def _resolve_basis(basis, seq, n_components, rng, backend="auto"):
+def _resolve_basis(basis, seq, n_components, rng, backend="auto", tied_R1=False):
     if basis is None:
-        sim = MTFingerprintSimulator(seq, n_components=n_components, backend=backend,
+        sim = MTFingerprintSimulator(seq, n_components=n_components, backend=backend, prior="brain", tied_R1=tied_R1,
                                      n_basis_samples=max(300, 4 * n_components),
                                      random_state=int(rng.integers(2**31))).fit()
         return sim.basis_

@@ -6,7 +6,9 @@ import pytest
 from sklearn_crb import Sequence
 from sklearn_crb.maps import fit_maps
 from sklearn_crb.physics.parameters import INDEX
-from sklearn_crb.phantom import PROTON_DENSITY, TISSUES, make_phantom, phantom_geometry
+from sklearn_crb.phantom import (PROTON_DENSITY, TIED_TISSUES, TISSUES, make_phantom, phantom_geometry,
+                                 tissue_values)
+from sklearn_crb.physics.priors import resolve_prior
 from sklearn_crb.physics.signal import simulate
 
 NAMES = ("m0s", "R1f", "R2f")
@@ -48,6 +50,34 @@ def test_phantom_noise_level(short_sequence):
     assert np.std(n.imag) == pytest.approx(ph.sigma, rel=0.05)
     with pytest.raises(ValueError, match="uniform"):
         make_phantom((16, 16), short_sequence, uniform="bone")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_phantom_lies_inside_the_default_brain_prior(short_sequence, tied):
+    """Every voxel of the phantom (tissues and fields) is inside the support of
+    the "brain" prior of the model it is simulated with, and has R2f > R1f
+    (the prior's rejection rule)."""
+    prior = resolve_prior("brain", TR=short_sequence.TR, tied_R1=tied)
+    ph = make_phantom((24, 24), short_sequence, snr=np.inf, n_components=6, tied_R1=tied, random_state=0)
+    theta = ph.theta[ph.mask]
+    for p, dist in prior.distributions.items():
+        lo, hi = dist.support
+        v = theta[:, INDEX[p]]
+        assert np.all((v >= lo) & (v <= hi)), (p, v.min(), v.max(), (lo, hi))
+    assert np.all(theta[:, INDEX["R2f"]] > theta[:, INDEX["R1f"]])
+    if tied:
+        np.testing.assert_array_equal(theta[:, INDEX["R1s"]], theta[:, INDEX["R1f"]])
+
+
+def test_tied_phantom_uses_the_tied_tissue_values(short_sequence):
+    """tied_R1=True: the published tied-model tissues (WM m0s 0.14, T1 1.5 s; GM 0.08, 2 s; CSF T1 4.5 s)."""
+    assert tissue_values(True) is TIED_TISSUES and tissue_values(False) is TISSUES
+    ph = make_phantom((20, 20), short_sequence, snr=np.inf, n_components=6, tied_R1=True, random_state=0)
+    for name, (m0s, T1) in {"WM": (0.14, 1.5), "GM": (0.08, 2.0), "CSF": (0.01, 4.5)}.items():
+        th = ph.theta[ph.tissue_mask(name)]
+        assert np.allclose(th[:, INDEX["m0s"]], m0s) and np.allclose(1 / th[:, INDEX["R1f"]], T1), name
+    wm, gm = TIED_TISSUES["WM"], TIED_TISSUES["GM"]
+    assert 25 <= wm["Rex"] <= 30 and 25 <= gm["Rex"] <= 30
 
 
 @pytest.fixture(scope="module")
