@@ -4,7 +4,11 @@
 ``(theta_hat - theta)^2 / CRB``. For an unbiased estimator it is ``>= 1`` and
 equals 1 for an efficient one; a biased estimator (one leaning on its
 training prior at low SNR) can go below 1, so report bias and variance
-separately with :func:`bias_variance_report`.
+separately with :func:`bias_variance_report`, stratified by SNR and by
+identifiability (the CRB against the prior variance), and beside the trivial
+estimator that predicts the prior mean (:func:`constant_predictor_report`):
+where the CRB exceeds the prior variance, that constant already scores
+``nMSE < 1``.
 
 Edge cases: every score is a finite float or a clear ``ValueError``. CRBs must
 be positive normal floats (a subnormal CRB is refused: its reciprocal
@@ -21,9 +25,11 @@ import sklearn
 from sklearn.metrics import make_scorer
 from sklearn.utils import Bunch
 
+from sklearn_crb.physics.parameters import INDEX
 from sklearn_crb.simulator import unpack_targets
 
-__all__ = ["crb_normalized_mse", "crb_efficiency_score", "make_crb_scorer", "bias_variance_report"]
+__all__ = ["crb_normalized_mse", "crb_efficiency_score", "make_crb_scorer", "bias_variance_report",
+           "constant_predictor_report", "prior_moments"]
 
 _MULTI = ("raw_values", "uniform_average")
 
@@ -184,8 +190,168 @@ def make_crb_scorer(metric="efficiency", *, simulator=None, multioutput="uniform
     return scorer
 
 
-def bias_variance_report(y_true, y_pred, *, crb, groups=None, names=None):
-    """Bias and variance relative to the CRB over repeated noise draws.
+_STATS = ("normalized_mse", "median_abs_bias_over_sqrt_crb", "median_bias_over_sqrt_crb", "median_std_over_sqrt_crb")
+_MAX_SNR_LEVELS = 12
+
+
+def prior_moments(prior, names, *, n_samples=200_000, random_state=0):
+    """Monte-Carlo mean and variance of parameters under a prior.
+
+    Parameters
+    ----------
+    prior : ParameterPrior
+        Anything with ``sample(n, random_state)`` returning ``theta`` of
+        shape (n, 8) in ``PARAMETERS`` order (rejections such as
+        ``R2f > R1f`` are part of the prior, hence the sampling).
+    names : sequence of str
+        Parameter names (``"m0s"``, ``"R1f"``, ...).
+    n_samples : int, default 200000
+    random_state : int, default 0
+
+    Returns
+    -------
+    mean, variance : ndarray (len(names),)
+        The prior mean is the constant with the smallest expected squared
+        error; the variance is the scale of identifiability: a parameter is
+        informed by the data where its CRB is well below it.
+    """
+    unknown = [n for n in names if n not in INDEX]
+    if unknown:
+        raise ValueError(f"names must be parameter names {tuple(INDEX)}, got unknown {unknown}")
+    theta = np.asarray(prior.sample(int(n_samples), random_state), dtype=np.float64)
+    cols = theta[:, [INDEX[n] for n in names]]
+    return cols.mean(0), cols.var(0)
+
+
+def _snr_per_group(snr, labels, order, n_theta):
+    """One SNR per group (rows of one group must share it)."""
+    if snr is None:
+        return None
+    s = np.asarray(snr, dtype=np.float64)
+    if s.ndim == 0:
+        s = np.full(n_theta if labels is None else labels.shape[0], float(s))
+    s = s.ravel()
+    if labels is None:
+        if s.shape[0] != n_theta:
+            raise ValueError(f"snr must be a scalar or have one value per true parameter vector ({n_theta}), "
+                             f"got {s.shape[0]}")
+        out = s
+    else:
+        if s.shape[0] != labels.shape[0]:
+            raise ValueError(f"snr must be a scalar or have one value per row ({labels.shape[0]}), got {s.shape[0]}")
+        out = np.array([s[labels == g][0] for g in order])
+        spread = np.array([np.ptp(s[labels == g]) for g in order])
+        if np.any(spread > 1e-9 * np.abs(out)):
+            raise ValueError("snr must be constant within each group (the CRB depends on it): put draws at "
+                             "different SNRs in different groups")
+    if not np.all(np.isfinite(out)) or np.any(out <= 0):
+        raise ValueError("snr must be finite and positive")
+    return out
+
+
+def _snr_strata(snr_g, snr_bins):
+    """[(label, mask over groups)] for the SNR strata (without "all")."""
+    if snr_g is None:
+        return []
+    if snr_bins is None:
+        levels = np.unique(snr_g)
+        if levels.size > _MAX_SNR_LEVELS:
+            raise ValueError(f"snr has {levels.size} distinct values: pass snr_bins (bin edges) to stratify it")
+        return [(f"{v:g}", snr_g == v) for v in levels]
+    e = np.asarray(snr_bins, dtype=np.float64).ravel()
+    if e.size < 2 or not np.all(np.isfinite(e)) or np.any(np.diff(e) <= 0):
+        raise ValueError(f"snr_bins must be at least 2 finite increasing edges, got {snr_bins!r}")
+    out = []
+    for k in range(e.size - 1):
+        last = k == e.size - 2
+        m = (snr_g >= e[k]) & ((snr_g <= e[k + 1]) if last else (snr_g < e[k + 1]))
+        out.append((f"[{e[k]:g}, {e[k + 1]:g}{']' if last else ')'}", m))
+    return out
+
+
+def _report(theta, crbg, mean, var, nmse, n_draws, names, *, prior_variance, snr_g, snr_bins, informative_ratio):
+    """The Bunch of :func:`bias_variance_report` from per-group statistics."""
+    p = theta.shape[1]
+    names = tuple(names) if names is not None else tuple(f"y{j}" for j in range(p))
+    if len(names) != p:
+        raise ValueError(f"names has {len(names)} entries for {p} outputs")
+    bias = mean - theta
+    b_rel = bias / np.sqrt(crbg)
+    s_rel = np.sqrt(var / crbg)
+    informative = None
+    if prior_variance is not None:
+        pv = np.asarray(prior_variance, dtype=np.float64).ravel()
+        if pv.shape != (p,) or not np.all(np.isfinite(pv)) or np.any(pv <= 0):
+            raise ValueError(f"prior_variance must be {p} finite positive values (one per output), got "
+                             f"{prior_variance!r}")
+        r = float(informative_ratio)
+        if not np.isfinite(r) or r <= 0:
+            raise ValueError(f"informative_ratio must be a finite positive number, got {informative_ratio!r}")
+        informative = crbg < r * pv
+    snr_levels = [("all", np.ones(theta.shape[0], bool))] + _snr_strata(snr_g, snr_bins)
+    ident_levels = ["all"] + (["informative", "prior-dominated"] if informative is not None else [])
+    strata = []
+    for j, name in enumerate(names):
+        for s_label, s_mask in snr_levels:
+            for ident in ident_levels:
+                m = s_mask.copy()
+                if ident != "all":
+                    m &= informative[:, j] if ident == "informative" else ~informative[:, j]
+                rec = {"parameter": name, "snr": s_label, "identifiability": ident, "n_theta": int(m.sum()),
+                       "n_samples": int(n_draws[m].sum())}
+                if m.any():
+                    rec.update(normalized_mse=float(nmse[m, j].mean()),
+                               median_abs_bias_over_sqrt_crb=float(np.median(np.abs(b_rel[m, j]))),
+                               median_bias_over_sqrt_crb=float(np.median(b_rel[m, j])),
+                               median_std_over_sqrt_crb=float(np.median(s_rel[m, j])))
+                else:  # an empty stratum: counted, no statistics (None, not NaN)
+                    rec.update({k: None for k in _STATS})
+                strata.append(rec)
+    summary = {
+        "median_abs_bias_over_sqrt_crb": np.median(np.abs(b_rel), axis=0),
+        "median_bias_over_sqrt_crb": np.median(b_rel, axis=0),
+        "mean_variance_over_crb": (var / crbg).mean(0),
+        "median_std_over_sqrt_crb": np.median(s_rel, axis=0),
+        "mean_normalized_mse": nmse.mean(0),
+    }
+    table = [{"parameter": n, "statistic": k, "value": float(v[j])}
+             for j, n in enumerate(names) for k, v in summary.items()]
+
+    def to_string():
+        w = max(len(n) for n in names + ("parameter",))
+        head = f"{'parameter':<{w}}  " + "  ".join(f"{k:>30}" for k in summary)
+        rows = [f"{n:<{w}}  " + "  ".join(f"{summary[k][j]:>30.4g}" for k in summary) for j, n in enumerate(names)]
+        return "\n".join([head, *rows])
+
+    def to_markdown():
+        lines = ["| parameter | SNR | identifiability | n θ | nMSE | median \\|bias\\|/√CRB | median bias/√CRB "
+                 "| median std/√CRB |", "|---|---|---|---|---|---|---|---|"]
+        for r in strata:
+            vals = ["—" if r[k] is None else (f"{r[k]:+.3g}" if k == "median_bias_over_sqrt_crb" else f"{r[k]:.3g}")
+                    for k in _STATS]
+            lines.append(f"| {r['parameter']} | {r['snr']} | {r['identifiability']} | {r['n_theta']} | "
+                         + " | ".join(vals) + " |")
+        return "\n".join(lines)
+
+    return Bunch(theta=theta, crb=crbg, mean=mean, bias=bias, variance=var, bias_over_sqrt_crb=b_rel,
+                 std_over_sqrt_crb=s_rel, variance_over_crb=var / crbg, normalized_mse=nmse, n_draws=n_draws,
+                 snr=snr_g, informative=informative, names=names, summary=summary, table=table, strata=strata,
+                 to_string=to_string, to_markdown=to_markdown)
+
+
+def bias_variance_report(y_true, y_pred, *, crb, groups=None, names=None, prior_variance=None, snr=None,
+                         snr_bins=None, informative_ratio=0.1):
+    """Bias and variance relative to the CRB over repeated noise draws, stratified.
+
+    For every true parameter vector (a *group* of noise draws) it computes
+    the bias, the standard deviation and the CRB-normalised MSE of the
+    estimates, each relative to that vector's CRB. An nMSE below 1 is not
+    efficiency: a biased estimator that leans on its training prior gets
+    there wherever the CRB exceeds the prior variance. So the report also
+    splits the thetas into strata: by SNR and by identifiability,
+    "informative" where ``CRB < informative_ratio * prior_variance`` (the
+    data decide; a constant prior-mean predictor scores ``nMSE >= 1 /
+    informative_ratio`` on average there) and "prior-dominated" otherwise.
 
     Parameters
     ----------
@@ -197,13 +363,27 @@ def bias_variance_report(y_true, y_pred, *, crb, groups=None, names=None):
         realisations of each true parameter vector; or ``(n_samples,
         n_outputs)`` with ``groups``.
     crb : array_like
-        Shaped like ``y_true``. A group's CRB is the mean of its rows'
-        (identical when only the noise differs between draws).
+        Shaped like ``y_true``, at each draw's own ``|M0|`` and noise level.
+        A group's CRB is the mean of its rows' (identical when only the
+        noise differs between draws).
     groups : array_like (n_samples,), optional
         Group label of each row for 2-D input; default: rows with identical
-        ``y_true`` form a group.
+        ``y_true`` form a group. Draws at different SNRs belong in different
+        groups.
     names : sequence of str, optional
         Parameter names for the table (default ``y0, y1, ...``).
+    prior_variance : array_like (n_outputs,), optional
+        Variance of each parameter under the training prior
+        (:func:`prior_moments`); enables the identifiability strata.
+    snr : float or array_like, optional
+        ``|M0|/sigma`` per true parameter vector (3-D input) or per row
+        (2-D input; constant within a group); enables the SNR strata.
+    snr_bins : array_like, optional
+        Increasing SNR bin edges (``[lo, hi)``, the last bin closed); groups
+        outside every bin are only in the "all" stratum. Default: one stratum
+        per distinct SNR value (at most 12).
+    informative_ratio : float, default 0.1
+        The identifiability threshold on ``CRB / prior_variance``.
 
     Returns
     -------
@@ -211,16 +391,26 @@ def bias_variance_report(y_true, y_pred, *, crb, groups=None, names=None):
         Arrays per true parameter vector (shape (n_theta, n_outputs)):
         ``theta``, ``crb``, ``mean``, ``bias``, ``variance``,
         ``bias_over_sqrt_crb``, ``std_over_sqrt_crb``, ``variance_over_crb``,
-        ``normalized_mse`` (mean over draws of (est - theta)^2/CRB), and
-        ``n_draws`` (n_theta,). ``summary`` holds per-parameter aggregates
-        (``median_abs_bias_over_sqrt_crb``, ``mean_variance_over_crb``,
-        ``mean_normalized_mse``); ``table`` is the tidy table (one record per
-        parameter and statistic, ``parameter``/``statistic``/``value``), and
-        ``to_string()`` formats it.
+        ``normalized_mse`` (mean over draws of (est - theta)^2/CRB),
+        ``informative`` (bool, or None without ``prior_variance``); ``snr``
+        (n_theta,) or None and ``n_draws`` (n_theta,). ``summary`` holds
+        per-parameter aggregates over all groups
+        (``median_abs_bias_over_sqrt_crb``, ``median_bias_over_sqrt_crb``,
+        ``mean_variance_over_crb``, ``median_std_over_sqrt_crb``,
+        ``mean_normalized_mse``). ``strata`` is a list of records, one per
+        parameter, SNR stratum (``"all"`` and each level) and identifiability
+        (``"all"``, ``"informative"``, ``"prior-dominated"``), with
+        ``n_theta``, ``n_samples``, ``normalized_mse`` (mean over its thetas,
+        each theta weighted equally), ``median_abs_bias_over_sqrt_crb``,
+        ``median_bias_over_sqrt_crb`` and ``median_std_over_sqrt_crb``
+        (None for an empty stratum). ``table`` is the tidy summary
+        (``parameter``/``statistic``/``value``); ``to_string()`` formats the
+        summary and ``to_markdown()`` the strata.
     """
     if np.iscomplexobj(y_pred):
         raise TypeError("y_pred must be real, got a complex array")
     yp = np.asarray(y_pred, dtype=np.float64)
+    labels = order = None
     if yp.ndim == 3:
         yt, c = _as_2d(y_true, "y_true"), _as_2d(crb, "crb")
         n_theta, n_draws, p = yp.shape
@@ -246,33 +436,55 @@ def bias_variance_report(y_true, y_pred, *, crb, groups=None, names=None):
         stacks = [yp2[labels == g] for g in order]
         theta = np.array([yt[labels == g].mean(0) for g in order])
         crbg = np.array([c[labels == g].mean(0) for g in order])
-        p = yt.shape[1]
     n_draws = np.array([s.shape[0] for s in stacks])
     if np.any(n_draws < 2):
         raise ValueError("every true parameter vector needs at least 2 noise draws to estimate a variance")
     mean = np.array([s.mean(0) for s in stacks])
     var = np.array([s.var(0, ddof=1) for s in stacks])
     nmse = np.array([((s - t) ** 2).mean(0) for s, t in zip(stacks, theta)]) / crbg
-    bias = mean - theta
-    names = tuple(names) if names is not None else tuple(f"y{j}" for j in range(p))
-    if len(names) != p:
-        raise ValueError(f"names has {len(names)} entries for {p} outputs")
-    b_rel = bias / np.sqrt(crbg)
-    summary = {
-        "median_abs_bias_over_sqrt_crb": np.median(np.abs(b_rel), axis=0),
-        "mean_variance_over_crb": (var / crbg).mean(0),
-        "median_std_over_sqrt_crb": np.median(np.sqrt(var / crbg), axis=0),
-        "mean_normalized_mse": nmse.mean(0),
-    }
-    table = [{"parameter": n, "statistic": k, "value": float(v[j])}
-             for j, n in enumerate(names) for k, v in summary.items()]
+    snr_g = _snr_per_group(snr, labels, order, theta.shape[0])
+    return _report(theta, crbg, mean, var, nmse, n_draws, names, prior_variance=prior_variance, snr_g=snr_g,
+                   snr_bins=snr_bins, informative_ratio=informative_ratio)
 
-    def to_string():
-        w = max(len(n) for n in names + ("parameter",))
-        head = f"{'parameter':<{w}}  " + "  ".join(f"{k:>30}" for k in summary)
-        rows = [f"{n:<{w}}  " + "  ".join(f"{summary[k][j]:>30.4g}" for k in summary) for j, n in enumerate(names)]
-        return "\n".join([head, *rows])
 
-    return Bunch(theta=theta, crb=crbg, mean=mean, bias=bias, variance=var, bias_over_sqrt_crb=b_rel,
-                 std_over_sqrt_crb=np.sqrt(var / crbg), variance_over_crb=var / crbg, normalized_mse=nmse,
-                 n_draws=n_draws, names=names, summary=summary, table=table, to_string=to_string)
+def constant_predictor_report(y_true, constant, *, crb, names=None, prior_variance=None, snr=None, snr_bins=None,
+                              informative_ratio=0.1):
+    """The report of :func:`bias_variance_report` for an estimator that ignores the data.
+
+    Predicting one constant (the prior mean, from :func:`prior_moments`, is
+    the best one in expected squared error) has zero variance and bias
+    ``constant - theta``, so its CRB-normalised MSE is
+    ``(constant - theta)^2 / CRB`` per theta, whatever the noise: averaged
+    over the prior it is about ``prior_variance / CRB``. It is the floor that
+    an nMSE must be judged against: below 1 where the CRB exceeds the prior
+    variance, at least ``1 / informative_ratio`` on average where the data
+    are informative.
+
+    Parameters
+    ----------
+    y_true : array_like (n_theta, n_outputs)
+        One row per true parameter vector.
+    constant : array_like (n_outputs,)
+        The constant prediction (SI units).
+    crb : array_like (n_theta, n_outputs)
+        CRB of each row at its SNR.
+    names, prior_variance, snr, snr_bins, informative_ratio
+        As in :func:`bias_variance_report` (``snr`` per row).
+
+    Returns
+    -------
+    report : sklearn.utils.Bunch
+        As :func:`bias_variance_report`, with ``variance`` 0 and
+        ``n_draws`` 1 per row.
+    """
+    yt, c = _as_2d(y_true, "y_true"), _as_2d(crb, "crb")
+    k = np.asarray(constant, dtype=np.float64).ravel()
+    if k.shape != (yt.shape[1],) or not np.all(np.isfinite(k)):
+        raise ValueError(f"constant must be {yt.shape[1]} finite values (one per output), got {constant!r}")
+    yp = np.broadcast_to(k, yt.shape)
+    yt, yp, c = _check_inputs(yt, yp, c)
+    nmse = (yp - yt) ** 2 / c
+    snr_g = _snr_per_group(snr, None, None, yt.shape[0])
+    return _report(yt, c, np.array(yp), np.zeros_like(yt), nmse, np.ones(yt.shape[0], dtype=int), names,
+                   prior_variance=prior_variance, snr_g=snr_g, snr_bins=snr_bins,
+                   informative_ratio=informative_ratio)

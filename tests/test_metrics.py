@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from sklearn_crb.metrics import bias_variance_report, crb_efficiency_score, crb_normalized_mse, make_crb_scorer
+from sklearn_crb.metrics import (bias_variance_report, constant_predictor_report, crb_efficiency_score,
+                                crb_normalized_mse, make_crb_scorer, prior_moments)
 
 
 def test_normalized_mse_hand_computation():
@@ -90,3 +91,89 @@ def test_bad_inputs():
         crb_normalized_mse(y, y, crb=y, multioutput="mean")
     with pytest.raises(ValueError, match="2 noise draws"):
         bias_variance_report(y, np.ones((3, 1, 2)), crb=y)
+
+
+def test_stratified_report_recovers_bias_std_and_counts():
+    rng = np.random.default_rng(3)
+    n_theta, n_draws = 40, 3000
+    theta = rng.uniform(1, 2, (n_theta, 2))
+    snr = np.repeat([30.0, 100.0], n_theta // 2)
+    # CRB ~ 1/SNR^2; half of the thetas at each SNR get a 10x larger CRB
+    crb = np.outer(1e2 / snr**2, [1.0, 4.0]) * np.where(np.arange(n_theta) % 2 == 0, 1.0, 10.0)[:, None]
+    b_rel, s_rel = np.array([0.3, -0.5]), np.array([0.8, 1.2])  # bias and std in units of sqrt(CRB)
+    yp = theta[:, None] + np.sqrt(crb)[:, None] * (b_rel + s_rel * rng.standard_normal((n_theta, n_draws, 2)))
+    pvar = np.array([0.5, 2.0])
+    rep = bias_variance_report(theta, yp, crb=crb, names=("a", "b"), prior_variance=pvar, snr=snr)
+    informative = crb < 0.1 * pvar  # computed independently of the report
+    np.testing.assert_array_equal(rep.informative, informative)
+    seen = set()
+    for r in rep.strata:
+        j = ("a", "b").index(r["parameter"])
+        m = np.ones(n_theta, bool) if r["snr"] == "all" else snr == float(r["snr"])
+        if r["identifiability"] != "all":
+            m &= informative[:, j] if r["identifiability"] == "informative" else ~informative[:, j]
+        assert r["n_theta"] == m.sum() and r["n_samples"] == m.sum() * n_draws
+        seen.add((r["parameter"], r["snr"], r["identifiability"]))
+        if r["n_theta"] == 0:
+            assert r["normalized_mse"] is None and r["median_std_over_sqrt_crb"] is None
+            continue
+        assert r["median_bias_over_sqrt_crb"] == pytest.approx(b_rel[j], abs=0.06)
+        assert r["median_abs_bias_over_sqrt_crb"] == pytest.approx(abs(b_rel[j]), abs=0.06)
+        assert r["median_std_over_sqrt_crb"] == pytest.approx(s_rel[j], rel=0.04)
+        assert r["normalized_mse"] == pytest.approx(b_rel[j] ** 2 + s_rel[j] ** 2, rel=0.06)
+    assert len(seen) == 2 * 3 * 3  # parameters x SNR (all, 30, 100) x identifiability (all, two strata)
+    assert "informative" in rep.to_markdown() and "| a | 30 |" in rep.to_markdown()
+    np.testing.assert_allclose(rep.summary["median_bias_over_sqrt_crb"], b_rel, atol=0.06)
+
+
+def test_report_snr_bins_and_group_checks():
+    rng = np.random.default_rng(4)
+    theta = np.repeat(rng.uniform(1, 2, (6, 1)), 50, 0)
+    groups = np.repeat(np.arange(6), 50)
+    snr_row = np.repeat([20.0, 40.0, 60.0, 80.0, 150.0, 400.0], 50)
+    yp = theta + 0.1 * rng.standard_normal(theta.shape)
+    crb = np.full(theta.shape, 0.01)
+    rep = bias_variance_report(theta, yp, crb=crb, groups=groups, snr=snr_row, snr_bins=[10, 50, 200])
+    counts = {r["snr"]: r["n_theta"] for r in rep.strata}
+    assert counts == {"all": 6, "[10, 50)": 2, "[50, 200]": 3}  # SNR 400 lies outside every bin
+    np.testing.assert_array_equal(rep.snr, [20, 40, 60, 80, 150, 400])
+    bad = snr_row.copy()
+    bad[1] = 25.0
+    with pytest.raises(ValueError, match="constant within each group"):
+        bias_variance_report(theta, yp, crb=crb, groups=groups, snr=bad)
+    with pytest.raises(ValueError, match="snr_bins"):
+        bias_variance_report(theta, yp, crb=crb, groups=groups, snr=snr_row, snr_bins=[50, 10])
+    with pytest.raises(ValueError, match="prior_variance"):
+        bias_variance_report(theta, yp, crb=crb, groups=groups, prior_variance=[0.0])
+
+
+def test_constant_predictor_closed_form():
+    rng = np.random.default_rng(5)
+    n = 100_000
+    theta = np.column_stack([rng.uniform(0, 1, n), rng.normal(5, 2, n)])
+    var = np.array([1 / 12, 4.0])
+    crb = np.column_stack([np.full(n, 1e-3), np.where(np.arange(n) % 2 == 0, 0.1, 100.0)])
+    rep = constant_predictor_report(theta, [0.5, 5.0], crb=crb, names=("u", "g"), prior_variance=var)
+    # nMSE = var/CRB in expectation; std 0; bias = (mean - theta)/sqrt(CRB)
+    np.testing.assert_allclose(rep.summary["mean_normalized_mse"][0], var[0] / 1e-3, rtol=0.02)
+    assert np.all(rep.variance == 0) and np.all(rep.summary["median_std_over_sqrt_crb"] == 0)
+    np.testing.assert_allclose(rep.bias_over_sqrt_crb, ([0.5, 5.0] - theta) / np.sqrt(crb))
+    strata = {(r["parameter"], r["identifiability"]): r for r in rep.strata}
+    assert strata[("g", "informative")]["n_theta"] == n // 2  # CRB 0.1 < 0.1 * 4
+    assert strata[("g", "informative")]["normalized_mse"] == pytest.approx(4.0 / 0.1, rel=0.03)
+    assert strata[("g", "prior-dominated")]["normalized_mse"] == pytest.approx(4.0 / 100.0, rel=0.03)
+    assert strata[("u", "prior-dominated")]["n_theta"] == 0
+    with pytest.raises(ValueError, match="constant"):
+        constant_predictor_report(theta, [0.5], crb=crb)
+
+
+def test_prior_moments_uniform_marginal():
+    from sklearn_crb.physics.priors import ParameterPrior
+
+    mean, var = prior_moments(ParameterPrior.brain(tied_R1=True), ["m0s", "R1f"], n_samples=200_000)
+    # m0s ~ U[0, 0.35] independent of the R2f > R1f rejection
+    assert mean[0] == pytest.approx(0.175, rel=0.01)
+    assert var[0] == pytest.approx(0.35**2 / 12, rel=0.02)
+    assert var[1] > 0
+    with pytest.raises(ValueError, match="unknown"):
+        prior_moments(ParameterPrior.brain(), ["T1"])
