@@ -23,7 +23,11 @@ sigma = 1`` of the estimated parameters, and the number of real unknowns
   closed-form linear least-squares fit ``M0 = u^H c / u^H u`` with
   ``u = U^H s(theta_hat)``, i.e. the variable-projection solution of the
   complex scale at fixed ``theta_hat``;
-* a bit-flag map of voxels that could not be fitted (``FLAGS``).
+* a bit-flag map of voxels that could not be fitted (``FLAGS``);
+* with ``times=True``, the relaxation times as qMRI papers report them:
+  ``T1f`` (s), ``T2f`` (ms) and, for the untied model, ``T1s`` (s), with
+  standard errors by the delta method, ``se(T) = se(R) / R**2`` (times the
+  unit factor, 1e3 for ms).
 """
 
 from __future__ import annotations
@@ -35,10 +39,14 @@ from tqdm.auto import tqdm
 from sklearn_crb._validation import chunk_slices
 from sklearn_crb.io.images import CoefficientImage, check_rank, features_from_coefficients, make_mask
 from sklearn_crb.io.models import basis_sha256, check_compatible
-from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, UNITS
+from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, TIMES, UNITS, rate_name
 from sklearn_crb.physics.sequence import Sequence
 
-__all__ = ["fit_maps", "FLAGS", "check_estimator", "estimate_sigma"]
+__all__ = ["fit_maps", "FLAGS", "check_estimator", "estimate_sigma", "map_names", "TIME_UNITS"]
+
+#: Units of the relaxation-time maps of ``fit_maps(..., times=True)``: (unit, factor from seconds).
+TIME_UNITS = {"T1f": ("s", 1.0), "T2f": ("ms", 1e3), "T1s": ("s", 1.0)}
+_RATE_TO_TIME = {r: t for t, r in TIMES.items()}
 
 #: Bits of the ``"flags"`` map (0 = fitted without problems).
 FLAGS = {
@@ -116,6 +124,53 @@ def estimate_sigma(residual_sq, dof):
     return float(np.sqrt(np.median(r) / chi2.median(dof)))
 
 
+def _time_names(estimate, times):
+    """Names of the time maps: one per estimated relaxation rate or time (``times=True``)."""
+    if not times:
+        return ()
+    return tuple(_RATE_TO_TIME[rate_name(p)] for p in estimate if rate_name(p) in _RATE_TO_TIME)
+
+
+def map_names(estimate, *, times=False, compute_se=True):
+    """The keys of the arrays :func:`fit_maps` returns for an estimator's ``estimate``.
+
+    Known before any fitting, so that callers (the CLI) can check every
+    output path first. A time target (e.g. ``T1f``) is its own map; with
+    ``times=True`` each estimated relaxation rate also gets its time map
+    (``T2f`` in ms: an estimated ``T2f`` is then reported in ms).
+    """
+    est = tuple(estimate)
+    extra = tuple(t for t in _time_names(est, times) if t not in est)
+    names = [*est, *extra]
+    if compute_se:
+        names += [p + "_se" for p in names]
+    return names + ["M0_abs", "M0_phase", "relative_residual", "flags", "mask"]
+
+
+def _target_values(theta, name):
+    """The column of a target (rate, or time = 1/rate) from theta; NaN where the rate is not positive."""
+    r = theta[:, INDEX[rate_name(name)]]
+    if name not in TIMES:
+        return r
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(r > 0, 1.0 / np.where(r > 0, r, 1.0), np.nan)
+
+
+def _add_time_maps(maps, units, theta, se, est, times, failed, to_map):
+    """``T1f``/``T2f``/``T1s`` maps (and standard errors) by the delta method (``times=True``)."""
+    for t in _time_names(est, times):
+        unit, f = TIME_UNITS[t]
+        j = next(k for k, p in enumerate(est) if rate_name(p) == rate_name(t))
+        T = _target_values(theta, t)
+        maps[t] = to_map(np.where(failed, np.nan, f * T))
+        units[t] = unit
+        if se is not None:
+            # se of the estimated target: a rate R gives se(T) = se(R) / R^2 = se(R) T^2; a time is already T
+            se_T = se[:, j] * T**2 if est[j] not in TIMES else se[:, j]
+            maps[t + "_se"] = to_map(np.where(np.isfinite(se_T) & ~failed, f * se_T, np.nan))
+            units[t + "_se"] = unit
+
+
 def _out_of_range(theta):
     lo = np.array([BOUNDS[p][0] for p in PARAMETERS])
     hi = np.array([BOUNDS[p][1] for p in PARAMETERS])
@@ -140,7 +195,7 @@ def _fixed_columns(fixed, mask, n_vox):
 
 
 def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, sigma=None, fixed=None,
-             chunk_size=2048, compute_se=True, threshold=0.05, progress=False):
+             chunk_size=2048, compute_se=True, threshold=0.05, times=False, progress=False):
     """Fit every masked voxel of a coefficient image and return named maps.
 
     Parameters
@@ -171,13 +226,18 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
         Compute the standard-error maps (one Jacobian per voxel).
     threshold : float
         Automatic-mask threshold (see ``io.make_mask``).
+    times : bool
+        Also return the relaxation-time maps ``T1f`` (s), ``T2f`` (ms) and,
+        untied, ``T1s`` (s) of the estimated rates, with standard errors by
+        the delta method (``se(T) = se(R) / R**2``); see :func:`map_names`.
     progress : bool
         Show a tqdm progress bar.
 
     Returns
     -------
     maps : dict of str -> ndarray (spatial)
-        ``<p>`` and ``<p>_se`` for each estimated parameter p (SI units),
+        ``<p>`` and ``<p>_se`` for each estimated parameter p (SI units; a
+        time target such as ``T1f`` carries its own name, in s),
         ``M0_abs``, ``M0_phase`` (rad), ``relative_residual``, ``flags``
         (int, see ``FLAGS``) and ``mask`` (bool). Voxels outside the mask are
         0; voxels without a finite estimate are NaN; all problems are
@@ -233,7 +293,7 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
         est, n_free = tuple(det["estimate"]), int(det["n_free"])
         crb_unit = np.full((0, len(est)), np.nan)
 
-    cols = [INDEX[p] for p in est]
+    cols = [INDEX[rate_name(p)] for p in est]
     # not-converged voxels keep their (flagged) last iterate; only non-finite estimates become NaN
     failed = ~np.all(np.isfinite(theta[:, cols]), axis=1) | ~np.isfinite(M0)
     flags = np.where(~converged | failed, FLAGS["estimator_failed"], 0).astype(np.int16)
@@ -256,19 +316,22 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
 
     maps = {}
     for p in est:
-        maps[p] = to_map(np.where(failed, np.nan, theta[:, INDEX[p]]))
+        maps[p] = to_map(np.where(failed, np.nan, _target_values(theta, p)))
     maps["M0_abs"] = to_map(np.where(failed, np.nan, np.abs(M0)))
     maps["M0_phase"] = to_map(np.where(failed, np.nan, np.angle(M0)))
     if compute_se:
         for k, p in enumerate(est):
             maps[p + "_se"] = to_map(np.where(np.isfinite(se[:, k]) & ~failed, se[:, k], np.nan))
+    units = {p: UNITS[p] for p in est}
+    if compute_se:
+        units.update({p + "_se": UNITS[p] for p in est})
+    _add_time_maps(maps, units, theta, se if compute_se else None, est, times, failed, to_map)
     maps["relative_residual"] = to_map(np.where(failed, np.nan, rel))
     all_flags = np.where(invalid, FLAGS["invalid_input"], 0).astype(np.int16)
     all_flags[fit_mask] = flags
     maps["flags"] = all_flags
     maps["mask"] = fit_mask
     maps["sigma"] = sigma
-    units = {p: UNITS[p] for p in est}
-    units.update({p + "_se": UNITS[p] for p in est}, M0_abs="a.u.", M0_phase="rad", relative_residual="1")
+    units.update(M0_abs="a.u.", M0_phase="rad", relative_residual="1")
     maps["units"] = units
     return maps

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sklearn_crb.crb import cramer_rao_bound
-from sklearn_crb.maps import FLAGS, fit_maps
+from sklearn_crb.maps import FLAGS, fit_maps, map_names
 from sklearn_crb.physics.parameters import INDEX
 from sklearn_crb.phantom import make_phantom
 from sklearn_crb.physics.signal import simulate
@@ -39,8 +39,10 @@ def test_maps_names_and_independent_residual_and_se(setup):
     # residual and M0, recomputed by hand for a few voxels
     vox = np.flatnonzero(sel)[:5]
     iy, ix = np.unravel_index(vox, sel.shape)
-    th = np.tile(sim.prior_.center(), (5, 1))
-    th[:, [INDEX[p] for p in NAMES]] = pred[:5]
+    # theta the estimator's model fingerprint used (its nuisance values included), from the protocol
+    th = net.predict_details(np.hstack([ph.coefficients[sel].real, ph.coefficients[sel].imag])[:5],
+                             compute_crb=False)["theta"]
+    np.testing.assert_allclose(th[:, [INDEX[p] for p in NAMES]], pred[:5], rtol=1e-6)
     u = simulate(ph.sequence, th) @ sim.basis_.conj()
     c = ph.coefficients[iy, ix]
     M0 = np.sum(u.conj() * c, 1) / np.sum(np.abs(u) ** 2, 1)
@@ -105,3 +107,29 @@ def test_fixed_field_maps_are_used(setup):
     sel = a["mask"]
     np.testing.assert_allclose(a["m0s"][sel], b["m0s"][sel])  # the network ignores it ...
     assert not np.allclose(a["relative_residual"][sel], b["relative_residual"][sel])  # ... the model does not
+
+
+def test_time_maps_by_the_delta_method(setup):
+    """times=True: T1f (s) and T2f (ms) = 1/R, se(T) = se(R)/R^2 (x 1e3 for ms), units recorded."""
+    sim, net, ph = setup
+    a = fit_maps(net, ph.coefficients, sigma=ph.sigma, times=True)
+    b = fit_maps(net, ph.coefficients, sigma=ph.sigma)
+    assert set(k for k, v in a.items() if isinstance(v, np.ndarray)) == set(map_names(NAMES, times=True))
+    assert not any(k.startswith("T") for k in b) and "T1s" not in a  # untied net estimates no R1s
+    sel = a["mask"] & (a["flags"] == 0)
+    R1, R2 = a["R1f"][sel], a["R2f"][sel]
+    np.testing.assert_allclose(a["T1f"][sel], 1 / R1, rtol=1e-12)
+    np.testing.assert_allclose(a["T2f"][sel], 1e3 / R2, rtol=1e-12)
+    np.testing.assert_allclose(a["T1f_se"][sel], a["R1f_se"][sel] / R1**2, rtol=1e-12)
+    np.testing.assert_allclose(a["T2f_se"][sel], 1e3 * a["R2f_se"][sel] / R2**2, rtol=1e-12)
+    assert a["units"]["T1f"] == "s" and a["units"]["T2f"] == "ms" and a["units"]["T2f_se"] == "ms"
+    assert np.all(a["T1f"][~a["mask"]] == 0)
+
+
+def test_map_names_with_time_targets():
+    """A time target is its own map; times=True adds no duplicate (T2f then in ms)."""
+    names = map_names(("m0s", "T1f", "T2f"), times=True)
+    assert names.count("T1f") == 1 and names.count("T2f_se") == 1 and "R1f" not in names
+    assert map_names(("m0s", "R1f", "R2f", "R1s"), times=True)[:7] == ["m0s", "R1f", "R2f", "R1s", "T1f", "T2f",
+                                                                        "T1s"]
+    assert "m0s_se" not in map_names(("m0s",), compute_se=False)
