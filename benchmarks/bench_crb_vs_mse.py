@@ -1,259 +1,370 @@
-"""CRB-loss vs MSE-loss networks on the v3.2 sequence (Zhang et al., MRM 2022).
+"""Honest efficiency benchmark: CRB-loss network vs its MSE twin, a constant and NLLS.
 
-Both networks share the architecture (the paper's residual MLP), the training
-data (rank-13 compressed fingerprints of the tied-T1 model, prior "paper2022",
-noise and complex M0 re-drawn every epoch, SNR 10-100), the optimiser and the
-epoch budget; they differ only in the loss. Estimated: m0s, R1f (= R1s) and
-R2f; Rex, T2s, omega0, B1 and complex M0 are nuisance parameters.
+Setting (Zhang et al., MRM 2022; Assländer et al., MRM 2022): the v3.2
+sequence, SVD rank 13, the tied-T1 generalized Bloch model, estimating m0s,
+R1f (= R1s) and R2f; Rex, T2s, omega0, B1 and complex M0 are nuisance
+parameters.
 
-Evaluation:
-* a grid over the (R1f, m0s) plane (R2f, Rex, T2s, B1 at fixed values,
-  omega0 = 0) at a fixed SNR, each point with many noise draws: bias/sqrt(CRB),
-  std/sqrt(CRB) and CRB-normalised MSE per parameter (maps as in the paper);
-* held-out prior draws at random SNR: the mean CRB-normalised MSE;
-* inference throughput on a 175 x 215 = 37,625-voxel slice (CPU).
+Estimators, all judged on the same held-out draws:
 
-Training data need Jacobians (the CRB); they are generated in chunks of 1000
-samples cached under ``benchmarks/results/`` so reruns and larger ``--n-train``
-reuse them.
+* ``crb-net``: ``CRBNetRegressor(simulator=sim)`` with the package's default
+  recipe (only ``--epochs`` overrides ``max_epochs``), trained as
+  ``fit_simulated`` does (noise-free features and unit CRBs, fresh M0 and
+  noise per batch), on a cached dataset;
+* ``mse-net``: the same recipe with ``loss="mse"``;
+* ``prior-mean``: the constant prior mean (it ignores the data);
+* ``nlls``: the package's tied ``NLLSFitter`` on the first ``--nlls-theta``
+  thetas (its rows are over that subset; the JSON also scores every
+  estimator on that subset).
+
+Evaluation: ``--n-eval-theta`` held-out prior draws, each with ``--n-draws``
+noise draws at every SNR of ``--eval-snr`` (uniform phase of M0,
+``|M0| = SNR * sigma``). Per parameter, SNR and identifiability stratum
+(``informative``: CRB < 0.1 x prior variance, where the data decide;
+``prior-dominated`` otherwise) it reports nMSE (mean over thetas of the
+CRB-normalised MSE), median |bias|/sqrt(CRB), median signed bias/sqrt(CRB)
+and median std/sqrt(CRB), with counts; never an nMSE alone. An nMSE below 1
+with std/sqrt(CRB) well below 1 is shrinkage towards the prior, not
+efficiency.
+
+Outputs under ``benchmarks/results/`` (ignored by git): ``crb_vs_mse.json``,
+``crb_vs_mse.md`` (the tables), ``crb_vs_mse.png``; datasets are cached in
+``benchmarks/results/cache/``. torch runs with ``--threads`` (default 1:
+the machine is shared, and 2 threads on 2 loaded cores degrade badly).
 
 Usage::
 
-    python benchmarks/bench_crb_vs_mse.py --n-train 8000 --epochs 60
     python benchmarks/bench_crb_vs_mse.py --quick
+    python benchmarks/bench_crb_vs_mse.py --n-train 48000
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
+import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 SEQ_NAME = "control_MT_v3p2_TR3p5ms_discretized.mat"
-CHUNK = 1000
+EST = ("m0s", "R1f", "R2f")
+CHUNK = 2000
+STRATA = ("informative", "prior-dominated", "all")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--n-train", type=int, default=8000, help="training samples (incl. the 20%% validation part)")
-    p.add_argument("--n-test-prior", type=int, default=1000, help="held-out prior draws for the mean normalised MSE")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
-    p.add_argument("--grid", type=int, default=8, help="grid points per axis of the (R1f, m0s) test plane")
-    p.add_argument("--n-draws", type=int, default=200, help="noise draws per test grid point")
-    p.add_argument("--test-snr", type=float, default=50.0, help="|M0|/sigma of the grid test")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--n-train", type=int, default=48000, help="training parameter draws (default 48000)")
+    p.add_argument("--epochs", type=int, default=None, help="override max_epochs (default: the package default)")
+    p.add_argument("--train-snr", type=float, nargs=2, default=(10.0, 100.0), help="training |M0|/sigma range")
+    p.add_argument("--eval-snr", type=float, nargs="+", default=(30.0, 100.0, 300.0))
+    p.add_argument("--n-eval-theta", type=int, default=100, help="held-out prior draws")
+    p.add_argument("--n-draws", type=int, default=100, help="noise draws per theta and SNR")
+    p.add_argument("--nlls-theta", type=int, default=20, help="thetas fitted by NLLS (0: skip NLLS)")
+    p.add_argument("--prior", default="brain", help="simulator prior name (default 'brain')")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--device", default=None, help="network device (default: the package default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=os.environ.get("SKLEARN_CRB_DATA", str(ROOT.parent / "shared" / "data")))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "crb_vs_mse.json"))
-    p.add_argument("--quick", action="store_true", help="tiny run (2000 samples, 8 epochs, 4x4 grid, 50 draws)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--quick", action="store_true", help="smoke run: 2000 draws, 5 epochs, 20 thetas x 20 draws, "
+                                                        "NLLS on 4 thetas")
     a = p.parse_args(argv)
     if a.quick:
-        a.n_train, a.n_test_prior, a.epochs, a.grid, a.n_draws = 2000, 1000, 8, 4, 50
+        a.n_train, a.epochs, a.n_eval_theta, a.n_draws, a.nlls_theta = 2000, 5, 20, 20, 4
+    a.nlls_theta = min(a.nlls_theta, a.n_eval_theta)
     return a
 
 
-def chunked_dataset(sim, n, seed, cache_dir, tag, log):
-    """Noise-free features, targets and unit CRBs for ``n`` prior draws, cached per 1000-sample chunk."""
+# ------------------------------------------------------------------ data
+def _save_npz(path, **arrays):
+    import numpy as np
+
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # never a partly written cache file
+
+
+def cached_dataset(sim, n, seed, cache, tag, log, theta=None):
+    """Noise-free features, targets, unit CRBs and theta of ``n`` draws, cached per chunk."""
+    import numpy as np
+
     parts = []
-    for k in range(int(np.ceil(n / CHUNK))):
-        f = cache_dir / f"{tag}_seed{seed}_chunk{k}.npz"
+    for k in range(-(-n // CHUNK)):
+        m = min(CHUNK, n - k * CHUNK)
+        f = cache / f"{tag}_seed{seed}_n{m}_chunk{k}.npz"
         if f.is_file():
             d = np.load(f)
             parts.append({key: d[key] for key in d.files})
             continue
         t = time.perf_counter()
-        _, y, _, det = sim.make_dataset(CHUNK, [seed, k], return_details=True)
+        th = None if theta is None else theta[k * CHUNK:k * CHUNK + m]
+        _, y, _, det = sim.make_dataset(m, [seed, k], theta=th, return_details=True)
         d = {"X_clean": det["X_clean"], "y": y, "crb_unit": det["crb_unit"], "theta": det["theta"]}
-        tmp = f.with_suffix(".tmp.npz")
-        np.savez(tmp, **d)
-        os.replace(tmp, f)  # never leave a partly written cache file
+        _save_npz(f, **d)
         parts.append(d)
-        log(f"  chunk {k}: {CHUNK} Jacobians in {time.perf_counter() - t:.1f} s")
-    return {key: np.concatenate([p[key] for p in parts])[:n] for key in parts[0]}
+        log(f"  {tag} chunk {k}: {m} Jacobians in {time.perf_counter() - t:.1f} s")
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
-def noisy(X_clean, crb_unit, snr, sigma, rng):
-    """One draw of complex M0 (|M0| = sigma * snr) and noise; the matching CRB."""
-    n, f = X_clean.shape
-    r = f // 2
-    mag = sigma * np.broadcast_to(np.asarray(snr, dtype=float), (n,))
-    M0 = mag * np.exp(2j * np.pi * rng.uniform(0, 1, n))
-    c = (X_clean[:, :r] + 1j * X_clean[:, r:]) * M0[:, None]
-    c = c + sigma * (rng.standard_normal(c.shape) + 1j * rng.standard_normal(c.shape))
-    return np.hstack([c.real, c.imag]), crb_unit * (sigma**2 / mag**2)[:, None]
+def eval_draws(ev, snrs, n_draws, sigma, seed):
+    """Noisy features at exactly each SNR (uniform M0 phase), with groups, SNR and CRB per row."""
+    import numpy as np
+
+    from sklearn_crb.simulator import apply_m0_and_noise
+
+    rng = np.random.default_rng(seed)
+    n_theta, f = ev["X_clean"].shape
+    rows = {k: [] for k in ("X", "y", "crb", "group", "snr", "theta_index")}
+    for i, s in enumerate(snrs):
+        idx = np.repeat(np.arange(n_theta), n_draws)
+        M0 = sigma * s * np.exp(2j * np.pi * rng.uniform(0, 1, idx.size))
+        eps = sigma * (rng.standard_normal((idx.size, f // 2)) + 1j * rng.standard_normal((idx.size, f // 2)))
+        rows["X"].append(apply_m0_and_noise(ev["X_clean"][idx], M0, eps))
+        rows["y"].append(ev["y"][idx])
+        rows["crb"].append(ev["crb_unit"][idx] / s**2)  # CRB at |M0| = s * sigma: unit CRB * sigma^2/|M0|^2
+        rows["group"].append(idx + i * n_theta)
+        rows["snr"].append(np.full(idx.size, float(s)))
+        rows["theta_index"].append(idx)
+    return {k: np.concatenate(v) for k, v in rows.items()}
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    import torch
+# ----------------------------------------------------------- estimators
+def train_net(sim, data, loss, args, log):
+    from sklearn_crb.estimators.regressor import CRBNetRegressor
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    kw = {"simulator": sim, "loss": loss, "random_state": args.seed}
+    if args.epochs is not None:
+        kw["max_epochs"] = args.epochs
+    if args.device is not None:
+        kw["device"] = args.device
+    net = CRBNetRegressor(**kw)
+    if net.augment == "auto":  # what fit_simulated resolves it to
+        net.set_params(augment=True)
+    t = time.perf_counter()
+    net.fit(data["X_clean"], data["y"], crb=data["crb_unit"])
+    sec = time.perf_counter() - t
+    last = {k: float(net.history[-1, k]) for k in ("train_loss", "valid_crb") if k in net.history[-1]}
+    log(f"{loss}-net: {len(net.history)} epochs in {sec:.0f} s, last {last}")
+    recipe = {k: repr(v) for k, v in net.get_params(deep=False).items() if k not in ("simulator", "callbacks")}
+    recipe["callbacks"] = repr(net.callbacks)
+    recipe["module_"] = repr(net.module_.module)
+    return net, {"train_seconds": sec, "epochs_run": len(net.history), "last_epoch": last, "recipe": recipe,
+                 "device": str(getattr(net, "device_", net.device))}
+
+
+def timed_predict(est, X, warm=True):
+    import numpy as np
+
+    if warm:
+        est.predict(X[:16])  # time the steady state, not first-call set-up
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pred = np.asarray(est.predict(X), dtype=float)
+    return pred, time.perf_counter() - t
+
+
+def report(ev_rows, pred, mask, pvar):
+    import numpy as np
+
+    from sklearn_crb.metrics import bias_variance_report
+
+    ok = mask & np.all(np.isfinite(pred), axis=1)
+    g, counts = np.unique(ev_rows["group"][ok], return_counts=True)
+    ok &= np.isin(ev_rows["group"], g[counts >= 2])
+    rep = bias_variance_report(ev_rows["y"][ok], pred[ok], crb=ev_rows["crb"][ok], groups=ev_rows["group"][ok],
+                               names=EST, prior_variance=pvar, snr=ev_rows["snr"][ok])
+    return rep, int(mask.sum() - ok.sum())
+
+
+def constant_report(ev_rows, mean, mask, pvar):
+    import numpy as np
+
+    from sklearn_crb.metrics import constant_predictor_report
+
+    first = mask & (np.r_[True, np.diff(ev_rows["group"]) != 0])  # one row per group
+    return constant_predictor_report(ev_rows["y"][first], mean, crb=ev_rows["crb"][first], names=EST,
+                                     prior_variance=pvar, snr=ev_rows["snr"][first])
+
+
+# --------------------------------------------------------------- output
+def _cell(r):
+    if r["n_theta"] == 0:
+        return "— (n=0)"
+    return (f"{r['normalized_mse']:.3g} / {r['median_abs_bias_over_sqrt_crb']:.2f} / "
+            f"{r['median_bias_over_sqrt_crb']:+.2f} / {r['median_std_over_sqrt_crb']:.2f} (n={r['n_theta']})")
+
+
+def markdown(strata_by_est, snrs):
+    head = ("| SNR | stratum | estimator | " + " | ".join(EST) + " |\n|---|---|---|" + "---|" * len(EST))
+    lines = [head]
+    for s in [f"{v:g}" for v in snrs]:
+        for st in STRATA:
+            for name, strata in strata_by_est.items():
+                rec = {r["parameter"]: r for r in strata if r["snr"] == s and r["identifiability"] == st}
+                lines.append(f"| {s} | {st} | {name} | " + " | ".join(_cell(rec[p]) for p in EST) + " |")
+    return "\n".join(lines)
+
+
+def figure(path, strata_by_est, snrs, title):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sklearn_crb import Sequence
-    from sklearn_crb.metrics import bias_variance_report, crb_normalized_mse
-    from sklearn_crb.physics.parameters import INDEX
-    from sklearn_crb.estimators.regressor import CRBNetRegressor, paper_lr_scheduler
+    stats = (("normalized_mse", "nMSE"), ("median_bias_over_sqrt_crb", "median bias/√CRB"),
+             ("median_std_over_sqrt_crb", "median std/√CRB"))
+    fig, axes = plt.subplots(len(stats), len(EST), figsize=(12, 9), constrained_layout=True)
+    for name, strata in strata_by_est.items():
+        for j, p in enumerate(EST):
+            for i, (key, label) in enumerate(stats):
+                if name == "prior-mean" and key != "normalized_mse":
+                    continue  # std 0, bias tens of sqrt(CRB): off every useful scale
+                pts = [(v, r[key]) for v in snrs for r in strata
+                       if r["parameter"] == p and r["snr"] == f"{v:g}" and r["identifiability"] == "informative"
+                       and r[key] is not None]
+                if pts:
+                    axes[i, j].plot(*zip(*pts), "o-", label=name)
+                axes[i, j].set_xscale("log")
+                axes[i, j].set_title(f"{p}: {label}", fontsize=9)
+                axes[i, j].set_xlabel("SNR")
+    for j in range(len(EST)):
+        axes[0, j].set_yscale("log")
+        axes[0, j].axhline(1, color="k", lw=0.6)
+        axes[1, j].axhline(0, color="k", lw=0.6)
+        axes[2, j].axhline(1, color="k", lw=0.6)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(title + " (informative draws: CRB < 0.1 x prior variance)", fontsize=10)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def machine(threads):
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": threads, "cuda": torch.cuda.is_available()}
+    if hasattr(os, "getloadavg"):
+        info["load_average_start"] = os.getloadavg()
+    return info
+
+
+# ------------------------------------------------------------------ main
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT))
+    from sklearn_crb.estimators.nlls import NLLSFitter
+    from sklearn_crb.metrics import prior_moments
+    from sklearn_crb.physics.sequence import Sequence
     from sklearn_crb.simulator import MTFingerprintSimulator
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cache = out.parent / "cache"
-    cache.mkdir(exist_ok=True)
-    t_start = time.perf_counter()
+    cache = out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
 
     def log(msg):
-        print(f"[{time.perf_counter() - t_start:7.1f} s] {msg}", flush=True)
+        print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
 
+    info = machine(args.threads)
     seq_path = Path(args.data) / SEQ_NAME
     if not seq_path.is_file():
         raise SystemExit(f"{SEQ_NAME} not found in {args.data} (set --data or SKLEARN_CRB_DATA)")
     seq = Sequence.from_mat(seq_path, TR=3.5e-3)
-    est = ("m0s", "R1f", "R2f")
-    sigma = 0.01
-    # the basis depends only on the sequence and the seed: cache it
-    tag = hashlib.sha256(f"{seq.sha256()}-13-paper2022-tied".encode()).hexdigest()[:12]
+    tag = f"{seq.sha256()[:10]}_r13_{args.prior}_tied"
     fb = cache / f"basis_{tag}_seed{args.seed}.npz"
     if fb.is_file():
         basis = np.load(fb)["basis"]
     else:
-        basis = MTFingerprintSimulator(seq, n_components=13, tied_R1=True, prior="paper2022",
+        basis = MTFingerprintSimulator(seq, n_components=13, tied_R1=True, prior=args.prior,
                                        random_state=args.seed).fit().basis_
-        np.savez(fb, basis=basis)
-    sim = MTFingerprintSimulator(seq, basis=basis, estimate=est, snr=(10.0, 100.0), sigma=sigma, tied_R1=True,
-                                 prior="paper2022", random_state=args.seed).fit()
-    log(f"simulator ready (rank {sim.n_components_})")
-
-    n_total = args.n_train + args.n_test_prior
+        _save_npz(fb, basis=basis)
+    sim = MTFingerprintSimulator(seq, basis=basis, estimate=EST, snr=tuple(args.train_snr), tied_R1=True,
+                                 prior=args.prior, random_state=args.seed).fit()
+    sigma = float(sim.sigma)
+    p_mean, p_var = prior_moments(sim.prior_, EST, random_state=args.seed + 7)
+    seconds = {}
     t = time.perf_counter()
-    data = chunked_dataset(sim, n_total, args.seed, cache, tag, log)
-    log(f"dataset of {n_total} samples ready in {time.perf_counter() - t:.1f} s")
-    Xtr, ytr, ctr = (data[k][: args.n_train] for k in ("X_clean", "y", "crb_unit"))
-    Xte_c, yte, cte_u = (data[k][args.n_train:] for k in ("X_clean", "y", "crb_unit"))
+    train = cached_dataset(sim, args.n_train, args.seed, cache, f"train_{tag}", log)
+    theta_ev = sim.prior_.sample(args.n_eval_theta, args.seed + 1000)
+    ev = cached_dataset(sim, args.n_eval_theta, args.seed + 1000, cache, f"eval_{tag}", log, theta=theta_ev)
+    seconds["datasets"] = time.perf_counter() - t
+    log(f"datasets: {args.n_train} training and {args.n_eval_theta} held-out draws ({seconds['datasets']:.0f} s, "
+        "0 when cached)")
+    rows = eval_draws(ev, args.eval_snr, args.n_draws, sigma, args.seed + 2000)
+    everything = np.ones(rows["y"].shape[0], bool)
+    subset = rows["theta_index"] < args.nlls_theta
 
-    # test grid over (R1f, m0s); other parameters fixed (WM-like R2f, prior-centre nuisance)
-    g = args.grid
-    m0s_axis = np.linspace(0.02, 0.23, g)
-    R1_axis = 1.0 / np.linspace(1.9, 0.7, g)
-    center = sim.prior_.center()
-    theta_grid = np.tile(center, (g * g, 1))
-    mm, rr = np.meshgrid(m0s_axis, R1_axis, indexing="ij")
-    theta_grid[:, INDEX["m0s"]] = mm.ravel()
-    theta_grid[:, INDEX["R1f"]] = theta_grid[:, INDEX["R1s"]] = rr.ravel()
-    theta_grid[:, INDEX["R2f"]] = 1 / 0.0776
-    theta_grid[:, INDEX["omega0"]] = 0.0
-    _, ygrid, _, det = sim.make_dataset(g * g, 1234, theta=theta_grid, return_details=True)
-    Xg_clean, cg_unit = det["X_clean"], det["crb_unit"]
-    log("test grid ready")
-
-    rng = np.random.default_rng(args.seed + 99)
-    Xgrid = np.empty((g * g, args.n_draws, Xg_clean.shape[1]))
-    for r in range(args.n_draws):
-        Xgrid[:, r], cgrid = noisy(Xg_clean, cg_unit, args.test_snr, sigma, rng)
-    Xprior, cprior = noisy(Xte_c, cte_u, rng.uniform(10, 100, len(yte)), sigma, rng)
-
-    results = {"config": {k: v for k, v in vars(args).items()}, "estimate": est, "nets": {}}
-    results["config"].update(sequence=SEQ_NAME, rank=13, tied_R1=True, prior="paper2022", snr_train=[10, 100],
-                             sigma=sigma, architecture="ResidualMLP (paper widths)",
-                             lr_schedule=f"Adam lr {args.lr}, x0.5 every {max(1, args.epochs // 4)} epochs")
-    maps = {}
+    estimators, results = {}, {}
     for loss in ("crb", "mse"):
-        net = CRBNetRegressor(
-            loss=loss, augment=True, snr=(10.0, 100.0), sigma=sigma, max_epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, device=args.device, random_state=args.seed,
-            target_names=est,
-            callbacks=[("lr", paper_lr_scheduler(args.lr, step_size=max(1, args.epochs // 4), gamma=0.5,
-                                                 min_lr=args.lr * 1e-3))],
-        )
-        t = time.perf_counter()
-        net.fit(Xtr, ytr, crb=ctr)
-        t_fit = time.perf_counter() - t
-        h = net.history
-        log(f"{loss}-net trained in {t_fit:.0f} s; last valid_crb {h[-1, 'valid_crb']:.3g}")
-        pg = net.predict(Xgrid.reshape(-1, Xgrid.shape[-1])).reshape(g * g, args.n_draws, -1)
-        rep = bias_variance_report(ygrid, pg, crb=cgrid, names=est)
-        pp = net.predict(Xprior)
-        nm_prior = crb_normalized_mse(yte, pp, crb=cprior, multioutput="raw_values")
-        # throughput: one 175 x 215 slice
-        slice_X = Xprior[rng.integers(0, len(Xprior), 175 * 215)]
-        net.predict(slice_X)
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            net.predict(slice_X)
-            times.append(time.perf_counter() - t)
-        best = min(times)
-        results["nets"][loss] = {
-            "fit_seconds": t_fit,
-            "history_valid_crb": [float(v) for v in h[:, "valid_crb"]],
-            "prior_test_normalized_mse": dict(zip(est, map(float, nm_prior))),
-            "prior_test_normalized_mse_mean": float(nm_prior.mean()),
-            "grid_normalized_mse": dict(zip(est, map(float, rep.summary["mean_normalized_mse"]))),
-            "grid_normalized_mse_mean": float(rep.summary["mean_normalized_mse"].mean()),
-            "grid_median_abs_bias_over_sqrt_crb": dict(zip(est, map(float, rep.summary["median_abs_bias_over_sqrt_crb"]))),
-            "grid_median_std_over_sqrt_crb": dict(zip(est, map(float, rep.summary["median_std_over_sqrt_crb"]))),
-            "slice_seconds": best,
-            "throughput_voxels_per_s": 175 * 215 / best,
-        }
-        maps[loss] = rep
+        net, meta = train_net(sim, train, loss, args, log)
+        estimators[f"{loss}-net"] = net
+        results[f"{loss}-net"] = meta
+    preds = {}
+    for name, net in estimators.items():
+        preds[name], sec = timed_predict(net, rows["X"])
+        results[name]["predict_ms_per_voxel"] = 1e3 * sec / rows["X"].shape[0]
+    if args.nlls_theta > 0:
+        nlls = NLLSFitter(seq, basis=sim.basis_, estimate=EST, tied_R1=True).fit()
+        pred = np.full_like(rows["y"], np.nan)
+        pred[subset], sec = timed_predict(nlls, rows["X"][subset], warm=False)
+        preds["nlls"] = pred
+        results["nlls"] = {"predict_ms_per_voxel": 1e3 * sec / subset.sum(), "predict_seconds": sec}
+        log(f"nlls: {subset.sum()} fits in {sec:.0f} s")
 
-    # figure: bias/sqrt(CRB) and std/sqrt(CRB) over the (R1f, m0s) plane
-    fig, axes = plt.subplots(4, 3, figsize=(11, 13), constrained_layout=True)
-    ext = [1 / 1.9, 1 / 0.7, m0s_axis[0], m0s_axis[-1]]
-    for row, (loss, stat) in enumerate([(l, s) for s in ("bias_over_sqrt_crb", "std_over_sqrt_crb")
-                                         for l in ("crb", "mse")]):
-        vals = maps[loss][stat]
-        for j, name in enumerate(est):
-            ax = axes[row, j]
-            img = vals[:, j].reshape(g, g)
-            kw = dict(cmap="RdBu_r", vmin=-2, vmax=2) if stat.startswith("bias") else dict(cmap="viridis", vmin=0,
-                                                                                          vmax=2)
-            im = ax.imshow(img, origin="lower", aspect="auto", extent=ext, **kw)
-            ax.set_title(f"{loss}-net {name}: {stat.replace('_over_sqrt_crb', '')}/√CRB", fontsize=9)
-            ax.set_xlabel("R1f (1/s)")
-            ax.set_ylabel("m0s")
-            fig.colorbar(im, ax=ax)
-    fig.suptitle(f"SNR {args.test_snr:g}, {args.n_draws} noise draws per point, n_train={args.n_train}, "
-                 f"{args.epochs} epochs")
-    png = out.with_suffix(".png")
-    fig.savefig(png.with_suffix(".tmp.png"), dpi=90)
-    os.replace(png.with_suffix(".tmp.png"), png)
+    strata_all, strata_sub = {}, {}
+    for name, pred in preds.items():
+        mask = subset if name == "nlls" else everything
+        rep, dropped = report(rows, pred, mask, p_var)
+        strata_all[name] = rep.strata
+        results[name]["dropped_non_finite_rows"] = dropped
+        strata_sub[name] = report(rows, pred, subset, p_var)[0].strata
+    strata_all["prior-mean"] = constant_report(rows, p_mean, everything, p_var).strata
+    strata_sub["prior-mean"] = constant_report(rows, p_mean, subset, p_var).strata
+    results["prior-mean"] = {"constant": dict(zip(EST, map(float, p_mean)))}
+    seconds["total"] = time.perf_counter() - t0
+    if hasattr(os, "getloadavg"):
+        info["load_average_end"] = os.getloadavg()
 
-    results["total_seconds"] = time.perf_counter() - t_start
-    tmp = out.with_suffix(".tmp.json")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out)
-
-    print(f"\n{'':24s}{'crb-net':>12s}{'mse-net':>12s}")
-    rows = [("prior nMSE mean", "prior_test_normalized_mse_mean", None),
-            ("grid nMSE mean", "grid_normalized_mse_mean", None)]
-    for label, key, _ in rows:
-        print(f"{label:24s}" + "".join(f"{results['nets'][l][key]:12.3g}" for l in ("crb", "mse")))
-    for key, label in (("prior_test_normalized_mse", "prior nMSE"), ("grid_median_abs_bias_over_sqrt_crb",
-                                                                     "med|bias|/√CRB"),
-                       ("grid_median_std_over_sqrt_crb", "med std/√CRB")):
-        for p in est:
-            print(f"{label + ' ' + p:24s}" + "".join(f"{results['nets'][l][key][p]:12.3g}" for l in ("crb", "mse")))
-    print(f"{'voxels/s (predict)':24s}" + "".join(f"{results['nets'][l]['throughput_voxels_per_s']:12.0f}"
-                                                  for l in ("crb", "mse")))
-    print(f"\nwrote {out} and {png} in {results['total_seconds']:.0f} s")
-    return results
+    table = markdown(strata_all, args.eval_snr)
+    table_sub = markdown(strata_sub, args.eval_snr)
+    legend = ("Cells: nMSE / median |bias|/√CRB / median bias/√CRB / median std/√CRB (n = thetas in the stratum); "
+              f"each theta has {args.n_draws} noise draws per SNR. informative: CRB < 0.1 × prior variance.")
+    cmd = "python benchmarks/bench_crb_vs_mse.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    doc = (f"# CRB net vs MSE twin vs prior mean vs NLLS\n\n`{cmd}`\n\n{legend}\n\n"
+           f"## All {args.n_eval_theta} held-out thetas (NLLS: first {args.nlls_theta})\n\n{table}\n\n"
+           f"## The NLLS subset ({args.nlls_theta} thetas), every estimator\n\n{table_sub}\n\n"
+           "## Timings\n\n" + "\n".join(
+               f"- {n}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, (int, float)))
+               for n, r in results.items()) + f"\n- datasets {seconds['datasets']:.0f} s, total "
+           f"{seconds['total']:.0f} s\n- machine: {json.dumps(info)}\n")
+    res = {"command": cmd, "config": vars(args), "estimate": EST, "sequence": SEQ_NAME, "rank": 13, "tied_R1": True,
+           "prior": args.prior, "prior_mean": p_mean.tolist(), "prior_variance": p_var.tolist(),
+           "sigma": sigma, "machine": info, "seconds": seconds, "estimators": results,
+           "strata": strata_all, "strata_nlls_subset": strata_sub}
+    for path, text in ((out / "crb_vs_mse.json", json.dumps(res, indent=1, default=str)),
+                       (out / "crb_vs_mse.md", doc)):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    figure(out / "crb_vs_mse.png", strata_all, args.eval_snr,
+           f"n_train={args.n_train}, epochs={results['crb-net']['epochs_run']}, train SNR {args.train_snr}")
+    print("\n" + doc)
+    log(f"wrote {out / 'crb_vs_mse.json'}, .md and .png")
+    return res
 
 
 if __name__ == "__main__":
