@@ -35,13 +35,14 @@ import torch
 
 from sklearn_crb._version import __version__
 from sklearn_crb.demo import make_network, run_demo
+from sklearn_crb.estimators.network import InputNormalization
 from sklearn_crb.estimators.nlls import NLLSFitter
 from sklearn_crb.io._files import atomic_files, check_file_name, check_output_file, check_output_folder
 from sklearn_crb.io.datasets import (SUFFIXES, dataset_meta, is_dataset, load_dataset, save_dataset,
                                      simulate_dataset, simulator_from_dataset)
 from sklearn_crb.io.images import load_array, load_basis, load_coefficients, make_mask, save_nifti
 from sklearn_crb.io.models import MODEL_FILES, check_compatible, load_model, save_model
-from sklearn_crb.maps import fit_maps
+from sklearn_crb.maps import fit_maps, map_names
 from sklearn_crb.physics.parameters import resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.simulator import MTFingerprintSimulator
@@ -56,6 +57,11 @@ EPILOG = ("Outputs: an existing output is refused unless --overwrite is given, a
           "outputs that sklearn-crb wrote itself. Errors are one line on stderr, exit status 2; Ctrl-C exits "
           "with 130 and leaves existing outputs untouched.")
 SCHEDULER_TIMEOUT = "5s"
+#: ``simulate`` defaults: the brain prior (parenchyma, CSF and partial volume) and an SNR range with in-vivo values.
+DEFAULT_PRIOR = "brain"
+DEFAULT_SNR = (10.0, 300.0)
+#: Rank of the learnt SVD basis when no ``--basis`` is given.
+DEFAULT_RANK = 13
 
 
 class CLIError(Exception):
@@ -101,6 +107,15 @@ def _device(text):
             raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA devices")
     elif dev.type != "cpu":
         raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use auto, cpu, cuda or cuda:N")
+    return text
+
+
+def _normalization(text):
+    """An input normalisation the network module accepts (checked by the module itself)."""
+    try:
+        InputNormalization(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 
@@ -169,9 +184,13 @@ def cmd_simulate(args):
     if out.suffix.lower() not in SUFFIXES:
         raise CLIError(f"--out must end in .npz, .h5 or .hdf5, got {out.name}")
     check_output_file(out, overwrite=args.overwrite, owned=is_dataset, argname="--out")
+    estimate = resolve_estimate(tuple(args.estimate), args.tied_R1, argname="--estimate")
     seq = _sequence(args)
     basis = load_basis(args.basis, n_pulses=seq.n_pulses) if args.basis else None
-    sim = MTFingerprintSimulator(seq, n_components=args.rank, basis=basis, estimate=tuple(args.estimate),
+    if basis is not None and args.rank is not None and args.rank > basis.shape[1]:
+        raise CLIError(f"--rank {args.rank} exceeds the {basis.shape[1]} columns of --basis {args.basis}")
+    rank = args.rank if (args.rank is not None or basis is not None) else DEFAULT_RANK
+    sim = MTFingerprintSimulator(seq, n_components=rank, basis=basis, estimate=estimate,
                                  snr=tuple(args.snr), sigma=args.sigma, tied_R1=args.tied_R1, prior=args.prior,
                                  n_basis_samples=args.n_basis_samples, random_state=args.seed).fit()
     data = simulate_dataset(sim, args.n_samples, args.seed, progress=not args.quiet)
@@ -191,6 +210,7 @@ def cmd_train(args):
     sim = simulator_from_dataset(data)
     augment = args.augment and "X_clean" in data and "crb_unit" in data
     X, crb = (data["X_clean"], data["crb_unit"]) if augment else (data["X"], data["crb"])
+    # options not given stay None: the estimator's defaults (the package's training recipe) apply
     net = make_network(args.loss, sim, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet,
                        paper=args.paper, normalization=args.normalization)
@@ -208,8 +228,8 @@ def cmd_train(args):
 
 
 # --------------------------------------------------------------------------- fit
-def _fit_names(prefix, estimate):
-    maps = [*estimate, *(p + "_se" for p in estimate), "M0_abs", "M0_phase", "relative_residual", "flags", "mask"]
+def _fit_names(prefix, estimate, times=False):
+    maps = map_names(estimate, times=times)
     return {k: f"{prefix}{k}.nii.gz" for k in maps}, f"{prefix}overview.png", f"{prefix}summary.json"
 
 
@@ -224,6 +244,16 @@ def _fit_owned(summary):
     return {f for f in s["files"] if isinstance(f, str)} | {Path(summary).name}
 
 
+def _fit_basis(args, seq):
+    """``--basis FILE`` (first ``--rank`` columns when given)."""
+    U = load_basis(args.basis, n_pulses=seq.n_pulses)
+    if args.rank is not None:
+        if args.rank > U.shape[1]:
+            raise CLIError(f"--rank {args.rank} exceeds the {U.shape[1]} columns of --basis {args.basis}")
+        U = U[:, :args.rank]
+    return U
+
+
 def cmd_fit(args):
     # ---- all checks first
     if not args.model and not args.nlls:
@@ -235,19 +265,19 @@ def cmd_fit(args):
         model = load_model(args.model, device=args.device)
         meta = model.crb_metadata_
         seq = _sequence(args) if args.sequence else Sequence.from_dict(meta["sequence"])
-        basis = load_basis(args.basis, n_pulses=seq.n_pulses) if args.basis else meta["basis"]
+        basis = _fit_basis(args, seq) if args.basis else meta["basis"]
         estimate = tuple(meta["estimate"])
     else:
         model = None
         if not args.basis:
             raise CLIError("--nlls needs --basis (the basis the coefficients were reconstructed in)")
         seq = _sequence(args)
-        basis = load_basis(args.basis, n_pulses=seq.n_pulses)
-        estimate = resolve_estimate(tuple(args.estimate), args.tied_R1)
+        basis = _fit_basis(args, seq)
+        estimate = resolve_estimate(tuple(args.estimate), args.tied_R1, argname="--estimate")
     img = load_coefficients(args.coefficients, basis=basis)
     mask_arr = load_array(args.mask, None, "mask", preferred=("mask",))[0] if args.mask else None
     make_mask(img, mask_arr)  # shape check before any work
-    map_files, png, summary_name = _fit_names(args.prefix, estimate)
+    map_files, png, summary_name = _fit_names(args.prefix, estimate, times=args.times)
     names = [*map_files.values(), png, summary_name]
     owned = _fit_owned(out / summary_name) or set()
     for name in names:
@@ -264,7 +294,7 @@ def cmd_fit(args):
     t0 = time.perf_counter()
     with _dask_context(args.scheduler):
         maps = fit_maps(estimator, img, mask_arr, sequence=seq, basis=basis, sigma=args.sigma,
-                        chunk_size=args.chunk_size, progress=not args.quiet)
+                        chunk_size=args.chunk_size, times=args.times, progress=not args.quiet)
     elapsed = time.perf_counter() - t0
     arrays = {k: v for k, v in maps.items() if isinstance(v, np.ndarray)}
     if not set(arrays) <= set(map_files):
@@ -304,7 +334,9 @@ def _add_sequence_args(p, basis=True):
                    help="length of the built-in sequence (default 1142)")
     if basis:
         g.add_argument("--basis", help="compression basis (n_pulses x r; .npy/.npz/.mat/.nii); default: SVD")
-        g.add_argument("--rank", type=_positive_int, default=13, help="rank of the SVD basis (default 13)")
+        g.add_argument("--rank", type=_positive_int, default=None,
+                       help=f"rank: the first RANK columns of --basis (default: all of them), or the rank of the "
+                            f"learnt SVD basis (default {DEFAULT_RANK})")
 
 
 def _common(p, device=None):
@@ -339,11 +371,14 @@ def build_parser():
     p.add_argument("--out", required=True, help="output file (.npz, .h5 or .hdf5)")
     p.add_argument("--n-samples", type=_number(int, 2, strict=False), default=2000, help="at least 2")
     _add_sequence_args(p)
-    p.add_argument("--estimate", nargs="+", default=["m0s", "R1f", "R2f"], help="parameters to estimate")
+    p.add_argument("--estimate", nargs="+", default=["m0s", "R1f", "R2f"],
+                   help="targets: parameter names, or relaxation times T1f, T2f, T1s (s) instead of R1f, R2f, R1s")
     p.add_argument("--tied-R1", action="store_true", help="R1s = R1f (the paper's single T1)")
-    p.add_argument("--prior", choices=["parenchyma", "paper2022"], default=None,
-                   help="parameter prior (default: paper2022 with --tied-R1, else parenchyma)")
-    p.add_argument("--snr", nargs=2, type=_positive_float, default=[10.0, 100.0], metavar=("LOW", "HIGH"))
+    p.add_argument("--prior", choices=["brain", "parenchyma", "paper2022"], default=DEFAULT_PRIOR,
+                   help="parameter prior (default brain: parenchyma, CSF-like and partial-volume tissue, for "
+                        "the tied or untied model)")
+    p.add_argument("--snr", nargs=2, type=_positive_float, default=list(DEFAULT_SNR), metavar=("LOW", "HIGH"),
+                   help=f"|M0|/sigma range (default {DEFAULT_SNR[0]:g} {DEFAULT_SNR[1]:g}: in-vivo values included)")
     p.add_argument("--sigma", type=_positive_float, default=0.01, help="noise std per real coefficient component")
     p.add_argument("--n-basis-samples", type=_positive_int, default=1000, help="fingerprints for the SVD basis")
     p.add_argument("--seed", type=int, default=0)
@@ -355,12 +390,15 @@ def build_parser():
     p.add_argument("--data", required=True, help="training set from `sklearn-crb simulate`")
     p.add_argument("--out", required=True, help="model directory to write (new, empty or a saved model)")
     p.add_argument("--loss", choices=["crb", "mse", "relative"], default="crb")
-    p.add_argument("--epochs", type=_positive_int, default=60)
-    p.add_argument("--hidden", nargs="+", type=_positive_int, default=[256, 256, 128], help="MLP widths")
-    p.add_argument("--paper", action="store_true", help="the paper's residual network instead of the MLP")
-    p.add_argument("--normalization", choices=["l2", "first-coefficient"], default="l2")
-    p.add_argument("--lr", type=_positive_float, default=3e-3)
-    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's residual network and recipe (Zhang et al. 2022) instead of the default recipe")
+    g = p.add_argument_group("overrides of the recipe (default: CRBNetRegressor's, or the paper's with --paper)")
+    g.add_argument("--epochs", type=_positive_int, default=None)
+    g.add_argument("--hidden", nargs="+", type=_positive_int, default=None, help="hidden layer widths")
+    g.add_argument("--normalization", type=_normalization, default=None,
+                   help="input normalisation (l2, first-coefficient, phase-l2, ...; see InputNormalization)")
+    g.add_argument("--lr", type=_positive_float, default=None, help="learning rate")
+    g.add_argument("--batch-size", type=_positive_int, default=None)
     p.add_argument("--no-augment", dest="augment", action="store_false",
                    help="train on the stored noisy samples instead of fresh noise each epoch")
     p.add_argument("--seed", type=int, default=0)
@@ -378,6 +416,8 @@ def build_parser():
     _add_sequence_args(p)
     p.add_argument("--mask", help="mask image (non-zero = fit); default: automatic")
     p.add_argument("--estimate", nargs="+", default=["m0s", "R1f", "R2f"], help="NLLS: parameters to report")
+    p.add_argument("--times", action="store_true",
+                   help="also write relaxation-time maps T1f (s), T2f (ms) (and T1s untied) with their standard errors")
     p.add_argument("--tied-R1", action="store_true", help="NLLS: R1s = R1f")
     p.add_argument("--sigma", type=_positive_float, default=None,
                    help="noise std (default: estimated from residuals)")

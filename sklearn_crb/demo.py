@@ -37,7 +37,7 @@ from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.simulator import MTFingerprintSimulator
 from sklearn_crb.viz import demo_figures
 
-__all__ = ["run_demo", "make_network", "DEMO_SIZES", "DEMO_SNR", "DEMO_TRAIN_SNR", "DEMO_FILES"]
+__all__ = ["run_demo", "make_network", "paper_params", "DEMO_SIZES", "DEMO_SNR", "DEMO_TRAIN_SNR", "DEMO_FILES"]
 
 
 class EpochBar(Callback):
@@ -59,19 +59,39 @@ class EpochBar(Callback):
         self.bar.close()
 
 
-def make_network(loss, simulator, *, hidden=(256, 256, 128), epochs=60, lr=3e-3, batch_size=256, device="auto",
-                 seed=0, progress=True, paper=False, normalization="l2"):
+#: The paper's network and recipe (``--paper``), used when the estimator offers no preset of its own.
+_PAPER_FALLBACK = {"module": ResidualMLP}
+
+
+def paper_params():
+    """Constructor parameters of the paper's residual network and recipe (Zhang et al., MRM 2022, Fig. 2).
+
+    Taken from ``CRBNetRegressor.paper_params()`` when the estimator
+    defines it, so that the CLI never restates the estimator's recipe.
+    """
+    preset = getattr(CRBNetRegressor, "paper_params", None)
+    return dict(preset()) if callable(preset) else dict(_PAPER_FALLBACK)
+
+
+def make_network(loss, simulator, *, paper=False, device="auto", seed=0, progress=True, hidden=None, epochs=None,
+                 lr=None, batch_size=None, normalization=None):
     """A ``CRBNetRegressor`` as the CLI and the demo build it.
 
-    A plain MLP of widths ``hidden``, or with ``paper=True`` the residual
-    network of Zhang et al. (MRM 2022, Fig. 2), trained for ``epochs``
-    epochs with Adam at learning rate ``lr``; one tqdm step per epoch.
+    Everything not given (None) is the estimator's own default, i.e. the
+    package's measured training recipe; ``paper=True`` starts from the
+    paper's residual network and recipe instead (:func:`paper_params`).
+    ``hidden`` (widths), ``epochs``, ``lr``, ``batch_size`` and
+    ``normalization`` override single settings; one tqdm step per epoch
+    is shown when ``progress``.
     """
-    kw = {} if paper else {"module__hidden": tuple(hidden)}
-    return CRBNetRegressor(module=ResidualMLP if paper else MLP, loss=loss, simulator=simulator, max_epochs=epochs,
-                           lr=lr, batch_size=batch_size, device=device, random_state=seed,
-                           module__normalization=normalization,
-                           callbacks=[("epochs", EpochBar(epochs, f"train ({loss})", not progress))], **kw)
+    params = paper_params() if paper else {}
+    overrides = {"module__hidden": None if hidden is None else tuple(int(h) for h in hidden), "max_epochs": epochs,
+                 "lr": lr, "batch_size": batch_size, "module__normalization": normalization}
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    net = CRBNetRegressor(loss=loss, simulator=simulator, device=device, random_state=seed, **params)
+    callbacks = list(net.callbacks or [])  # keep the estimator's own default callbacks (e.g. its LR schedule)
+    callbacks.append(("epochs", EpochBar(net.max_epochs, f"train ({loss})", not progress)))
+    return net.set_params(callbacks=callbacks)
 
 
 #: Sizes of the demo (full: <= 5 min on a 2-core CPU; quick: CI).

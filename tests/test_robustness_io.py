@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sklearn_crb.io._files import atomic_files, check_file_name, check_output_folder
 from sklearn_crb.io.datasets import load_dataset, save_dataset
 from sklearn_crb.io.images import save_maps
-from sklearn_crb.io.models import NETWORKS, _SCHEMAS, load_model, save_model
+from sklearn_crb.io.models import NETWORKS, _SCHEMAS, file_sha256, load_model, save_model
 
 NAMES = ("m0s", "R1f", "R2f")
 
@@ -84,6 +85,50 @@ def test_models_of_format_1_still_load(trained, model_dir, legacy):
 
     _edit(model_dir, v1)
     np.testing.assert_array_equal(load_model(model_dir, device="cpu").predict(X[:10]), net.predict(X[:10]))
+
+
+def test_saved_model_records_every_constructor_argument(trained, model_dir):
+    """Format 3: module_kwargs are complete, so a later change of a default cannot change the loaded net."""
+    import inspect
+
+    sim, net, X = trained
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert meta["format_version"] == 3
+    want = {k for k, p in inspect.signature(net.module).parameters.items()} - {"n_features", "n_outputs"}
+    assert set(meta["module_kwargs"]) == want
+    assert meta["module_kwargs"]["hidden"] == [16, 8]
+
+
+def test_format_2_models_omitting_keys_get_the_defaults_of_that_time(trained, model_dir):
+    """A version-2 model.json without batch_norm/normalization meant BatchNorm and "l2": loading
+    it with those gives a shape mismatch unless the net really had them (named, not silent)."""
+    sim, net, X = trained
+
+    def v2(m):
+        m["module_kwargs"] = {"hidden": m["module_kwargs"]["hidden"]}
+        return dict(m, format_version=2)
+
+    _edit(model_dir, v2)
+    has_bn = any(isinstance(mod, torch.nn.BatchNorm1d) for mod in net.module_.modules())
+    if has_bn:  # the v2 defaults describe this net: it loads (with l2 normalisation and ReLU)
+        loaded = load_model(model_dir, device="cpu")
+        assert loaded.module_.module.normalize.mode == "l2"
+    else:
+        with pytest.raises(ValueError, match="does not fit the network"):
+            load_model(model_dir, device="cpu")
+
+
+@pytest.mark.parametrize("bad", ["nan", "order"])
+def test_output_bounds_may_be_infinite_but_not_nan_or_reversed(trained, model_dir, bad):
+    sim, net, X = trained
+    state = torch.load(model_dir / "params.pt", weights_only=True)
+    n = net.n_outputs_
+    state["low"] = torch.full((n,), float("nan") if bad == "nan" else 1.0, dtype=torch.float64)
+    state["high"] = torch.full((n,), float("inf") if bad == "nan" else 0.0, dtype=torch.float64)
+    torch.save(state, model_dir / "params.pt")
+    _edit(model_dir, lambda m: dict(m, params_sha256=file_sha256(model_dir / "params.pt")))
+    with pytest.raises(ValueError, match="non-finite|low < high"):
+        load_model(model_dir, device="cpu")
 
 
 def test_registry_schemas_match_the_constructors():
@@ -161,7 +206,7 @@ def test_a_key_of_the_wrong_type_is_named(model_dir, key, value):
 @pytest.mark.parametrize("change", [
     lambda m: m["module_kwargs"].update(hidden=[8]),
     lambda m: m["module_kwargs"].update(hidden=[16, 8, 4]),
-    lambda m: m["module_kwargs"].update(batch_norm=False),
+    lambda m: m["module_kwargs"].update(batch_norm=not m["module_kwargs"]["batch_norm"]),
     lambda m: m.update(n_features=10, rank=5),
     lambda m: m.update(n_outputs=2, estimate=["m0s", "R1f"]),
     lambda m: m.update(module_class="ResidualMLP", module_kwargs={"hidden": [16, 8]}),

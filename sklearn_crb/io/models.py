@@ -28,6 +28,7 @@ basis returns plausible-looking nonsense on another.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -51,7 +52,9 @@ __all__ = ["save_model", "load_model", "check_compatible", "basis_sha256", "file
 
 FORMAT = "sklearn-crb-network"
 #: 2: ``module_class`` is a registry name and ``params_sha256`` is recorded.
-FORMAT_VERSION = 2
+#: 3: ``module_kwargs`` records every constructor argument, so a later change of
+#: a network's defaults cannot change what a saved model loads as.
+FORMAT_VERSION = 3
 #: The files of a model folder; a folder holding anything else is never replaced.
 MODEL_FILES = ("params.pt", "model.json", "basis.npy")
 _JSON_TYPES = (str, int, float, bool, type(None))
@@ -65,12 +68,18 @@ _LEGACY_NAMES = {f"{mod}:{cls}": cls for mod in ("sklearn_crb.network", "sklearn
 #: JSON type of every constructor argument (checked against the signatures in the tests).
 _SCHEMAS = {
     "MLP": {"n_features": "size", "n_outputs": "size", "hidden": "widths", "normalization": "str|null",
-            "batch_norm": "bool"},
+            "batch_norm": "bool", "activation": "str"},
     "ResidualMLP": {"n_features": "size", "n_outputs": "size", "hidden": "widths|null", "skips": "skips",
                     "normalization": "str|null", "batch_norm": "bool"},
 }
+#: Constructor defaults of the networks as format versions <= 2 saved them (only the non-default
+#: arguments were written then): what an older model.json that omits a key means.
+_V2_DEFAULTS = {
+    "MLP": {"hidden": (256, 256, 128), "normalization": "l2", "batch_norm": True, "activation": "relu"},
+    "ResidualMLP": {"hidden": None, "skips": "auto", "normalization": "l2", "batch_norm": True},
+}
 _KIND_TEXT = {"size": "an integer in [1, 65536]", "widths": "a list of integers in [1, 65536]",
-              "widths|null": "null or a list of integers in [1, 65536]", "str|null": "a string or null",
+              "widths|null": "null or a list of integers in [1, 65536]", "str|null": "a string or null", "str": "a string",
               "bool": "true or false", "skips": '"auto", null or a list of [source, target] integer pairs'}
 _MAX_WIDTH, _MAX_LAYERS = 65536, 256
 
@@ -109,6 +118,15 @@ def _registry_name(module):
                      f"got {cls.__module__}.{cls.__qualname__}; use skorch save_params with your own loading code")
 
 
+def _constructor_kwargs(net):
+    """Every constructor argument of the net's module: its defaults, overridden by ``module__*``."""
+    cls = net.module if isinstance(net.module, type) else type(net.module_.module)
+    kwargs = {k: p.default for k, p in inspect.signature(cls).parameters.items()
+              if p.default is not inspect.Parameter.empty and k not in ("n_features", "n_outputs")}
+    kwargs.update({k[len("module__"):]: v for k, v in net.get_params(deep=False).items() if k.startswith("module__")})
+    return kwargs
+
+
 # ---------------------------------------------------------------- validation of model.json (untrusted)
 def _fail(file, key, what):
     raise ValueError(f"model: {file}: {key!r} {what}")
@@ -127,6 +145,7 @@ def _check_kwarg(file, key, kind, v):
         "widths|null": lambda: v is None or (isinstance(v, list) and len(v) <= _MAX_LAYERS
                                              and all(width(x) for x in v)),
         "str|null": lambda: v is None or isinstance(v, str),
+        "str": lambda: isinstance(v, str),
         "bool": lambda: isinstance(v, bool),
         "skips": lambda: v is None or v == "auto" or (isinstance(v, list) and all(
             isinstance(pair, list) and len(pair) == 2 and all(_is_int(i) for i in pair) for pair in v)),
@@ -136,8 +155,12 @@ def _check_kwarg(file, key, kind, v):
     return tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
 
 
-def _module_kwargs(file, name, kwargs):
-    """Validate ``module_kwargs`` against the registered constructor's schema."""
+def _module_kwargs(file, name, kwargs, version=FORMAT_VERSION):
+    """Validate ``module_kwargs`` against the registered constructor's schema.
+
+    Format versions <= 2 recorded only non-default arguments: the omitted
+    ones get the defaults of that time (``_V2_DEFAULTS``).
+    """
     if name not in NETWORKS:
         legacy = _LEGACY_NAMES.get(name)
         if legacy is None:
@@ -150,7 +173,10 @@ def _module_kwargs(file, name, kwargs):
     unknown = sorted(set(kwargs) - set(schema))
     if unknown:
         _fail(file, "module_kwargs", f"has keys {unknown} that {name} does not take (it takes {sorted(schema)})")
-    return name, {k: _check_kwarg(file, k, schema[k], v) for k, v in kwargs.items()}
+    checked = {k: _check_kwarg(file, k, schema[k], v) for k, v in kwargs.items()}
+    if version <= 2:
+        checked = {**_V2_DEFAULTS.get(name, {}), **checked}
+    return name, checked
 
 
 def _require(meta, file, key, types, what):
@@ -223,8 +249,7 @@ def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_val
     if fill.shape != (len(PARAMETERS),) or not np.all(np.isfinite(fill)):
         raise ValueError(f"fill_values must be 8 finite values in PARAMETERS order, got {fill_values!r}")
     nuis = nuisance if nuisance is not None else (sim.nuisance if sim is not None else "all")
-    module_kwargs = {k[len("module__"):]: v for k, v in net.get_params(deep=False).items()
-                     if k.startswith("module__")}
+    module_kwargs = _constructor_kwargs(net)
     bad = [k for k, v in module_kwargs.items() if not _jsonable(v)]
     if bad:
         raise ValueError(f"module parameters {bad} are not JSON-serialisable; cannot save portably")
@@ -314,7 +339,7 @@ def _read_meta(path):
     if not (nuis is None or isinstance(nuis, str) or (isinstance(nuis, list) and all(isinstance(p, str)
                                                                                     for p in nuis))):
         _fail(file, "nuisance", "must be a string, a list of parameter names or null")
-    meta["_module"] = _module_kwargs(file, meta["module_class"], meta["module_kwargs"])
+    meta["_module"] = _module_kwargs(file, meta["module_class"], meta["module_kwargs"], version)
     try:
         meta["_sequence"] = Sequence.from_dict(meta["sequence"])
     except Exception as exc:  # noqa: BLE001 - an arbitrary JSON object: any failure is a bad file
@@ -331,6 +356,22 @@ def _expected_state(cls, kwargs, n_outputs):
     shapes = {f"module.{k}": tuple(v.shape) for k, v in inner.state_dict().items()}
     shapes.update(mean=(n_outputs,), scale=(n_outputs,))
     return shapes
+
+
+#: Output-bound buffers of the wrapper (bounded heads): +-inf marks a linear output; absent in older models.
+_BOUND_KEYS = ("low", "high")
+
+
+def _check_state_values(state, params):
+    """Finite weights and scaling; bounds may be +-inf (linear output) but never NaN, and low < high."""
+    for k, v in state.items():
+        if not v.is_floating_point():
+            continue
+        ok = ~torch.isnan(v) if k in _BOUND_KEYS else torch.isfinite(v)
+        if not bool(torch.all(ok)):
+            raise ValueError(f"model: {params} holds non-finite values in {k!r}")
+    if all(k in state for k in _BOUND_KEYS) and not bool(torch.all(state["low"] < state["high"])):
+        raise ValueError(f"model: {params}: the output bounds must satisfy low < high")
 
 
 def load_model(path, *, device="auto", sequence=None, basis=None):
@@ -394,12 +435,13 @@ def load_model(path, *, device="auto", sequence=None, basis=None):
         isinstance(v, torch.Tensor) for v in state.values()) else None
     if got is None:
         raise ValueError(f"model: {params} is not a state dict of tensors")
+    if set(_BOUND_KEYS) <= set(got) or not set(got) & set(_BOUND_KEYS):  # both bounds, or neither (older)
+        expected.update({k: got[k] for k in _BOUND_KEYS if k in got and got[k] == (meta["n_outputs"],)})
     if got != expected:
         diff = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
         raise ValueError(f"model: {params} does not fit the network described by model.json "
                          f"('module_class' {name}, 'module_kwargs'): mismatch at {diff[:4]}")
-    if any(not torch.all(torch.isfinite(v)) for v in state.values() if v.is_floating_point()):
-        raise ValueError(f"model: {params} holds non-finite weights")
+    _check_state_values(state, params)
     del state  # checked; skorch loads the file into the module
     net = CRBNetRegressor(module=cls, loss=meta.get("loss") or "crb", target_names=tuple(meta["estimate"]),
                           device=device, **{f"module__{k}": v for k, v in kwargs.items()})
