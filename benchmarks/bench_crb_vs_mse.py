@@ -236,6 +236,8 @@ def figure(path, strata_by_est, snrs, title):
                 if pts:
                     axes[i, j].plot(*zip(*pts), "o-", label=name)
                 axes[i, j].set_xscale("log")
+                axes[i, j].set_xticks(list(snrs), [f"{v:g}" for v in snrs])
+                axes[i, j].minorticks_off()
                 axes[i, j].set_title(f"{p}: {label}", fontsize=9)
                 axes[i, j].set_xlabel("SNR")
     for j in range(len(EST)):
