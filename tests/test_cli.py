@@ -109,6 +109,71 @@ def test_bad_inputs_give_errors_and_no_output(pipeline, capsys):
     assert sorted(os.listdir(d)) == sorted(x for x in os.listdir(d) if not x.startswith("."))  # no temp leftovers
 
 
+def test_simulate_defaults_brain_prior_and_in_vivo_snr(pipeline):
+    d, _ = pipeline
+    meta = load_dataset(d / "train.h5")["meta"]
+    assert meta["prior"] == "brain" and meta["snr"][0] <= 50 and meta["snr"][1] >= 300
+
+
+def test_simulate_with_a_wider_basis_and_rank_uses_its_first_columns(pipeline, tmp_path, capsys):
+    """--basis FILE --rank r: the first r columns (features 2r); --basis alone: all columns."""
+    from sklearn_crb import MTFingerprintSimulator, Sequence
+
+    U = MTFingerprintSimulator(Sequence.default(n_pulses=120), n_components=10, n_basis_samples=200,
+                               random_state=0).fit().basis_  # 120 x 10
+    np.save(tmp_path / "U.npy", U)
+    common = ["--n-pulses", "120", "--quiet", "--n-samples", "20", "--basis", str(tmp_path / "U.npy")]
+    assert main(["simulate", "--out", str(tmp_path / "r7.npz"), "--rank", "7", *common]) == 0
+    assert main(["simulate", "--out", str(tmp_path / "all.npz"), *common]) == 0
+    r7, full = load_dataset(tmp_path / "r7.npz"), load_dataset(tmp_path / "all.npz")
+    assert r7["X"].shape == (20, 14) and full["X"].shape == (20, 20)
+    np.testing.assert_allclose(r7["basis"], U[:, :7])
+    assert main(["simulate", "--out", str(tmp_path / "r11.npz"), "--rank", "11", *common]) == 2
+    assert "--rank 11 exceeds the 10 columns" in capsys.readouterr().err
+    assert not (tmp_path / "r11.npz").exists()
+
+
+def test_estimate_names_are_checked_before_work(tmp_path, capsys):
+    """Time names are accepted by the check; a rate together with its time, or a bogus name, is one line."""
+    for bad, msg in ((["R1f", "T1f"], "same rate"), (["bogus"], "unknown names")):
+        assert main(["simulate", "--out", str(tmp_path / "x.npz"), "--n-pulses", "120", "--quiet",
+                     "--estimate", *bad]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "--estimate" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_train_options_not_given_are_the_estimators_defaults(pipeline):
+    """`train` without options builds CRBNetRegressor's own recipe: nothing is restated by the CLI."""
+    from sklearn_crb.demo import make_network
+    from sklearn_crb.estimators.regressor import CRBNetRegressor
+
+    ref = CRBNetRegressor().get_params(deep=False)
+    net = make_network("crb", None, progress=False).get_params(deep=False)
+    for k in ("module", "max_epochs", "lr", "batch_size", "optimizer", "train_split"):
+        assert net[k] == ref[k], k
+    assert not any(k.startswith("module__") for k in net if k not in ref)
+    over = make_network("crb", None, epochs=3, hidden=[8], lr=0.5, progress=False)
+    assert (over.max_epochs, over.lr, over.get_params()["module__hidden"]) == (3, 0.5, (8,))
+
+
+def test_fit_times_writes_relaxation_time_maps(pipeline):
+    d, ph = pipeline
+    out = d / "fit_times"
+    assert main(["fit", "--model", str(d / "model"), "--coefficients", str(d / "coef.nii.gz"),
+                 "--out", str(out), "--quiet", "--times", "--sigma", "0.02"]) == 0
+    T1 = nib.load(out / "T1f.nii.gz").get_fdata()[..., 0]
+    R1 = nib.load(out / "R1f.nii.gz").get_fdata()[..., 0]
+    T2 = nib.load(out / "T2f.nii.gz").get_fdata()[..., 0]
+    R2 = nib.load(out / "R2f.nii.gz").get_fdata()[..., 0]
+    assert (out / "T2f_se.nii.gz").exists() and (out / "T1f_se.nii.gz").exists()
+    m = ph.mask
+    np.testing.assert_allclose(T1[m], 1 / R1[m], rtol=1e-5)
+    np.testing.assert_allclose(T2[m], 1e3 / R2[m], rtol=1e-5)
+    units = json.loads((out / "summary.json").read_text())["units"]
+    assert units["T1f"] == "s" and units["T2f"] == "ms"
+
+
 @pytest.mark.slow
 def test_demo_quick(tmp_path):
     """The README's main command through the installed console script, reduced
