@@ -22,8 +22,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from sklearn_crb._validation import check_basis, check_snr_range, chunk_slices
 from sklearn_crb.crb import crb_from_jacobian
-from sklearn_crb.physics.parameters import (INDEX, PARAMETERS, free_parameters, resolve_estimate, tie_R1,
-                                            validate_theta)
+from sklearn_crb.physics.parameters import (INDEX, PARAMETERS, crb_to_targets, free_parameters, rate_name,
+                                            resolve_estimate, targets_from_theta, tie_R1, validate_theta)
 from sklearn_crb.physics.priors import resolve_prior
 from sklearn_crb.physics.signal import jacobian, simulate
 from sklearn_crb.physics.sequence import Sequence
@@ -34,6 +34,10 @@ __all__ = ["MTFingerprintSimulator", "draw_m0_and_noise", "apply_m0_and_noise", 
 _MAX_STORED_RANK = 128
 _ON_SINGULAR = ("raise", "redraw", "inf")
 _MAX_REDRAWS = 20
+#: The Fisher matrix at m0s = 0 exactly is singular (Rex, T2s and R1s drop out of the model); for any
+#: m0s > 0 the CRB is finite and continuous, so training CRBs are computed at m0s >= this value (the
+#: m0s -> 0+ limit), while the signal and the targets keep the drawn m0s.
+CRB_M0S_FLOOR = 1e-4
 
 
 def draw_m0_and_noise(rng, n_samples, rank, snr, sigma, noise=True):
@@ -45,7 +49,10 @@ def draw_m0_and_noise(rng, n_samples, rank, snr, sigma, noise=True):
 
     Parameters
     ----------
-    rng : numpy.random.Generator
+    rng : numpy.random.Generator or torch.Generator
+        A torch generator draws torch tensors (float64 ``|M0|``-phase pairs as
+        complex128) on the generator's device: the per-batch augmentation of
+        ``CRBNetRegressor`` draws there without a host round trip.
     n_samples, rank : int
     snr : (float, float)
         Range of ``|M0| / sigma``.
@@ -55,11 +62,19 @@ def draw_m0_and_noise(rng, n_samples, rank, snr, sigma, noise=True):
 
     Returns
     -------
-    M0 : ndarray, complex128, shape (n_samples,)
-    noise : ndarray, complex128, shape (n_samples, rank), or None
+    M0 : ndarray or tensor, complex128, shape (n_samples,)
+    noise : ndarray or tensor, complex128, shape (n_samples, rank), or None
     """
     lo, hi = check_snr_range(snr)
     sigma = _check_sigma(sigma)
+    if isinstance(rng, torch.Generator):
+        kw = dict(generator=rng, device=rng.device, dtype=torch.float64)
+        mag = sigma * (lo + (hi - lo) * torch.rand(n_samples, **kw))
+        M0 = torch.polar(mag, 2 * np.pi * torch.rand(n_samples, **kw))
+        if not noise:
+            return M0, None
+        shape = (n_samples, int(rank))
+        return M0, sigma * torch.complex(torch.randn(shape, **kw), torch.randn(shape, **kw))
     M0 = sigma * rng.uniform(lo, hi, n_samples) * np.exp(2j * np.pi * rng.uniform(0, 1, n_samples))
     if not noise:
         return M0, None
@@ -75,10 +90,11 @@ def apply_m0_and_noise(X_clean, M0, noise=None):
     network's per-batch augmentation share one model.
     """
     r = X_clean.shape[1] // 2
-    a, b = np.real(M0), np.imag(M0)
+    real, imag = (torch.real, torch.imag) if isinstance(M0, torch.Tensor) else (np.real, np.imag)
+    a, b = real(M0), imag(M0)
     nr = ni = None
     if noise is not None:
-        nr, ni = np.real(noise), np.imag(noise)
+        nr, ni = real(noise), imag(noise)
     if isinstance(X_clean, torch.Tensor):
         kw = dict(dtype=X_clean.dtype, device=X_clean.device)
         a, b = torch.as_tensor(a, **kw), torch.as_tensor(b, **kw)
@@ -86,6 +102,10 @@ def apply_m0_and_noise(X_clean, M0, noise=None):
             nr, ni = torch.as_tensor(nr, **kw), torch.as_tensor(ni, **kw)
         cat = torch.cat
     else:
+        if isinstance(a, torch.Tensor):
+            a, b = a.cpu().numpy(), b.cpu().numpy()
+            if noise is not None:
+                nr, ni = nr.cpu().numpy(), ni.cpu().numpy()
         a, b = a.astype(X_clean.dtype, copy=False), b.astype(X_clean.dtype, copy=False)
         cat = np.concatenate
     re, im = X_clean[:, :r], X_clean[:, r:]
@@ -97,7 +117,9 @@ def apply_m0_and_noise(X_clean, M0, noise=None):
 
 
 def crb_gain(M0, sigma):
-    """``|M0|^2 / sigma^2``: the CRB at ``(M0, sigma)`` is the unit CRB divided by it."""
+    """``|M0|^2 / sigma^2``: the CRB at ``(M0, sigma)`` is the unit CRB divided by it (numpy or torch)."""
+    if isinstance(M0, torch.Tensor):
+        return M0.abs() ** 2 / float(sigma) ** 2
     return np.abs(M0) ** 2 / float(sigma) ** 2
 
 
@@ -151,8 +173,11 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         in), possibly wider than ``n_components``. If None, ``fit`` learns one
         by SVD.
     estimate : tuple of str
-        Parameters the downstream estimator predicts (targets ``y``).
-    snr : (float, float)
+        Targets ``y`` the downstream estimator predicts: parameter names
+        (rates, 1/s) or the time forms ``"T1f"``, ``"T2f"``, ``"T1s"``
+        (``1/R`` in s; with ``tied_R1``, ``"T1f"`` is the single T1). The CRB
+        of a time is ``CRB(R) / R^4`` (delta method).
+    snr : (float, float), default (10, 100)
         Range of ``|M0| / sigma`` drawn uniformly per sample.
     sigma : float
         Noise standard deviation per real component of the coefficients.
@@ -160,9 +185,10 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         Model with R1s = R1f (the paper's single T1).
     nuisance : "all", None or tuple of str
         Unknowns marginalised in the CRB (besides complex M0).
-    prior : ParameterPrior, "parenchyma", "paper2022" or None
-        Parameter distribution for sampling; None: ``"paper2022"`` when
-        ``tied_R1`` else ``"parenchyma"``.
+    prior : ParameterPrior, "brain", "parenchyma", "paper2022" or None, default "brain"
+        Parameter distribution for sampling. ``"brain"`` covers parenchyma,
+        CSF and partial-volume tissue for the tied and the untied model
+        (:meth:`ParameterPrior.brain`); None: ``resolve_prior``'s default.
     n_basis_samples : int
         Fingerprints drawn from the prior for the SVD in ``fit``.
     backend : str
@@ -188,7 +214,7 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, sequence=None, n_components=None, basis=None, estimate=("m0s", "R1f", "R2f"),
-                 snr=(10.0, 100.0), sigma=0.01, tied_R1=False, nuisance="all", prior=None,
+                 snr=(10.0, 100.0), sigma=0.01, tied_R1=False, nuisance="all", prior="brain",
                  n_basis_samples=1000, backend="auto", chunk_size=2048, random_state=None):
         self.sequence = sequence
         self.n_components = n_components
@@ -268,19 +294,31 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
     def _chunks(self, n):
         return chunk_slices(n, self.chunk_size)
 
-    def _coefficients_and_crb(self, th, estimate=None, compressed=True, on_singular="raise"):
-        """Noise-free coefficients ``U^H s`` (M0 = 1) and the unit CRB, chunk by chunk.
+    def _coefficients_and_crb(self, th, estimate=None, compressed=True, on_singular="raise", m0s_floor=0.0):
+        """Noise-free coefficients ``U^H s`` (M0 = 1) and the unit CRB in target units, chunk by chunk.
 
         The CRB is that of the compressed coefficients (``compressed=True``)
-        or of the full signal.
+        or of the full signal, of the rates behind the target names, mapped
+        to the targets with :func:`crb_to_targets`. ``m0s_floor``: the CRB
+        (only) is computed at ``max(m0s, m0s_floor)``.
         """
+        names = tuple(estimate or self.estimate_)
+        rates = tuple(rate_name(p) for p in names)
         U = self.basis_ if compressed else None
         cs, crbs = [], []
         for sl in self._chunks(th.shape[0]):
-            s, J = jacobian(self.sequence_, th[sl], backend=self.backend)
+            t = th[sl]
+            low = t[:, INDEX["m0s"]] < m0s_floor
+            tc = t.copy()
+            tc[low, INDEX["m0s"]] = m0s_floor
+            s, J = jacobian(self.sequence_, tc, backend=self.backend)
+            crb = crb_from_jacobian(s, J, estimate=rates, nuisance=self.nuisance, tied_R1=self.tied_R1, basis=U,
+                                    on_singular=on_singular)
+            if low.any():  # the signal at the drawn m0s
+                s = s.copy()
+                s[low] = simulate(self.sequence_, t[low], backend=self.backend)
             cs.append(s @ self.basis_.conj())
-            crbs.append(crb_from_jacobian(s, J, estimate=estimate or self.estimate_, nuisance=self.nuisance,
-                                          tied_R1=self.tied_R1, basis=U, on_singular=on_singular))
+            crbs.append(crb_to_targets(np.asarray(crb), tc, names))
         return np.concatenate(cs), np.concatenate(crbs)
 
     # ------------------------------------------------------------ transform
@@ -414,8 +452,11 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         on_singular : {"raise", "redraw", "inf"}
             A draw whose Fisher matrix is singular: raise ``ValueError``;
             replace it by a new prior draw (not with ``theta=``); or keep it
-            with ``inf`` CRBs, flagged in ``details["singular"]`` (such rows
-            cannot train a CRB-loss network: drop them).
+            with ``inf`` CRBs, flagged in ``details["singular"]`` (a CRB-loss
+            network gives such rows zero weight). Draws with ``m0s = 0``
+            (singular exactly there) get the CRB at ``m0s = CRB_M0S_FLOOR``
+            (1e-4), the finite m0s -> 0+ limit; their signal and targets keep
+            ``m0s = 0``.
 
         Returns
         -------
@@ -433,14 +474,16 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         if theta is None:
             theta = self.prior_.sample(n_samples, rng)
         th = self._theta(theta, "theta")
-        c, crb_unit = self._coefficients_and_crb(th, on_singular="raise" if on_singular == "raise" else "inf")
+        # m0s = 0 draws (CSF-like; the brain prior's edge) get the CRB of the m0s -> 0+ limit
+        c, crb_unit = self._coefficients_and_crb(th, on_singular="raise" if on_singular == "raise" else "inf",
+                                                 m0s_floor=CRB_M0S_FLOOR)
         singular = ~np.all(np.isfinite(crb_unit), axis=1)
         for _ in range(_MAX_REDRAWS if on_singular == "redraw" else 0):
             if not singular.any():
                 break
             idx = np.flatnonzero(singular)
             th[idx] = self._theta(self.prior_.sample(idx.size, rng), "theta")
-            c[idx], crb_unit[idx] = self._coefficients_and_crb(th[idx], on_singular="inf")
+            c[idx], crb_unit[idx] = self._coefficients_and_crb(th[idx], on_singular="inf", m0s_floor=CRB_M0S_FLOOR)
             singular[idx] = ~np.all(np.isfinite(crb_unit[idx]), axis=1)
         if on_singular == "redraw" and singular.any():
             raise ValueError(f"{int(singular.sum())} draws stayed singular after {_MAX_REDRAWS} redraws: "
@@ -450,7 +493,7 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         M0, eps = draw_m0_and_noise(rng, n, c.shape[1], self.snr, sig, noise=noise)
         X_clean = np.hstack([c.real, c.imag])
         X = apply_m0_and_noise(X_clean, M0, eps)
-        y = th[:, [INDEX[p] for p in self.estimate_]]
+        y = targets_from_theta(th, self.estimate_)
         crb = crb_unit / crb_gain(M0, sig)[:, None]
         if return_details:
             return X, y, crb, {"theta": th, "M0": M0, "sigma": sig, "X_clean": X_clean, "crb_unit": crb_unit,

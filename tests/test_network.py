@@ -88,3 +88,31 @@ def test_mlp_shapes_and_gradients():
     assert y.shape == (7, 2)
     y.sum().backward()
     assert x.grad is not None and torch.all(torch.isfinite(x.grad))
+
+
+def test_phase_l2_removes_complex_m0_and_is_bounded():
+    rng = np.random.default_rng(1)
+    c = rng.standard_normal((6, 5)) + 1j * rng.standard_normal((6, 5))
+    feats = lambda z: torch.as_tensor(np.hstack([z.real, z.imag]))  # noqa: E731
+    norm = InputNormalization("phase-l2")
+    a, b = norm(feats(c)), norm(feats(0.02 * np.exp(-2.3j) * c))
+    assert torch.allclose(a, b)
+    ref = c * np.conj(c[:, :1]) / (np.abs(c[:, :1]) * np.linalg.norm(c, axis=1, keepdims=True))
+    assert torch.allclose(a, feats(ref))
+    assert float(a.abs().max()) <= 1.0 + 1e-12
+    # the first coefficient becomes real positive
+    assert torch.all(a[:, 0] > 0) and torch.allclose(a[:, 5], torch.zeros(6, dtype=torch.float64))
+
+
+def test_private_generator_init_is_reproducible_and_ignores_the_global_rng():
+    from sklearn_crb.estimators.network import reset_parameters_with
+
+    m1, m2 = MLP(6, 2, hidden=(8, 8)), MLP(6, 2, hidden=(8, 8))
+    assert reset_parameters_with(m1, torch.Generator().manual_seed(3))
+    torch.randn(100)  # a global draw in between changes nothing
+    reset_parameters_with(m2, torch.Generator().manual_seed(3))
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+    w = m1.body[0].weight
+    bound = 1 / np.sqrt(6)  # PyTorch's default Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.5 * bound

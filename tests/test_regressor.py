@@ -15,7 +15,7 @@ from skorch.callbacks import Checkpoint, EarlyStopping, ProgressBar
 from skorch.dataset import ValidSplit
 
 from sklearn_crb.metrics import crb_normalized_mse, make_crb_scorer
-from sklearn_crb.estimators.network import MLP
+from sklearn_crb.estimators.network import MLP, ResidualMLP
 from sklearn_crb.estimators.regressor import CRBNetRegressor, paper_lr_scheduler
 
 
@@ -35,7 +35,10 @@ def toy(n=400, seed=0):
 
 def small_net(**kw):
     params = dict(module=MLP, module__hidden=(32, 32), module__normalization=None, max_epochs=5, batch_size=64,
-                  lr=1e-2, random_state=0, train_split=None)
+                  lr=1e-2, random_state=0, train_split=None,
+                  # the pre-issue-9 recipe these tests were written for (set explicitly)
+                  module__batch_norm=True, module__activation="relu", optimizer=torch.optim.Adam, weight_decay=None,
+                  lr_schedule=None, head=None)
     params.update(kw)
     return CRBNetRegressor(**params)
 
@@ -43,7 +46,12 @@ def small_net(**kw):
 def test_defaults_and_params():
     net = CRBNetRegressor()
     p = net.get_params()
-    assert p["loss"] == "crb" and p["device"] == "auto" and p["train_split"] == 0.2
+    assert p["loss"] == "crb" and p["device"] == "auto" and p["train_split"] is None
+    # the default recipe (issue 9): MLP, AdamW lr 2e-3, one-cycle, batch 512, bounded head
+    assert p["module"] is MLP and p["optimizer"] is torch.optim.AdamW and p["lr"] == 2e-3
+    assert p["batch_size"] == 512 and p["lr_schedule"] == "onecycle" and p["head"] == "sigmoid"
+    paper = CRBNetRegressor.paper(max_epochs=3)
+    assert paper.module is ResidualMLP and paper.lr == 1e-2 and paper.batch_size == 1024 and paper.max_epochs == 3
     c = clone(CRBNetRegressor(module__hidden=(8,), loss="mse"))
     assert c.get_params()["module__hidden"] == (8,) and c.loss == "mse"
     assert net.device_.type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -146,7 +154,8 @@ def test_save_load_pickle_and_trim_identity(tmp_path):
     p = net.predict(X)
     assert p.dtype == np.float64 and p.shape == y.shape
     net.save_params(f_params=tmp_path / "p.pt")
-    new = CRBNetRegressor(module=MLP, module__hidden=(32, 32), module__n_features=12, module__n_outputs=2)
+    new = CRBNetRegressor(module=MLP, module__hidden=(32, 32), module__n_features=12, module__n_outputs=2,
+                          module__batch_norm=True, module__activation="relu", module__normalization="l2")
     new.initialize().load_params(f_params=tmp_path / "p.pt")
     np.testing.assert_array_equal(new.predict(X), p)
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(net)).predict(X), p)

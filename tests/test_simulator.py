@@ -12,7 +12,8 @@ from sklearn_crb.crb import crb_from_jacobian
 
 @pytest.fixture(scope="module")
 def sim(short_sequence):
-    return MTFingerprintSimulator(short_sequence, n_components=10, n_basis_samples=200, random_state=0).fit()
+    return MTFingerprintSimulator(short_sequence, n_components=10, n_basis_samples=200, prior="parenchyma",
+                                  random_state=0).fit()
 
 
 def test_basis_is_orthonormal_svd(sim, short_sequence):
@@ -121,3 +122,38 @@ def test_chunking_does_not_change_results(sim):
     np.testing.assert_allclose(small.crb(th, M0=0.5), sim.crb(th, M0=0.5), rtol=1e-10)
     with pytest.raises(ValueError, match="chunk_size"):
         MTFingerprintSimulator(**{**sim.get_params(), "chunk_size": 0}).fit().transform(th)
+
+
+def test_time_targets_and_m0s_zero_crb(short_sequence):
+    from sklearn_crb.physics.parameters import INDEX
+
+    kw = dict(n_components=6, tied_R1=True, n_basis_samples=100, random_state=0)
+    rates = MTFingerprintSimulator(short_sequence, estimate=("m0s", "R1f", "R2f"), **kw).fit()
+    times = MTFingerprintSimulator(short_sequence, estimate=("m0s", "T1f", "T2f"), **kw).fit()
+    th = rates.sample_parameters(20, random_state=1)
+    th[0, INDEX["m0s"]] = 0.0  # singular exactly at m0s = 0: the CRB of the 0+ limit
+    Xr, yr, cr = rates.make_dataset(20, 2, theta=th)
+    Xt, yt, ct = times.make_dataset(20, 2, theta=th)
+    np.testing.assert_allclose(Xr, Xt)
+    np.testing.assert_allclose(yt[:, 1:], 1 / yr[:, 1:])
+    np.testing.assert_allclose(ct[:, 1:], cr[:, 1:] / yr[:, 1:] ** 4, rtol=1e-8)  # delta method
+    assert np.all(np.isfinite(cr)) and yr[0, 0] == 0.0
+    # the signal keeps m0s = 0 (only the CRB uses the floor)
+    d = rates.make_dataset(20, 2, theta=th, return_details=True)[3]
+    np.testing.assert_allclose(d["X_clean"][0], rates.transform(th[:1])[0], rtol=1e-10, atol=1e-14)
+
+
+def test_torch_generator_draws_the_same_model(short_sequence):
+    import torch
+
+    from sklearn_crb.simulator import apply_m0_and_noise, draw_m0_and_noise
+
+    g = torch.Generator().manual_seed(0)
+    M0, noise = draw_m0_and_noise(g, 20000, 3, (10, 100), 0.01)
+    assert isinstance(M0, torch.Tensor) and noise.shape == (20000, 3)
+    snr = (M0.abs() / 0.01).numpy()
+    assert snr.min() >= 10 and snr.max() <= 100 and abs(snr.mean() - 55) < 1
+    assert abs(float(noise.real.std()) - 0.01) < 2e-4
+    x = torch.ones(20000, 6, dtype=torch.float64)
+    out = apply_m0_and_noise(x, M0, noise)
+    np.testing.assert_allclose(out[:, 0].numpy(), (M0.real - M0.imag + noise[:, 0].real).numpy())

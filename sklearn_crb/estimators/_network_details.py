@@ -21,7 +21,10 @@ import numpy as np
 
 from sklearn_crb._validation import check_parameter_dict, complex_from_features
 from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
-from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, free_parameters, resolve_estimate, tie_R1
+from sklearn_crb.estimators import _lm
+from sklearn_crb.estimators._base import fit_box
+from sklearn_crb.physics.parameters import (BOUNDS, INDEX, PARAMETERS, SCALE, crb_to_targets, free_parameters,
+                                            rate_name, resolve_estimate, theta_columns_from_targets, tie_R1)
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.physics.signal import jacobian, simulate
 
@@ -49,7 +52,8 @@ def model_context(net, sequence=None, basis=None):
                    nuisance=meta.get("nuisance", "all"), fill=np.asarray(meta["fill_values"], dtype=np.float64))
     elif sim is not None:
         ctx = dict(sequence=sim.sequence_, basis=sim.basis_, estimate=tuple(sim.estimate_),
-                   tied_R1=bool(sim.tied_R1), nuisance=sim.nuisance, fill=np.asarray(sim.prior_.center(), float))
+                   tied_R1=bool(sim.tied_R1), nuisance=sim.nuisance, fill=np.asarray(sim.prior_.center(), float),
+                   support={p: d.support for p, d in sim.prior_.distributions.items() if hasattr(d, "support")})
     else:
         raise ValueError("predict_details needs the network's model (sequence, basis, fill values): train it with "
                          "simulator= or fit_simulated, or load it with sklearn_crb.io.models.load_model")
@@ -70,7 +74,7 @@ def model_context(net, sequence=None, basis=None):
 
 
 def _nuisance_names(ctx, fixed_names):
-    est, tied = ctx["estimate"], ctx["tied_R1"]
+    est, tied = tuple(rate_name(p) for p in ctx["estimate"]), ctx["tied_R1"]
     nuis = ctx["nuisance"]
     if nuis == "all":
         names = free_parameters(tied)
@@ -81,34 +85,65 @@ def _nuisance_names(ctx, fixed_names):
     return tuple(p for p in names if p not in est and p not in fixed_names)
 
 
-def polish_nuisance(theta, c, ctx, nuisance, converged):
-    """Per-voxel nuisance values with the estimates held (hook; today: the fill values unchanged).
+def polish_nuisance(theta, c, ctx, nuisance, converged, n_iter=5, backend="auto"):
+    """Per-voxel nuisance values by ``n_iter`` batched VarPro LM iterations, the estimates held fixed.
 
     Parameters
     ----------
     theta : ndarray (n, 8)
-        Estimates, fixed values and fill values.
+        Estimates, fixed values and fill values (the start of the nuisance).
     c : ndarray, complex (n, r)
         The coefficients.
     ctx : dict
         The model context (:func:`model_context`).
     nuisance : tuple of str
-        Parameters a polish step may refine.
+        Parameters to fit (the others, in ``theta``, are held).
     converged : ndarray of bool (n,)
+        Only these rows are polished.
+    n_iter : int
+        LM iterations (0: ``theta`` unchanged).
 
     Returns
     -------
     theta : ndarray (n, 8)
+        With the polished nuisance columns where the fit gave a finite cost;
+        the box is the NLLS fitter's (``_base.fit_box``).
     """
-    return theta
+    rows = np.flatnonzero(converged)
+    if n_iter <= 0 or not nuisance or rows.size == 0:
+        return theta
+    seq, U = ctx["sequence"], ctx["basis"]
+    box = fit_box(seq, nuisance)
+    for q, (a, b) in ctx.get("support", {}).items():  # the prior the network was trained on, where known
+        if q in box and max(a, box[q][0]) < min(b, box[q][1]):
+            box[q] = (max(a, box[q][0]), min(b, box[q][1]))
+    scale = np.array([SCALE[q] for q in nuisance])
+    lo = np.array([box[q][0] for q in nuisance])
+    hi = np.array([box[q][1] for q in nuisance])
+    prob = _lm.Problem(sequence=seq, basis=U, free_idx=tuple(INDEX[q] for q in nuisance), tied_R1=ctx["tied_R1"],
+                       scale=scale, lo=lo / scale, hi=hi / scale, max_iter=int(n_iter), gtol=1e-10, xtol=1e-8,
+                       ftol=1e-10, se_tol=0.0, lambda0=1.0, damping="nielsen", backend=backend, device="cpu")
+    y = c[rows] / np.linalg.norm(c[rows], axis=1, keepdims=True)
+    base = theta[rows].copy()
+    x0 = np.clip(base[:, [INDEX[q] for q in nuisance]], lo, hi) / scale
+    res = _lm.fit_chunk(prob, y, x0[:, None, :], base)
+    ok = np.isfinite(res["cost"]) & (res["status"] < _lm.NANIN) & np.all(np.isfinite(res["theta"]), axis=1)
+    out = theta.copy()
+    out[rows[ok]] = res["theta"][ok]
+    return out
 
 
-def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basis=None, backend="auto"):
-    """The ``predict_details`` protocol for a fitted ``CRBNetRegressor`` (see its method)."""
+def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basis=None, polish_iter=5,
+                    backend="auto"):
+    """The ``predict_details`` protocol for a fitted ``CRBNetRegressor`` (see its method).
+
+    Time targets (``T1f``, ...) are mapped to rates for ``theta``; ``crb_unit``
+    is in target units (``CRB(T) = CRB(R) / R^4``).
+    """
     ctx = model_context(net, sequence, basis)
     est, tied, U = ctx["estimate"], ctx["tied_R1"], ctx["basis"]
     fixed = check_parameter_dict(fixed, "fixed")
-    both = sorted(set(fixed) & set(est))
+    both = sorted(set(fixed) & {rate_name(p) for p in est})
     if both:
         raise ValueError(f"fixed: {both} are estimated by the network; fix only parameters it does not estimate")
     nuis = _nuisance_names(ctx, tuple(fixed))
@@ -124,6 +159,9 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
                     converged=np.zeros(0, bool), crb_unit=np.zeros((0, len(est))) if compute_crb else None,
                     out_of_range=np.zeros(0, bool))
     names = tuple(getattr(net, "target_names_", est))
+    polish_iter = int(polish_iter)
+    if polish_iter < 0:
+        raise ValueError(f"polish_iter must be >= 0, got {polish_iter}")
     if set(names) != set(est):
         raise ValueError(f"the network predicts {names} but its model context estimates {est}")
     theta = np.tile(ctx["fill"], (n, 1))
@@ -137,13 +175,19 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
     if finite_in.any():
         p = np.asarray(net.predict(X[finite_in]), dtype=np.float64).reshape(int(finite_in.sum()), -1)
         pred[finite_in] = p
-    for j, p in enumerate(names):
-        theta[:, INDEX[p]] = pred[:, j]
+    converged = finite_in & np.all(np.isfinite(pred), axis=1)
+    if any(rate_name(p) != p for p in names):  # times -> rates (1/T); failed or non-positive rows flagged
+        converged &= np.all(pred > 0, axis=1)
+        safe = np.where(converged[:, None], pred, 1.0)
+        cols = theta_columns_from_targets(safe, names)
+    else:
+        cols = {p: pred[:, j] for j, p in enumerate(names)}
+    for p, v in cols.items():
+        theta[:, INDEX[p]] = np.where(converged, v, np.nan)
     if tied:
         theta = tie_R1(theta)
     c = complex_from_features(X)
-    converged = finite_in & np.all(np.isfinite(pred), axis=1)
-    theta = polish_nuisance(theta, c, ctx, nuis, converged)
+    theta = polish_nuisance(theta, c, ctx, nuis, converged, n_iter=int(polish_iter), backend=backend)
     # the model is evaluated strictly inside the bounds; failed rows at the fill values (their outputs are NaN)
     out_of_range = converged & np.any((theta < _LO) | (theta > _HI), axis=1)
     th_model = np.where(converged[:, None], np.clip(theta, _LO + _EPS, _HI), ctx["fill"])
@@ -162,8 +206,11 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
     if compute_crb:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", IllConditionedFisherWarning)  # reported as inf, flagged by the caller
-            crb_unit = crb_from_jacobian(s, J, estimate=est, nuisance=nuis, tied_R1=tied, basis=U, on_singular="inf")
+            crb_unit = crb_from_jacobian(s, J, estimate=tuple(rate_name(p) for p in est), nuisance=nuis,
+                                         tied_R1=tied, basis=U, on_singular="inf")
         crb_unit = np.asarray(crb_unit, dtype=np.float64)
+        if any(rate_name(p) != p for p in est):
+            crb_unit = crb_to_targets(crb_unit, th_model, est)
         crb_unit[~converged] = np.nan
     M0 = np.where(converged, M0, np.nan + 0j)
     res = np.where(converged, res, np.nan)

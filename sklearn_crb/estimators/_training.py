@@ -22,12 +22,12 @@ from skorch.callbacks.scoring import ScoringBase
 from skorch.dataset import unpack_data
 from skorch.utils import to_tensor
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
 from sklearn_crb.simulator import apply_m0_and_noise, crb_gain, draw_m0_and_noise
 
 __all__ = ["LOSSES", "WeightedMSELoss", "TargetStandardizedModule", "StepDecayWithFloor", "paper_lr_scheduler",
-           "target_scaling", "loss_weights", "augment_batch", "CRBScoring", "DivergenceGuard",
+           "target_scaling", "loss_weights", "augment_batch", "CRBScoring", "DivergenceGuard", "OneCycleSchedule",
            "check_float32_range"]
 
 LOSSES = ("crb", "mse", "relative")
@@ -53,12 +53,18 @@ class WeightedMSELoss(nn.Module):
 
 
 class TargetStandardizedModule(nn.Module):
-    """Wraps the regression network; stores the target scaling as buffers.
+    """Wraps the regression network; stores the target scaling and the output bounds as buffers.
 
     ``forward`` returns standardised outputs (what the loss sees);
     :meth:`to_physical` maps them to SI units. Keeping the scaling in the
     module's ``state_dict`` makes ``save_params``/``load_params`` and
     ``Checkpoint`` restore a net that predicts in physical units.
+
+    Outputs with finite ``low``/``high`` (physical units) go through a
+    bounded (sigmoid) head: ``theta = low + (high - low) sigmoid(z)``,
+    written in standardised units, ``(low - m)/s + (high - low)/s sigmoid(z)``,
+    so the loss is the same function of ``theta`` as with a linear head.
+    Outputs with an infinite bound are linear.
 
     Parameters
     ----------
@@ -70,11 +76,28 @@ class TargetStandardizedModule(nn.Module):
     def __init__(self, module, n_outputs):
         super().__init__()
         self.module = module
-        self.register_buffer("mean", torch.zeros(int(n_outputs), dtype=torch.float64))
-        self.register_buffer("scale", torch.ones(int(n_outputs), dtype=torch.float64))
+        n = int(n_outputs)
+        self.register_buffer("mean", torch.zeros(n, dtype=torch.float64))
+        self.register_buffer("scale", torch.ones(n, dtype=torch.float64))
+        self.register_buffer("low", torch.full((n,), -torch.inf, dtype=torch.float64))
+        self.register_buffer("high", torch.full((n,), torch.inf, dtype=torch.float64))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("low", "high"):  # models saved before the bounded head: linear outputs
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, X):
-        return self.module(X)
+        z = self.module(X)
+        bounded = torch.isfinite(self.low) & torch.isfinite(self.high)
+        if not bool(bounded.any()):
+            return z
+        dt = z.dtype
+        lo_s = ((self.low - self.mean) / self.scale).to(dt)
+        span_s = ((self.high - self.low) / self.scale).to(dt)
+        head = torch.where(bounded, lo_s, torch.zeros_like(lo_s)) + torch.where(
+            bounded, span_s, torch.zeros_like(span_s)) * torch.sigmoid(z)
+        return torch.where(bounded.to(z.device), head, z)
 
     def to_physical(self, out):
         return out.to(self.scale.dtype) * self.scale + self.mean
@@ -120,12 +143,16 @@ def target_scaling(Y):
 def loss_weights(loss, Y, crb, scale):
     """Per-sample, per-target weights ``w`` of the standardised squared error (float32).
 
-    Raises ``ValueError`` when a weight is not a finite float32 (e.g. a CRB
-    of 1e-300 against a target scale of 0.1): such a loss cannot be trained.
+    An infinite CRB (a singular Fisher matrix, ``on_singular="inf"``) gives
+    weight 0: the sample carries no information on that target. Raises
+    ``ValueError`` when another weight is not a finite positive float32 (e.g.
+    a CRB of 1e-300 against a target scale of 0.1): such a loss cannot be
+    trained.
     """
     s2 = scale**2
     if loss == "crb":
-        w = s2 / crb
+        with np.errstate(divide="ignore"):
+            w = np.where(np.isposinf(crb), 0.0, s2 / crb)
     elif loss == "mse":
         w = np.broadcast_to(s2, Y.shape)
     else:
@@ -135,6 +162,8 @@ def loss_weights(loss, Y, crb, scale):
     with np.errstate(over="ignore"):
         w32 = np.ascontiguousarray(w, dtype=np.float32)
     bad = ~np.isfinite(w32) | (w32 <= 0)
+    if loss == "crb":
+        bad &= ~np.isposinf(crb)
     if bad.any():
         i = int(np.flatnonzero(bad.any(axis=1))[0])
         what = "crb" if loss == "crb" else "y"
@@ -150,7 +179,9 @@ def augment_batch(Xd, rng, snr, sigma, loss):
 
     ``Xd`` is the dict packed by the regressor (``"X"``: features at
     ``M0 = 1``, ``"w"``: loss weights, ``"c"``: ``s^2/CRB_unit``), numpy or
-    torch. The M0/noise model is :func:`sklearn_crb.simulator.draw_m0_and_noise`;
+    torch; ``rng`` a numpy or a torch generator (a torch generator draws on
+    its own device, e.g. the training GPU). The M0/noise model is
+    :func:`sklearn_crb.simulator.draw_m0_and_noise`;
     ``"c"`` (and ``"w"`` for ``loss="crb"``) are multiplied by
     ``|M0|^2 / sigma^2``, the inverse scaling of each sample's CRB.
     """
@@ -158,7 +189,9 @@ def augment_batch(Xd, rng, snr, sigma, loss):
     M0, noise = draw_m0_and_noise(rng, x.shape[0], x.shape[1] // 2, snr, sigma)
     gain = crb_gain(M0, sigma)
     if isinstance(x, torch.Tensor):
-        gain = torch.as_tensor(gain, dtype=x.dtype, device=x.device)
+        gain = torch.as_tensor(gain, device=x.device).to(x.dtype)
+    elif isinstance(gain, torch.Tensor):
+        gain = gain.cpu().numpy().astype(x.dtype)
     else:
         gain = gain.astype(x.dtype)
     out = dict(Xd)
@@ -194,6 +227,39 @@ def check_float32_range(X, normalization, argname="X"):
         raise ValueError(f"{argname} has {idx.size} rows that {reason} (e.g. rows {idx[:5].tolist()}, max |value| "
                          f"{m[idx[0]]:.3g}); rescale the data by a common factor (the normalised network is "
                          "invariant to it) or mask those voxels")
+
+
+class OneCycleSchedule(Callback):
+    """A one-cycle learning rate stepped per batch (Smith & Topin 2019; the default recipe).
+
+    Active when the net's ``lr_schedule`` is ``"onecycle"``: at the start of
+    every ``fit``/``partial_fit`` it builds
+    :class:`torch.optim.lr_scheduler.OneCycleLR` with ``max_lr = net.lr``,
+    ``pct_start`` warm-up and ``max_epochs * batches per epoch`` steps.
+    """
+
+    def __init__(self, pct_start=0.1):
+        self.pct_start = pct_start
+
+    def initialize(self):
+        self.scheduler_ = None
+        return self
+
+    def on_train_begin(self, net, X=None, y=None, **kwargs):
+        self.scheduler_ = None
+        if getattr(net, "lr_schedule", None) != "onecycle":
+            return
+        n = len(next(iter(X.values()))) if isinstance(X, dict) else len(X)
+        frac = net.train_split if isinstance(net.train_split, float) else 0.0
+        bs = net.batch_size if net.batch_size not in (-1, None) else n
+        n_batches = max(1, -(-int(round(n * (1 - frac))) // int(bs)))
+        total = max(int(net.max_epochs) * n_batches + 1, 20)  # OneCycleLR needs a few steps per phase
+        self.scheduler_ = OneCycleLR(net.optimizer_, max_lr=float(net.lr), total_steps=total,
+                                     pct_start=float(self.pct_start))
+
+    def on_batch_end(self, net, training=False, **kwargs):
+        if training and self.scheduler_ is not None and self.scheduler_.last_epoch < self.scheduler_.total_steps - 1:
+            self.scheduler_.step()
 
 
 class CRBScoring(ScoringBase):
@@ -285,3 +351,4 @@ class DivergenceGuard(Callback):
         elif loss > self.factor * max(self.first_loss_, np.finfo(float).tiny):
             raise FloatingPointError(f"training diverged: train_loss {loss:.3g} in epoch {len(net.history)} is "
                                      f"over {self.factor:g} x the first epoch's ({self.first_loss_:.3g}); lower lr")
+

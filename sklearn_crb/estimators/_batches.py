@@ -1,0 +1,143 @@
+"""Batch-level data loading and thread settings for ``CRBNetRegressor``.
+
+skorch's default iterator builds every batch sample by sample
+(``Dataset.__getitem__`` per sample, then ``default_collate``): for a dict of
+arrays of 16,000 samples that is 160,000 ``__getitem__`` and 640,000
+``torch.as_tensor`` calls in 10 epochs, over half of the fit time of a
+256-256-128 MLP on one CPU thread. :class:`TensorBatches` turns the arrays
+into tensors once (on the training device) and takes each batch by tensor
+indexing with a seeded permutation, the way a plain torch loop does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from skorch.dataset import Dataset
+
+__all__ = ["TensorBatches", "tensor_batches_or_none", "torch_threads", "default_threads"]
+
+#: ``iterator_train__*``/``iterator_valid__*`` options that only skorch's DataLoader implements.
+_LOADER_ONLY = ("num_workers", "sampler", "batch_sampler", "collate_fn", "pin_memory", "worker_init_fn",
+                "persistent_workers", "prefetch_factor", "multiprocessing_context", "timeout")
+
+
+class TensorBatches:
+    """Whole batches by tensor indexing: ``({key: tensor[idx]}, y[idx])``.
+
+    Parameters
+    ----------
+    X : dict of arrays
+    y : array or None
+    batch_size : int
+    shuffle : bool
+        A new permutation every epoch (``torch.randperm`` with ``generator``).
+    drop_last : bool
+    generator : torch.Generator or None
+        CPU generator of the permutations (None: torch's global RNG).
+    device : torch.device
+        Where the tensors live (moved once).
+    """
+
+    def __init__(self, X, y, batch_size, shuffle=False, drop_last=False, generator=None, device="cpu"):
+        self.X = {k: torch.as_tensor(np.asarray(v)).to(device) for k, v in X.items()}
+        self.y = None if y is None else torch.as_tensor(np.asarray(y)).to(device)
+        self.n = len(next(iter(self.X.values())))
+        self.batch_size = max(1, int(batch_size))
+        self.shuffle, self.drop_last, self.generator = bool(shuffle), bool(drop_last), generator
+
+    def __len__(self):
+        if self.drop_last:
+            return self.n // self.batch_size
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=self.generator)
+        else:
+            order = torch.arange(self.n)
+        dev = next(iter(self.X.values())).device
+        order = order.to(dev)
+        stop = len(self) * self.batch_size if self.drop_last else self.n
+        for i in range(0, stop, self.batch_size):
+            j = order[i: i + self.batch_size]
+            yield {k: v[j] for k, v in self.X.items()}, (None if self.y is None else self.y[j])
+
+
+def _dict_arrays(dataset):
+    """``(X dict, y)`` of a skorch ``Dataset`` of a dict of arrays, or of a ``Subset`` of one; else None."""
+    idx = None
+    if isinstance(dataset, torch.utils.data.Subset):
+        idx, dataset = np.asarray(dataset.indices), dataset.dataset
+    if type(dataset) is not Dataset or not isinstance(dataset.X, Mapping):
+        return None
+    if not all(isinstance(v, np.ndarray) for v in dataset.X.values()):
+        return None
+    y = dataset.y
+    if y is not None and not isinstance(y, np.ndarray):
+        return None
+    if idx is None:
+        return dict(dataset.X), y
+    return {k: v[idx] for k, v in dataset.X.items()}, (None if y is None else y[idx])
+
+
+def tensor_batches_or_none(dataset, kwargs, device, generator):
+    """A :class:`TensorBatches` for ``dataset`` with the iterator options ``kwargs``, or None.
+
+    None (use skorch's DataLoader) when the dataset is not a dict of numpy
+    arrays or an option needs the DataLoader (workers, samplers, collate...).
+    """
+    if any(k in kwargs for k in _LOADER_ONLY):
+        return None
+    arrays = _dict_arrays(dataset)
+    if arrays is None:
+        return None
+    X, y = arrays
+    gen = kwargs.get("generator", generator)
+    return TensorBatches(X, y, kwargs["batch_size"], shuffle=kwargs.get("shuffle", False),
+                         drop_last=kwargs.get("drop_last", False), generator=gen, device=device)
+
+
+def default_threads():
+    """Default torch CPU threads for training: 1.
+
+    Measured (``benchmarks/bench_training_throughput.py``) for the 256-wide
+    MLPs of this package, batch 512-1024: a second thread gains little on an
+    idle machine, while on a loaded 2-core machine 2 threads slowed a fit
+    about 10x (threads spin-waiting for each other); one thread degrades in
+    proportion to the load. ``SKLEARN_CRB_TORCH_THREADS`` overrides it.
+    """
+    env = os.environ.get("SKLEARN_CRB_TORCH_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"SKLEARN_CRB_TORCH_THREADS must be a positive integer, got {env!r}") from None
+        if n >= 1:
+            return n
+        raise ValueError(f"SKLEARN_CRB_TORCH_THREADS must be a positive integer, got {env!r}")
+    return 1
+
+
+@contextmanager
+def torch_threads(n):
+    """Run the block with ``torch.set_num_threads(n)`` (None: unchanged), then restore.
+
+    torch's thread count is process-wide: nets fitted concurrently in threads
+    with different settings see each other's; the count only changes speed.
+    """
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    if old != n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        if old != n:
+            torch.set_num_threads(old)

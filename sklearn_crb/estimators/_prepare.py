@@ -1,0 +1,272 @@
+"""Data preparation of ``CRBNetRegressor.fit``: validation, CRB checks, the bounded head's range, packing.
+
+``fit`` packs ``X`` into the dict ``{"X": features, "w": loss weights,
+"c": s^2/CRB}`` that the batch loader slices together with the
+standardised targets; only ``"X"`` reaches the module, the rest reaches the
+loss and the validation CRB score (:mod:`sklearn_crb.estimators._training`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Mapping
+from numbers import Real
+
+import numpy as np
+import torch
+from skorch.dataset import Dataset
+from sklearn.utils.validation import validate_data
+from torch import nn
+
+from sklearn_crb.estimators._training import (LOSSES, TargetStandardizedModule, augment_batch, check_float32_range,
+                                              loss_weights, target_scaling)
+from sklearn_crb.estimators.network import reset_parameters_with
+from sklearn_crb.physics.parameters import BOUNDS, PARAMETERS, TIMES, rate_name
+from sklearn_crb._validation import check_snr_range
+from sklearn_crb.simulator import MTFingerprintSimulator, unpack_targets
+
+# Seeded modules draw their weights from a private torch.Generator (reset_parameters_with); their
+# construction (whose default draws are then overwritten) still runs under this lock and in a forked
+# RNG state, for layers reset_parameters_with does not know.
+_SEED_LOCK = threading.Lock()
+
+__all__ = ["build_module", "fixed_noise_dataset", "crb_score", "check_crb", "output_bounds", "prepare", "noise_setup", "fitted_simulator", "normalization",
+           "resolve_names"]
+
+
+def check_crb(crb, shape):
+    """Per-sample CRBs of the shape of ``y``: positive, and finite or +inf (a singular Fisher matrix)."""
+    crb = np.asarray(crb, dtype=np.float64)
+    if crb.ndim == 1 and shape[1] == 1:
+        crb = crb[:, None]
+    if crb.shape != shape:
+        raise ValueError(f"crb must have the shape of y {shape} (one CRB per sample and target), got {crb.shape}")
+    bad = np.isnan(crb) | np.isneginf(crb)
+    if bad.any():
+        raise ValueError(f"crb contains NaN or -inf values (e.g. row {int(np.flatnonzero(bad.any(axis=1))[0])})")
+    if np.any(crb <= 0):
+        i = int(np.flatnonzero((crb <= 0).any(axis=1))[0])
+        raise ValueError(f"crb must be strictly positive (e.g. row {i}: {crb[i]})")
+    if np.all(np.isinf(crb), axis=0).any():
+        raise ValueError("crb is infinite for every sample of some target: nothing to train it on")
+    return crb
+
+
+def output_bounds(names, head, prior=None, target_bounds=None, margin=0.05):
+    """``(low, high)`` arrays of the bounded output head (physical units; +-inf: linear output).
+
+    The support of each target is ``target_bounds[name]`` if given, else the
+    prior's support of its rate (inverted for a time target ``T = 1/R``),
+    else ``physics.parameters.BOUNDS``; names that are not parameters
+    (``y0``, ...) stay linear. The support is widened by ``margin`` times its
+    width on both sides (a sigmoid reaches its ends only as ``z -> +-inf``,
+    and targets drawn at the support edge, e.g. ``m0s = 0``, must be
+    reachable), then cut to the physical bounds (``m0s >= 0``).
+    """
+    k = len(names)
+    low, high = np.full(k, -np.inf), np.full(k, np.inf)
+    if head is None or head == "linear":
+        return low, high
+    if head != "sigmoid":
+        raise ValueError(f"head must be 'sigmoid', 'linear' or None, got {head!r}")
+    user = {} if target_bounds is None else dict(target_bounds)
+    unknown = sorted(set(user) - set(names))
+    if unknown:
+        raise ValueError(f"target_bounds names {unknown} that are not targets {tuple(names)}")
+    for j, p in enumerate(names):
+        rate = rate_name(p) if (p in PARAMETERS or p in TIMES) else None
+        if p in user:
+            try:
+                lo, hi = (float(v) for v in user[p])
+            except (TypeError, ValueError):
+                raise TypeError(f"target_bounds[{p!r}] must be a (low, high) pair, got {user[p]!r}") from None
+            if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+                raise ValueError(f"target_bounds[{p!r}] must be finite with low < high, got ({lo}, {hi})")
+            low[j], high[j] = lo, hi
+            continue
+        if rate is None:
+            continue
+        dist = getattr(prior, "distributions", {}).get(rate) if prior is not None else None
+        lo, hi = getattr(dist, "support", None) or BOUNDS[rate]
+        plo, phi = BOUNDS[rate]
+        lo, hi = max(float(lo), plo), min(float(hi), phi)
+        if p in TIMES:
+            lo, hi, plo, phi = 1.0 / hi, 1.0 / max(lo, 1e-12), 1.0 / phi, 1.0 / plo
+        width = hi - lo
+        low[j] = max(lo - margin * width, plo)
+        high[j] = min(hi + margin * width, phi)
+    return low, high
+
+
+def prepare(net, X, y, crb, augment, reset):
+    """Validate the data of ``CRBNetRegressor.fit`` and pack it into the dict skorch batches.
+
+    Sets the fitted attributes (``n_outputs_``, ``y_mean_``, ``y_scale_``,
+    ``target_names_``, ``target_low_``/``target_high_`` when ``reset``;
+    ``simulator_``, ``augment_``, ``noise_``). Returns ``(Xd, Ys)``.
+    """
+    if net.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {net.loss!r}")
+    y, packed = unpack_targets(y)
+    crb = packed if crb is None else crb
+    X, y = validate_data(net, X, y, reset=reset, multi_output=True, y_numeric=True, dtype=np.float64)
+    if X.shape[0] < 2:
+        raise ValueError(f"CRBNetRegressor needs at least 2 samples to fit, got n_samples={X.shape[0]}")
+    Y = y.reshape(y.shape[0], -1)
+    if not np.all(np.isfinite(Y)):
+        raise ValueError("y contains non-finite values")
+    net.simulator_ = fitted_simulator(net)
+    if crb is not None:
+        crb = check_crb(crb, Y.shape)
+    elif net.loss == "crb":
+        raise ValueError("loss='crb' needs the per-sample CRB at each sample's own parameters and SNR: pass "
+                         "fit(X, y, crb=...) (e.g. from simulator.make_dataset), pack it with the targets "
+                         "(sklearn_crb.simulator.pack_targets(y, crb)), or train with fit_simulated(); or "
+                         "choose loss='mse' or 'relative'")
+    if augment and X.shape[1] % 2:
+        raise ValueError("augment=True needs [Re c, Im c] features (an even number of columns)")
+    mode = normalization(net)
+    zero = ~np.any(X != 0, axis=1)
+    if mode is not None and zero.any():
+        raise ValueError(f"X has all-zero rows (e.g. row {int(np.flatnonzero(zero)[0])}: background voxels) "
+                         f"that normalization={mode!r} cannot handle; mask them out before fit")
+    check_float32_range(X, mode)
+    if reset or not hasattr(net, "y_mean_"):
+        net._y_1d_ = y.ndim == 1
+        net.n_outputs_ = Y.shape[1]
+        net.y_mean_, net.y_scale_ = target_scaling(Y)
+        net.target_names_ = resolve_names(net, Y.shape[1])
+        prior = getattr(net.simulator_, "prior_", None)
+        net.target_low_, net.target_high_ = output_bounds(net.target_names_, net.head, prior, net.target_bounds,
+                                                          float(net.head_margin))
+    elif Y.shape[1] != net.n_outputs_:
+        raise ValueError(f"y has {Y.shape[1]} targets, the net was fitted with {net.n_outputs_}")
+    out = (Y < net.target_low_) | (Y > net.target_high_)
+    if out.any():
+        j = int(np.flatnonzero(out.any(axis=0))[0])
+        raise ValueError(f"y[:, {j}] ({net.target_names_[j]}) has values outside the bounded head's range "
+                         f"[{net.target_low_[j]:g}, {net.target_high_[j]:g}]: widen target_bounds, train with "
+                         "the simulator whose prior drew y, or use head=None")
+    Xd = {"X": X.astype(np.float32), "w": loss_weights(net.loss, Y, crb, net.y_scale_)}
+    if crb is not None:
+        Xd["c"] = loss_weights("crb", Y, crb, net.y_scale_)
+    Ys = ((Y - net.y_mean_) / net.y_scale_).astype(np.float32)
+    net.augment_ = bool(augment)
+    if augment:
+        net.noise_ = noise_setup(net)
+    return Xd, Ys
+
+
+def noise_setup(net):
+    """``((snr_lo, snr_hi), sigma)`` of the augmentation: the net's, else its simulator's, else (10, 100), 0.01."""
+    sim = net.simulator
+    snr = net.snr if net.snr is not None else (getattr(sim, "snr", None) or (10.0, 100.0))
+    sigma = net.sigma if net.sigma is not None else (getattr(sim, "sigma", None) or 0.01)
+    lo, hi = check_snr_range(snr)
+    if not (isinstance(sigma, Real) and np.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a positive finite float, got {sigma!r}")
+    return (lo, hi), float(sigma)
+
+def fitted_simulator(net):
+    """The net's ``simulator`` (None or a fitted ``MTFingerprintSimulator``)."""
+    sim = net.simulator
+    if sim is None:
+        return None
+    if not isinstance(sim, MTFingerprintSimulator) or not hasattr(sim, "basis_"):
+        raise ValueError("simulator must be a fitted MTFingerprintSimulator (call simulator.fit() first)")
+    return sim
+
+def normalization(net):
+    """The input normalisation of the net's module (from ``module__normalization``, the module or its class)."""
+    mode = net.get_params_for("module").get("normalization")
+    if mode is None and "normalization" not in net.get_params_for("module"):
+        inner = getattr(getattr(net, "module_", None), "module", None)
+        norm = getattr(inner, "normalize", None)
+        if inner is None:
+            try:
+                default = inspect.signature(net.module if inspect.isclass(net.module) else type(net.module))
+                mode = default.parameters["normalization"].default
+            except (KeyError, TypeError, ValueError):
+                mode = None
+        else:
+            mode = getattr(norm, "mode", None)
+    return mode
+
+def resolve_names(net, n_outputs):
+    """Target names: ``target_names``, the simulator's ``estimate_`` or ``y0, y1, ...``."""
+    names = net.target_names
+    if names is None and net.simulator is not None and hasattr(net.simulator, "estimate_"):
+        names = net.simulator.estimate_
+    if names is None:
+        return tuple(f"y{j}" for j in range(n_outputs))
+    names = tuple(str(n) for n in ([names] if isinstance(names, str) else names))
+    if len(names) != n_outputs:
+        raise ValueError(f"target_names has {len(names)} entries for {n_outputs} targets")
+    return names
+
+
+def build_module(net):
+    """The ``TargetStandardizedModule`` of ``net`` (its ``initialize_module``); seeded weights from a private
+    torch.Generator (:func:`~sklearn_crb.estimators.network.reset_parameters_with`)."""
+    kwargs = net.get_params_for("module")
+    module = net.module
+    if isinstance(module, nn.Module) and not kwargs:
+        inner = module
+    else:
+        cls = module if inspect.isclass(module) else type(module)
+        try:
+            params = inspect.signature(cls).parameters
+        except (TypeError, ValueError):
+            params = {}
+        for name, val in (("n_features", getattr(net, "n_features_in_", None)),
+                          ("n_outputs", getattr(net, "n_outputs_", None))):
+            if name in params and name not in kwargs and val is not None:
+                kwargs[name] = val
+        seed = net._seed(0)
+        if seed is not None and inspect.isclass(module):
+            with _SEED_LOCK, torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                inner = net.initialized_instance(module, kwargs)
+            # the weights from a private generator: no draw from the global RNG counts
+            reset_parameters_with(inner, torch.Generator().manual_seed(seed))
+        else:
+            inner = net.initialized_instance(module, kwargs)
+    n_out = getattr(net, "n_outputs_", None) or kwargs.get("n_outputs") or getattr(inner, "n_outputs", None)
+    if n_out is None:
+        raise ValueError("cannot tell the number of outputs of the module: fit the net or pass "
+                         "module__n_outputs")
+    return TargetStandardizedModule(inner, n_out)
+
+
+def fixed_noise_dataset(net, subset):
+    """One fixed draw of M0 and noise for the validation part (paper)."""
+    if not (isinstance(subset, torch.utils.data.Subset) and isinstance(subset.dataset, Dataset)
+            and isinstance(subset.dataset.X, Mapping)):
+        return subset  # a user-supplied validation set is taken as is
+    idx = np.asarray(subset.indices)
+    Xd = {k: np.asarray(v)[idx] for k, v in subset.dataset.X.items()}
+    Xd = augment_batch(Xd, np.random.default_rng(net._seed(3)), *net.noise_, net.loss)
+    return Dataset(Xd, np.asarray(subset.dataset.y)[idx])
+
+
+def crb_score(net, X, y, sample_weight=None, crb=None):
+    """CRB efficiency (``metrics.crb_efficiency_score``), not R^2.
+
+    Needs the per-sample CRB: ``crb=`` or targets packed with
+    :func:`sklearn_crb.simulator.pack_targets`; raises ``ValueError``
+    without one.
+    """
+    # metrics sits above the estimators in the import flow
+    from sklearn_crb.metrics import crb_efficiency_score
+
+    y_pred = net.predict(X)  # validates X first
+    y, packed = unpack_targets(y)
+    crb = packed if crb is None else crb
+    if crb is None:
+        raise ValueError("CRBNetRegressor.score is the CRB efficiency and needs the per-sample CRB: pass "
+                         "score(X, y, crb=...) or y = sklearn_crb.simulator.pack_targets(y, crb); for R^2 use "
+                         "sklearn.metrics.r2_score(y, net.predict(X))")
+    if sample_weight is not None:
+        raise ValueError("sample_weight is not supported by the CRB efficiency score")
+    return crb_efficiency_score(y, y_pred, crb=crb)
