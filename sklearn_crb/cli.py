@@ -60,6 +60,8 @@ SCHEDULER_TIMEOUT = "5s"
 #: ``simulate`` defaults: the brain prior (parenchyma, CSF and partial volume) and an SNR range with in-vivo values.
 DEFAULT_PRIOR = "brain"
 DEFAULT_SNR = (10.0, 300.0)
+#: Training-set size of the measured default recipe (48,000 parameter draws).
+DEFAULT_N_SAMPLES = 48000
 #: Rank of the learnt SVD basis when no ``--basis`` is given.
 DEFAULT_RANK = 13
 
@@ -369,7 +371,8 @@ def build_parser():
     p = sub.add_parser("simulate", help="write a simulated training set (.npz or HDF5)", epilog=EPILOG,
                        description="Simulate compressed fingerprints with per-sample CRBs.")
     p.add_argument("--out", required=True, help="output file (.npz, .h5 or .hdf5)")
-    p.add_argument("--n-samples", type=_number(int, 2, strict=False), default=2000, help="at least 2")
+    p.add_argument("--n-samples", type=_number(int, 2, strict=False), default=DEFAULT_N_SAMPLES,
+                   help=f"at least 2 (default {DEFAULT_N_SAMPLES}, the default recipe's training-set size)")
     _add_sequence_args(p)
     p.add_argument("--estimate", nargs="+", default=["m0s", "R1f", "R2f"],
                    help="targets: parameter names, or relaxation times T1f, T2f, T1s (s) instead of R1f, R2f, R1s")

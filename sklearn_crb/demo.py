@@ -21,7 +21,6 @@ from skorch.callbacks import Callback
 from tqdm.auto import tqdm
 
 from sklearn_crb.crb import cramer_rao_bound
-from sklearn_crb.estimators.network import ResidualMLP
 from sklearn_crb.estimators.nlls import NLLSFitter
 from sklearn_crb.estimators.regressor import CRBNetRegressor
 from sklearn_crb._atomic import atomic_dir
@@ -37,7 +36,7 @@ from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.simulator import MTFingerprintSimulator
 from sklearn_crb.viz import demo_figures
 
-__all__ = ["run_demo", "make_network", "paper_params", "DEMO_SIZES", "DEMO_SNR", "DEMO_TRAIN_SNR", "DEMO_FILES"]
+__all__ = ["run_demo", "make_network", "DEMO_SIZES", "DEMO_SNR", "DEMO_TRAIN_SNR", "DEMO_FILES"]
 
 
 class EpochBar(Callback):
@@ -59,36 +58,22 @@ class EpochBar(Callback):
         self.bar.close()
 
 
-#: The paper's network and recipe (``--paper``), used when the estimator offers no preset of its own.
-_PAPER_FALLBACK = {"module": ResidualMLP}
-
-
-def paper_params():
-    """Constructor parameters of the paper's residual network and recipe (Zhang et al., MRM 2022, Fig. 2).
-
-    Taken from ``CRBNetRegressor.paper_params()`` when the estimator
-    defines it, so that the CLI never restates the estimator's recipe.
-    """
-    preset = getattr(CRBNetRegressor, "paper_params", None)
-    return dict(preset()) if callable(preset) else dict(_PAPER_FALLBACK)
-
-
 def make_network(loss, simulator, *, paper=False, device="auto", seed=0, progress=True, hidden=None, epochs=None,
                  lr=None, batch_size=None, normalization=None):
     """A ``CRBNetRegressor`` as the CLI and the demo build it.
 
     Everything not given (None) is the estimator's own default, i.e. the
     package's measured training recipe; ``paper=True`` starts from the
-    paper's residual network and recipe instead (:func:`paper_params`).
+    paper's residual network and recipe instead (``CRBNetRegressor.paper``).
     ``hidden`` (widths), ``epochs``, ``lr``, ``batch_size`` and
     ``normalization`` override single settings; one tqdm step per epoch
     is shown when ``progress``.
     """
-    params = paper_params() if paper else {}
     overrides = {"module__hidden": None if hidden is None else tuple(int(h) for h in hidden), "max_epochs": epochs,
                  "lr": lr, "batch_size": batch_size, "module__normalization": normalization}
-    params.update({k: v for k, v in overrides.items() if v is not None})
-    net = CRBNetRegressor(loss=loss, simulator=simulator, device=device, random_state=seed, **params)
+    params = {k: v for k, v in overrides.items() if v is not None}
+    factory = CRBNetRegressor.paper if paper else CRBNetRegressor
+    net = factory(loss=loss, simulator=simulator, device=device, random_state=seed, **params)
     callbacks = list(net.callbacks or [])  # keep the estimator's own default callbacks (e.g. its LR schedule)
     callbacks.append(("epochs", EpochBar(net.max_epochs, f"train ({loss})", not progress)))
     return net.set_params(callbacks=callbacks)

@@ -153,6 +153,11 @@ def test_train_options_not_given_are_the_estimators_defaults(pipeline):
     for k in ("module", "max_epochs", "lr", "batch_size", "optimizer", "train_split"):
         assert net[k] == ref[k], k
     assert not any(k.startswith("module__") for k in net if k not in ref)
+    paper = make_network("crb", None, paper=True, progress=False)
+    ref_paper = CRBNetRegressor.paper().get_params(deep=False)
+    for k in ("module", "max_epochs", "lr", "batch_size", "optimizer", "train_split"):
+        assert paper.get_params(deep=False)[k] == ref_paper[k], k
+    assert paper.module is not net["module"]  # --paper is another network
     over = make_network("crb", None, epochs=3, hidden=[8], lr=0.5, progress=False)
     assert (over.max_epochs, over.lr, over.get_params()["module__hidden"]) == (3, 0.5, (8,))
 

@@ -1,0 +1,132 @@
+"""The tied-model brain phantom at in-vivo SNR through the CLI (issue: "Phantom at in-vivo SNR").
+
+``sklearn-crb simulate`` (defaults: brain prior, SNR 10-300; ``--tied-R1``),
+``train`` (the estimator's default recipe) and ``fit --model`` on the tied
+phantom with ``|M0|/sigma = 80`` in WM, against ``fit --nlls`` (tied NLLS) on
+a subset of voxels of each tissue of the same image:
+
+* the network's per-tissue median m0s and T1 within 10 % of NLLS's (WM, GM);
+* its WM-GM m0s contrast within 15 % of NLLS's;
+* CSF m0s <= 0.03;
+* its standard-error maps within 25 % of the empirical spread over noise
+  draws (Python API: ``load_model`` + ``fit_maps`` on repeated draws).
+
+Reduced budget, to stay within about 5 minutes on 2 cores: ``--n-samples``
+``N_TRAIN`` and ``--epochs`` ``EPOCHS`` instead of the defaults (everything
+else is the default recipe). The full-default run is
+``benchmarks/bench_phantom.py``.
+"""
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from sklearn_crb.cli import main
+
+pytestmark = pytest.mark.slow
+
+N_TRAIN = 12000
+EPOCHS = 300
+SNR = 116.0  # 1/sigma: WM |M0| = 0.69 -> |M0|/sigma = 80
+N_NLLS = 12  # NLLS voxels per tissue
+N_DRAWS = 5  # noise draws for the empirical spread
+
+
+def _load(path):
+    return nib.load(path).get_fdata()[..., 0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from sklearn_crb import Sequence
+    from sklearn_crb.io.datasets import load_dataset
+    from sklearn_crb.phantom import make_phantom
+
+    d = tmp_path_factory.mktemp("invivo")
+    q = ["--quiet"]
+    assert main(["simulate", "--out", str(d / "train.npz"), "--tied-R1", "--n-samples", str(N_TRAIN), *q]) == 0
+    assert main(["train", "--data", str(d / "train.npz"), "--out", str(d / "model"), "--epochs", str(EPOCHS),
+                 "--device", "cpu", *q]) == 0
+    U = load_dataset(d / "train.npz")["basis"]
+    np.save(d / "U.npy", U)
+    seq = Sequence.default()
+    ph = make_phantom((40, 40), seq, basis=U, snr=SNR, tied_R1=True, random_state=1)
+    c = ph.coefficients[:, :, None, :]
+    nib.save(nib.Nifti1Image(c.astype(np.complex64), np.eye(4)), d / "coef.nii.gz")
+    rng = np.random.default_rng(0)
+    sub = np.zeros(ph.labels.shape, dtype=bool)
+    for t in ("WM", "GM", "CSF"):
+        sub.flat[rng.choice(np.flatnonzero(ph.tissue_mask(t)), N_NLLS, replace=False)] = True
+    np.save(d / "sub.npy", sub[:, :, None].astype(np.uint8))
+    assert main(["fit", "--model", str(d / "model"), "--coefficients", str(d / "coef.nii.gz"),
+                 "--out", str(d / "net"), *q]) == 0
+    assert main(["fit", "--nlls", "--tied-R1", "--basis", str(d / "U.npy"), "--coefficients",
+                 str(d / "coef.nii.gz"), "--mask", str(d / "sub.npy"), "--out", str(d / "nlls"), *q]) == 0
+    maps = {k: {p: _load(d / k / f"{p}.nii.gz") for p in ("m0s", "R1f", "flags", "mask")} for k in ("net", "nlls")}
+    med = {}
+    for k, m in maps.items():
+        for t in ("WM", "GM", "CSF"):
+            sel = ph.tissue_mask(t) & (m["mask"] > 0) & (m["flags"] == 0)
+            med[k, t] = {"m0s": float(np.median(m["m0s"][sel])), "T1": float(np.median(1 / m["R1f"][sel])),
+                         "n": int(sel.sum())}
+    print(json.dumps({f"{k}/{t}": v for (k, t), v in med.items()}))
+    return d, ph, med
+
+
+def test_median_m0s_and_T1_within_10_percent_of_nlls(run):
+    _, _, med = run
+    for t in ("WM", "GM"):
+        assert med["nlls", t]["n"] >= N_NLLS // 2 and med["net", t]["n"] > 50
+        for p in ("m0s", "T1"):
+            rel = med["net", t][p] / med["nlls", t][p] - 1
+            assert abs(rel) <= 0.10, (t, p, med["net", t][p], med["nlls", t][p])
+
+
+def test_wm_gm_m0s_contrast_within_15_percent_of_nlls(run):
+    _, _, med = run
+    net = med["net", "WM"]["m0s"] - med["net", "GM"]["m0s"]
+    nlls = med["nlls", "WM"]["m0s"] - med["nlls", "GM"]["m0s"]
+    assert nlls > 0.03  # the phantom has the contrast (0.14 against 0.08)
+    assert abs(net / nlls - 1) <= 0.15, (net, nlls)
+
+
+def test_csf_m0s_is_small(run):
+    _, _, med = run
+    assert med["net", "CSF"]["m0s"] <= 0.03
+
+
+def test_standard_error_maps_match_the_spread_over_noise_draws(run):
+    """Per WM/GM voxel, N_DRAWS noise draws of the same phantom; the pooled within-voxel std of the
+    network's m0s and R1f against the RMS of its standard-error maps (sigma estimated per draw)."""
+    from sklearn_crb.io.models import load_model
+    from sklearn_crb.maps import fit_maps
+    from sklearn_crb.phantom import make_phantom
+
+    d, ph, _ = run
+    net = load_model(d / "model", device="cpu")
+    est, se = {p: [] for p in ("m0s", "R1f")}, {p: [] for p in ("m0s", "R1f")}
+    sigmas = []
+    for k in range(N_DRAWS):
+        ph_k = make_phantom(ph.labels.shape, ph.sequence, basis=ph.basis, snr=SNR, tied_R1=True,
+                            random_state=100 + k)
+        m = fit_maps(net, ph_k.coefficients, ph_k.mask)
+        sigmas.append(m["sigma"])
+        for p in est:
+            est[p].append(m[p])
+            se[p].append(m[p + "_se"])
+    assert np.median(sigmas) == pytest.approx(1 / SNR, rel=0.20)  # sigma within 20 % of the truth
+    for t in ("WM", "GM"):
+        sel = ph.tissue_mask(t)
+        for p in est:
+            e = np.stack(est[p])[:, sel]
+            spread = np.sqrt(np.mean(np.var(e, axis=0, ddof=1)))
+            rms_se = np.sqrt(np.mean(np.stack(se[p])[:, sel] ** 2))
+            assert 0.75 <= spread / rms_se <= 1.25, (t, p, spread, rms_se)
+
+
+def test_outputs_are_the_cli_files(run):
+    d, _, _ = run
+    assert {"m0s.nii.gz", "m0s_se.nii.gz", "summary.json"} <= set(os.listdir(d / "net"))
