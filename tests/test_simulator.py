@@ -143,10 +143,44 @@ def test_time_targets_and_m0s_zero_crb(short_sequence):
     np.testing.assert_allclose(d["X_clean"][0], rates.transform(th[:1])[0], rtol=1e-10, atol=1e-14)
 
 
+def test_time_targets_from_prior_draws_tied():
+    """Default sequence and prior, tied model, time targets: y from targets_from_theta, CRB by the delta method."""
+    from sklearn_crb.physics.parameters import INDEX, targets_from_theta
+
+    est = ("m0s", "T1f", "T2f")
+    sim = MTFingerprintSimulator(estimate=est, tied_R1=True, random_state=0).fit()
+    X, y, crb, d = sim.make_dataset(50, return_details=True)
+    th = d["theta"]
+    assert X.shape == (50, 2 * sim.n_components_) and y.shape == crb.shape == (50, 3)
+    np.testing.assert_array_equal(y, targets_from_theta(th, est))
+    np.testing.assert_allclose(y[:, 1], 1 / th[:, INDEX["R1f"]])
+    np.testing.assert_allclose(y[:, 2], 1 / th[:, INDEX["R2f"]])
+    assert np.all(np.isfinite(crb)) and np.all(crb > 0)
+    # CRB(T) = CRB(R) / R^4 at each sample's own M0 (rows away from the m0s floor)
+    ok = th[:, INDEX["m0s"]] >= 1e-3
+    assert ok.sum() >= 25
+    rate_crb = sim.crb(th[ok], M0=d["M0"][ok], estimate=("m0s", "R1f", "R2f"))
+    R = th[ok][:, [INDEX["R1f"], INDEX["R2f"]]]
+    np.testing.assert_allclose(crb[ok, 0], rate_crb[:, 0], rtol=1e-8)
+    np.testing.assert_allclose(crb[ok, 1:], rate_crb[:, 1:] / R**4, rtol=1e-8)
+
+
+def test_noise_model_is_reexported_by_the_simulator():
+    import sklearn_crb.noise as noise
+    import sklearn_crb.simulator as simulator
+
+    for name in ("draw_m0_and_noise", "apply_m0_and_noise", "crb_gain", "pack_targets", "unpack_targets"):
+        assert getattr(simulator, name) is getattr(noise, name), name
+    y, c = np.arange(6.0).reshape(3, 2), np.full((3, 2), 0.5)
+    yy, cc = simulator.unpack_targets(noise.pack_targets(y, c))
+    np.testing.assert_array_equal(yy, y)
+    np.testing.assert_array_equal(cc, c)
+
+
 def test_torch_generator_draws_the_same_model(short_sequence):
     import torch
 
-    from sklearn_crb.simulator import apply_m0_and_noise, draw_m0_and_noise
+    from sklearn_crb.noise import apply_m0_and_noise, draw_m0_and_noise
 
     g = torch.Generator().manual_seed(0)
     M0, noise = draw_m0_and_noise(g, 20000, 3, (10, 100), 0.01)

@@ -24,7 +24,7 @@ from skorch.utils import to_tensor
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
-from sklearn_crb.simulator import apply_m0_and_noise, crb_gain, draw_m0_and_noise
+from sklearn_crb.noise import apply_m0_and_noise, crb_gain, draw_m0_and_noise
 
 __all__ = ["LOSSES", "WeightedMSELoss", "TargetStandardizedModule", "StepDecayWithFloor", "paper_lr_scheduler",
            "target_scaling", "loss_weights", "augment_batch", "CRBScoring", "DivergenceGuard", "OneCycleSchedule",
@@ -181,7 +181,7 @@ def augment_batch(Xd, rng, snr, sigma, loss):
     ``M0 = 1``, ``"w"``: loss weights, ``"c"``: ``s^2/CRB_unit``), numpy or
     torch; ``rng`` a numpy or a torch generator (a torch generator draws on
     its own device, e.g. the training GPU). The M0/noise model is
-    :func:`sklearn_crb.simulator.draw_m0_and_noise`;
+    :func:`sklearn_crb.noise.draw_m0_and_noise`;
     ``"c"`` (and ``"w"`` for ``loss="crb"``) are multiplied by
     ``|M0|^2 / sigma^2``, the inverse scaling of each sample's CRB.
     """
