@@ -1,4 +1,4 @@
-"""Shared fixtures: the reference sequence from SKLEARN_CRB_DATA, small sequences."""
+"""Shared fixtures: the reference sequence from SKLEARN_CRB_DATA, small sequences, toy network problems."""
 
 import os
 from pathlib import Path
@@ -56,6 +56,45 @@ def short_sequence():
     from sklearn_crb import Sequence
 
     return Sequence.default(n_pulses=120)
+
+
+def toy_problem(n=400, seed=0):
+    """A smooth 2-parameter problem (X, y, crb) with per-sample CRBs of very different sizes."""
+    rng = np.random.default_rng(seed)
+    y = np.column_stack([rng.uniform(0.0, 0.3, n), rng.uniform(0.5, 2.0, n)])
+    k = np.arange(1, 7)
+    X = np.hstack([np.cos(np.outer(y[:, 0] * 3, k) + y[:, [1]]), np.sin(np.outer(y[:, 1], k) - y[:, [0]])])
+    X += rng.normal(0, 0.02, X.shape)
+    crb = np.column_stack([1e-4 * (1 + 9 * rng.uniform(size=n)), 1e-2 * (1 + 9 * rng.uniform(size=n))])
+    return X, y, crb
+
+
+def small_crb_net(**kw):
+    """A small CRBNetRegressor (MLP 32x32, 5 epochs) with the pre-issue-9 recipe, overridden by ``kw``."""
+    from sklearn_crb.estimators.network import MLP
+    from sklearn_crb.estimators.regressor import CRBNetRegressor
+
+    params = dict(module=MLP, module__hidden=(32, 32), module__normalization=None, max_epochs=5, batch_size=64,
+                  lr=1e-2, random_state=0, train_split=None,
+                  # the pre-issue-9 recipe these tests were written for (set explicitly)
+                  module__batch_norm=True, module__activation="relu", optimizer=torch.optim.Adam, weight_decay=None,
+                  lr_schedule=None, head=None)
+    params.update(kw)
+    return CRBNetRegressor(**params)
+
+
+def train_small_model(sequence, *, n_basis_samples=200, n_train=200, hidden=(16, 8), max_epochs=1, **net_kw):
+    """(simulator estimating m0s, R1f, R2f at rank 6, a small MLP fitted on it on the CPU, its training X)."""
+    from sklearn_crb.estimators.network import MLP
+    from sklearn_crb.estimators.regressor import CRBNetRegressor
+    from sklearn_crb.simulator import MTFingerprintSimulator
+
+    sim = MTFingerprintSimulator(sequence, n_components=6, estimate=("m0s", "R1f", "R2f"), random_state=0,
+                                 n_basis_samples=n_basis_samples).fit()
+    X, y, crb = sim.make_dataset(n_train, 1)
+    net = CRBNetRegressor(MLP, module__hidden=hidden, simulator=sim, max_epochs=max_epochs, random_state=0,
+                          device="cpu", **net_kw).fit(X, y, crb=crb)
+    return sim, net, X
 
 
 def pytest_addoption(parser):

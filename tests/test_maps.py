@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from conftest import train_small_model
 from sklearn_crb.crb import cramer_rao_bound
 from sklearn_crb.maps import FLAGS, fit_maps, map_names
 from sklearn_crb.physics.parameters import INDEX
@@ -14,14 +15,7 @@ NAMES = ("m0s", "R1f", "R2f")
 
 @pytest.fixture(scope="module")
 def setup(short_sequence):
-    from sklearn_crb import CRBNetRegressor, MTFingerprintSimulator
-    from sklearn_crb.estimators.network import MLP
-
-    sim = MTFingerprintSimulator(short_sequence, n_components=6, estimate=NAMES, random_state=0,
-                                 n_basis_samples=300).fit()
-    X, y, crb = sim.make_dataset(400, 1)
-    net = CRBNetRegressor(MLP, module__hidden=(32,), simulator=sim, max_epochs=3, random_state=0,
-                          device="cpu").fit(X, y, crb=crb)
+    sim, net, _ = train_small_model(short_sequence, n_basis_samples=300, n_train=400, hidden=(32,), max_epochs=3)
     ph = make_phantom((16, 16), short_sequence, basis=sim, snr=50, random_state=2)
     return sim, net, ph
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import train_small_model
 from sklearn_crb import Sequence
 from sklearn_crb.maps import fit_maps
 from sklearn_crb.io.models import check_compatible, load_model, save_model
@@ -16,15 +17,7 @@ NAMES = ("m0s", "R1f", "R2f")
 
 @pytest.fixture(scope="module")
 def trained(short_sequence):
-    from sklearn_crb import CRBNetRegressor, MTFingerprintSimulator
-    from sklearn_crb.estimators.network import MLP
-
-    sim = MTFingerprintSimulator(short_sequence, n_components=6, estimate=NAMES, random_state=0,
-                                 n_basis_samples=200).fit()
-    X, y, crb = sim.make_dataset(300, 1)
-    net = CRBNetRegressor(MLP, module__hidden=(16, 8), module__normalization="first-coefficient", simulator=sim,
-                          max_epochs=2, random_state=0, device="cpu").fit(X, y, crb=crb)
-    return sim, net, X
+    return train_small_model(short_sequence, n_train=300, max_epochs=2, module__normalization="first-coefficient")
 
 
 def test_round_trip_and_metadata(trained, tmp_path):

@@ -14,33 +14,13 @@ from sklearn.preprocessing import StandardScaler
 from skorch.callbacks import Checkpoint, EarlyStopping, ProgressBar
 from skorch.dataset import ValidSplit
 
+from conftest import small_crb_net as small_net, toy_problem as toy
 from sklearn_crb.metrics import crb_normalized_mse, make_crb_scorer
 from sklearn_crb.estimators.network import MLP, ResidualMLP
 from sklearn_crb.estimators.regressor import CRBNetRegressor, paper_lr_scheduler
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def toy(n=400, seed=0):
-    """A smooth 2-parameter problem with per-sample CRBs of very different sizes."""
-    rng = np.random.default_rng(seed)
-    y = np.column_stack([rng.uniform(0.0, 0.3, n), rng.uniform(0.5, 2.0, n)])
-    k = np.arange(1, 7)
-    X = np.hstack([np.cos(np.outer(y[:, 0] * 3, k) + y[:, [1]]), np.sin(np.outer(y[:, 1], k) - y[:, [0]])])
-    X += rng.normal(0, 0.02, X.shape)
-    crb = np.column_stack([1e-4 * (1 + 9 * rng.uniform(size=n)), 1e-2 * (1 + 9 * rng.uniform(size=n))])
-    return X, y, crb
-
-
-def small_net(**kw):
-    params = dict(module=MLP, module__hidden=(32, 32), module__normalization=None, max_epochs=5, batch_size=64,
-                  lr=1e-2, random_state=0, train_split=None,
-                  # the pre-issue-9 recipe these tests were written for (set explicitly)
-                  module__batch_norm=True, module__activation="relu", optimizer=torch.optim.Adam, weight_decay=None,
-                  lr_schedule=None, head=None)
-    params.update(kw)
-    return CRBNetRegressor(**params)
 
 
 def test_defaults_and_params():

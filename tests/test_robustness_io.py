@@ -11,26 +11,19 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import train_small_model
 from sklearn_crb.io._files import atomic_files, check_file_name, check_output_folder
 from sklearn_crb.io.datasets import load_dataset, save_dataset
 from sklearn_crb.io.images import save_maps
-from sklearn_crb.io.models import NETWORKS, _SCHEMAS, file_sha256, load_model, save_model
+from sklearn_crb.io._model_schema import SCHEMAS
+from sklearn_crb.io.models import NETWORKS, file_sha256, load_model, save_model
 
 NAMES = ("m0s", "R1f", "R2f")
 
 
 @pytest.fixture(scope="module")
 def trained(short_sequence):
-    from sklearn_crb.estimators.network import MLP
-    from sklearn_crb.estimators.regressor import CRBNetRegressor
-    from sklearn_crb.simulator import MTFingerprintSimulator
-
-    sim = MTFingerprintSimulator(short_sequence, n_components=6, estimate=NAMES, random_state=0,
-                                 n_basis_samples=200).fit()
-    X, y, crb = sim.make_dataset(200, 1)
-    net = CRBNetRegressor(MLP, module__hidden=(16, 8), simulator=sim, max_epochs=1, random_state=0,
-                          device="cpu").fit(X, y, crb=crb)
-    return sim, net, X
+    return train_small_model(short_sequence)
 
 
 @pytest.fixture
@@ -136,7 +129,7 @@ def test_registry_schemas_match_the_constructors():
 
     for name, cls in NETWORKS.items():
         params = set(inspect.signature(cls).parameters)
-        assert set(_SCHEMAS[name]) == params, name
+        assert set(SCHEMAS[name]) == params, name
 
 
 @pytest.mark.parametrize("key,value", [

@@ -15,6 +15,7 @@ from scipy.stats import kstest
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, KFold, cross_validate
 
+from conftest import small_crb_net, toy_problem
 from sklearn_crb.crb import crb_from_jacobian
 from sklearn_crb.estimators._training import augment_batch
 from sklearn_crb.estimators.network import MLP
@@ -28,23 +29,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def toy(n=240, seed=0):
-    rng = np.random.default_rng(seed)
-    y = np.column_stack([rng.uniform(0.0, 0.3, n), rng.uniform(0.5, 2.0, n)])
-    k = np.arange(1, 7)
-    X = np.hstack([np.cos(np.outer(y[:, 0] * 3, k) + y[:, [1]]), np.sin(np.outer(y[:, 1], k) - y[:, [0]])])
-    X += rng.normal(0, 0.02, X.shape)
-    crb = np.column_stack([1e-4 * (1 + 9 * rng.uniform(size=n)), 1e-2 * (1 + 9 * rng.uniform(size=n))])
-    return X, y, crb
+    return toy_problem(n, seed)
 
 
 def small_net(**kw):
-    params = dict(module=MLP, module__hidden=(16, 16), module__normalization=None, max_epochs=3, batch_size=64,
-                  lr=1e-2, random_state=0, train_split=None,
-                  # the pre-issue-9 recipe these tests were written for (set explicitly)
-                  module__batch_norm=True, module__activation="relu", optimizer=torch.optim.Adam, weight_decay=None,
-                  lr_schedule=None, head=None)
-    params.update(kw)
-    return CRBNetRegressor(**params)
+    return small_crb_net(**{"module__hidden": (16, 16), "max_epochs": 3, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ A model is a directory::
 No pickle is involved: JSON, ``.npy`` and a tensor-only state dict, and a
 model folder is treated as untrusted input: ``model.json`` can name only the
 package's own networks, every key is type-checked, and the weights must
-match their hash and the network's shapes. Applying
+match their hash and the network's shapes (those checks are in
+:mod:`sklearn_crb.io._model_schema`). Applying
 the model to data from a different basis or sequence is refused
 (:func:`check_compatible`), because a network trained on coefficients of one
 basis returns plausible-looking nonsense on another.
@@ -28,9 +29,7 @@ basis returns plausible-looking nonsense on another.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +39,12 @@ from sklearn.utils.validation import check_is_fitted
 
 from sklearn_crb._validation import check_basis
 from sklearn_crb._version import __version__
-from sklearn_crb.estimators.network import MLP, ResidualMLP
 from sklearn_crb.estimators.regressor import CRBNetRegressor
 from sklearn_crb._atomic import atomic_dir
 from sklearn_crb.io._files import check_output_folder
+from sklearn_crb.io._model_schema import (BOUND_KEYS, NETWORKS, check_state_values, constructor_kwargs,
+                                         expected_state, fail, is_int, jsonable, parse_module_kwargs,
+                                         registry_name, require)
 from sklearn_crb.physics.parameters import PARAMETERS, UNITS, resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
 
@@ -57,31 +58,6 @@ FORMAT = "sklearn-crb-network"
 FORMAT_VERSION = 3
 #: The files of a model folder; a folder holding anything else is never replaced.
 MODEL_FILES = ("params.pt", "model.json", "basis.npy")
-_JSON_TYPES = (str, int, float, bool, type(None))
-
-#: The only network classes a ``model.json`` may name. Nothing else is
-#: imported or called: a model folder from someone else is untrusted input.
-NETWORKS = {"MLP": MLP, "ResidualMLP": ResidualMLP}
-#: ``module_class`` values written by format version 1 (a dotted path).
-_LEGACY_NAMES = {f"{mod}:{cls}": cls for mod in ("sklearn_crb.network", "sklearn_crb.estimators.network")
-                 for cls in NETWORKS}
-#: JSON type of every constructor argument (checked against the signatures in the tests).
-_SCHEMAS = {
-    "MLP": {"n_features": "size", "n_outputs": "size", "hidden": "widths", "normalization": "str|null",
-            "batch_norm": "bool", "activation": "str"},
-    "ResidualMLP": {"n_features": "size", "n_outputs": "size", "hidden": "widths|null", "skips": "skips",
-                    "normalization": "str|null", "batch_norm": "bool"},
-}
-#: Constructor defaults of the networks as format versions <= 2 saved them (only the non-default
-#: arguments were written then): what an older model.json that omits a key means.
-_V2_DEFAULTS = {
-    "MLP": {"hidden": (256, 256, 128), "normalization": "l2", "batch_norm": True, "activation": "relu"},
-    "ResidualMLP": {"hidden": None, "skips": "auto", "normalization": "l2", "batch_norm": True},
-}
-_KIND_TEXT = {"size": "an integer in [1, 65536]", "widths": "a list of integers in [1, 65536]",
-              "widths|null": "null or a list of integers in [1, 65536]", "str|null": "a string or null", "str": "a string",
-              "bool": "true or false", "skips": '"auto", null or a list of [source, target] integer pairs'}
-_MAX_WIDTH, _MAX_LAYERS = 65536, 256
 
 
 def basis_sha256(basis):
@@ -99,94 +75,6 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _jsonable(v):
-    if isinstance(v, _JSON_TYPES):
-        return True
-    if isinstance(v, (list, tuple)):
-        return all(_jsonable(x) for x in v)
-    return False
-
-
-def _registry_name(module):
-    cls = module if isinstance(module, type) else type(module)
-    for name, known in NETWORKS.items():
-        if cls is known:
-            return name
-    raise ValueError(f"only the package's own networks {sorted(NETWORKS)} can be saved in the portable format, "
-                     f"got {cls.__module__}.{cls.__qualname__}; use skorch save_params with your own loading code")
-
-
-def _constructor_kwargs(net):
-    """Every constructor argument of the net's module: its defaults, overridden by ``module__*``."""
-    cls = net.module if isinstance(net.module, type) else type(net.module_.module)
-    kwargs = {k: p.default for k, p in inspect.signature(cls).parameters.items()
-              if p.default is not inspect.Parameter.empty and k not in ("n_features", "n_outputs")}
-    kwargs.update({k[len("module__"):]: v for k, v in net.get_params(deep=False).items() if k.startswith("module__")})
-    return kwargs
-
-
-# ---------------------------------------------------------------- validation of model.json (untrusted)
-def _fail(file, key, what):
-    raise ValueError(f"model: {file}: {key!r} {what}")
-
-
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_kwarg(file, key, kind, v):
-    """One JSON-typed constructor argument of a registered network."""
-    width = lambda x: _is_int(x) and 1 <= x <= _MAX_WIDTH  # noqa: E731
-    ok = {
-        "size": lambda: width(v),
-        "widths": lambda: isinstance(v, list) and len(v) <= _MAX_LAYERS and all(width(x) for x in v),
-        "widths|null": lambda: v is None or (isinstance(v, list) and len(v) <= _MAX_LAYERS
-                                             and all(width(x) for x in v)),
-        "str|null": lambda: v is None or isinstance(v, str),
-        "str": lambda: isinstance(v, str),
-        "bool": lambda: isinstance(v, bool),
-        "skips": lambda: v is None or v == "auto" or (isinstance(v, list) and all(
-            isinstance(pair, list) and len(pair) == 2 and all(_is_int(i) for i in pair) for pair in v)),
-    }[kind]()
-    if not ok:
-        _fail(file, f"module_kwargs.{key}", f"must be {_KIND_TEXT[kind]}, got {v!r:.80}")
-    return tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-
-
-def _module_kwargs(file, name, kwargs, version=FORMAT_VERSION):
-    """Validate ``module_kwargs`` against the registered constructor's schema.
-
-    Format versions <= 2 recorded only non-default arguments: the omitted
-    ones get the defaults of that time (``_V2_DEFAULTS``).
-    """
-    if name not in NETWORKS:
-        legacy = _LEGACY_NAMES.get(name)
-        if legacy is None:
-            _fail(file, "module_class", f"names {name!r}, which is not one of the package's networks "
-                                        f"{sorted(NETWORKS)}; refusing to load it")
-        name = legacy
-    if not isinstance(kwargs, dict):
-        _fail(file, "module_kwargs", f"must be a JSON object, got {type(kwargs).__name__}")
-    schema = _SCHEMAS[name]
-    unknown = sorted(set(kwargs) - set(schema))
-    if unknown:
-        _fail(file, "module_kwargs", f"has keys {unknown} that {name} does not take (it takes {sorted(schema)})")
-    checked = {k: _check_kwarg(file, k, schema[k], v) for k, v in kwargs.items()}
-    if version <= 2:
-        checked = {**_V2_DEFAULTS.get(name, {}), **checked}
-    return name, checked
-
-
-def _require(meta, file, key, types, what):
-    if key not in meta:
-        _fail(file, key, "is missing")
-    v = meta[key]
-    types = types if isinstance(types, tuple) else (types,)
-    if not isinstance(v, types) or (int in types and bool not in types and isinstance(v, bool)):
-        _fail(file, key, f"must be {what}, got {type(v).__name__}")
-    return v
 
 
 def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_values=None, tied_R1=None,
@@ -249,8 +137,8 @@ def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_val
     if fill.shape != (len(PARAMETERS),) or not np.all(np.isfinite(fill)):
         raise ValueError(f"fill_values must be 8 finite values in PARAMETERS order, got {fill_values!r}")
     nuis = nuisance if nuisance is not None else (sim.nuisance if sim is not None else "all")
-    module_kwargs = _constructor_kwargs(net)
-    bad = [k for k, v in module_kwargs.items() if not _jsonable(v)]
+    module_kwargs = constructor_kwargs(net)
+    bad = [k for k, v in module_kwargs.items() if not jsonable(v)]
     if bad:
         raise ValueError(f"module parameters {bad} are not JSON-serialisable; cannot save portably")
     inner = net.module_.module
@@ -258,7 +146,7 @@ def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_val
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "sklearn_crb_version": __version__,
-        "module_class": _registry_name(net.module if isinstance(net.module, type) else type(inner)),
+        "module_class": registry_name(net.module if isinstance(net.module, type) else type(inner)),
         "module_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in module_kwargs.items()},
         "input_normalization": getattr(inner, "normalization", module_kwargs.get("normalization", "l2")),
         "n_features": int(net.n_features_in_),
@@ -302,76 +190,51 @@ def _read_meta(path):
         raise ValueError(f"model: {file} must hold a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise ValueError(f"model: {path} is not a {FORMAT} model (format={meta.get('format')!r:.60})")
-    version = _require(meta, file, "format_version", int, "an integer")
+    version = require(meta, file, "format_version", int, "an integer")
     if version > FORMAT_VERSION:
         raise ValueError(f"model: {file}: format version {version} is newer than this package supports "
                          f"({FORMAT_VERSION}); upgrade sklearn-crb")
     if version >= 2:
-        _require(meta, file, "params_sha256", str, "a SHA-256 hex string")
-    _require(meta, file, "module_class", str, "a string")
-    _require(meta, file, "module_kwargs", dict, "a JSON object")
-    n_features = _require(meta, file, "n_features", int, "an integer")
-    n_outputs = _require(meta, file, "n_outputs", int, "an integer")
-    rank = _require(meta, file, "rank", int, "an integer")
-    est = _require(meta, file, "estimate", list, "a list of parameter names")
-    tied = _require(meta, file, "tied_R1", bool, "true or false")
-    fill = _require(meta, file, "fill_values", list, "a list of 8 numbers")
+        require(meta, file, "params_sha256", str, "a SHA-256 hex string")
+    require(meta, file, "module_class", str, "a string")
+    require(meta, file, "module_kwargs", dict, "a JSON object")
+    n_features = require(meta, file, "n_features", int, "an integer")
+    n_outputs = require(meta, file, "n_outputs", int, "an integer")
+    rank = require(meta, file, "rank", int, "an integer")
+    est = require(meta, file, "estimate", list, "a list of parameter names")
+    tied = require(meta, file, "tied_R1", bool, "true or false")
+    fill = require(meta, file, "fill_values", list, "a list of 8 numbers")
     for key in ("basis_sha256", "sequence_sha256"):
-        _require(meta, file, key, str, "a SHA-256 hex string")
-    _require(meta, file, "sequence", dict, "a JSON object")
+        require(meta, file, key, str, "a SHA-256 hex string")
+    require(meta, file, "sequence", dict, "a JSON object")
     if not all(isinstance(p, str) for p in est):
-        _fail(file, "estimate", "must be a list of parameter names")
+        fail(file, "estimate", "must be a list of parameter names")
     try:
         meta["estimate"] = list(resolve_estimate(tuple(est), tied))
     except (ValueError, TypeError) as exc:
-        _fail(file, "estimate", f"is invalid ({exc})")
+        fail(file, "estimate", f"is invalid ({exc})")
     if len(est) != n_outputs:
-        _fail(file, "n_outputs", f"is {n_outputs} but 'estimate' names {len(est)} parameters")
+        fail(file, "n_outputs", f"is {n_outputs} but 'estimate' names {len(est)} parameters")
     if n_features != 2 * rank or rank < 1:
-        _fail(file, "n_features", f"is {n_features} but 'rank' is {rank} (expected 2 * rank real features)")
-    if len(fill) != len(PARAMETERS) or not all(_is_int(v) or isinstance(v, float) for v in fill) or not np.all(
+        fail(file, "n_features", f"is {n_features} but 'rank' is {rank} (expected 2 * rank real features)")
+    if len(fill) != len(PARAMETERS) or not all(is_int(v) or isinstance(v, float) for v in fill) or not np.all(
             np.isfinite(np.asarray(fill, dtype=float))):
-        _fail(file, "fill_values", "must be 8 finite numbers in PARAMETERS order")
+        fail(file, "fill_values", "must be 8 finite numbers in PARAMETERS order")
     for key in ("loss",):
         if meta.get(key) is not None and not isinstance(meta[key], str):
-            _fail(file, key, "must be a string or null")
+            fail(file, key, "must be a string or null")
     nuis = meta.get("nuisance", "all")
     if not (nuis is None or isinstance(nuis, str) or (isinstance(nuis, list) and all(isinstance(p, str)
                                                                                     for p in nuis))):
-        _fail(file, "nuisance", "must be a string, a list of parameter names or null")
-    meta["_module"] = _module_kwargs(file, meta["module_class"], meta["module_kwargs"], version)
+        fail(file, "nuisance", "must be a string, a list of parameter names or null")
+    meta["_module"] = parse_module_kwargs(file, meta["module_class"], meta["module_kwargs"], version)
     try:
         meta["_sequence"] = Sequence.from_dict(meta["sequence"])
     except Exception as exc:  # noqa: BLE001 - an arbitrary JSON object: any failure is a bad file
-        _fail(file, "sequence", f"is not a valid sequence ({type(exc).__name__}: {exc})")
+        fail(file, "sequence", f"is not a valid sequence ({type(exc).__name__}: {exc})")
     if meta["_sequence"].sha256() != meta["sequence_sha256"]:
-        _fail(file, "sequence", "does not match 'sequence_sha256' (corrupt model)")
+        fail(file, "sequence", "does not match 'sequence_sha256' (corrupt model)")
     return meta
-
-
-def _expected_state(cls, kwargs, n_outputs):
-    """Shapes of the state dict of the wrapped network, built without memory (meta device)."""
-    with torch.device("meta"):
-        inner = cls(**kwargs)
-    shapes = {f"module.{k}": tuple(v.shape) for k, v in inner.state_dict().items()}
-    shapes.update(mean=(n_outputs,), scale=(n_outputs,))
-    return shapes
-
-
-#: Output-bound buffers of the wrapper (bounded heads): +-inf marks a linear output; absent in older models.
-_BOUND_KEYS = ("low", "high")
-
-
-def _check_state_values(state, params):
-    """Finite weights and scaling; bounds may be +-inf (linear output) but never NaN, and low < high."""
-    for k, v in state.items():
-        if not v.is_floating_point():
-            continue
-        ok = ~torch.isnan(v) if k in _BOUND_KEYS else torch.isfinite(v)
-        if not bool(torch.all(ok)):
-            raise ValueError(f"model: {params} holds non-finite values in {k!r}")
-    if all(k in state for k in _BOUND_KEYS) and not bool(torch.all(state["low"] < state["high"])):
-        raise ValueError(f"model: {params}: the output bounds must satisfy low < high")
 
 
 def load_model(path, *, device="auto", sequence=None, basis=None):
@@ -415,7 +278,7 @@ def load_model(path, *, device="auto", sequence=None, basis=None):
     if basis_sha256(U) != meta["basis_sha256"]:
         raise ValueError(f"model: {path / 'basis.npy'} does not match the basis hash in model.json (corrupt model)")
     if U.shape != (seq.n_pulses, meta["rank"]):
-        _fail(path / "model.json", "rank", f"is {meta['rank']} but basis.npy has shape {U.shape}")
+        fail(path / "model.json", "rank", f"is {meta['rank']} but basis.npy has shape {U.shape}")
     params = path / "params.pt"
     if "params_sha256" in meta and file_sha256(params) != meta["params_sha256"]:
         raise ValueError(f"model: {params} does not match 'params_sha256' in model.json (corrupt or altered "
@@ -428,20 +291,20 @@ def load_model(path, *, device="auto", sequence=None, basis=None):
     kwargs.setdefault("n_outputs", meta["n_outputs"])
     cls = NETWORKS[name]
     try:
-        expected = _expected_state(cls, kwargs, meta["n_outputs"])
+        expected = expected_state(cls, kwargs, meta["n_outputs"])
     except (ValueError, TypeError) as exc:
-        _fail(path / "model.json", "module_kwargs", f"is rejected by {name} ({exc})")
+        fail(path / "model.json", "module_kwargs", f"is rejected by {name} ({exc})")
     got = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) and all(
         isinstance(v, torch.Tensor) for v in state.values()) else None
     if got is None:
         raise ValueError(f"model: {params} is not a state dict of tensors")
-    if set(_BOUND_KEYS) <= set(got) or not set(got) & set(_BOUND_KEYS):  # both bounds, or neither (older)
-        expected.update({k: got[k] for k in _BOUND_KEYS if k in got and got[k] == (meta["n_outputs"],)})
+    if set(BOUND_KEYS) <= set(got) or not set(got) & set(BOUND_KEYS):  # both bounds, or neither (older)
+        expected.update({k: got[k] for k in BOUND_KEYS if k in got and got[k] == (meta["n_outputs"],)})
     if got != expected:
         diff = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
         raise ValueError(f"model: {params} does not fit the network described by model.json "
                          f"('module_class' {name}, 'module_kwargs'): mismatch at {diff[:4]}")
-    _check_state_values(state, params)
+    check_state_values(state, params)
     del state  # checked; skorch loads the file into the module
     net = CRBNetRegressor(module=cls, loss=meta.get("loss") or "crb", target_names=tuple(meta["estimate"]),
                           device=device, **{f"module__{k}": v for k, v in kwargs.items()})
