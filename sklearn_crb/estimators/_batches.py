@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from skorch.dataset import Dataset
 
-__all__ = ["TensorBatches", "tensor_batches_or_none", "torch_threads", "default_threads"]
+__all__ = ["TensorBatches", "tensor_batches_or_none", "make_iterator", "forward_in_batches", "net_threads",
+           "torch_threads", "default_threads"]
 
 #: ``iterator_train__*``/``iterator_valid__*`` options that only skorch's DataLoader implements.
 _LOADER_ONLY = ("num_workers", "sampler", "batch_sampler", "collate_fn", "pin_memory", "worker_init_fn",
@@ -102,6 +103,54 @@ def tensor_batches_or_none(dataset, kwargs, device, generator):
                          drop_last=kwargs.get("drop_last", False), generator=gen, device=device)
 
 
+def make_iterator(net, dataset, training=False):
+    """The batch iterator of ``CRBNetRegressor.get_iterator``.
+
+    :class:`TensorBatches` for the packed data, skorch's DataLoader for other
+    datasets or options that need it (workers, samplers, ...). Training
+    batches are shuffled by a generator seeded from ``random_state``, and a
+    last batch of one sample is dropped (BatchNorm cannot train on it).
+    """
+    kwargs = net.get_params_for("iterator_train" if training else "iterator_valid")
+    bs = kwargs.get("batch_size", net.batch_size)
+    bs = len(dataset) if bs == -1 else bs
+    kwargs["batch_size"] = bs
+    if training:
+        if len(dataset) > 1 and len(dataset) % bs == 1 and "drop_last" not in kwargs:
+            kwargs["drop_last"] = True
+        kwargs.setdefault("shuffle", True)
+        seed = net._seed(4)
+        if seed is not None and "generator" not in kwargs:
+            kwargs["generator"] = torch.Generator().manual_seed(seed)
+    fast = tensor_batches_or_none(dataset, kwargs, net.device_, kwargs.get("generator"))
+    if fast is not None:
+        return fast
+    return (net.iterator_train if training else net.iterator_valid)(dataset, **kwargs)
+
+
+def forward_in_batches(module, X, device, batch_size=None):
+    """Physical outputs (float64 ndarray) of a ``TargetStandardizedModule`` for ``X``, ``batch_size`` rows at once.
+
+    Default: 1024 rows on CPU (activations stay in cache: a 37,625-voxel
+    slice through the paper's network took 0.85 s against 1.23 s with 65,536
+    on 2 cores), 65,536 on CUDA.
+    """
+    if batch_size is None:
+        batch_size = 1024 if device.type == "cpu" else 65536
+    bs = int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    module.eval()
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, X.shape[0], bs):
+            xb = torch.as_tensor(X[i: i + bs], dtype=torch.float32, device=device)
+            outs.append(module.to_physical(module(xb)).cpu())
+    if not outs:
+        return np.zeros((0, int(module.mean.shape[0])))
+    return torch.cat(outs).numpy().astype(np.float64, copy=False)
+
+
 def default_threads():
     """Default torch CPU threads for training: 1.
 
@@ -121,6 +170,13 @@ def default_threads():
             return n
         raise ValueError(f"SKLEARN_CRB_TORCH_THREADS must be a positive integer, got {env!r}")
     return 1
+
+
+def net_threads(net):
+    """torch CPU threads of a net's ``fit``/``predict`` (``n_threads``; None off the CPU or for torch's setting)."""
+    if net.device_.type != "cpu" or net.n_threads is None:
+        return None
+    return default_threads() if net.n_threads == "auto" else int(net.n_threads)
 
 
 @contextmanager

@@ -3,8 +3,9 @@
 A network predicts only the parameters it estimates. To report M0, the
 residual and the CRB, the fingerprint model needs every parameter: the
 estimates, the caller's ``fixed`` values, and for the rest the fill values of
-the model context. :func:`polish_nuisance` is the step where per-voxel
-nuisance estimates will replace the fill values; today it keeps them.
+the model context, refined per voxel by a few batched VarPro
+Levenberg–Marquardt iterations on the nuisance parameters with the network's
+estimates held (:func:`polish_nuisance`).
 
 M0 is the variable-projection (linear least-squares) solution of the complex
 scale at fixed theta, ``M0 = <u, c> / <u, u>`` with ``u = U^H s(theta)``; the

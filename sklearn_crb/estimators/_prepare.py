@@ -1,4 +1,5 @@
-"""Data preparation of ``CRBNetRegressor.fit``: validation, CRB checks, the bounded head's range, packing.
+"""Data preparation of ``CRBNetRegressor``: validation, CRB checks, the bounded head's range, packing, the
+train/validation split, the module and its target scaling, and the CRB score.
 
 ``fit`` packs ``X`` into the dict ``{"X": features, "w": loss weights,
 "c": s^2/CRB}`` that the batch loader slices together with the
@@ -11,11 +12,11 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import Mapping
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy as np
 import torch
-from skorch.dataset import Dataset
+from skorch.dataset import Dataset, ValidSplit
 from sklearn.utils.validation import validate_data
 from torch import nn
 
@@ -31,8 +32,24 @@ from sklearn_crb.simulator import MTFingerprintSimulator, unpack_targets
 # RNG state, for layers reset_parameters_with does not know.
 _SEED_LOCK = threading.Lock()
 
-__all__ = ["build_module", "fixed_noise_dataset", "crb_score", "check_crb", "output_bounds", "prepare", "noise_setup", "fitted_simulator", "normalization",
-           "resolve_names"]
+__all__ = ["build_module", "fixed_noise_dataset", "split_datasets", "crb_score", "check_crb", "check_rows",
+           "output_bounds", "prepare", "noise_setup", "fitted_simulator", "normalization", "resolve_names",
+           "load_scaling", "restore_fitted", "resolve_augment", "augmentation_generator",
+           "net_seed"]
+
+
+def net_seed(net, stream=0):
+    """The seed of one of the net's random streams from its ``random_state`` (None: unseeded).
+
+    Streams: 0 weight initialisation, 1 validation split, 2 per-batch
+    augmentation, 3 the validation part's fixed noise draw, 4 batch shuffling.
+    """
+    rs = net.random_state
+    if rs is None:
+        return None
+    if isinstance(rs, (bool, np.bool_)) or not isinstance(rs, Integral):
+        raise TypeError(f"random_state must be an int or None, got {rs!r}")
+    return (int(rs) + 7919 * stream) % (2**32)
 
 
 def check_crb(crb, shape):
@@ -51,6 +68,16 @@ def check_crb(crb, shape):
     if np.all(np.isinf(crb), axis=0).any():
         raise ValueError("crb is infinite for every sample of some target: nothing to train it on")
     return crb
+
+
+def check_rows(X, mode, action="fit"):
+    """Refuse all-zero rows when the input is normalised (``mode`` not None) and rows outside float32's range."""
+    zero = ~np.any(X != 0, axis=1)
+    if mode is not None and zero.any():
+        raise ValueError(f"X has {int(zero.sum())} all-zero rows (e.g. row {int(np.flatnonzero(zero)[0])}: "
+                         f"background voxels) that normalization={mode!r} cannot handle; mask them out before "
+                         f"{action}")
+    check_float32_range(X, mode)
 
 
 def output_bounds(names, head, prior=None, target_bounds=None, margin=0.05):
@@ -126,12 +153,7 @@ def prepare(net, X, y, crb, augment, reset):
                          "choose loss='mse' or 'relative'")
     if augment and X.shape[1] % 2:
         raise ValueError("augment=True needs [Re c, Im c] features (an even number of columns)")
-    mode = normalization(net)
-    zero = ~np.any(X != 0, axis=1)
-    if mode is not None and zero.any():
-        raise ValueError(f"X has all-zero rows (e.g. row {int(np.flatnonzero(zero)[0])}: background voxels) "
-                         f"that normalization={mode!r} cannot handle; mask them out before fit")
-    check_float32_range(X, mode)
+    check_rows(X, normalization(net), "fit")
     if reset or not hasattr(net, "y_mean_"):
         net._y_1d_ = y.ndim == 1
         net.n_outputs_ = Y.shape[1]
@@ -168,6 +190,25 @@ def noise_setup(net):
         raise ValueError(f"sigma must be a positive finite float, got {sigma!r}")
     return (lo, hi), float(sigma)
 
+
+def resolve_augment(net, auto_value):
+    """The net's ``augment`` as a bool (``"auto"``: ``auto_value``)."""
+    a = net.augment
+    if isinstance(a, str) and a == "auto":
+        return auto_value
+    if isinstance(a, (bool, np.bool_)):
+        return bool(a)
+    raise ValueError(f"augment must be True, False or 'auto', got {a!r}")
+
+
+def augmentation_generator(net):
+    """The torch.Generator of the per-batch M0/noise draws, on the training device; seeded by ``random_state``."""
+    seed = net._seed(2)
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1)[0])
+    return torch.Generator(device=net.device_).manual_seed(seed)
+
+
 def fitted_simulator(net):
     """The net's ``simulator`` (None or a fitted ``MTFingerprintSimulator``)."""
     sim = net.simulator
@@ -176,6 +217,7 @@ def fitted_simulator(net):
     if not isinstance(sim, MTFingerprintSimulator) or not hasattr(sim, "basis_"):
         raise ValueError("simulator must be a fitted MTFingerprintSimulator (call simulator.fit() first)")
     return sim
+
 
 def normalization(net):
     """The input normalisation of the net's module (from ``module__normalization``, the module or its class)."""
@@ -192,6 +234,7 @@ def normalization(net):
         else:
             mode = getattr(norm, "mode", None)
     return mode
+
 
 def resolve_names(net, n_outputs):
     """Target names: ``target_names``, the simulator's ``estimate_`` or ``y0, y1, ...``."""
@@ -239,6 +282,27 @@ def build_module(net):
     return TargetStandardizedModule(inner, n_out)
 
 
+_SCALING = (("y_mean_", "mean"), ("y_scale_", "scale"), ("target_low_", "low"), ("target_high_", "high"))
+
+
+def load_scaling(net):
+    """Copy the fitted target scaling and head range into the module's buffers (they travel in its state_dict)."""
+    for attr, buf in _SCALING:
+        getattr(net.module_, buf).copy_(torch.as_tensor(getattr(net, attr)))
+
+
+def restore_fitted(net):
+    """The fitted attributes of a net whose parameters were loaded (``load_params``), from its module."""
+    inner = net.module_.module
+    if getattr(inner, "n_features", None) is not None:
+        net.n_features_in_ = int(inner.n_features)
+    net.n_outputs_ = int(net.module_.mean.shape[0])
+    for attr, buf in _SCALING:
+        setattr(net, attr, getattr(net.module_, buf).detach().cpu().numpy().copy())
+    if not hasattr(net, "target_names_"):
+        net.target_names_ = resolve_names(net, net.n_outputs_)
+
+
 def fixed_noise_dataset(net, subset):
     """One fixed draw of M0 and noise for the validation part (paper)."""
     if not (isinstance(subset, torch.utils.data.Subset) and isinstance(subset.dataset, Dataset)
@@ -248,6 +312,26 @@ def fixed_noise_dataset(net, subset):
     Xd = {k: np.asarray(v)[idx] for k, v in subset.dataset.X.items()}
     Xd = augment_batch(Xd, np.random.default_rng(net._seed(3)), *net.noise_, net.loss)
     return Dataset(Xd, np.asarray(subset.dataset.y)[idx])
+
+
+def split_datasets(net, dataset, y=None, **fit_params):
+    """``(train, valid)`` of ``CRBNetRegressor.get_split_datasets``.
+
+    A float ``train_split`` is the held-out fraction of a ``ValidSplit``
+    seeded by ``random_state``; with augmentation the validation part gets
+    one fixed M0/noise draw (:func:`fixed_noise_dataset`).
+    """
+    ts = net.train_split
+    if isinstance(ts, Real) and not isinstance(ts, (bool, np.bool_)):
+        if not 0 < ts < 1:
+            raise ValueError(f"train_split as a float must be a fraction in (0, 1), got {ts}")
+        ts = ValidSplit(float(ts), random_state=net._seed(1))
+    if not ts:
+        return dataset, None
+    dtrain, dvalid = ts(dataset, y, **fit_params) if y is not None else ts(dataset, **fit_params)
+    if net.augment_ and dvalid is not None:
+        dvalid = fixed_noise_dataset(net, dvalid)
+    return dtrain, dvalid
 
 
 def crb_score(net, X, y, sample_weight=None, crb=None):

@@ -15,6 +15,8 @@ well-conditioned scale while the loss is the one in physical units.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from skorch.callbacks import Callback, LRScheduler
@@ -24,11 +26,12 @@ from skorch.utils import to_tensor
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
+from sklearn_crb.estimators.network import ResidualMLP
 from sklearn_crb.noise import apply_m0_and_noise, crb_gain, draw_m0_and_noise
 
 __all__ = ["LOSSES", "WeightedMSELoss", "TargetStandardizedModule", "StepDecayWithFloor", "paper_lr_scheduler",
            "target_scaling", "loss_weights", "augment_batch", "CRBScoring", "DivergenceGuard", "OneCycleSchedule",
-           "check_float32_range"]
+           "check_float32_range", "paper_recipe", "batch_weights"]
 
 LOSSES = ("crb", "mse", "relative")
 
@@ -133,6 +136,13 @@ def paper_lr_scheduler(lr=1e-2, step_size=40, gamma=0.5, min_lr=1e-5):
                        step_every="epoch")
 
 
+def paper_recipe(lr=1e-2):
+    """The ``CRBNetRegressor`` parameters of Zhang et al., MRM 2022 (``CRBNetRegressor.paper``)."""
+    return dict(module=ResidualMLP, module__normalization="l2", optimizer=torch.optim.Adam, lr=lr,
+                weight_decay=0.0, lr_schedule=None, head=None, batch_size=1024, max_epochs=800, train_split=0.2,
+                callbacks=[("lr", paper_lr_scheduler(lr))])
+
+
 def target_scaling(Y):
     """Mean and scale of the targets (std; ``|mean|`` or 1 for a constant column)."""
     mean = Y.mean(axis=0)
@@ -172,6 +182,15 @@ def loss_weights(loss, Y, crb, scale):
                          f"{i}: {what} = {(crb if loss == 'crb' else Y)[i]}): the {what} values are degenerate "
                          f"(far below the targets' scale {scale}); drop those samples")
     return w32
+
+
+def batch_weights(Xb, loss, scale, like):
+    """The loss weights of a batch: its packed ``"w"``, or ``scale^2`` for ``loss="mse"`` (on ``like``'s device)."""
+    if isinstance(Xb, Mapping) and "w" in Xb:
+        return to_tensor(Xb["w"], device=like.device).to(like.dtype)
+    if loss == "mse":
+        return (scale**2).to(like.dtype)
+    raise ValueError(f"loss={loss!r} needs the per-sample weights packed in X by fit()")
 
 
 def augment_batch(Xd, rng, snr, sigma, loss):

@@ -16,30 +16,26 @@ the rest reaches :meth:`CRBNetRegressor.get_loss` and the scoring callback.
 from __future__ import annotations
 
 import inspect
-import threading
 from collections.abc import Mapping
-from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
-from skorch.dataset import Dataset, ValidSplit, unpack_data
+from skorch.dataset import unpack_data
 from skorch.regressor import NeuralNetRegressor
 from skorch.utils import to_tensor
-from torch import nn
 
-from sklearn_crb._validation import check_snr_range, resolve_device
-from sklearn_crb.estimators._batches import default_threads, tensor_batches_or_none, torch_threads
+from sklearn_crb._validation import resolve_device
+from sklearn_crb.estimators._batches import forward_in_batches, make_iterator, net_threads, torch_threads
 from sklearn_crb.estimators._network_details import network_details
-from sklearn_crb.estimators._prepare import (build_module, crb_score, fitted_simulator, fixed_noise_dataset,
-                                             prepare, resolve_names)
+from sklearn_crb.estimators._prepare import (augmentation_generator, build_module, check_rows, crb_score,
+                                             fitted_simulator, load_scaling, net_seed, prepare, resolve_augment,
+                                             restore_fitted, split_datasets)
 from sklearn_crb.estimators._training import (CRBScoring, DivergenceGuard, OneCycleSchedule, StepDecayWithFloor,
-                                              TargetStandardizedModule, WeightedMSELoss, augment_batch,
-                                              check_float32_range, paper_lr_scheduler)
-from sklearn_crb.estimators.network import MLP, ResidualMLP, reset_parameters_with
-from sklearn_crb.simulator import MTFingerprintSimulator, unpack_targets
-
+                                              TargetStandardizedModule, WeightedMSELoss, augment_batch, batch_weights,
+                                              paper_lr_scheduler, paper_recipe)
+from sklearn_crb.estimators.network import MLP
 
 __all__ = ["CRBNetRegressor", "WeightedMSELoss", "TargetStandardizedModule", "StepDecayWithFloor",
            "paper_lr_scheduler", "CRBScoring", "DivergenceGuard", "OneCycleSchedule"]
@@ -53,8 +49,6 @@ class CRBNetRegressor(NeuralNetRegressor):
     ...) work, and so do ``get_params``/``set_params``/``clone``, pipelines and
     grid searches.
 
-    Parameters
-    ----------
     The defaults are the measured default recipe (v3.2 sequence, rank 13,
     tied model, m0s/R1f/R2f, brain prior, SNR 10-100, 48,000 samples, one
     CPU thread): MLP 256-256-256, SiLU, no BatchNorm, ``"phase-l2"`` input,
@@ -232,12 +226,7 @@ class CRBNetRegressor(NeuralNetRegressor):
         validation split. On the benchmark of the class docstring it left
         the m0s map without white/grey-matter contrast at 40 epochs.
         """
-        lr = kwargs.pop("lr", 1e-2)
-        params = dict(module=ResidualMLP, module__normalization="l2", optimizer=torch.optim.Adam, lr=lr,
-                      weight_decay=0.0, lr_schedule=None, head=None, batch_size=1024, max_epochs=800,
-                      train_split=0.2, callbacks=[("lr", paper_lr_scheduler(lr))])
-        params.update(kwargs)
-        return cls(**params)
+        return cls(**{**paper_recipe(kwargs.pop("lr", 1e-2)), **kwargs})
 
     def get_default_callbacks(self):
         return [*super().get_default_callbacks(), ("valid_crb", CRBScoring()), ("divergence", DivergenceGuard()),
@@ -250,27 +239,8 @@ class CRBNetRegressor(NeuralNetRegressor):
                 kwargs["weight_decay"] = float(self.weight_decay)
         return args, kwargs
 
-    def _threads(self):
-        if self.device_.type != "cpu" or self.n_threads is None:
-            return None
-        return default_threads() if self.n_threads == "auto" else int(self.n_threads)
-
-    # ------------------------------------------------------------ helpers
     def _seed(self, offset=0):
-        rs = self.random_state
-        if rs is None:
-            return None
-        if isinstance(rs, (bool, np.bool_)) or not isinstance(rs, Integral):
-            raise TypeError(f"random_state must be an int or None, got {rs!r}")
-        return (int(rs) + 7919 * offset) % (2**32)
-
-    def _resolve_augment(self, auto_value):
-        a = self.augment
-        if isinstance(a, str) and a == "auto":
-            return auto_value
-        if isinstance(a, (bool, np.bool_)):
-            return bool(a)
-        raise ValueError(f"augment must be True, False or 'auto', got {a!r}")
+        return net_seed(self, offset)
 
     # ---------------------------------------------------------------- fit
     def fit(self, X, y, crb=None, **fit_params):
@@ -297,8 +267,8 @@ class CRBNetRegressor(NeuralNetRegressor):
         -------
         self
         """
-        Xd, Ys = prepare(self, X, y, crb, self._resolve_augment(False),
-                               reset=not (self.warm_start and self.initialized_))
+        reset = not (self.warm_start and self.initialized_)
+        Xd, Ys = prepare(self, X, y, crb, resolve_augment(self, False), reset=reset)
         if not self.warm_start or not self.initialized_:
             self.initialize()
         return self._fit_packed(Xd, Ys, "fit", **fit_params)
@@ -307,22 +277,16 @@ class CRBNetRegressor(NeuralNetRegressor):
         """Continue training without re-initialising (see :meth:`fit`)."""
         if "_routing_method" in fit_params:  # called by skorch internals with packed data
             return super().partial_fit(X, y, **fit_params)
-        Xd, Ys = prepare(self, X, y, crb, self._resolve_augment(False), reset=not self.initialized_)
+        Xd, Ys = prepare(self, X, y, crb, resolve_augment(self, False), reset=not self.initialized_)
         if not self.initialized_:
             self.initialize()
         return self._fit_packed(Xd, Ys, "partial_fit", **fit_params)
 
     def _fit_packed(self, Xd, Ys, method, **fit_params):
-        m = self.module_
-        for buf, val in ((m.mean, self.y_mean_), (m.scale, self.y_scale_), (m.low, self.target_low_),
-                         (m.high, self.target_high_)):
-            buf.copy_(torch.as_tensor(val))
+        load_scaling(self)
         if self.augment_:
-            seed = self._seed(2)
-            if seed is None:
-                seed = int(np.random.SeedSequence().generate_state(1)[0])
-            self.rng_ = torch.Generator(device=self.device_).manual_seed(seed)
-        with torch_threads(self._threads()):
+            self.rng_ = augmentation_generator(self)
+        with torch_threads(net_threads(self)):
             NeuralNetRegressor.partial_fit(self, Xd, Ys, _routing_method=method, **fit_params)
         return self
 
@@ -342,7 +306,7 @@ class CRBNetRegressor(NeuralNetRegressor):
         sim = fitted_simulator(self)
         if sim is None:
             raise ValueError("fit_simulated needs simulator=, a fitted MTFingerprintSimulator")
-        augment = self._resolve_augment(True)
+        augment = resolve_augment(self, True)
         rs = self.random_state if random_state is None else random_state
         X, y, crb, det = sim.make_dataset(int(n_samples), rs, return_details=True)
         if augment:
@@ -359,54 +323,18 @@ class CRBNetRegressor(NeuralNetRegressor):
     def load_params(self, *args, **kwargs):
         """skorch's ``load_params``; also restores ``n_features_in_``/``n_outputs_``."""
         super().load_params(*args, **kwargs)
-        inner = self.module_.module
-        if getattr(inner, "n_features", None) is not None:
-            self.n_features_in_ = int(inner.n_features)
-        self.n_outputs_ = int(self.module_.mean.shape[0])
-        for attr, buf in (("y_mean_", "mean"), ("y_scale_", "scale"), ("target_low_", "low"),
-                          ("target_high_", "high")):
-            setattr(self, attr, getattr(self.module_, buf).detach().cpu().numpy().copy())
-        if not hasattr(self, "target_names_"):
-            self.target_names_ = resolve_names(self, self.n_outputs_)
+        restore_fitted(self)
         return self
 
     def get_split_datasets(self, X, y=None, **fit_params):
-        ts = self.train_split
-        if isinstance(ts, Real) and not isinstance(ts, (bool, np.bool_)):
-            if not 0 < ts < 1:
-                raise ValueError(f"train_split as a float must be a fraction in (0, 1), got {ts}")
-            ts = ValidSplit(float(ts), random_state=self._seed(1))
-        dataset = self.get_dataset(X, y)
-        if not ts:
-            return dataset, None
-        dtrain, dvalid = ts(dataset, y, **fit_params) if y is not None else ts(dataset, **fit_params)
-        if self.augment_ and dvalid is not None:
-            dvalid = self._fixed_noise_dataset(dvalid)
-        return dtrain, dvalid
-
-    def _fixed_noise_dataset(self, subset):
-        """One fixed draw of M0 and noise for the validation part (paper)."""
-        return fixed_noise_dataset(self, subset)
+        """skorch's split; a float ``train_split`` is a seeded ``ValidSplit``, and with augmentation the
+        validation part gets one fixed M0/noise draw (:func:`~._prepare.split_datasets`)."""
+        return split_datasets(self, self.get_dataset(X, y), y, **fit_params)
 
     def get_iterator(self, dataset, training=False):
         """Whole batches by tensor indexing (:class:`~._batches.TensorBatches`) for the packed data;
-        skorch's DataLoader for other datasets or options that need it (workers, samplers, ...)."""
-        kwargs = self.get_params_for("iterator_train" if training else "iterator_valid")
-        bs = kwargs.get("batch_size", self.batch_size)
-        bs = len(dataset) if bs == -1 else bs
-        kwargs["batch_size"] = bs
-        if training:
-            # BatchNorm cannot train on a batch of one sample: drop such a last batch
-            if len(dataset) > 1 and len(dataset) % bs == 1 and "drop_last" not in kwargs:
-                kwargs["drop_last"] = True
-            kwargs.setdefault("shuffle", True)
-            seed = self._seed(4)
-            if seed is not None and "generator" not in kwargs:
-                kwargs["generator"] = torch.Generator().manual_seed(seed)
-        fast = tensor_batches_or_none(dataset, kwargs, self.device_, kwargs.get("generator"))
-        if fast is not None:
-            return fast
-        return (self.iterator_train if training else self.iterator_valid)(dataset, **kwargs)
+        skorch's DataLoader for other datasets or options that need it (:func:`~._batches.make_iterator`)."""
+        return make_iterator(self, dataset, training)
 
     def infer(self, x, **fit_params):
         if isinstance(x, Mapping):
@@ -418,14 +346,8 @@ class CRBNetRegressor(NeuralNetRegressor):
 
     def get_loss(self, y_pred, y_true, X=None, training=False):
         """Weighted squared error of the standardised outputs (see :mod:`._training`)."""
-        y_true = to_tensor(y_true, device=self.device_)
-        if isinstance(X, Mapping) and "w" in X:
-            w = to_tensor(X["w"], device=self.device_).to(y_pred.dtype)
-        elif self.loss == "mse":
-            w = (self.module_.scale**2).to(y_pred.dtype)
-        else:
-            raise ValueError(f"loss={self.loss!r} needs the per-sample weights packed in X by fit()")
-        return self.criterion_(y_pred, y_true.to(y_pred.dtype).reshape(y_pred.shape), w)
+        y_true = to_tensor(y_true, device=self.device_).to(y_pred.dtype).reshape(y_pred.shape)
+        return self.criterion_(y_pred, y_true, batch_weights(X, self.loss, self.module_.scale, y_pred))
 
     def train_step_single(self, batch, **fit_params):
         self._set_training(True)
@@ -448,9 +370,8 @@ class CRBNetRegressor(NeuralNetRegressor):
             Features; all-zero rows (background) and rows outside float32's
             range raise ``ValueError``: mask or rescale them.
         batch_size : int, optional
-            Samples per forward pass. Default: 1024 on CPU (activations stay
-            in cache: a 37,625-voxel slice through the paper's network took
-            0.85 s against 1.23 s with 65,536 on 2 cores), 65,536 on CUDA.
+            Samples per forward pass; default 1024 on CPU, 65,536 on CUDA
+            (:func:`~._batches.forward_in_batches`).
 
         Returns
         -------
@@ -459,22 +380,9 @@ class CRBNetRegressor(NeuralNetRegressor):
         self.check_is_fitted()
         check_is_fitted(self, "n_features_in_")
         X = validate_data(self, X, reset=False, dtype=(np.float32, np.float64))
-        mode = getattr(getattr(self.module_.module, "normalize", None), "mode", None)
-        zero = ~np.any(X != 0, axis=1)
-        if mode is not None and zero.any():
-            raise ValueError(f"X has {int(zero.sum())} all-zero rows (e.g. row {int(np.flatnonzero(zero)[0])}): "
-                             "background voxels cannot be normalised; mask them out before predict")
-        check_float32_range(X, mode)
-        dev = self.device_
-        if batch_size is None:
-            batch_size = 1024 if dev.type == "cpu" else 65536
-        self.module_.eval()
-        outs = []
-        with torch.inference_mode(), torch_threads(self._threads()):
-            for i in range(0, X.shape[0], int(batch_size)):
-                xb = torch.as_tensor(X[i: i + int(batch_size)], dtype=torch.float32, device=dev)
-                outs.append(self.module_.to_physical(self.module_(xb)).cpu())
-        y = torch.cat(outs).numpy() if outs else np.zeros((0, self.n_outputs_))
+        check_rows(X, getattr(getattr(self.module_.module, "normalize", None), "mode", None), "predict")
+        with torch_threads(net_threads(self)):
+            y = forward_in_batches(self.module_, X, self.device_, batch_size)
         return y[:, 0] if getattr(self, "_y_1d_", False) else y
 
     def predict_details(self, X, *, fixed=None, compute_crb=True, sequence=None, basis=None, polish_iter=5):
