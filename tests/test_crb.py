@@ -125,7 +125,8 @@ def test_v32_compression_inflation(v32_sequence):
     ~2 at rank 30, ~1.05 at rank 100, for an SVD basis of prior fingerprints)."""
     from sklearn_crb import MTFingerprintSimulator
 
-    sim = MTFingerprintSimulator(v32_sequence, n_components=13, n_basis_samples=400, random_state=0).fit()
+    sim = MTFingerprintSimulator(v32_sequence, n_components=13, prior="parenchyma", n_basis_samples=400,
+                                 random_state=0).fit()
     infl = sim.compression_inflation(ranks=[13, 30, 100])
     for r in (13, 30, 100):
         assert np.all(infl[r] >= 1 - 1e-9)

@@ -1,5 +1,6 @@
 """The tied-model brain phantom at in-vivo SNR through the CLI (issue: "Phantom at in-vivo SNR").
 
+On the published v3.2 sequence (the one the in-vivo data come from):
 ``sklearn-crb simulate`` (defaults: brain prior, SNR 10-300; ``--tied-R1``),
 ``train`` (the estimator's default recipe) and ``fit --model`` on the tied
 phantom with ``|M0|/sigma = 80`` in WM, against ``fit --nlls`` (tied NLLS) on
@@ -24,6 +25,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import V32_NAME, require_data_file
+
 from sklearn_crb.cli import main
 
 pytestmark = pytest.mark.slow
@@ -45,14 +48,16 @@ def run(tmp_path_factory):
     from sklearn_crb.io.datasets import load_dataset
     from sklearn_crb.phantom import make_phantom
 
+    mat = require_data_file(V32_NAME)
     d = tmp_path_factory.mktemp("invivo")
     q = ["--quiet"]
-    assert main(["simulate", "--out", str(d / "train.npz"), "--tied-R1", "--n-samples", str(N_TRAIN), *q]) == 0
+    assert main(["simulate", "--sequence", str(mat), "--out", str(d / "train.npz"), "--tied-R1",
+                 "--n-samples", str(N_TRAIN), *q]) == 0
     assert main(["train", "--data", str(d / "train.npz"), "--out", str(d / "model"), "--epochs", str(EPOCHS),
                  "--device", "cpu", *q]) == 0
     U = load_dataset(d / "train.npz")["basis"]
     np.save(d / "U.npy", U)
-    seq = Sequence.default()
+    seq = Sequence.from_mat(mat, TR=3.5e-3)
     ph = make_phantom((40, 40), seq, basis=U, snr=SNR, tied_R1=True, random_state=1)
     c = ph.coefficients[:, :, None, :]
     nib.save(nib.Nifti1Image(c.astype(np.complex64), np.eye(4)), d / "coef.nii.gz")
@@ -63,7 +68,7 @@ def run(tmp_path_factory):
     np.save(d / "sub.npy", sub[:, :, None].astype(np.uint8))
     assert main(["fit", "--model", str(d / "model"), "--coefficients", str(d / "coef.nii.gz"),
                  "--out", str(d / "net"), *q]) == 0
-    assert main(["fit", "--nlls", "--tied-R1", "--basis", str(d / "U.npy"), "--coefficients",
+    assert main(["fit", "--nlls", "--tied-R1", "--sequence", str(mat), "--basis", str(d / "U.npy"), "--coefficients",
                  str(d / "coef.nii.gz"), "--mask", str(d / "sub.npy"), "--out", str(d / "nlls"), *q]) == 0
     maps = {k: {p: _load(d / k / f"{p}.nii.gz") for p in ("m0s", "R1f", "flags", "mask")} for k in ("net", "nlls")}
     med = {}
