@@ -14,8 +14,11 @@ and are re-exported here.
 
 from __future__ import annotations
 
+from numbers import Integral, Real
+
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from sklearn_crb._validation import check_basis, check_snr_range, chunk_slices
@@ -24,7 +27,7 @@ from sklearn_crb.noise import (apply_m0_and_noise, check_sigma, crb_gain, draw_m
                                unpack_targets)
 from sklearn_crb.physics.parameters import (INDEX, PARAMETERS, crb_to_targets, free_parameters, rate_name,
                                             resolve_estimate, targets_from_theta, tie_R1, validate_theta)
-from sklearn_crb.physics.priors import resolve_prior
+from sklearn_crb.physics.priors import ParameterPrior, resolve_prior
 from sklearn_crb.physics.signal import jacobian, simulate
 from sklearn_crb.physics.sequence import Sequence
 
@@ -96,6 +99,22 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         8 (``transform`` takes ``theta``).
     """
 
+    _parameter_constraints: dict = {
+        "sequence": [Sequence, None],
+        "n_components": [Interval(Integral, 1, None, closed="left"), None],
+        "basis": ["array-like", None],
+        "estimate": [str, tuple, list],
+        "snr": [tuple, list, "array-like"],
+        "sigma": [Interval(Real, 0, None, closed="neither")],
+        "tied_R1": ["boolean"],
+        "nuisance": [StrOptions({"all"}), str, tuple, list, None],
+        "prior": [ParameterPrior, StrOptions({"brain", "parenchyma", "paper2022"}), None],
+        "n_basis_samples": [Interval(Integral, 1, None, closed="left")],
+        "backend": [StrOptions({"auto", "numba", "torch"})],
+        "chunk_size": [Interval(Integral, 1, None, closed="left")],
+        "random_state": ["random_state"],
+    }
+
     def __init__(self, sequence=None, n_components=None, basis=None, estimate=("m0s", "R1f", "R2f"),
                  snr=(10.0, 100.0), sigma=0.01, tied_R1=False, nuisance="all", prior="brain",
                  n_basis_samples=1000, backend="auto", chunk_size=2048, random_state=None):
@@ -114,6 +133,7 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         self.random_state = random_state
 
     # ------------------------------------------------------------------ fit
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X=None, y=None):
         """Learn the compression basis.
 
