@@ -34,8 +34,9 @@ pytestmark = pytest.mark.slow
 N_TRAIN = 12000
 EPOCHS = 300
 SNR = 116.0  # 1/sigma: WM |M0| = 0.69 -> |M0|/sigma = 80
-N_NLLS = 12  # NLLS voxels per tissue
-N_DRAWS = 5  # noise draws for the empirical spread
+N_NLLS = 30  # NLLS voxels per tissue (the medians' spread must be small against the 15 % contrast check)
+N_DRAWS = 4  # noise draws for the empirical spread
+N_SE = 40  # voxels per tissue (WM, GM) in the spread check
 
 
 def _load(path):
@@ -74,7 +75,9 @@ def run(tmp_path_factory):
     med = {}
     for k, m in maps.items():
         for t in ("WM", "GM", "CSF"):
-            sel = ph.tissue_mask(t) & (m["mask"] > 0) & (m["flags"] == 0)
+            # medians over every fitted voxel: only invalid input (1) and estimator failure (2) are left out;
+            # CSF voxels (m0s ~ 0.01) are expected to carry the singular-CRB flag (Rex, T2s unidentifiable)
+            sel = ph.tissue_mask(t) & (m["mask"] > 0) & ((m["flags"].astype(int) & 3) == 0)
             med[k, t] = {"m0s": float(np.median(m["m0s"][sel])), "T1": float(np.median(1 / m["R1f"][sel])),
                          "n": int(sel.sum())}
     print(json.dumps({f"{k}/{t}": v for (k, t), v in med.items()}))
@@ -118,17 +121,21 @@ def test_standard_error_maps_match_the_spread_over_noise_draws(run):
     net = load_model(d / "model", device="cpu")
     est, se = {p: [] for p in ("m0s", "R1f")}, {p: [] for p in ("m0s", "R1f")}
     sigmas = []
+    rng = np.random.default_rng(1)
+    sub = np.zeros(ph.labels.shape, dtype=bool)
+    for t in ("WM", "GM"):
+        sub.flat[rng.choice(np.flatnonzero(ph.tissue_mask(t)), N_SE, replace=False)] = True
     for k in range(N_DRAWS):
         ph_k = make_phantom(ph.labels.shape, ph.sequence, basis=ph.basis, snr=SNR, tied_R1=True,
                             random_state=100 + k)
-        m = fit_maps(net, ph_k.coefficients, ph_k.mask)
+        m = fit_maps(net, ph_k.coefficients, sub)
         sigmas.append(m["sigma"])
         for p in est:
             est[p].append(m[p])
             se[p].append(m[p + "_se"])
     assert np.median(sigmas) == pytest.approx(1 / SNR, rel=0.20)  # sigma within 20 % of the truth
     for t in ("WM", "GM"):
-        sel = ph.tissue_mask(t)
+        sel = ph.tissue_mask(t) & sub
         for p in est:
             e = np.stack(est[p])[:, sel]
             spread = np.sqrt(np.mean(np.var(e, axis=0, ddof=1)))
