@@ -29,7 +29,8 @@ def test_defaults_and_params():
     assert p["loss"] == "crb" and p["device"] == "auto" and p["train_split"] is None
     # the default recipe (issue 9): MLP, AdamW lr 2e-3, one-cycle, batch 512, bounded head
     assert p["module"] is MLP and p["optimizer"] is torch.optim.AdamW and p["lr"] == 2e-3
-    assert p["batch_size"] == 512 and p["lr_schedule"] == "onecycle" and p["head"] == "sigmoid"
+    assert p["batch_size"] == 512 and p["lr_schedule"] == "onecycle" and p["head"] == "auto"
+    assert p["nuisance_weight_cap"] == 400.0
     paper = CRBNetRegressor.paper(max_epochs=3)
     assert paper.module is ResidualMLP and paper.lr == 1e-2 and paper.batch_size == 1024 and paper.max_epochs == 3
     c = clone(CRBNetRegressor(module__hidden=(8,), loss="mse"))

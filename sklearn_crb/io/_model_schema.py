@@ -16,8 +16,8 @@ import torch
 
 from sklearn_crb.estimators.network import MLP, ResidualMLP
 
-__all__ = ["NETWORKS", "SCHEMAS", "BOUND_KEYS", "jsonable", "registry_name", "constructor_kwargs", "fail", "is_int",
-           "parse_module_kwargs", "require", "expected_state", "check_state_values"]
+__all__ = ["NETWORKS", "SCHEMAS", "BOUND_KEYS", "LOG_KEY", "head_kinds", "jsonable", "registry_name",
+           "constructor_kwargs", "fail", "is_int", "parse_module_kwargs", "require", "expected_state", "check_state_values"]
 
 _JSON_TYPES = (str, int, float, bool, type(None))
 
@@ -149,6 +149,8 @@ def expected_state(cls, kwargs, n_outputs):
 
 #: Output-bound buffers of the wrapper (bounded heads): +-inf marks a linear output; absent in older models.
 BOUND_KEYS = ("low", "high")
+#: Boolean buffer of the wrapper marking the log-space outputs; absent in models saved before it (sigmoid).
+LOG_KEY = "log_head"
 
 
 def check_state_values(state, params):
@@ -161,3 +163,19 @@ def check_state_values(state, params):
             raise ValueError(f"model: {params} holds non-finite values in {k!r}")
     if all(k in state for k in BOUND_KEYS) and not bool(torch.all(state["low"] < state["high"])):
         raise ValueError(f"model: {params}: the output bounds must satisfy low < high")
+    if LOG_KEY in state:
+        log = state[LOG_KEY]
+        if log.dtype != torch.bool:
+            raise ValueError(f"model: {params}: {LOG_KEY!r} must be a boolean tensor, got {log.dtype}")
+        if bool(log.any()):
+            if not all(k in state for k in BOUND_KEYS):
+                raise ValueError(f"model: {params}: {LOG_KEY!r} marks log-space outputs but there are no bounds")
+            lo, hi = state["low"][log], state["high"][log]
+            if not bool(torch.all((lo > 0) & torch.isfinite(hi))):
+                raise ValueError(f"model: {params}: log-space outputs need finite positive bounds")
+
+
+def head_kinds(low, high, log):
+    """Per-output head kind (``"log"``, ``"sigmoid"`` or ``"linear"``) from the wrapper's buffers."""
+    return ["log" if g else "sigmoid" if (abs(lo) < float("inf") and abs(hi) < float("inf")) else "linear"
+            for lo, hi, g in zip(low.tolist(), high.tolist(), log.tolist())]

@@ -42,8 +42,8 @@ from sklearn_crb._version import __version__
 from sklearn_crb.estimators.regressor import CRBNetRegressor
 from sklearn_crb._atomic import atomic_dir
 from sklearn_crb.io._files import check_output_folder
-from sklearn_crb.io._model_schema import (BOUND_KEYS, NETWORKS, check_state_values, constructor_kwargs,
-                                         expected_state, fail, is_int, jsonable, parse_module_kwargs,
+from sklearn_crb.io._model_schema import (BOUND_KEYS, LOG_KEY, NETWORKS, check_state_values, constructor_kwargs,
+                                         expected_state, fail, head_kinds, is_int, jsonable, parse_module_kwargs,
                                          registry_name, require)
 from sklearn_crb.physics.parameters import PARAMETERS, UNITS, resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
@@ -54,7 +54,8 @@ __all__ = ["save_model", "load_model", "check_compatible", "basis_sha256", "file
 FORMAT = "sklearn-crb-network"
 #: 2: ``module_class`` is a registry name and ``params_sha256`` is recorded.
 #: 3: ``module_kwargs`` records every constructor argument, so a later change of
-#: a network's defaults cannot change what a saved model loads as.
+#: a network's defaults cannot change what a saved model loads as. ``output_head`` (the per-output head kind,
+#: checked against the ``log_head``/``low``/``high`` buffers of ``params.pt``) is optional: older files lack it.
 FORMAT_VERSION = 3
 #: The files of a model folder; a folder holding anything else is never replaced.
 MODEL_FILES = ("params.pt", "model.json", "basis.npy")
@@ -151,6 +152,7 @@ def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_val
         "input_normalization": getattr(inner, "normalization", module_kwargs.get("normalization", "l2")),
         "n_features": int(net.n_features_in_),
         "n_outputs": int(net.n_outputs_),
+        "output_head": head_kinds(net.module_.low, net.module_.high, net.module_.log_head),
         "parameters": list(PARAMETERS),
         "units": dict(UNITS),
         "estimate": list(est),
@@ -300,11 +302,20 @@ def load_model(path, *, device="auto", sequence=None, basis=None):
         raise ValueError(f"model: {params} is not a state dict of tensors")
     if set(BOUND_KEYS) <= set(got) or not set(got) & set(BOUND_KEYS):  # both bounds, or neither (older)
         expected.update({k: got[k] for k in BOUND_KEYS if k in got and got[k] == (meta["n_outputs"],)})
+    if got.get(LOG_KEY) == (meta["n_outputs"],):  # absent in models saved before the log-space head
+        expected[LOG_KEY] = got[LOG_KEY]
     if got != expected:
         diff = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
         raise ValueError(f"model: {params} does not fit the network described by model.json "
                          f"('module_class' {name}, 'module_kwargs'): mismatch at {diff[:4]}")
     check_state_values(state, params)
+    if "output_head" in meta:
+        n = meta["n_outputs"]
+        low, high = (state.get(k, torch.full((n,), float(s) * torch.inf)) for k, s in zip(BOUND_KEYS, (-1, 1)))
+        kinds = head_kinds(low, high, state.get(LOG_KEY, torch.zeros(n, dtype=torch.bool)))
+        if meta["output_head"] != kinds:
+            fail(path / "model.json", "output_head", f"is {meta['output_head']!r:.120} but params.pt holds the "
+                                                     f"head {kinds}")
     del state  # checked; skorch loads the file into the module
     net = CRBNetRegressor(module=cls, loss=meta.get("loss") or "crb", target_names=tuple(meta["estimate"]),
                           device=device, **{f"module__{k}": v for k, v in kwargs.items()})
