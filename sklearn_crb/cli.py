@@ -43,7 +43,7 @@ from sklearn_crb.io.datasets import (SUFFIXES, dataset_meta, is_dataset, load_da
 from sklearn_crb.io.images import load_array, load_basis, load_coefficients, make_mask, save_nifti
 from sklearn_crb.io.models import MODEL_FILES, check_compatible, load_model, save_model
 from sklearn_crb.maps import fit_maps, map_names
-from sklearn_crb.physics.parameters import resolve_estimate
+from sklearn_crb.physics.parameters import free_parameters, resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.simulator import MTFingerprintSimulator
 from sklearn_crb.viz import overview_png
@@ -186,7 +186,8 @@ def cmd_simulate(args):
     if out.suffix.lower() not in SUFFIXES:
         raise CLIError(f"--out must end in .npz, .h5 or .hdf5, got {out.name}")
     check_output_file(out, overwrite=args.overwrite, owned=is_dataset, argname="--out")
-    estimate = resolve_estimate(tuple(args.estimate), args.tied_R1, argname="--estimate")
+    names = free_parameters(args.tied_R1) if args.estimate is None else tuple(args.estimate)
+    estimate = resolve_estimate(names, args.tied_R1, argname="--estimate")
     seq = _sequence(args)
     basis = load_basis(args.basis, n_pulses=seq.n_pulses) if args.basis else None
     if basis is not None and args.rank is not None and args.rank > basis.shape[1]:
@@ -374,8 +375,11 @@ def build_parser():
     p.add_argument("--n-samples", type=_number(int, 2, strict=False), default=DEFAULT_N_SAMPLES,
                    help=f"at least 2 (default {DEFAULT_N_SAMPLES}, the default recipe's training-set size)")
     _add_sequence_args(p)
-    p.add_argument("--estimate", nargs="+", default=["m0s", "R1f", "R2f"],
-                   help="targets: parameter names, or relaxation times T1f, T2f, T1s (s) instead of R1f, R2f, R1s")
+    p.add_argument("--estimate", nargs="+", default=None,
+                   help="targets: parameter names, or relaxation times T1f, T2f, T1s (s) instead of R1f, R2f, R1s "
+                        "(default: every free parameter of the model, m0s R1f R2f Rex T2s omega0 B1 with --tied-R1 "
+                        "and also R1s without, so that the network estimates the nuisance parameters too and the "
+                        "maps of `fit` are evaluated at its own estimates)")
     p.add_argument("--tied-R1", action="store_true", help="R1s = R1f (the paper's single T1)")
     p.add_argument("--prior", choices=["brain", "parenchyma", "paper2022"], default=DEFAULT_PRIOR,
                    help="parameter prior (default brain: parenchyma, CSF-like and partial-volume tissue, for "

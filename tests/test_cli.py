@@ -9,6 +9,7 @@ import pytest
 
 from sklearn_crb.cli import main
 from sklearn_crb.io.datasets import load_dataset
+from sklearn_crb.physics.parameters import PARAMETERS, free_parameters
 
 AFFINE = np.diag([2.0, 2.0, 4.0, 1.0])
 AFFINE[:3, 3] = [-30, -20, 5]
@@ -47,8 +48,10 @@ def pipeline(tmp_path_factory):
 def test_simulate_writes_a_complete_training_set(pipeline):
     d, _ = pipeline
     data = load_dataset(d / "train.h5")
-    assert data["X"].shape == (300, 12) and data["y"].shape == (300, 3) and data["crb"].shape == (300, 3)
-    assert np.all(data["crb"] > 0) and data["meta"]["estimate"] == ["m0s", "R1f", "R2f"]
+    # the default --estimate: every free parameter of the (untied) model, nuisances included
+    n = len(PARAMETERS)
+    assert data["X"].shape == (300, 12) and data["y"].shape == (300, n) and data["crb"].shape == (300, n)
+    assert np.all(data["crb"] > 0) and data["meta"]["estimate"] == list(PARAMETERS)
     U = data["basis"]
     np.testing.assert_allclose(U.conj().T @ U, np.eye(6), atol=1e-10)
 
@@ -201,3 +204,12 @@ def test_demo_quick(tmp_path):
     res = json.loads((out_dir / "results.json").read_text())
     for r in res["results"]:
         assert r["n_voxels"] > 0 and all(np.isfinite(r["nmse"]))
+
+
+def test_simulate_default_estimate_is_every_free_parameter_of_the_tied_model(tmp_path):
+    out = tmp_path / "tied.npz"
+    assert main(["simulate", "--out", str(out), "--n-samples", "4", "--rank", "6", "--n-basis-samples", "200",
+                 "--n-pulses", "120", "--tied-R1", "--quiet"]) == 0
+    data = load_dataset(out)
+    assert data["meta"]["estimate"] == list(free_parameters(True)) and "R1s" not in data["meta"]["estimate"]
+    assert data["y"].shape == (4, 7) and np.all(np.isfinite(data["crb"]))

@@ -79,7 +79,7 @@ def _nuisance_names(ctx, fixed_names):
     nuis = ctx["nuisance"]
     if nuis == "all":
         names = free_parameters(tied)
-    elif nuis is None:
+    elif nuis is None or (not isinstance(nuis, str) and len(nuis) == 0):  # nothing left (all estimated)
         names = ()
     else:
         names = resolve_estimate(nuis, tied, "nuisance")
@@ -207,7 +207,7 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
     if compute_crb:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", IllConditionedFisherWarning)  # reported as inf, flagged by the caller
-            crb_unit = crb_from_jacobian(s, J, estimate=tuple(rate_name(p) for p in est), nuisance=nuis,
+            crb_unit = crb_from_jacobian(s, J, estimate=tuple(rate_name(p) for p in est), nuisance=nuis or None,
                                          tied_R1=tied, basis=U, on_singular="inf")
         crb_unit = np.asarray(crb_unit, dtype=np.float64)
         if any(rate_name(p) != p for p in est):
