@@ -88,3 +88,20 @@ def test_failed_save_writes_nothing(trained, tmp_path):
         save_model(net, tmp_path / "model", sequence=sim.sequence_, basis=sim.basis_[:, :5],
                    fill_values=sim.prior_.center())
     assert os.listdir(tmp_path) == []
+
+
+def test_log_head_is_recorded_and_reloads_identically(trained, tmp_path):
+    sim, net, X = trained
+    assert net.head == "auto" and net.target_log_.tolist() == [False, True, True]  # R1f, R2f in log space
+    path = save_model(net, tmp_path / "model", simulator=sim)
+    meta = json.loads((path / "model.json").read_text())
+    assert meta["output_head"] == ["sigmoid", "log", "log"]
+    loaded = load_model(path, device="cpu")
+    assert loaded.module_.log_head.tolist() == [False, True, True]
+    np.testing.assert_array_equal(loaded.module_.low.numpy(), net.module_.low.numpy())
+    np.testing.assert_array_equal(loaded.predict(X[:80]), net.predict(X[:80]))
+    # model.json describing another head than params.pt holds is refused
+    meta["output_head"] = ["sigmoid", "sigmoid", "log"]
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="output_head"):
+        load_model(path, device="cpu")

@@ -116,3 +116,64 @@ def test_private_generator_init_is_reproducible_and_ignores_the_global_rng():
     w = m1.body[0].weight
     bound = 1 / np.sqrt(6)  # PyTorch's default Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.5 * bound
+
+
+# ---------------------------------------------------------------- bounded output heads
+from sklearn_crb.estimators._prepare import output_bounds  # noqa: E402
+from sklearn_crb.estimators._training import TargetStandardizedModule  # noqa: E402
+from sklearn_crb.physics.priors import resolve_prior  # noqa: E402
+
+TIED7 = ("m0s", "R1f", "R2f", "Rex", "T2s", "omega0", "B1")
+
+
+def _head_module(names, head="auto", prior=None):
+    lo, hi, log = output_bounds(names, head, prior)
+    m = TargetStandardizedModule(torch.nn.Identity(), len(names))
+    m.low.copy_(torch.as_tensor(lo))
+    m.high.copy_(torch.as_tensor(hi))
+    m.log_head.copy_(torch.as_tensor(log))
+    rng = np.random.default_rng(0)
+    m.mean.copy_(torch.as_tensor(np.where(np.isfinite(lo + hi), (lo + hi) / 2, 0.0) * rng.uniform(0.5, 1, len(lo))))
+    m.scale.copy_(torch.as_tensor(np.where(np.isfinite(hi - lo), (hi - lo) / 4, 1.0)))
+    return m, lo, hi, log
+
+
+def test_auto_head_is_log_for_relaxation_targets_only():
+    _, lo, hi, log = _head_module(TIED7)
+    assert log.tolist() == [False, True, True, False, False, False, False]
+    _, _, _, log_t = _head_module(("m0s", "T1f", "T2f", "T1s", "B1"))
+    assert log_t.tolist() == [False, True, True, True, False]
+    assert not output_bounds(TIED7, "sigmoid")[2].any() and not np.isfinite(output_bounds(TIED7, "linear")[0]).any()
+    with pytest.raises(ValueError, match="head"):
+        output_bounds(TIED7, "log-ish")
+
+
+def test_log_head_mapping_stays_in_support_with_finite_gradients():
+    prior = resolve_prior("brain", tied_R1=True)
+    m, lo, hi, log = _head_module(TIED7, prior=prior)
+    assert lo[0] == 0.0  # the m0s sigmoid keeps its margin, floored at the physical bound
+    np.testing.assert_array_equal([lo[1], lo[2], hi[1], hi[2]], [0.2, 0.5, 1.6, 40.0])  # the prior support
+    z = torch.linspace(-40, 40, 81)[:, None].repeat(1, 7).requires_grad_(True)
+    out = m(z)
+    out.sum().backward()
+    assert torch.isfinite(z.grad).all()  # omega0 among the outputs: exp only of the log entries
+    theta = m.to_physical(out.detach()).numpy()
+    tol = 1e-5 * np.maximum(np.abs(lo), np.abs(hi))
+    assert np.all(theta >= lo - tol) and np.all(theta <= hi + tol)
+    # the research's mapping: theta = exp(log lo + (log hi - log lo) sigmoid(z)) for the log entries,
+    # lo + (hi - lo) sigmoid(z) for the others, returned in standardised units
+    zz = torch.tensor([[-2.0, 0.0, 1.5, -0.3, 0.7, 3.0, -1.0]])
+    sig = 1 / (1 + np.exp(-zz.numpy()[0].astype(np.float64)))
+    expect = np.where(log, np.exp(np.log(np.where(log, lo, 1)) + np.log(np.where(log, hi, 1) / np.where(log, lo, 1)) * sig),
+                      lo + (hi - lo) * sig)
+    np.testing.assert_allclose(m.to_physical(m(zz)).detach().numpy()[0], expect, rtol=2e-6)
+    np.testing.assert_allclose(np.exp(np.log(lo[1:3]) + np.log(hi[1:3] / lo[1:3]) * 0.5), np.sqrt(lo[1:3] * hi[1:3]))
+
+
+def test_log_head_gradient_is_finite_for_large_omega0_and_r2f():
+    m, *_ = _head_module(("R2f", "omega0"))
+    z = torch.tensor([[80.0, 60.0], [-80.0, -60.0], [0.1, 5.0]], requires_grad=True)
+    loss = (m(z) ** 2).sum()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+    assert float(z.grad[2].abs().min()) > 0  # not a dead head in the interior

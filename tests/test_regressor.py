@@ -234,3 +234,46 @@ def test_simulated_training_beats_prior_mean(short_sequence):
     net2 = CRBNetRegressor(module=MLP, module__hidden=(8,), simulator=sim, max_epochs=1, random_state=0)
     with pytest.raises(ValueError, match="crb"):
         net2.fit(Xt[:100], yt[:100])
+
+
+@pytest.fixture(scope="module")
+def tied7(short_sequence):
+    from sklearn_crb.simulator import MTFingerprintSimulator
+
+    est = ("m0s", "R1f", "R2f", "Rex", "T2s", "omega0", "B1")
+    sim = MTFingerprintSimulator(short_sequence, n_components=6, estimate=est, tied_R1=True, random_state=0,
+                                 n_basis_samples=200).fit()
+    X, y, crb = sim.make_dataset(256, 1)
+    return sim, X, y, crb
+
+
+def test_nuisance_weight_cap_changes_only_nuisance_weights(tied7):
+    from sklearn_crb.estimators._training import batch_weights
+
+    sim, X, y, crb = tied7
+    ws = {}
+    for cap in (400.0, None):
+        net = CRBNetRegressor(module__hidden=(8,), simulator=sim, max_epochs=1, nuisance_weight_cap=cap,
+                              random_state=0, device="cpu").fit(X, y, crb=crb)
+        Xb = {"w": torch.as_tensor(y.shape[0] * [[0.0] * 7]) + torch.as_tensor(
+            (net.y_scale_**2 / crb).astype(np.float32))}
+        ws[cap] = batch_weights(Xb, "crb", net.module_.scale, torch.zeros(1), net.loss_weight_cap_).numpy()
+    nuis = [3, 4, 5, 6]  # Rex, T2s, omega0, B1
+    np.testing.assert_array_equal(ws[400.0][:, :3], ws[None][:, :3])  # m0s, R1f, R2f never capped
+    np.testing.assert_allclose(ws[400.0][:, nuis], np.minimum(ws[None][:, nuis], 400.0), rtol=1e-6)
+    assert ws[None][:, 5].max() > 400.0 and ws[400.0][:, nuis].max() <= 400.0  # omega0 is capped in this batch
+    with pytest.raises(ValueError, match="nuisance_weight_cap"):
+        CRBNetRegressor(module__hidden=(8,), simulator=sim, max_epochs=1, nuisance_weight_cap=-1.0,
+                        device="cpu").fit(X, y, crb=crb)
+
+
+def test_short_fit_on_all_seven_tied_targets_predicts_finite_values(tied7):
+    sim, X, y, crb = tied7
+    net = CRBNetRegressor(module__hidden=(32, 32), simulator=sim, max_epochs=3, random_state=0, device="cpu")
+    net.fit_simulated(256)
+    pred = net.predict(X)
+    assert pred.shape == (256, 7) and np.all(np.isfinite(pred))
+    assert np.all(np.isfinite(net.history[:, "train_loss"]))
+    tol = 1e-5 * np.maximum(np.abs(net.target_low_), np.abs(net.target_high_))  # float32 network
+    assert np.all(pred >= net.target_low_ - tol) and np.all(pred <= net.target_high_ + tol)
+    assert net.target_log_.tolist() == [False, True, True, False, False, False, False]
