@@ -158,8 +158,8 @@ def _columns(estimate, nuisance, tied_R1):
     allowed = free_parameters(tied_R1)
     if nuisance == "all":
         nuis = tuple(p for p in allowed if p not in est)
-    elif nuisance is None:
-        nuis = ()
+    elif nuisance is None or (not isinstance(nuisance, str) and len(tuple(nuisance)) == 0):
+        nuis = ()  # None and an empty selection both mean: every other parameter is known
     else:
         nuis = tuple(p for p in resolve_estimate(nuisance, tied_R1, "nuisance", times=False) if p not in est)
     return est, nuis

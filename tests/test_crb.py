@@ -138,3 +138,16 @@ def test_v32_compression_inflation(v32_sequence):
     # derivative is imaginary at omega0 = 0) converges more slowly
     assert infl[100][0, : names.index("omega0")].max() < 1.3
     assert infl[100][0, names.index("omega0")] < 3.0
+
+
+def test_empty_nuisance_selection_means_none(short_sequence):
+    """A model that estimates every free parameter has no nuisance left: () and None agree."""
+    from sklearn_crb.physics.parameters import free_parameters
+
+    th = TUTORIAL_THETA[None]
+    free = free_parameters(tied_R1=True)
+    a = cramer_rao_bound(short_sequence, th, estimate=free, nuisance=None, tied_R1=True)
+    b = cramer_rao_bound(short_sequence, th, estimate=free, nuisance=(), tied_R1=True)
+    c = cramer_rao_bound(short_sequence, th, estimate=free, nuisance="all", tied_R1=True)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, c, rtol=1e-12)  # nothing left to marginalise
