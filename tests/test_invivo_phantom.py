@@ -85,9 +85,10 @@ def run(tmp_path_factory):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "measured at N_TRAIN=12000, EPOCHS=300 (2 loaded cores): net WM m0s 0.088 / T1 1.92 s, GM 0.062 / 2.24 s "
-    "against NLLS WM 0.197 / 1.84 s, GM 0.166 / 2.53 s (truth 0.14/1.5, 0.08/2.0); final train loss 11.4: "
-    "the reduced budget does not train the net, and the 12-voxel cold-start NLLS medians are themselves off"))
+    "measured at N_TRAIN=12000, EPOCHS=300 on v3.2 (CI run, 2 loaded cores; the network estimates all 7 free "
+    "parameters): net WM m0s 0.121 / T1 1.50 s, GM 0.073 / 2.07 s against NLLS (30 voxels per tissue) WM "
+    "0.145 / 1.48 s, GM 0.095 / 2.09 s (truth 0.14/1.5, 0.08/2.0): T1 agrees within 1 %, m0s is 17-23 % "
+    "low at this budget"))
 def test_median_m0s_and_T1_within_10_percent_of_nlls(run):
     _, _, med = run
     for t in ("WM", "GM"):
