@@ -25,6 +25,7 @@ from sklearn_crb.estimators._training import (LOSSES, TargetStandardizedModule, 
 from sklearn_crb.estimators.network import reset_parameters_with
 from sklearn_crb.physics.parameters import BOUNDS, PARAMETERS, TIMES, rate_name
 from sklearn_crb._validation import check_snr_range
+from sklearn_crb.metrics import crb_efficiency_score
 from sklearn_crb.simulator import MTFingerprintSimulator, unpack_targets
 
 # Seeded modules draw their weights from a private torch.Generator (reset_parameters_with); their
@@ -374,9 +375,6 @@ def crb_score(net, X, y, sample_weight=None, crb=None):
     :func:`sklearn_crb.simulator.pack_targets`; raises ``ValueError``
     without one.
     """
-    # metrics sits above the estimators in the import flow
-    from sklearn_crb.metrics import crb_efficiency_score
-
     y_pred = net.predict(X)  # validates X first
     y, packed = unpack_targets(y)
     crb = packed if crb is None else crb
