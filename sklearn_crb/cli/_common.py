@@ -1,0 +1,165 @@
+"""Shared pieces of the ``sklearn-crb`` commands: errors, argument types, defaults, Ctrl-C and dask."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import threading
+
+import joblib
+import numpy as np
+import torch
+
+from sklearn_crb.estimators.network import InputNormalization
+from sklearn_crb.io._files import check_file_name
+from sklearn_crb.physics.sequence import Sequence
+
+OVERWRITE_HELP = ("replace existing outputs; only outputs that sklearn-crb wrote are ever replaced (a training "
+                  "set, a saved model, a demo folder, the files listed in a fit's summary.json), anything else "
+                  "is refused")
+EPILOG = ("Outputs: an existing output is refused unless --overwrite is given, and --overwrite replaces only "
+          "outputs that sklearn-crb wrote itself. Errors are one line on stderr, exit status 2; Ctrl-C exits "
+          "with 130 and leaves existing outputs untouched.")
+SCHEDULER_TIMEOUT = "5s"
+#: ``simulate`` defaults: the brain prior (parenchyma, CSF and partial volume) and an SNR range with in-vivo values.
+DEFAULT_PRIOR = "brain"
+DEFAULT_SNR = (10.0, 300.0)
+#: Training-set size of the measured default recipe (48,000 parameter draws).
+DEFAULT_N_SAMPLES = 48000
+#: Rank of the learnt SVD basis when no ``--basis`` is given.
+DEFAULT_RANK = 13
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
+
+
+# --------------------------------------------------------------------------- argument types
+def _number(kind, low, strict=True):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not np.isfinite(v) or (v <= low if strict else v < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_positive_int, _positive_float = _number(int, 0), _number(float, 0.0)
+
+
+def _device(text):
+    """A torch device the machine has (``auto``, ``cpu``, ``cuda``, ``cuda:N``)."""
+    if text == "auto":
+        return text
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine; use cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA devices")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use auto, cpu, cuda or cuda:N")
+    return text
+
+
+def _normalization(text):
+    """An input normalisation the network module accepts (checked by the module itself)."""
+    try:
+        InputNormalization(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _prefix(text):
+    try:
+        return check_file_name(text, "--prefix")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# --------------------------------------------------------------------------- helpers
+def _sequence(args):
+    if getattr(args, "sequence", None):
+        return Sequence.from_mat(args.sequence, TR=args.TR)
+    return Sequence.default(n_pulses=args.n_pulses, TR=args.TR)
+
+
+@contextlib.contextmanager
+def _interrupt_guard():
+    """Record Ctrl-C even where a library swallows ``KeyboardInterrupt`` (skorch's fit loop)."""
+    hit = []
+    if threading.current_thread() is not threading.main_thread():
+        yield hit
+        return
+
+    def handler(signum, frame):
+        hit.append(signum)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield hit
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if hit:
+        raise KeyboardInterrupt
+
+
+def _dask_context(scheduler):
+    """``joblib.parallel_config(backend="dask")`` on a dask cluster, or a no-op; fails fast."""
+    if not scheduler:
+        return contextlib.nullcontext()
+    try:  # dask is an optional dependency (the "examples" extra)
+        from dask.distributed import Client, LocalCluster
+    except ImportError as exc:
+        raise CLIError("--scheduler needs dask.distributed (pip install 'dask[distributed]')") from exc
+    stack = contextlib.ExitStack()
+    try:
+        if scheduler == "local":
+            cluster = stack.enter_context(LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                                       dashboard_address=None))
+            stack.enter_context(Client(cluster, timeout=SCHEDULER_TIMEOUT))
+        else:
+            stack.enter_context(Client(scheduler, timeout=SCHEDULER_TIMEOUT))
+    except Exception as exc:  # noqa: BLE001 - dask raises OSError, TimeoutError, ValueError, ...
+        stack.close()
+        raise CLIError(f"--scheduler: cannot reach {scheduler!r} within {SCHEDULER_TIMEOUT} "
+                       f"({type(exc).__name__}: {exc})") from None
+    stack.enter_context(joblib.parallel_config(backend="dask"))
+    return stack
+
+
+def _add_sequence_args(p, basis=True):
+    g = p.add_argument_group("sequence and basis")
+    g.add_argument("--sequence", help="MATLAB file with alpha (rad) and TRF (s); default: the built-in sequence")
+    g.add_argument("--TR", type=_positive_float, default=3.5e-3, help="repetition time in s (default 3.5e-3)")
+    g.add_argument("--n-pulses", type=_positive_int, default=1142,
+                   help="length of the built-in sequence (default 1142)")
+    if basis:
+        g.add_argument("--basis", help="compression basis (n_pulses x r; .npy/.npz/.mat/.nii); default: SVD")
+        g.add_argument("--rank", type=_positive_int, default=None,
+                       help=f"rank: the first RANK columns of --basis (default: all of them), or the rank of the "
+                            f"learnt SVD basis (default {DEFAULT_RANK})")
+
+
+def _common(p, device=None):
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if device:
+        p.add_argument("--device", type=_device, default=device, help=f"auto, cpu, cuda or cuda:N (default {device})")

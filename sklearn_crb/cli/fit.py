@@ -1,0 +1,144 @@
+"""``sklearn-crb fit``: maps from a coefficient image with a saved network or NLLS."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sklearn_crb._version import __version__
+from sklearn_crb.cli._common import (EPILOG, SCHEDULER_TIMEOUT, CLIError, _add_sequence_args, _common, _dask_context,
+                                     _positive_float, _positive_int, _prefix, _sequence)
+from sklearn_crb.estimators.nlls import NLLSFitter
+from sklearn_crb.io._files import atomic_files, check_output_file
+from sklearn_crb.io.images import load_array, load_basis, load_coefficients, make_mask, save_nifti
+from sklearn_crb.io.models import check_compatible, load_model
+from sklearn_crb.maps import fit_maps, map_names
+from sklearn_crb.physics.parameters import resolve_estimate
+from sklearn_crb.physics.sequence import Sequence
+from sklearn_crb.viz import overview_png
+
+__all__ = ["cmd_fit", "add_parser"]
+
+
+def _fit_names(prefix, estimate, times=False):
+    maps = map_names(estimate, times=times)
+    return {k: f"{prefix}{k}.nii.gz" for k in maps}, f"{prefix}overview.png", f"{prefix}summary.json"
+
+
+def _fit_owned(summary):
+    """Which files of a folder a previous ``sklearn-crb fit`` wrote (from its summary.json)."""
+    try:
+        s = json.loads(Path(summary).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(s, dict) or s.get("written_by") != "sklearn-crb fit" or not isinstance(s.get("files"), list):
+        return None
+    return {f for f in s["files"] if isinstance(f, str)} | {Path(summary).name}
+
+
+def _fit_basis(args, seq):
+    """``--basis FILE`` (first ``--rank`` columns when given)."""
+    U = load_basis(args.basis, n_pulses=seq.n_pulses)
+    if args.rank is not None:
+        if args.rank > U.shape[1]:
+            raise CLIError(f"--rank {args.rank} exceeds the {U.shape[1]} columns of --basis {args.basis}")
+        U = U[:, :args.rank]
+    return U
+
+
+def cmd_fit(args):
+    # ---- all checks first
+    if not args.model and not args.nlls:
+        raise CLIError("give --model DIR (a saved network) or --nlls")
+    out = Path(os.path.abspath(args.out))
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
+    if args.model:
+        model = load_model(args.model, device=args.device)
+        meta = model.crb_metadata_
+        seq = _sequence(args) if args.sequence else Sequence.from_dict(meta["sequence"])
+        basis = _fit_basis(args, seq) if args.basis else meta["basis"]
+        estimate = tuple(meta["estimate"])
+    else:
+        model = None
+        if not args.basis:
+            raise CLIError("--nlls needs --basis (the basis the coefficients were reconstructed in)")
+        seq = _sequence(args)
+        basis = _fit_basis(args, seq)
+        estimate = resolve_estimate(tuple(args.estimate), args.tied_R1, argname="--estimate")
+    img = load_coefficients(args.coefficients, basis=basis)
+    mask_arr = load_array(args.mask, None, "mask", preferred=("mask",))[0] if args.mask else None
+    make_mask(img, mask_arr)  # shape check before any work
+    map_files, png, summary_name = _fit_names(args.prefix, estimate, times=args.times)
+    names = [*map_files.values(), png, summary_name]
+    owned = _fit_owned(out / summary_name) or set()
+    for name in names:
+        check_output_file(out / name, overwrite=args.overwrite, owned=lambda p: p.name in owned, argname="--out")
+    if model is not None:
+        check_compatible(model, sequence=seq, basis=basis, rank=img.rank)
+        estimator = model
+    else:
+        estimator = NLLSFitter(seq, basis=basis, estimate=estimate, tied_R1=args.tied_R1,
+                               device=args.device if args.device != "auto" else "cpu", n_jobs=args.n_jobs,
+                               progress=not args.quiet, chunk_size=args.chunk_size).fit()
+
+    # ---- work
+    t0 = time.perf_counter()
+    with _dask_context(args.scheduler):
+        maps = fit_maps(estimator, img, mask_arr, sequence=seq, basis=basis, sigma=args.sigma,
+                        chunk_size=args.chunk_size, times=args.times, progress=not args.quiet)
+    elapsed = time.perf_counter() - t0
+    arrays = {k: v for k, v in maps.items() if isinstance(v, np.ndarray)}
+    if not set(arrays) <= set(map_files):
+        raise CLIError(f"the estimator returned maps {sorted(set(arrays) - set(map_files))} not announced by its "
+                       "estimate; nothing was written")
+    n_fit = int(arrays["mask"].sum())
+    kind = "network" if model is not None else "NLLS"
+    summary = {"written_by": "sklearn-crb fit", "sklearn_crb_version": __version__, "n_voxels_fitted": n_fit,
+               "seconds": elapsed, "sigma": maps["sigma"], "units": maps["units"],
+               "flag_counts": {int(k): int(v) for k, v in zip(*np.unique(arrays["flags"], return_counts=True))},
+               "input": str(args.coefficients), "estimator": kind,
+               "files": [map_files[k] for k in arrays] + [png]}
+    written = [map_files[k] for k in arrays] + [png, summary_name]
+    with atomic_files(out, written) as tmp:
+        for k, arr in arrays.items():
+            dtype = np.uint8 if arr.dtype == bool else (np.int16 if np.issubdtype(arr.dtype, np.integer)
+                                                        else np.float32)
+            save_nifti(tmp[map_files[k]], arr, img.affine, img.header, dtype=dtype)
+        overview_png(tmp[png], arrays, title=f"{kind}: {Path(args.coefficients).name}")
+        tmp[summary_name].write_text(json.dumps(summary, indent=1))
+    print(f"fitted {n_fit} voxels in {elapsed:.1f} s ({1e3 * elapsed / max(n_fit, 1):.2f} ms/voxel), "
+          f"sigma = {maps['sigma']:.3g}; wrote {len(written)} files to {out}")
+    return 0
+
+
+def add_parser(sub):
+    """Register ``fit`` on the subcommand parser ``sub``."""
+    p = sub.add_parser("fit", help="fit a coefficient image with a saved network or NLLS", epilog=EPILOG,
+                       description="Write NIfTI parameter, standard-error, residual and flag maps and a PNG.")
+    p.add_argument("--coefficients", required=True,
+                   help="coefficient image: NIfTI (complex, or 2r channels [Re..., Im...]), .mat, .npy, .npz")
+    p.add_argument("--out", required=True, help="output directory")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", help="saved network directory (from `sklearn-crb train`)")
+    g.add_argument("--nlls", action="store_true", help="fit with NLLS instead of a network")
+    _add_sequence_args(p)
+    p.add_argument("--mask", help="mask image (non-zero = fit); default: automatic")
+    p.add_argument("--estimate", nargs="+", default=["m0s", "R1f", "R2f"], help="NLLS: parameters to report")
+    p.add_argument("--times", action="store_true",
+                   help="also write relaxation-time maps T1f (s), T2f (ms) (and T1s untied) with their standard errors")
+    p.add_argument("--tied-R1", action="store_true", help="NLLS: R1s = R1f")
+    p.add_argument("--sigma", type=_positive_float, default=None,
+                   help="noise std (default: estimated from residuals)")
+    p.add_argument("--chunk-size", type=_positive_int, default=1024, help="voxels per chunk")
+    p.add_argument("--n-jobs", type=int, default=None, help="NLLS: joblib workers")
+    p.add_argument("--scheduler", default=None,
+                   help=f"NLLS on dask: a scheduler address (connect timeout {SCHEDULER_TIMEOUT}), or 'local' for "
+                        "a 2-worker LocalCluster")
+    p.add_argument("--prefix", type=_prefix, default="", help="prefix of the output file names (no path separators)")
+    _common(p, device="cpu")
+    p.set_defaults(func=cmd_fit)

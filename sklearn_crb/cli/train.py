@@ -1,0 +1,63 @@
+"""``sklearn-crb train``: train a network from a simulated set and save it."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from sklearn_crb.cli._common import (EPILOG, CLIError, _common, _interrupt_guard, _normalization, _positive_float,
+                                     _positive_int)
+from sklearn_crb.demo import make_network
+from sklearn_crb.io._files import check_output_folder
+from sklearn_crb.io.datasets import load_dataset, simulator_from_dataset
+from sklearn_crb.io.models import MODEL_FILES, save_model
+
+__all__ = ["cmd_train", "add_parser"]
+
+
+def cmd_train(args):
+    out = check_output_folder(args.out, overwrite=args.overwrite, owned_names=MODEL_FILES, marker="model.json",
+                              argname="--out")
+    data = load_dataset(args.data, argname="--data")
+    sim = simulator_from_dataset(data)
+    augment = args.augment and "X_clean" in data and "crb_unit" in data
+    X, crb = (data["X_clean"], data["crb_unit"]) if augment else (data["X"], data["crb"])
+    # options not given stay None: the estimator's defaults (the package's training recipe) apply
+    net = make_network(args.loss, sim, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
+                       batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet,
+                       paper=args.paper, normalization=args.normalization)
+    net.set_params(augment=augment)
+    t0 = time.perf_counter()
+    with _interrupt_guard():
+        net.fit(X, data["y"], crb=crb)
+    h = net.history[-1] if len(net.history) else {}
+    if "train_loss" not in h or not np.isfinite(h["train_loss"]):
+        raise CLIError(f"training did not finish with a finite loss ({h.get('train_loss')}); nothing was saved")
+    save_model(net, out, simulator=sim, overwrite=args.overwrite)
+    print(f"trained {args.loss}-loss network in {time.perf_counter() - t0:.1f} s "
+          f"(train loss {h['train_loss']:.4g}, valid loss {h.get('valid_loss', float('nan')):.4g}); saved {out}")
+    return 0
+
+
+def add_parser(sub):
+    """Register ``train`` on the subcommand parser ``sub``."""
+    p = sub.add_parser("train", help="train a network from a simulated set and save it", epilog=EPILOG,
+                       description="Train a CRBNetRegressor and save it with its sequence and basis.")
+    p.add_argument("--data", required=True, help="training set from `sklearn-crb simulate`")
+    p.add_argument("--out", required=True, help="model directory to write (new, empty or a saved model)")
+    p.add_argument("--loss", choices=["crb", "mse", "relative"], default="crb")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's residual network and recipe (Zhang et al. 2022) instead of the default recipe")
+    g = p.add_argument_group("overrides of the recipe (default: CRBNetRegressor's, or the paper's with --paper)")
+    g.add_argument("--epochs", type=_positive_int, default=None)
+    g.add_argument("--hidden", nargs="+", type=_positive_int, default=None, help="hidden layer widths")
+    g.add_argument("--normalization", type=_normalization, default=None,
+                   help="input normalisation (l2, first-coefficient, phase-l2, ...; see InputNormalization)")
+    g.add_argument("--lr", type=_positive_float, default=None, help="learning rate")
+    g.add_argument("--batch-size", type=_positive_int, default=None)
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="train on the stored noisy samples instead of fresh noise each epoch")
+    p.add_argument("--seed", type=int, default=0)
+    _common(p, device="auto")
+    p.set_defaults(func=cmd_train)
