@@ -20,8 +20,8 @@ from skorch.dataset import Dataset, ValidSplit
 from sklearn.utils.validation import validate_data
 from torch import nn
 
-from sklearn_crb.estimators._training import (LOSSES, TargetStandardizedModule, augment_batch, check_float32_range,
-                                              loss_weights, target_scaling, weight_caps)
+from sklearn_crb.estimators._training import (CRB_LOSSES, LOSSES, TargetStandardizedModule, augment_batch,
+                                              check_float32_range, loss_weights, target_scaling, weight_caps)
 from sklearn_crb.estimators.network import reset_parameters_with
 from sklearn_crb.physics.parameters import BOUNDS, PARAMETERS, TIMES, rate_name
 from sklearn_crb._validation import check_snr_range
@@ -37,7 +37,7 @@ __all__ = ["build_module", "fixed_noise_dataset", "split_datasets", "crb_score",
            "output_bounds", "LOG_TARGETS", "HEADS", "prepare", "noise_setup", "fitted_simulator", "normalization",
            "resolve_names",
            "load_scaling", "restore_fitted", "resolve_augment", "augmentation_generator",
-           "net_seed"]
+           "net_seed", "check_bias_reduced"]
 
 
 def net_seed(net, stream=0):
@@ -175,13 +175,14 @@ def prepare(net, X, y, crb, augment, reset):
     net.simulator_ = fitted_simulator(net)
     if crb is not None:
         crb = check_crb(crb, Y.shape)
-    elif net.loss == "crb":
-        raise ValueError("loss='crb' needs the per-sample CRB at each sample's own parameters and SNR: pass "
+    elif net.loss in CRB_LOSSES:
+        raise ValueError(f"loss={net.loss!r} needs the per-sample CRB at each sample's own parameters and SNR: pass "
                          "fit(X, y, crb=...) (e.g. from simulator.make_dataset), pack it with the targets "
                          "(sklearn_crb.simulator.pack_targets(y, crb)), or train with fit_simulated(); or "
                          "choose loss='mse' or 'relative'")
     if augment and X.shape[1] % 2:
         raise ValueError("augment=True needs [Re c, Im c] features (an even number of columns)")
+    check_bias_reduced(net, augment)
     check_rows(X, normalization(net), "fit")
     if reset or not hasattr(net, "y_mean_"):
         net._y_1d_ = y.ndim == 1
@@ -211,6 +212,32 @@ def prepare(net, X, y, crb, augment, reset):
     if augment:
         net.noise_ = noise_setup(net)
     return Xd, Ys
+
+
+def _is_int(v):
+    return isinstance(v, Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def check_bias_reduced(net, augment):
+    """Validate ``n_realizations``, ``bias_lambda``, ``var_delta``, ``pretrain_epochs``; ``loss="bias_reduced"``
+    needs augmentation (noise-free ``X_clean`` and unit CRBs ``crb_unit``) and ``pretrain_epochs <= max_epochs``."""
+    nr, pre = net.n_realizations, net.pretrain_epochs
+    if not (_is_int(nr) and nr >= 2):
+        raise ValueError(f"n_realizations must be an int >= 2 (a variance needs two noise realisations), got {nr!r}")
+    for name in ("bias_lambda", "var_delta"):
+        v = getattr(net, name)
+        if not (isinstance(v, Real) and not isinstance(v, (bool, np.bool_)) and np.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite float >= 0, got {v!r}")
+    if not (_is_int(pre) and pre >= 0):
+        raise ValueError(f"pretrain_epochs must be an int >= 0, got {pre!r}")
+    if net.loss != "bias_reduced":
+        return
+    if not augment:
+        raise ValueError("loss='bias_reduced' draws n_realizations noise realisations of every fingerprint and needs "
+                         "augment=True with noise-free features at M0 = 1 and unit CRBs (make_dataset(..., "
+                         "return_details=True)'s X_clean and crb_unit), or fit_simulated()")
+    if _is_int(net.max_epochs) and pre > net.max_epochs:
+        raise ValueError(f"pretrain_epochs ({pre}) must not exceed max_epochs ({net.max_epochs})")
 
 
 def noise_setup(net):

@@ -7,10 +7,12 @@ sample's own CRB at its own ``|M0|`` and noise level. Every training batch
 can re-draw ``M0`` and the noise of its (noise-free) fingerprints; the CRB
 then scales by ``sigma^2 / |M0|^2``.
 
-All three losses are weighted squared errors of standardised outputs
+The per-sample losses are weighted squared errors of standardised outputs
 (``y = (theta - m) / s``): ``w = s^2/CRB`` (``"crb"``), ``s^2`` (``"mse"``)
 or ``s^2/theta^2`` (``"relative"``), so the network trains in float32 at a
 well-conditioned scale while the loss is the one in physical units.
+``"bias_reduced"`` (Mao et al., arXiv 2312.11468) puts ``w = s^2/CRB`` on the squared bias and the
+variance over ``Nr`` noise realisations per fingerprint (:func:`bias_reduced_loss`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,12 @@ from sklearn_crb.noise import apply_m0_and_noise, crb_gain, draw_m0_and_noise
 
 __all__ = ["LOSSES", "WeightedMSELoss", "TargetStandardizedModule", "StepDecayWithFloor", "paper_lr_scheduler",
            "target_scaling", "loss_weights", "augment_batch", "CRBScoring", "DivergenceGuard", "OneCycleSchedule",
-           "check_float32_range", "paper_recipe", "batch_weights", "weight_caps", "NUISANCE_TARGETS"]
+           "check_float32_range", "paper_recipe", "batch_weights", "weight_caps", "NUISANCE_TARGETS", "CRB_LOSSES",
+           "bias_reduced_loss", "augment_realizations", "bias_reduced_step"]
 
-LOSSES = ("crb", "mse", "relative")
+LOSSES = ("crb", "mse", "relative", "bias_reduced")
+#: Losses whose weights are ``s^2/CRB`` at each sample's own SNR (rescaled by the augmentation, capped).
+CRB_LOSSES = ("crb", "bias_reduced")
 
 _F32 = np.finfo(np.float32)
 #: Largest per-row max |x| whose squared L2 norm stays finite in float32 (checked per feature count).
@@ -175,7 +180,7 @@ def loss_weights(loss, Y, crb, scale):
     trained.
     """
     s2 = scale**2
-    if loss == "crb":
+    if loss in CRB_LOSSES:
         with np.errstate(divide="ignore"):
             w = np.where(np.isposinf(crb), 0.0, s2 / crb)
     elif loss == "mse":
@@ -187,14 +192,15 @@ def loss_weights(loss, Y, crb, scale):
     with np.errstate(over="ignore"):
         w32 = np.ascontiguousarray(w, dtype=np.float32)
     bad = ~np.isfinite(w32) | (w32 <= 0)
-    if loss == "crb":
+    if loss in CRB_LOSSES:
         bad &= ~np.isposinf(crb)
     if bad.any():
         i = int(np.flatnonzero(bad.any(axis=1))[0])
-        what = "crb" if loss == "crb" else "y"
-        raise ValueError(f"the loss weights (target scale^2 / {'CRB' if loss == 'crb' else 'theta^2'}) of "
+        crbl = loss in CRB_LOSSES
+        what = "crb" if crbl else "y"
+        raise ValueError(f"the loss weights (target scale^2 / {'CRB' if crbl else 'theta^2'}) of "
                          f"{int(bad.any(axis=1).sum())} samples are not finite positive float32 numbers (e.g. row "
-                         f"{i}: {what} = {(crb if loss == 'crb' else Y)[i]}): the {what} values are degenerate "
+                         f"{i}: {what} = {(crb if crbl else Y)[i]}): the {what} values are degenerate "
                          f"(far below the targets' scale {scale}); drop those samples")
     return w32
 
@@ -229,7 +235,7 @@ def batch_weights(Xb, loss, scale, like, caps=None):
     or ``scale^2`` for ``loss="mse"`` (on ``like``'s device)."""
     if isinstance(Xb, Mapping) and "w" in Xb:
         w = to_tensor(Xb["w"], device=like.device).to(like.dtype)
-        if loss == "crb" and caps is not None and bool(np.isfinite(caps).any()):
+        if loss in CRB_LOSSES and caps is not None and bool(np.isfinite(caps).any()):
             w = torch.minimum(w, torch.as_tensor(caps, dtype=like.dtype, device=like.device))
         return w
     if loss == "mse":
@@ -245,7 +251,7 @@ def augment_batch(Xd, rng, snr, sigma, loss):
     torch; ``rng`` a numpy or a torch generator (a torch generator draws on
     its own device, e.g. the training GPU). The M0/noise model is
     :func:`sklearn_crb.noise.draw_m0_and_noise`;
-    ``"c"`` (and ``"w"`` for ``loss="crb"``) are multiplied by
+    ``"c"`` (and ``"w"`` for the losses of :data:`CRB_LOSSES`) are multiplied by
     ``|M0|^2 / sigma^2``, the inverse scaling of each sample's CRB.
     """
     x = Xd["X"]
@@ -261,9 +267,54 @@ def augment_batch(Xd, rng, snr, sigma, loss):
     out["X"] = apply_m0_and_noise(x, M0, noise)
     if "c" in Xd:
         out["c"] = Xd["c"] * gain[:, None]
-    if loss == "crb":
+    if loss in CRB_LOSSES:
         out["w"] = Xd["w"] * gain[:, None]
     return out
+
+
+def augment_realizations(Xd, rng, snr, sigma, n_realizations):
+    """``B`` packed noise-free fingerprints (torch) -> ``B * Nr`` rows, grouped by fingerprint.
+
+    Each fingerprint gets one fresh complex ``M0`` (as :func:`augment_batch`) shared by its ``Nr``
+    rows and fresh noise in every row: ``Nr`` noise realisations at its own SNR. ``"w"`` and ``"c"``
+    (per fingerprint, ``(B, P)``) are rescaled by ``|M0|^2 / sigma^2``.
+    """
+    x, nr = Xd["X"], int(n_realizations)
+    M0, _ = draw_m0_and_noise(rng, x.shape[0], x.shape[1] // 2, snr, sigma, noise=False)
+    _, noise = draw_m0_and_noise(rng, x.shape[0] * nr, x.shape[1] // 2, snr, sigma)
+    gain = torch.as_tensor(crb_gain(M0, sigma), device=x.device).to(x.dtype)[:, None]
+    out = {k: v * gain for k, v in Xd.items() if k in ("w", "c")}
+    out["X"] = apply_m0_and_noise(x.repeat_interleave(nr, 0), M0.repeat_interleave(nr, 0), noise)
+    return out
+
+
+def bias_reduced_loss(y_pred, y_true, weight, n_realizations, bias_lambda=1.0, var_delta=1.0):
+    """The bias-reduced loss of Mao, Flassbeck, Assländer (arXiv 2312.11468), in standardised units.
+
+    ``mean_{b,p} w (mean_r y_hat - y)^2 + lambda mean_{b,p} max(w Var_r y_hat - delta, 0)``,
+    with ``w = s^2/CRB``: the squared bias over the CRB plus ``lambda`` times
+    the hinge of the variance over the CRB above ``delta``. ``y_pred`` has
+    ``B * Nr`` rows, ``Nr`` consecutive ones per fingerprint
+    (:func:`augment_realizations`); ``y_true`` and ``weight`` have ``B``.
+    ``Var_r`` is the unbiased sample variance over the ``Nr`` realisations.
+    """
+    nr = int(n_realizations)
+    yp = y_pred.reshape(-1, nr, y_pred.shape[-1])
+    bias2 = weight * (yp.mean(1) - y_true) ** 2
+    hinge = torch.relu(weight * yp.var(1, correction=1) - float(var_delta))
+    return bias2.mean() + float(bias_lambda) * hinge.mean()
+
+
+def bias_reduced_step(net, Xi, yi, **fit_params):
+    """A ``loss="bias_reduced"`` training step: the loss and the mean prediction per fingerprint."""
+    nr = int(net.n_realizations)
+    Xr = augment_realizations(Xi, net.rng_, *net.noise_, nr)
+    y_pred = net.infer(Xr, **fit_params)
+    y_true = to_tensor(yi, device=y_pred.device).to(y_pred.dtype).reshape(-1, y_pred.shape[-1])
+    w = batch_weights(Xr, net.loss, net.module_.scale, y_pred, getattr(net, "loss_weight_cap_", None))
+    loss = bias_reduced_loss(y_pred, y_true, w, nr, net.bias_lambda, net.var_delta)
+    loss.backward()
+    return {"loss": loss, "y_pred": y_pred.detach().reshape(-1, nr, y_pred.shape[-1]).mean(1)}
 
 
 def check_float32_range(X, normalization, argname="X"):

@@ -34,7 +34,7 @@ from sklearn_crb.estimators._prepare import (augmentation_generator, build_modul
                                              restore_fitted, split_datasets)
 from sklearn_crb.estimators._training import (CRBScoring, DivergenceGuard, OneCycleSchedule, StepDecayWithFloor,
                                               TargetStandardizedModule, WeightedMSELoss, augment_batch, batch_weights,
-                                              paper_lr_scheduler, paper_recipe)
+                                              bias_reduced_step, paper_lr_scheduler, paper_recipe)
 from sklearn_crb.estimators.network import MLP
 
 __all__ = ["CRBNetRegressor", "WeightedMSELoss", "TargetStandardizedModule", "StepDecayWithFloor",
@@ -107,12 +107,32 @@ class CRBNetRegressor(NeuralNetRegressor):
         torch CPU threads during ``fit`` and ``predict``; "auto":
         :func:`~sklearn_crb.estimators._batches.default_threads` (1: degrades
         gracefully under machine load); None: torch's setting.
-    loss : {"crb", "mse", "relative"}, default "crb"
+    loss : {"crb", "mse", "relative", "bias_reduced"}, default "crb"
         ``"crb"``: mean of ``(theta_hat - theta)^2 / CRB``; needs ``crb=`` in
         ``fit`` (or targets packed with ``simulator.pack_targets``), or
         :meth:`fit_simulated`. ``"mse"``: mean squared error in raw SI
         units (the paper's baseline). ``"relative"``: mean of
         ``(theta_hat - theta)^2 / theta^2`` (targets must be non-zero).
+        ``"bias_reduced"`` (Mao et al., arXiv 2312.11468): each of the
+        ``batch_size`` fingerprints of a batch gets one fresh ``M0`` and
+        ``n_realizations`` fresh noise draws (a step sees ``batch_size *
+        n_realizations`` rows, an epoch costs ``n_realizations`` CRB epochs,
+        the number of steps and the one-cycle schedule are unchanged); the
+        loss is ``mean_p[(mean_r theta_hat - theta)^2 / CRB] + bias_lambda *
+        mean_p max(Var_r theta_hat / CRB - var_delta, 0)`` with the CRB loss's
+        weights (own SNR, ``nuisance_weight_cap``). Needs augmentation
+        (``X_clean``/``crb_unit``, :meth:`fit_simulated`); the first
+        ``pretrain_epochs`` epochs use ``"crb"``; validation scores ``"crb"``.
+    n_realizations : int, default 16
+        Noise realisations per fingerprint (>= 2) of ``"bias_reduced"``
+        (paper: 200; 16 keeps an epoch affordable on a CPU).
+    bias_lambda : float, default 1.0
+        Weight (>= 0) of the variance hinge (paper: 1; 0: squared bias only).
+    var_delta : float, default 1.0
+        Variance over CRB (>= 0) below which the hinge is zero (paper: 1).
+    pretrain_epochs : int, default 0
+        Epochs since initialisation trained with ``"crb"`` before
+        ``"bias_reduced"`` (the paper's pre-training; <= ``max_epochs``).
     simulator : MTFingerprintSimulator, optional
         A *fitted* simulator: the data source of :meth:`fit_simulated`, the
         model context of :meth:`predict_details` (sequence, basis, nuisance
@@ -180,8 +200,9 @@ class CRBNetRegressor(NeuralNetRegressor):
     def __init__(self, module=MLP, *args, criterion=WeightedMSELoss, optimizer=torch.optim.AdamW, lr=2e-3,
                  max_epochs=600, batch_size=512, train_split=None, weight_decay=1e-4, lr_schedule="onecycle",
                  head="auto", target_bounds=None, head_margin=0.05, nuisance_weight_cap=400.0, n_threads="auto",
-                 loss="crb", simulator=None, augment="auto", snr=None, sigma=None, target_names=None,
-                 random_state=None, device="auto", verbose=0, **kwargs):
+                 loss="crb", n_realizations=16, bias_lambda=1.0, var_delta=1.0, pretrain_epochs=0, simulator=None,
+                 augment="auto", snr=None, sigma=None, target_names=None, random_state=None, device="auto", verbose=0,
+                 **kwargs):
         super().__init__(module, *args, criterion=criterion, optimizer=optimizer, lr=lr, max_epochs=max_epochs,
                          batch_size=batch_size, train_split=train_split, device=resolve_device(device),
                          verbose=verbose, **kwargs)
@@ -194,6 +215,8 @@ class CRBNetRegressor(NeuralNetRegressor):
         self.nuisance_weight_cap = nuisance_weight_cap
         self.n_threads = n_threads
         self.loss = loss
+        self.n_realizations, self.bias_lambda, self.var_delta = n_realizations, bias_lambda, var_delta
+        self.pretrain_epochs = pretrain_epochs
         self.simulator = simulator
         self.augment = augment
         self.snr = snr
@@ -361,8 +384,10 @@ class CRBNetRegressor(NeuralNetRegressor):
         self._set_training(True)
         Xi, yi = unpack_data(batch)
         if self.augment_:
-            Xi = augment_batch({k: to_tensor(v, device=self.device_) for k, v in Xi.items()}, self.rng_,
-                               *self.noise_, self.loss)
+            Xi = {k: to_tensor(v, device=self.device_) for k, v in Xi.items()}
+            if self.loss == "bias_reduced" and len(self.history) > self.pretrain_epochs:  # fine-tuning epochs
+                return bias_reduced_step(self, Xi, yi, **fit_params)
+            Xi = augment_batch(Xi, self.rng_, *self.noise_, self.loss)
         y_pred = self.infer(Xi, **fit_params)
         loss = self.get_loss(y_pred, yi, X=Xi, training=True)
         loss.backward()
