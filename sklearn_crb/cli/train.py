@@ -1,4 +1,10 @@
-"""``sklearn-crb train``: train a network from a simulated set and save it."""
+"""``sklearn-crb train``: train a network from a simulated set and save it.
+
+``--loss bias_reduced`` is the bias-reduced loss of Mao, Flassbeck, Assländer (arXiv 2312.11468):
+``--n-realizations``, ``--bias-lambda``, ``--var-delta`` and ``--pretrain-epochs`` set
+``CRBNetRegressor``'s parameters of the same names (not given: the estimator's defaults). It needs the
+noise-free features (``X_clean``/``crb_unit`` of ``sklearn-crb simulate``) and refuses ``--no-augment``.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,16 @@ import time
 import numpy as np
 
 from sklearn_crb.cli._common import (EPILOG, CLIError, _common, _interrupt_guard, _normalization, _positive_float,
-                                     _positive_int)
+                                     _number, _positive_int)
 from sklearn_crb.demo import make_network
 from sklearn_crb.io._files import check_output_folder
 from sklearn_crb.io.datasets import load_dataset, simulator_from_dataset
 from sklearn_crb.io.models import MODEL_FILES, save_model
 
-__all__ = ["cmd_train", "add_parser"]
+__all__ = ["cmd_train", "add_parser", "BIAS_REDUCED_OPTIONS"]
+
+#: The ``CRBNetRegressor`` parameters of ``--loss bias_reduced`` (options ``--n-realizations`` ...).
+BIAS_REDUCED_OPTIONS = ("n_realizations", "bias_lambda", "var_delta", "pretrain_epochs")
 
 
 def cmd_train(args):
@@ -22,12 +31,16 @@ def cmd_train(args):
     data = load_dataset(args.data, argname="--data")
     sim = simulator_from_dataset(data)
     augment = args.augment and "X_clean" in data and "crb_unit" in data
+    if args.loss == "bias_reduced" and not augment:
+        raise CLIError("--loss bias_reduced draws fresh noise realisations of every fingerprint: it needs a data "
+                       "file with X_clean and crb_unit (from `sklearn-crb simulate`) and cannot take --no-augment")
     X, crb = (data["X_clean"], data["crb_unit"]) if augment else (data["X"], data["crb"])
     # options not given stay None: the estimator's defaults (the package's training recipe) apply
     net = make_network(args.loss, sim, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet,
                        paper=args.paper, normalization=args.normalization)
-    net.set_params(augment=augment)
+    net.set_params(augment=augment, **{k: getattr(args, k) for k in BIAS_REDUCED_OPTIONS
+                                       if getattr(args, k) is not None})
     t0 = time.perf_counter()
     with _interrupt_guard():
         net.fit(X, data["y"], crb=crb)
@@ -46,7 +59,8 @@ def add_parser(sub):
                        description="Train a CRBNetRegressor and save it with its sequence and basis.")
     p.add_argument("--data", required=True, help="training set from `sklearn-crb simulate`")
     p.add_argument("--out", required=True, help="model directory to write (new, empty or a saved model)")
-    p.add_argument("--loss", choices=["crb", "mse", "relative"], default="crb")
+    p.add_argument("--loss", choices=["crb", "mse", "relative", "bias_reduced"], default="crb",
+                   help="training loss (bias_reduced: Mao et al., arXiv 2312.11468; default crb)")
     p.add_argument("--paper", action="store_true",
                    help="the paper's residual network and recipe (Zhang et al. 2022) instead of the default recipe")
     g = p.add_argument_group("overrides of the recipe (default: CRBNetRegressor's, or the paper's with --paper)")
@@ -56,6 +70,15 @@ def add_parser(sub):
                    help="input normalisation (l2, first-coefficient, phase-l2, ...; see InputNormalization)")
     g.add_argument("--lr", type=_positive_float, default=None, help="learning rate")
     g.add_argument("--batch-size", type=_positive_int, default=None)
+    b = p.add_argument_group("--loss bias_reduced (default: CRBNetRegressor's)")
+    b.add_argument("--n-realizations", type=_number(int, 2, strict=False), default=None,
+                   help="noise realisations per fingerprint (>= 2; the paper used 200)")
+    b.add_argument("--bias-lambda", type=_number(float, 0.0, strict=False), default=None,
+                   help="weight of the variance hinge (>= 0; paper 1)")
+    b.add_argument("--var-delta", type=_number(float, 0.0, strict=False), default=None,
+                   help="variance/CRB below which the hinge is zero (>= 0; paper 1)")
+    b.add_argument("--pretrain-epochs", type=_number(int, 0, strict=False), default=None,
+                   help="first epochs trained with the CRB loss (<= --epochs)")
     p.add_argument("--no-augment", dest="augment", action="store_false",
                    help="train on the stored noisy samples instead of fresh noise each epoch")
     p.add_argument("--seed", type=int, default=0)
