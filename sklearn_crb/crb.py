@@ -21,7 +21,7 @@ from sklearn_crb._validation import check_basis
 from sklearn_crb.physics.parameters import INDEX, PARAMETERS, free_parameters, resolve_estimate, tie_R1
 from sklearn_crb.physics.signal import jacobian
 
-__all__ = ["fisher_information", "crb_from_jacobian", "cramer_rao_bound", "project",
+__all__ = ["fisher_information", "fisher_columns", "crb_from_jacobian", "cramer_rao_bound", "project",
            "IllConditionedFisherWarning"]
 
 
@@ -165,6 +165,41 @@ def _columns(estimate, nuisance, tied_R1):
     return est, nuis
 
 
+def fisher_columns(signal, J, *, estimate=PARAMETERS, nuisance="all", tied_R1=False, complex_M0=True):
+    """The unknowns' Jacobian columns: estimated parameters, nuisance parameters, then M0.
+
+    Parameters
+    ----------
+    signal : torch.Tensor, complex128, shape (n_samples, n_pulses)
+        Noise-free signal at M0 = 1 (the M0 columns ``s`` and ``i s``).
+    J : torch.Tensor, complex128, shape (n_samples, n_pulses, 8)
+        ``d signal / d theta`` in ``PARAMETERS`` order.
+    estimate, nuisance, tied_R1, complex_M0
+        See :func:`crb_from_jacobian`.
+
+    Returns
+    -------
+    columns : torch.Tensor, complex128, shape (n_samples, n_pulses, n_unknowns)
+    names : tuple of str
+        The unknowns, the estimated rates first (``"reM0"``, ``"imM0"`` last).
+    n_estimated : int
+    """
+    est, nuis = _columns(estimate, nuisance, tied_R1)
+    cols, names = [], []
+    for p in est + nuis:
+        c = J[..., INDEX[p]]
+        if tied_R1 and p == "R1f":
+            c = c + J[..., INDEX["R1s"]]
+        cols.append(c)
+        names.append(p)
+    cols.append(signal)
+    names.append("reM0")
+    if complex_M0:
+        cols.append(1j * signal)
+        names.append("imM0")
+    return torch.stack(cols, dim=-1), tuple(names), len(est)
+
+
 def crb_from_jacobian(signal, J, *, estimate=PARAMETERS, nuisance="all", tied_R1=False, M0=1.0,
                       sigma=1.0, basis=None, complex_M0=True, on_singular="raise", rcond=1e-14,
                       return_info=False):
@@ -218,21 +253,9 @@ def crb_from_jacobian(signal, J, *, estimate=PARAMETERS, nuisance="all", tied_R1
     _check_finite(st, "signal")
     n = Jt.shape[0]
     scale = _noise_scale(sigma, M0, n, Jt.device)
-    est, nuis = _columns(estimate, nuisance, tied_R1)
-    cols = []
-    names = []
-    for p in est + nuis:
-        c = Jt[..., INDEX[p]]
-        if tied_R1 and p == "R1f":
-            c = c + Jt[..., INDEX["R1s"]]
-        cols.append(c)
-        names.append(p)
-    cols.append(st)
-    names.append("reM0")
-    if complex_M0:
-        cols.append(1j * st)
-        names.append("imM0")
-    Jf = torch.stack(cols, dim=-1)
+    Jf, names, n_est = fisher_columns(st, Jt, estimate=estimate, nuisance=nuisance, tied_R1=tied_R1,
+                                      complex_M0=complex_M0)
+    est, names = names[:n_est], list(names)
     F = fisher_information(Jf, 1.0, basis)
     diag, cond, singular = _scaled_inverse_diag(F, rcond)
     crb = diag[:, : len(est)] * (scale[:, None] if scale.ndim == 1 else scale)

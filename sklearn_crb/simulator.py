@@ -2,9 +2,10 @@
 
 Turns tissue parameters into the real feature vectors an estimator sees,
 ``[Re c, Im c]`` with ``c = U^H s(theta)`` in a low-rank basis ``U`` (SVD of
-simulated fingerprints, Zhang et al. 2022: rank 13 keeps ~99 % of the energy),
-and attaches to every sample the CRB *of the compressed coefficients* at its
-own ``|M0|`` and noise level ``sigma`` (Zhang et al., MRM 2022, Eq. 3).
+simulated fingerprints, Zhang et al. 2022: rank 13 keeps ~99 % of the energy;
+or the basis minimising the prior-averaged CRB inflation, Mao et al., arXiv
+2305.00326, :mod:`sklearn_crb.basis`), and attaches to every sample the CRB
+*of the compressed coefficients* at its own ``|M0|`` and noise level ``sigma`` (Zhang et al., MRM 2022, Eq. 3).
 
 The M0/noise model (:func:`draw_m0_and_noise`, :func:`apply_m0_and_noise`,
 :func:`crb_gain`) and the packing of per-sample CRBs with their targets
@@ -22,6 +23,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from sklearn_crb._validation import check_basis, check_snr_range, chunk_slices
+from sklearn_crb.basis import fit_crb_basis
 from sklearn_crb.crb import crb_from_jacobian
 from sklearn_crb.noise import (apply_m0_and_noise, check_sigma, crb_gain, draw_m0_and_noise, pack_targets,
                                unpack_targets)
@@ -57,7 +59,13 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
     basis : array_like, complex, shape (n_pulses, k), optional
         A fixed orthonormal basis (e.g. the one real data were reconstructed
         in), possibly wider than ``n_components``. If None, ``fit`` learns one
-        by SVD.
+        (``basis_method``); a given basis wins over ``basis_method``.
+    basis_method : {"svd", "crb"}, default "svd"
+        ``"svd"``: right singular vectors of prior fingerprints (most energy
+        kept); ``"crb"``: the rank-r basis minimising the mean log CRB
+        inflation (compressed / full) of ``estimate`` over prior draws,
+        nuisance parameters and complex M0 marginalised, from the SVD start
+        (Mao et al., arXiv 2305.00326; :mod:`sklearn_crb.basis`).
     estimate : tuple of str
         Targets ``y`` the downstream estimator predicts: parameter names
         (rates, 1/s) or the time forms ``"T1f"``, ``"T2f"``, ``"T1s"``
@@ -77,6 +85,11 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         (:meth:`ParameterPrior.brain`); None: ``resolve_prior``'s default.
     n_basis_samples : int
         Fingerprints drawn from the prior for the SVD in ``fit``.
+    n_crb_samples : int, default 256
+        With ``basis_method="crb"``: how many of those draws (the first)
+        define the CRB objective (one Jacobian each, ~146 kB on 1142 pulses).
+    basis_max_iter : int, default 100
+        With ``basis_method="crb"``: conjugate-gradient iterations.
     backend : str
         Physics backend (``"auto"``, ``"numba"``, ``"torch"``).
     chunk_size : int
@@ -93,6 +106,10 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
     singular_values_ : ndarray or None
     explained_energy_ : float or None
         Fraction of the training fingerprints' energy kept by ``basis_``.
+    basis_method_ : {"svd", "crb", "given"}
+    basis_history_ : ndarray or None
+        With ``"crb"``: the objective (mean log CRB inflation over the
+        training draws) at the SVD start and after each iteration.
     prior_ : ParameterPrior
     estimate_ : tuple of str
     n_features_in_ : int
@@ -109,7 +126,10 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         "tied_R1": ["boolean"],
         "nuisance": [StrOptions({"all"}), str, tuple, list, None],
         "prior": [ParameterPrior, StrOptions({"brain", "parenchyma", "paper2022"}), None],
+        "basis_method": [StrOptions({"svd", "crb"})],
         "n_basis_samples": [Interval(Integral, 1, None, closed="left")],
+        "n_crb_samples": [Interval(Integral, 1, None, closed="left")],
+        "basis_max_iter": [Interval(Integral, 0, None, closed="left")],
         "backend": [StrOptions({"auto", "numba", "torch"})],
         "chunk_size": [Interval(Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
@@ -117,7 +137,8 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
 
     def __init__(self, sequence=None, n_components=None, basis=None, estimate=("m0s", "R1f", "R2f"),
                  snr=(10.0, 100.0), sigma=0.01, tied_R1=False, nuisance="all", prior="brain",
-                 n_basis_samples=1000, backend="auto", chunk_size=2048, random_state=None):
+                 n_basis_samples=1000, backend="auto", chunk_size=2048, random_state=None, basis_method="svd",
+                 n_crb_samples=256, basis_max_iter=100):
         self.sequence = sequence
         self.n_components = n_components
         self.basis = basis
@@ -131,6 +152,9 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         self.backend = backend
         self.chunk_size = chunk_size
         self.random_state = random_state
+        self.basis_method = basis_method
+        self.n_crb_samples = n_crb_samples
+        self.basis_max_iter = basis_max_iter
 
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -149,7 +173,7 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         self
         """
         seq = Sequence.resolve(self.sequence)
-        self._check_snr()
+        check_snr_range(self.snr)
         check_sigma(self.sigma)
         self.sequence_ = seq
         self.estimate_ = resolve_estimate(self.estimate, self.tied_R1)
@@ -167,6 +191,7 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
             self.singular_values_ = None
             self.explained_energy_ = None
             self._extended_basis = self.basis_
+            self.basis_method_, self.basis_history_, self._basis_theta = "given", None, None
         else:
             r = 13 if self.n_components is None else int(self.n_components)
             if not 1 <= r <= seq.n_pulses:
@@ -183,15 +208,38 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
             if r > sv.size:
                 raise ValueError(f"n_components={r} exceeds the number of basis fingerprints ({sv.size})")
             V = Vh.T  # columns u_k with c = U^H s (s as a column vector)
-            self.basis_ = np.ascontiguousarray(V[:, :r])
             self._extended_basis = np.ascontiguousarray(V[:, : min(sv.size, max(r, _MAX_STORED_RANK))])
-            self.singular_values_ = sv
-            self.explained_energy_ = float(np.sum(sv[:r] ** 2) / np.sum(sv**2))
+            self._basis_theta, self._bases = theta, {}
+            self.basis_method_, self.singular_values_ = self.basis_method, sv
+            self.basis_, self.basis_history_ = (self._crb_basis(r) if self.basis_method == "crb"
+                                                else (np.ascontiguousarray(V[:, :r]), None))
+            self.explained_energy_ = float(np.linalg.norm(s @ self.basis_.conj()) ** 2 / np.sum(sv**2))
         self.n_components_ = self.basis_.shape[1]
         return self
 
-    def _check_snr(self):
-        return check_snr_range(self.snr)
+    def _crb_basis(self, r):
+        """(CRB-optimised rank-r basis, objective history) from the first ``n_crb_samples`` basis draws."""
+        theta = self._basis_theta[: int(self.n_crb_samples)]
+        return fit_crb_basis(self.sequence_, theta, self._extended_basis[:, :r], estimate=self.estimate_,
+                             nuisance=self.nuisance, tied_R1=self.tied_R1, max_iter=int(self.basis_max_iter),
+                             m0s_floor=CRB_M0S_FLOOR, backend=self.backend, chunk_size=self.chunk_size)
+
+    def _learnt_basis(self, method, r):
+        """Rank-r basis: the fitted one (``method=None``) or the one ``method`` learns from the fit's draws."""
+        if method is not None and self.basis_method_ == "given":
+            raise ValueError("methods= compares learnt bases: this simulator was given a basis (basis=...)")
+        if not 1 <= r <= self._extended_basis.shape[1]:
+            raise ValueError(f"rank {r} not available: stored basis has {self._extended_basis.shape[1]} columns")
+        if method is None and self.basis_method_ == "crb" and r != self.n_components_:
+            raise ValueError(f"the CRB basis is optimised for rank {self.n_components_} only; pass "
+                             "methods=('crb',) to optimise one per rank")
+        if r == self.n_components_ and method in (None, self.basis_method_):
+            return self.basis_
+        if method in (None, "svd"):
+            return self._extended_basis[:, :r]
+        if (method, r) not in self._bases:
+            self._bases[(method, r)] = self._crb_basis(r)[0]
+        return self._bases[(method, r)]
 
     # ------------------------------------------------------------- chunking
     def _chunks(self, n):
@@ -294,39 +342,51 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         scale = np.broadcast_to(sig**2 / np.abs(M0) ** 2, (th.shape[0],))
         return unit * scale[:, None]
 
-    def compression_inflation(self, theta=None, ranks=None, estimate=None):
-        """CRB(compressed) / CRB(full signal), per parameter and rank.
+    def compression_inflation(self, theta=None, ranks=None, estimate=None, methods=None):
+        """CRB(compressed) / CRB(full signal), per parameter and rank (and basis method).
 
         Parameters
         ----------
         theta : array_like (n, 8), optional
             Default: a white-matter-like tissue (m0s=.15, R1f=.5, R2f=15,
-            Rex=30, R1s=3, T2s=10 us, omega0=0, B1=1).
+            Rex=30, R1s=3, T2s=10 us, omega0=0, B1=1). The CRBs are taken at
+            ``max(m0s, CRB_M0S_FLOOR)``.
         ranks : sequence of int, optional
-            Ranks of the learned SVD basis to evaluate (default: n_components_).
-            Ranks above those stored (up to 128) need a larger ``n_basis_samples``.
+            Default: n_components_. Without ``methods``: truncations of the
+            fitted basis (a CRB basis only at its own rank); ranks above 128
+            (those stored) need a larger ``n_basis_samples``.
         estimate : tuple of str, default: all free parameters
+        methods : sequence of {"svd", "crb"}, optional
+            Compare the bases each method learns from this fit's prior draws
+            side by side (a CRB basis is optimised for ``estimate_`` at each
+            rank it was not fitted at: slow).
 
         Returns
         -------
         dict
-            ``{rank: ndarray (n, len(estimate))}`` of inflation factors (>= 1).
+            ``{rank: ndarray (n, len(estimate))}`` of inflation factors (>= 1);
+            with ``methods``: ``{"inflation": {method: that}, "energy": {method:
+            {rank: fraction of the energy of theta's fingerprints kept}}}``.
         """
         check_is_fitted(self, "basis_")
-        if theta is None:
-            theta = [[0.15, 0.5, 15.0, 30.0, 3.0, 10e-6, 0.0, 1.0]]
-        est = estimate or free_parameters(self.tied_R1)
-        th = self._theta(theta, "theta")
-        s, J = jacobian(self.sequence_, th, backend=self.backend)
-        kw = dict(estimate=est, nuisance=self.nuisance, tied_R1=self.tied_R1)
+        th = self._theta([[0.15, 0.5, 15.0, 30.0, 3.0, 10e-6, 0.0, 1.0]] if theta is None else theta, "theta")
+        tc = np.where(np.arange(th.shape[1]) == INDEX["m0s"], np.maximum(th, CRB_M0S_FLOOR), th)
+        s, J = jacobian(self.sequence_, tc, backend=self.backend)
+        kw = dict(estimate=estimate or free_parameters(self.tied_R1), nuisance=self.nuisance, tied_R1=self.tied_R1)
         full = crb_from_jacobian(s, J, **kw)
         ranks = [self.n_components_] if ranks is None else [int(r) for r in ranks]
-        out = {}
-        for r in ranks:
-            if not 1 <= r <= self._extended_basis.shape[1]:
-                raise ValueError(f"rank {r} not available: stored basis has {self._extended_basis.shape[1]} columns")
-            out[r] = crb_from_jacobian(s, J, basis=self._extended_basis[:, :r], **kw) / full
-        return out
+        if methods is not None:
+            methods = (methods,) if isinstance(methods, str) else tuple(methods)
+            if not methods or not set(methods) <= {"svd", "crb"}:
+                raise ValueError(f"methods must be a non-empty selection of ('svd', 'crb'), got {methods!r}")
+        bases = {m: {r: self._learnt_basis(m, r) for r in ranks} for m in (methods or (None,))}
+        infl = {m: {r: crb_from_jacobian(s, J, basis=U, **kw) / full for r, U in b.items()} for m, b in bases.items()}
+        if methods is None:
+            return infl[None]
+        sig = simulate(self.sequence_, th, backend=self.backend)
+        kept = {m: {r: float(np.linalg.norm(sig @ U.conj()) ** 2 / np.linalg.norm(sig) ** 2) for r, U in b.items()}
+                for m, b in bases.items()}
+        return {"inflation": infl, "energy": kept}
 
     # -------------------------------------------------------------- dataset
     def make_dataset(self, n_samples, random_state=None, *, noise=True, theta=None, return_details=False,
