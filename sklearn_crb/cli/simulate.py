@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sklearn_crb.cli._common import (DEFAULT_N_SAMPLES, DEFAULT_PRIOR, DEFAULT_RANK, DEFAULT_SNR, EPILOG, CLIError,
-                                     _add_sequence_args, _common, _number, _positive_float, _positive_int, _sequence)
+from sklearn_crb.cli._common import (DEFAULT_N_SAMPLES, DEFAULT_PRIOR, DEFAULT_RANK, DEFAULT_SNR, EPILOG,
+                                     SCHEDULER_TIMEOUT, CLIError, _add_sequence_args, _common, _dask_context, _number,
+                                     _positive_float, _positive_int, _sequence)
 from sklearn_crb.io._files import check_output_file
-from sklearn_crb.io.datasets import SUFFIXES, dataset_meta, is_dataset, save_dataset, simulate_dataset
+from sklearn_crb.io.datasets import SUFFIXES, is_dataset, simulate_to_file
 from sklearn_crb.io.images import load_basis
 from sklearn_crb.physics.parameters import free_parameters, resolve_estimate
 from sklearn_crb.simulator import MTFingerprintSimulator
@@ -20,6 +21,8 @@ def cmd_simulate(args):
     if out.suffix.lower() not in SUFFIXES:
         raise CLIError(f"--out must end in .npz, .h5 or .hdf5, got {out.name}")
     check_output_file(out, overwrite=args.overwrite, owned=is_dataset, argname="--out")
+    if args.n_jobs == 0:
+        raise CLIError("--n-jobs must be a positive number of workers or negative (-1: every core), got 0")
     names = free_parameters(args.tied_R1) if args.estimate is None else tuple(args.estimate)
     estimate = resolve_estimate(names, args.tied_R1, argname="--estimate")
     seq = _sequence(args)
@@ -30,11 +33,10 @@ def cmd_simulate(args):
     sim = MTFingerprintSimulator(seq, n_components=rank, basis=basis, estimate=estimate,
                                  snr=tuple(args.snr), sigma=args.sigma, tied_R1=args.tied_R1, prior=args.prior,
                                  n_basis_samples=args.n_basis_samples, random_state=args.seed).fit()
-    data = simulate_dataset(sim, args.n_samples, args.seed, progress=not args.quiet)
-    data["basis"] = sim.basis_
-    data["meta"] = dataset_meta(sim, prior=args.prior)
-    save_dataset(out, data, overwrite=args.overwrite, argname="--out")
-    print(f"wrote {out}: {args.n_samples} samples, {data['X'].shape[1]} features (rank {sim.n_components_}), "
+    with _dask_context(args.scheduler):
+        simulate_to_file(out, sim, args.n_samples, args.seed, chunk=args.chunk_size, n_jobs=args.n_jobs,
+                         prior=args.prior, overwrite=args.overwrite, progress=not args.quiet, argname="--out")
+    print(f"wrote {out}: {args.n_samples} samples, {2 * sim.n_components_} features (rank {sim.n_components_}), "
           f"targets {list(sim.estimate_)}")
     return 0
 
@@ -60,6 +62,16 @@ def add_parser(sub):
                    help=f"|M0|/sigma range (default {DEFAULT_SNR[0]:g} {DEFAULT_SNR[1]:g}: in-vivo values included)")
     p.add_argument("--sigma", type=_positive_float, default=0.01, help="noise std per real coefficient component")
     p.add_argument("--n-basis-samples", type=_positive_int, default=1000, help="fingerprints for the SVD basis")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_number(int, 0, strict=False), default=0,
+                   help="root of the per-chunk seeds (default 0); with --chunk-size it fixes the set bitwise")
+    g = p.add_argument_group("parallel and large sets (.h5 outputs are written chunk by chunk, bounded memory)")
+    g.add_argument("--chunk-size", type=_positive_int, default=500,
+                   help="samples per task (default 500); each chunk has its own seed, so the set depends on "
+                        "--seed and --chunk-size only, not on --n-jobs or --scheduler")
+    g.add_argument("--n-jobs", type=int, default=None,
+                   help="joblib workers for the chunks (default 1; -1: every core; with --scheduler: the cluster's)")
+    g.add_argument("--scheduler", default=None,
+                   help=f"compute the chunks on dask: a scheduler address (connect timeout {SCHEDULER_TIMEOUT}), or "
+                        f"'local' for a 2-worker LocalCluster")
     _common(p)
     p.set_defaults(func=cmd_simulate)

@@ -7,6 +7,13 @@ arrays of 16,000 samples that is 160,000 ``__getitem__`` and 640,000
 256-256-128 MLP on one CPU thread. :class:`TensorBatches` turns the arrays
 into tensors once (on the training device) and takes each batch by tensor
 indexing with a seeded permutation, the way a plain torch loop does.
+
+Sets larger than memory (an HDF5 training set, :class:`sklearn_crb.io.h5.H5Rows`)
+are trained through :class:`PackedRows`, a torch ``Dataset`` over a lazy row
+source and a packing function, and :class:`RowBatches`, which draws the same
+permutation as :class:`TensorBatches` and reads each batch's rows (index set
+sorted for the file, rows put back in permutation order) only when the batch
+is due: the batches are the same as from the arrays in memory.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import numpy as np
 import torch
 from skorch.dataset import Dataset
 
-__all__ = ["TensorBatches", "tensor_batches_or_none", "make_iterator", "forward_in_batches", "net_threads",
+__all__ = ["TensorBatches", "PackedRows", "RowBatches", "tensor_batches_or_none", "row_batches_or_none",
+           "make_iterator", "forward_in_batches", "net_threads",
            "torch_threads", "default_threads"]
 
 #: ``iterator_train__*``/``iterator_valid__*`` options that only skorch's DataLoader implements.
@@ -69,6 +77,86 @@ class TensorBatches:
             yield {k: v[j] for k, v in self.X.items()}, (None if self.y is None else self.y[j])
 
 
+class PackedRows(torch.utils.data.Dataset):
+    """A lazy training set: rows of ``source`` packed per batch by ``pack``.
+
+    Parameters
+    ----------
+    source : object
+        Has ``len(source)`` and ``source.read(keys, idx) -> {key: ndarray}``
+        returning rows ``idx`` in the order given (e.g.
+        :class:`sklearn_crb.io.h5.H5Rows`).
+    keys : sequence of str
+        Arrays of ``source`` that ``pack`` needs.
+    pack : callable
+        ``pack(rows) -> (X dict of ndarrays, y ndarray or None)`` for one
+        batch (the estimator's float32 features, loss weights and
+        standardised targets); it must act row by row.
+    """
+
+    def __init__(self, source, keys, pack):
+        self.source, self.keys, self.pack = source, tuple(keys), pack
+        self.n = len(source)
+
+    def __len__(self):
+        return self.n
+
+    def take(self, idx):
+        """Packed batch ``(X dict, y)`` of the rows ``idx`` (in that order)."""
+        return self.pack(self.source.read(self.keys, np.asarray(idx, dtype=np.int64)))
+
+    def __getitem__(self, i):  # skorch's DataLoader path (one sample); RowBatches reads whole batches
+        X, y = self.take([int(i)])
+        return {k: v[0] for k, v in X.items()}, (None if y is None else y[0])
+
+
+class RowBatches:
+    """Whole batches of a :class:`PackedRows`, read from its source batch by batch.
+
+    Same parameters and the same permutations as :class:`TensorBatches`
+    (``torch.randperm(n, generator=generator)``), so for one generator state
+    both yield the same batches; ``indices`` restricts the set to those rows
+    (a ``Subset``, e.g. the training part of a validation split), exactly as
+    :class:`TensorBatches` over ``arrays[indices]``.
+    """
+
+    def __init__(self, rows, batch_size, shuffle=False, drop_last=False, generator=None, device="cpu",
+                 indices=None):
+        self.rows = rows
+        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+        self.n = len(rows) if self.indices is None else len(self.indices)
+        self.batch_size = max(1, int(batch_size))
+        self.shuffle, self.drop_last, self.generator = bool(shuffle), bool(drop_last), generator
+        self.device = torch.device(device)
+
+    __len__ = TensorBatches.__len__
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        order = order.numpy()
+        if self.indices is not None:
+            order = self.indices[order]
+        stop = len(self) * self.batch_size if self.drop_last else self.n
+        for i in range(0, stop, self.batch_size):
+            X, y = self.rows.take(order[i: i + self.batch_size])
+            X = {k: torch.as_tensor(v).to(self.device) for k, v in X.items()}
+            yield X, (None if y is None else torch.as_tensor(y).to(self.device))
+
+
+def row_batches_or_none(dataset, kwargs, device, generator):
+    """A :class:`RowBatches` for a :class:`PackedRows` (or a ``Subset`` of one), else None."""
+    if any(k in kwargs for k in _LOADER_ONLY):
+        return None
+    idx = None
+    if isinstance(dataset, torch.utils.data.Subset):
+        idx, dataset = np.asarray(dataset.indices), dataset.dataset
+    if not isinstance(dataset, PackedRows):
+        return None
+    return RowBatches(dataset, kwargs["batch_size"], shuffle=kwargs.get("shuffle", False),
+                      drop_last=kwargs.get("drop_last", False), generator=kwargs.get("generator", generator),
+                      device=device, indices=idx)
+
+
 def _dict_arrays(dataset):
     """``(X dict, y)`` of a skorch ``Dataset`` of a dict of arrays, or of a ``Subset`` of one; else None."""
     idx = None
@@ -106,7 +194,8 @@ def tensor_batches_or_none(dataset, kwargs, device, generator):
 def make_iterator(net, dataset, training=False):
     """The batch iterator of ``CRBNetRegressor.get_iterator``.
 
-    :class:`TensorBatches` for the packed data, skorch's DataLoader for other
+    :class:`TensorBatches` for the packed data, :class:`RowBatches` for a lazy
+    :class:`PackedRows` set, skorch's DataLoader for other
     datasets or options that need it (workers, samplers, ...). Training
     batches are shuffled by a generator seeded from ``random_state``, and a
     last batch of one sample is dropped (BatchNorm cannot train on it).
@@ -123,6 +212,8 @@ def make_iterator(net, dataset, training=False):
         if seed is not None and "generator" not in kwargs:
             kwargs["generator"] = torch.Generator().manual_seed(seed)
     fast = tensor_batches_or_none(dataset, kwargs, net.device_, kwargs.get("generator"))
+    if fast is None:
+        fast = row_batches_or_none(dataset, kwargs, net.device_, kwargs.get("generator"))
     if fast is not None:
         return fast
     return (net.iterator_train if training else net.iterator_valid)(dataset, **kwargs)

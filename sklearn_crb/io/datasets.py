@@ -20,15 +20,17 @@ import os
 from pathlib import Path
 
 import numpy as np
+from joblib import Parallel, delayed
 from tqdm.auto import tqdm
 
 from sklearn_crb._atomic import atomic_path
 from sklearn_crb.io._files import check_output_file
+from sklearn_crb.io.h5 import H5Rows, write_h5_chunks
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.simulator import MTFingerprintSimulator
 
 __all__ = ["SUFFIXES", "REQUIRED", "save_dataset", "load_dataset", "is_dataset", "simulate_dataset",
-           "dataset_meta", "simulator_from_dataset"]
+           "iter_dataset_chunks", "simulate_to_file", "open_dataset", "dataset_meta", "simulator_from_dataset"]
 
 #: File suffixes of the two containers.
 SUFFIXES = (".npz", ".h5", ".hdf5")
@@ -133,18 +135,149 @@ def is_dataset(path):
     return True
 
 
-def simulate_dataset(simulator, n_samples, random_state=0, chunk=500, progress=True):
-    """``make_dataset`` in chunks with a progress bar; returns a dict of arrays."""
-    seeds = np.random.SeedSequence(random_state).spawn(max(1, -(-n_samples // chunk)))
-    parts = []
+def _entropy(random_state):
+    """The root entropy of the per-chunk seeds: an int >= 0, or fresh OS entropy for None."""
+    if random_state is None:
+        return np.random.SeedSequence().entropy
+    if isinstance(random_state, (bool, np.bool_)) or not isinstance(random_state, (int, np.integer)) \
+            or random_state < 0:
+        raise TypeError(f"random_state must be a non-negative int or None (the root of the per-chunk seeds), "
+                        f"got {random_state!r}")
+    return int(random_state)
+
+
+def _check_chunking(n_samples, chunk):
+    for name, v, low in (("n_samples", n_samples, 1), ("chunk", chunk, 1)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+    return int(n_samples), int(chunk)
+
+
+def _simulate_chunk(simulator, n, entropy, index):
+    """Chunk ``index`` of a set: ``n`` samples from the seed ``SeedSequence(entropy, spawn_key=(index,))``.
+
+    That seed is ``SeedSequence(entropy).spawn(k)[index]``: the chunk depends
+    on (entropy, index, n) only, not on the process or worker computing it.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(int(index),)))
+    X, y, crb, det = simulator.make_dataset(int(n), rng, return_details=True)
+    return {"X": X, "y": y, "crb": crb, "X_clean": det["X_clean"], "crb_unit": det["crb_unit"],
+            "theta": det["theta"], "M0": det["M0"]}
+
+
+def iter_dataset_chunks(simulator, n_samples, random_state=0, chunk=500, n_jobs=None, progress=False):
+    """``(rows, arrays)`` of a simulated set, chunk by chunk in row order, computed through joblib.
+
+    Chunk ``i`` holds rows ``i*chunk : (i+1)*chunk`` and is drawn from its
+    own seed ``SeedSequence(random_state).spawn(n_chunks)[i]``. The set is
+    therefore bitwise the same for any ``n_jobs`` and any joblib backend
+    (loky, threads, or a dask cluster inside
+    ``joblib.parallel_config(backend="dask")``), while ``(random_state,
+    chunk)`` together determine it: another ``chunk`` gives another (equally
+    valid) set. Results are gathered in order as a generator
+    (``return_as="generator"``), so only the chunks in flight are held in
+    memory.
+
+    Parameters
+    ----------
+    simulator : MTFingerprintSimulator
+        Fitted; sent to every worker (pickled once per task by loky,
+        scattered once by dask).
+    n_samples : int
+    random_state : int >= 0 or None
+        Root of the per-chunk seeds (None: fresh entropy, not reproducible).
+    chunk : int
+        Samples per task (default 500); part of the determinism contract.
+    n_jobs : int or None
+        joblib's ``n_jobs`` (None: joblib's default, 1 outside a
+        ``parallel_config``; every worker of the cluster with dask).
+    progress : bool
+        A tqdm bar over the samples.
+
+    Yields
+    ------
+    rows : slice
+    arrays : dict of ndarray
+        ``X``, ``y``, ``crb``, ``X_clean``, ``crb_unit``, ``theta``, ``M0``.
+    """
+    n_samples, chunk = _check_chunking(n_samples, chunk)
+    entropy = _entropy(random_state)
+    slices = [slice(s, min(n_samples, s + chunk)) for s in range(0, n_samples, chunk)]
+    tasks = (delayed(_simulate_chunk)(simulator, sl.stop - sl.start, entropy, i) for i, sl in enumerate(slices))
+    results = Parallel(n_jobs=n_jobs, return_as="generator")(tasks)
     with tqdm(total=n_samples, desc="simulate", unit="sample", disable=not progress) as bar:
-        for i, seed in enumerate(seeds):
-            n = min(chunk, n_samples - i * chunk)
-            X, y, crb, det = simulator.make_dataset(n, np.random.default_rng(seed), return_details=True)
-            parts.append({"X": X, "y": y, "crb": crb, "X_clean": det["X_clean"], "crb_unit": det["crb_unit"],
-                          "theta": det["theta"], "M0": det["M0"]})
-            bar.update(n)
+        for sl, part in zip(slices, results):
+            bar.update(sl.stop - sl.start)
+            yield sl, part
+
+
+def simulate_dataset(simulator, n_samples, random_state=0, chunk=500, progress=True, n_jobs=None):
+    """A simulated training set in memory (dict of arrays), chunks computed through joblib.
+
+    See :func:`iter_dataset_chunks` for the seeding: the result depends on
+    ``(random_state, chunk)`` only, bitwise, not on ``n_jobs`` or the joblib
+    backend. For sets larger than memory use :func:`simulate_to_file` with
+    an HDF5 path.
+    """
+    parts = [p for _, p in iter_dataset_chunks(simulator, n_samples, random_state, chunk, n_jobs, progress)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def simulate_to_file(path, simulator, n_samples, random_state=0, *, chunk=500, n_jobs=None, prior=None,
+                     overwrite=False, progress=True, argname="out"):
+    """Simulate a training set straight into ``path`` (``.npz`` in memory, HDF5 streamed).
+
+    HDF5 (``.h5``/``.hdf5``): the chunks of :func:`iter_dataset_chunks` are
+    written as they arrive into pre-sized datasets, so the memory of this
+    process does not grow with ``n_samples``. Both containers go through the
+    atomic writer: the file appears whole at the end, and an exception or
+    Ctrl-C leaves no partial file and an existing ``path`` untouched. An
+    existing file is replaced only with ``overwrite=True`` and only if it is
+    itself a training set. ``.npz`` gathers the whole set first (small sets).
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    _check_suffix(path, argname)
+    _check_chunking(n_samples, chunk)
+    path = check_output_file(path, overwrite=overwrite, owned=is_dataset, argname=argname)
+    static = {"basis": simulator.basis_, "meta": dataset_meta(simulator, prior=prior)}
+    if path.suffix.lower() == ".npz":
+        data = simulate_dataset(simulator, n_samples, random_state, chunk, progress, n_jobs)
+        return save_dataset(path, {**data, **static}, overwrite=overwrite, argname=argname)
+    chunks = iter_dataset_chunks(simulator, n_samples, random_state, chunk, n_jobs, progress)
+    with atomic_path(path) as tmp:
+        write_h5_chunks(tmp, n_samples, chunks, static)
+    return path
+
+
+def open_dataset(path, keys=None, argname="data"):
+    """A lazy HDF5 training set: ``(rows, static)`` without reading the per-sample arrays.
+
+    ``rows`` is an :class:`~sklearn_crb.io.h5.H5Rows` (``len(rows)``,
+    ``rows.read(keys, idx)``); ``static`` holds ``basis`` and the parsed
+    ``meta`` (what :func:`simulator_from_dataset` needs). ``.npz`` sets are
+    refused: load them with :func:`load_dataset`.
+    """
+    path = Path(os.fspath(path))
+    if path.suffix.lower() not in (".h5", ".hdf5"):
+        raise ValueError(f"{argname}: a lazy training set must be HDF5 (.h5/.hdf5), got {path.name}; "
+                         "load .npz sets with load_dataset")
+    rows = H5Rows(path, keys=keys, argname=argname)
+    missing = [k for k in ("y", "crb") if k not in rows.keys]
+    if missing:
+        raise ValueError(f"{argname}: {path} lacks the per-sample arrays {missing}; write it with "
+                         "`sklearn-crb simulate`")
+    try:
+        import h5py  # optional container
+
+        with h5py.File(path, "r") as f:
+            static = {"basis": f["basis"][()], "meta": f["meta"][()]}
+    except (OSError, KeyError) as exc:
+        raise ValueError(f"{argname}: {path} lacks 'basis'/'meta' or is unreadable ({exc})") from exc
+    static["meta"] = _parse_meta(static["meta"], path)
+    return rows, static
 
 
 def dataset_meta(simulator, prior=None):
