@@ -11,13 +11,22 @@ which returns per voxel all eight parameters ``theta`` (the fixed and
 nuisance values the estimator's model fingerprint used included), the
 complex ``M0``, the residual norm, a convergence flag, the CRB at ``M0 = 1,
 sigma = 1`` of the estimated parameters, and the number of real unknowns
-``n_free`` of the fit. From these the maps give per voxel
+``n_free`` of the fit (optionally ``var_unit``, the estimator's own variance
+at ``M0 = 1, sigma = 1``, used instead of ``crb_unit``, and
+``noise_residual_norm``, a residual for the noise level with the model
+misfit of an off-optimum estimate projected out, NaN where not computed).
+From these the maps give per voxel
 
-* the standard error ``sqrt(CRB(theta_hat))`` of each estimated parameter:
-  the Cramér–Rao bound of the rank-r coefficients (Zhang et al., MRM 2022,
-  Eq. 3) evaluated at the estimate, with the unknowns the estimator does not
-  report (and complex M0) marginalised as nuisance parameters, at the fitted
-  ``|M0|`` and the noise level ``sigma``;
+* the standard error of each estimated parameter at the fitted ``|M0|`` and
+  the noise level ``sigma``: for NLLS and dictionary matching
+  ``sqrt(CRB(theta_hat))``, the Cramér–Rao bound of the rank-r coefficients
+  (Zhang et al., MRM 2022, Eq. 3) evaluated at the estimate, with the
+  unknowns the estimator does not report (and complex M0) marginalised as
+  nuisance parameters (the asymptotic standard error of an efficient
+  estimator); for a network, when its ``predict_details`` returns
+  ``var_unit``, its own delta-method standard error (the spread of the
+  network's estimate over noise draws to first order, below ``sqrt(CRB)``
+  where it leans on its prior);
 * the relative residual ``||c - M0 U^H s(theta_hat)|| / ||c||``;
 * ``|M0|`` and its phase. A network does not estimate M0: it is the
   closed-form linear least-squares fit ``M0 = u^H c / u^H u`` with
@@ -223,7 +232,8 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
     chunk_size : int
         Voxels per chunk.
     compute_se : bool
-        Compute the standard-error maps (one Jacobian per voxel).
+        Compute the standard-error maps (NLLS, dictionary: one Jacobian per
+        voxel; a network: its delta-method standard error, one backward pass).
     threshold : float
         Automatic-mask threshold (see ``io.make_mask``).
     times : bool
@@ -266,6 +276,7 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
     theta = np.full((n_vox, len(PARAMETERS)), np.nan)
     M0 = np.full(n_vox, np.nan + 0j)
     res_sq = np.full(n_vox, np.nan)
+    noise_sq = np.full(n_vox, np.nan)
     crb_unit = None
     converged = np.zeros(n_vox, dtype=bool)
     est, n_free = None, None
@@ -283,9 +294,12 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
         theta[sl] = det["theta"]
         M0[sl] = det["M0"]
         res_sq[sl] = np.asarray(det["residual_norm"], dtype=float) ** 2
+        if det.get("noise_residual_norm") is not None:
+            noise_sq[sl] = np.asarray(det["noise_residual_norm"], dtype=float) ** 2
         converged[sl] = det["converged"]
         if compute_se:
-            crb_unit[sl] = det["crb_unit"]
+            var = det.get("var_unit")
+            crb_unit[sl] = det["crb_unit"] if var is None else var
         bar.update(sl.stop - sl.start)
     bar.close()
     if est is None:  # nothing to fit: ask for the names on an empty batch
@@ -301,7 +315,9 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
         flags |= np.where(_out_of_range(theta) & ~failed, FLAGS["out_of_range"], 0).astype(np.int16)
     ok = flags == 0
     if sigma is None:
-        sigma = estimate_sigma(res_sq[ok] if ok.any() else res_sq, 2 * c_img.shape[-1] - n_free)
+        # the misfit-free residuals where the estimator gives them (networks), else the residuals
+        pool = noise_sq if np.isfinite(noise_sq[ok]).any() else res_sq
+        sigma = estimate_sigma(pool[ok] if ok.any() else pool, 2 * c_img.shape[-1] - n_free)
     sigma = float(sigma)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.sqrt(res_sq) / np.linalg.norm(c, axis=1)

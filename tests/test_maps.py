@@ -43,10 +43,65 @@ def test_maps_names_and_independent_residual_and_se(setup):
     rel = np.linalg.norm(c - M0[:, None] * u, axis=1) / np.linalg.norm(c, axis=1)
     np.testing.assert_allclose(maps["relative_residual"][iy, ix], rel, rtol=1e-8)
     np.testing.assert_allclose(maps["M0_abs"][iy, ix], np.abs(M0), rtol=1e-8)
-    crb = cramer_rao_bound(ph.sequence, th, estimate=NAMES, basis=sim.basis_, M0=np.abs(M0), sigma=sigma)
-    np.testing.assert_allclose(np.stack([maps[p + "_se"][iy, ix] for p in NAMES], 1), np.sqrt(crb), rtol=1e-6)
+    # the network's standard error: its delta-method spread, checked by central differences of predict
+    X5 = np.hstack([c.real, c.imag])
+    h = 1e-3 * np.linalg.norm(X5, axis=1, keepdims=True)
+    g2 = np.zeros((5, len(NAMES)))
+    for d in range(X5.shape[1]):
+        e = np.zeros_like(X5)
+        e[:, d] = h[:, 0]
+        g2 += ((net.predict(X5 + e) - net.predict(X5 - e)) / (2 * h)) ** 2
+    np.testing.assert_allclose(np.stack([maps[p + "_se"][iy, ix] for p in NAMES], 1), sigma * np.sqrt(g2),
+                               rtol=0.05)
     assert np.all(maps["m0s"][~sel] == 0)
     assert np.all(maps["flags"][~sel] == FLAGS["invalid_input"])  # background is exactly zero
+
+
+def test_network_crb_standard_errors_are_the_crb_at_the_estimate(setup):
+    from sklearn_crb.estimators._network_details import network_details
+
+    sim, net, ph = setup
+    sel = ph.mask
+    X = np.hstack([ph.coefficients[sel].real, ph.coefficients[sel].imag])[:5]
+    det = network_details(net, X, se="crb")
+    assert det["var_unit"] is None
+    crb = cramer_rao_bound(ph.sequence, det["theta"], estimate=NAMES, basis=sim.basis_)
+    np.testing.assert_allclose(det["crb_unit"], crb, rtol=1e-6)
+    with pytest.raises(ValueError, match="se must be one of"):
+        network_details(net, X, se="bootstrap")
+
+
+def test_linearised_residual_removes_the_misfit_of_an_offset_estimate(short_sequence):
+    """Noise-free data and an estimate off the truth: the residual is the misfit, its part orthogonal to the
+    tangent space is second order; pure noise orthogonal to the tangent space is kept whole."""
+    from sklearn_crb.estimators._network_details import linearised_residual
+    from sklearn_crb.physics.signal import jacobian
+    from sklearn_crb.simulator import MTFingerprintSimulator
+
+    sim = MTFingerprintSimulator(short_sequence, n_components=10, n_basis_samples=200, random_state=0).fit()
+    U = sim.basis_
+    th = np.array([[0.12, 0.6, 14.0, 20.0, 2.0, 12e-6, 30.0, 0.95], [0.05, 0.4, 9.0, 25.0, 3.0, 10e-6, -50.0, 1.05]])
+    free = ("m0s", "R1f", "R2f", "Rex", "R1s", "T2s", "omega0", "B1")
+    M0 = np.array([0.7 * np.exp(0.3j), 1.1 * np.exp(-1j)])
+    c = M0[:, None] * (simulate(short_sequence, th) @ U.conj())
+    off = th * (1 + 2e-3 * np.array([1, -1, 1, -1, 1, -1, 1, 1]))
+    s, J = jacobian(short_sequence, off)
+    u = s @ U.conj()
+    M0_hat = np.sum(u.conj() * c, 1) / np.sum(np.abs(u) ** 2, 1)
+    Ju = np.einsum("npk,pr->nrk", J, U.conj())
+    full = np.linalg.norm(c - M0_hat[:, None] * u, axis=1)
+    lin = linearised_residual(c, M0_hat, u, Ju, free, tied=False)
+    assert np.all(full > 0) and np.all(lin < 0.05 * full)
+    # noise orthogonal to every tangent column is left whole
+    A = np.concatenate([np.stack([M0_hat[:, None] * Ju[..., k] for k in range(8)] + [u, 1j * u], -1).real,
+                        np.stack([M0_hat[:, None] * Ju[..., k] for k in range(8)] + [u, 1j * u], -1).imag], 1)
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((2, 2 * U.shape[1]))
+    Q, _ = np.linalg.qr(A)
+    z -= np.einsum("nik,nk->ni", Q, np.einsum("nik,ni->nk", Q, z))
+    cz = M0_hat[:, None] * u + (z[:, :U.shape[1]] + 1j * z[:, U.shape[1]:])
+    np.testing.assert_allclose(linearised_residual(cz, M0_hat, u, Ju, free, tied=False), np.linalg.norm(z, axis=1),
+                               rtol=1e-8)
 
 
 def test_nan_and_zero_voxels_are_masked_and_flagged(setup):

@@ -17,6 +17,7 @@ from sklearn.model_selection import GridSearchCV, KFold, cross_validate
 
 from conftest import small_crb_net, toy_problem
 from sklearn_crb.crb import crb_from_jacobian
+from sklearn_crb.estimators._network_details import network_details
 from sklearn_crb.estimators._training import augment_batch
 from sklearn_crb.estimators.network import MLP
 from sklearn_crb.estimators.regressor import CRBNetRegressor
@@ -313,7 +314,13 @@ def test_predict_details_protocol(sim):
     np.testing.assert_allclose(det["residual_norm"][ok], np.linalg.norm(r, axis=1), rtol=1e-12)
     ref = crb_from_jacobian(s, J, estimate=est, nuisance=("Rex", "T2s", "omega0"), tied_R1=True,
                             basis=sim.basis_, on_singular="inf")
-    np.testing.assert_allclose(det["crb_unit"][ok], ref, rtol=1e-10)
+    det_crb = network_details(net, X, fixed={"B1": np.full(20, 0.9)}, se="crb")
+    np.testing.assert_allclose(det_crb["crb_unit"][ok], ref, rtol=1e-10)
+    np.testing.assert_array_equal(det_crb["theta"], th)
+    # the default standard error is the network's own (delta method): finite, positive, not the CRB
+    assert det["crb_unit"] is None and np.all(det["var_unit"][ok] > 0)
+    assert np.all(np.isfinite(det["noise_residual_norm"][ok]))
+    assert np.all(det["noise_residual_norm"][ok] <= det["residual_norm"][ok] * (1 + 1e-9))
     assert net.predict_details(X, compute_crb=False)["crb_unit"] is None
     # non-finite rows are flagged, not raised; an empty batch answers the names
     Xb = X.copy()
