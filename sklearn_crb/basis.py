@@ -78,20 +78,38 @@ def prepare_information(signal, J, *, estimate, nuisance="all", tied_R1=False, c
     if not bool(ok.any()):
         raise ValueError("no draw has an invertible full-signal Fisher matrix: the parameters "
                          f"{list(names)} are not jointly identifiable at any of them")
-    full = torch.diagonal(torch.linalg.inv(F[ok]), dim1=-2, dim2=-1)[:, :n_est]
-    return {"columns": cols[ok].contiguous(), "log_crb_full": full.log(), "n_estimated": n_est,
+    cols = cols[ok].contiguous()
+    return {"columns": cols, "log_crb_full": _log_diag_inverse(cols, n_est), "n_estimated": n_est,
             "names": names, "kept": ok.numpy()}
 
 
 def _log_crb(U, columns, n_est):
-    """log CRB (n_draws, n_est) of the coefficients ``U^H s``; inf where their Fisher matrix is singular."""
+    """log CRB (n_draws, n_est) of the coefficients ``U^H s``; inf where their Fisher matrix is singular.
+
+    ``diag(F^-1)`` from a QR factorisation of the real-stacked ``[Re; Im](U^H J)`` (column-scaled),
+    whose error grows with ``cond(U^H J)`` rather than with ``cond(F) = cond(U^H J)**2``.
+    """
     K, N, P = columns.shape
     A = (U.conj().T @ columns.permute(1, 0, 2).reshape(N, K * P)).reshape(U.shape[1], K, P).permute(1, 0, 2)
-    F = (A.conj().transpose(-1, -2) @ A).real
-    L, info = torch.linalg.cholesky_ex(F)
-    if bool((info != 0).any()):
+    return _log_diag_inverse(A, n_est)
+
+
+def _log_diag_inverse(A, n_est):
+    """log of the first ``n_est`` diagonal entries of ``Re(A^H A)^-1``, A (K, m, P) complex; inf if singular."""
+    K, _, P = A.shape
+    Ar = torch.cat([A.real, A.imag], dim=1)  # (K, 2m, P)
+    if Ar.shape[1] < P:
         return torch.full((K, n_est), float("inf"), dtype=torch.float64)
-    return torch.diagonal(torch.cholesky_inverse(L), dim1=-2, dim2=-1)[:, :n_est].log()
+    norm = torch.linalg.vector_norm(Ar, dim=1)  # (K, P)
+    if not bool((norm > 0).all()):
+        return torch.full((K, n_est), float("inf"), dtype=torch.float64)
+    _, R = torch.linalg.qr(Ar / norm[:, None, :])
+    dR = torch.diagonal(R, dim1=-2, dim2=-1).abs()
+    if not bool((dR > 1e-14).all()):
+        return torch.full((K, n_est), float("inf"), dtype=torch.float64)
+    eye = torch.eye(P, dtype=R.dtype).expand(K, P, P)
+    Rinv = torch.linalg.solve_triangular(R, eye, upper=True)
+    return ((Rinv[:, :n_est, :] ** 2).sum(-1)).log() - 2 * norm[:, :n_est].log()
 
 
 def crb_inflation_objective(U, info, reduce="mean"):
