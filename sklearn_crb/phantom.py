@@ -1,10 +1,18 @@
-"""A 2-D numerical brain phantom for MT fingerprinting.
+"""A numerical brain phantom for MT fingerprinting: one slice or a small slab.
 
 White matter (WM), cortical and deep grey matter (GM) and cerebrospinal
 fluid (CSF) on an elliptical head, with smooth B0 and B1 fields and a smooth
 M0 phase, simulated with the generalized-Bloch model through a sequence and
 a compression basis, with complex Gaussian noise at a chosen SNR. It is the
 test image of the I/O → maps pipeline (``sklearn_crb.maps``).
+
+``shape=(nx, ny)`` gives one slice; ``shape=(nx, ny, nz)`` a multi-slice
+slab through an ellipsoidal head (``slab`` sets its thickness), whose slices
+differ: the head, the cortex and the ventricles shrink away from the centre
+slice, and B1, B0 and the phase vary along z. The true B1 map (used to
+simulate the data) is returned as ``Phantom.fixed_maps()["B1"]``, so that a
+fit can take it as a measured, fixed B1 map; ``b1_map=`` replaces the
+built-in smooth field by any field.
 
 Tissue values (3 T, the unconstrained two-pool generalized-Bloch model):
 
@@ -67,7 +75,7 @@ from sklearn_crb.physics.signal import simulate
 from sklearn_crb.simulator import MTFingerprintSimulator
 
 __all__ = ["TISSUES", "TIED_TISSUES", "tissue_values", "PROTON_DENSITY", "LABELS", "Phantom", "make_phantom",
-           "phantom_geometry"]
+           "phantom_geometry", "NOMINAL_FIELDS"]
 
 #: Tissue parameters in ``PARAMETERS`` order without the fields (omega0, B1).
 TISSUES = {
@@ -84,6 +92,8 @@ TIED_TISSUES = {
 PROTON_DENSITY = {"WM": 0.69, "GM": 0.80, "CSF": 1.0}
 #: Label values of ``Phantom.labels``.
 LABELS = {"background": 0, "WM": 1, "GM": 2, "CSF": 3}
+#: Field values outside the head in ``Phantom.fixed_maps`` (nominal B1, on resonance).
+NOMINAL_FIELDS = {"B1": 1.0, "omega0": 0.0}
 
 
 def tissue_values(tied_R1=False):
@@ -97,15 +107,17 @@ class Phantom:
 
     Attributes
     ----------
-    coefficients : ndarray, complex128, shape (ny, nx, r)
+    ``spatial`` is the phantom's ``shape``: (nx, ny) or (nx, ny, nz).
+
+    coefficients : ndarray, complex128, shape (*spatial, r)
         Noisy coefficients ``M0 U^H s(theta) + noise``; exactly zero outside
         the head (as in reconstructions).
-    clean : ndarray, complex128, shape (ny, nx, r)
+    clean : ndarray, complex128, shape (*spatial, r)
         The same without noise.
-    theta : ndarray, shape (ny, nx, 8)
+    theta : ndarray, shape (*spatial, 8)
         True parameters (``PARAMETERS`` order, SI units); zero outside the head.
-    M0 : ndarray, complex128, shape (ny, nx)
-    labels : ndarray of int, shape (ny, nx)
+    M0 : ndarray, complex128, shape spatial
+    labels : ndarray of int, shape spatial
         See ``LABELS``.
     sigma : float
         Noise standard deviation per real component.
@@ -142,60 +154,91 @@ class Phantom:
             raise ValueError(f"name must be one of {PARAMETERS}, got {name!r}")
         return self.theta[..., INDEX[name]]
 
+    def fixed_maps(self, names=("B1",)):
+        """True field maps to pass as measured, fixed maps: ``{name: map}``.
 
-def phantom_geometry(shape=(64, 64), b1_range=(0.8, 1.15), b0_max_hz=40.0):
+        Inside the head the values that simulated the data (``B1``
+        relative, 1 = nominal; ``omega0`` in rad/s); outside it the nominal
+        values ``NOMINAL_FIELDS``, so the maps are finite everywhere.
+        """
+        out = {}
+        for name in names:
+            if name not in NOMINAL_FIELDS:
+                raise ValueError(f"names must be among {tuple(NOMINAL_FIELDS)}, got {name!r}")
+            out[name] = np.where(self.mask, self.parameter_map(name), NOMINAL_FIELDS[name])
+        return out
+
+
+def phantom_geometry(shape=(64, 64), b1_range=(0.8, 1.15), b0_max_hz=40.0, slab=0.5):
     """Tissue labels and smooth fields of the head phantom.
 
     Parameters
     ----------
-    shape : (int, int)
-        (ny, nx), each >= 8.
+    shape : (int, int) or (int, int, int)
+        One slice (n0, n1), each >= 8, or a slab of ``nz >= 1`` slices
+        (n0, n1, nz).
     b1_range : (float, float)
-        B1 scaling spans this range: highest at the centre (dielectric
-        centre brightening at 3 T), lowest at the edge.
+        B1 scaling spans this range over the image: highest at the centre
+        (dielectric centre brightening at 3 T), lowest at the edge.
     b0_max_hz : float
         Peak |off-resonance| in Hz: a linear plus quadratic (frontal-sinus
         like) field.
+    slab : float
+        Slab thickness in units of the in-plane head half-width (the head
+        is an ellipsoid with semi-axes 0.85, 0.95 and 0.8); its slices are
+        evenly spaced over ``[-slab/2, slab/2]`` around the centre slice.
+        Ignored for one slice (which is the centre slice).
 
     Returns
     -------
-    labels : ndarray of int (ny, nx)
-    B1 : ndarray (ny, nx)
-    omega0 : ndarray (ny, nx), rad/s
-    phase : ndarray (ny, nx), rad (smooth M0 phase)
+    labels : ndarray of int, shape ``shape``
+    B1 : ndarray, shape ``shape`` (relative, 1 = nominal)
+    omega0 : ndarray, shape ``shape``, rad/s
+    phase : ndarray, shape ``shape``, rad (smooth M0 phase)
     """
     try:
-        ny, nx = (int(s) for s in shape)
+        dims = tuple(int(s) for s in shape)
     except (TypeError, ValueError):
-        raise TypeError(f"shape must be a pair of ints, got {shape!r}") from None
-    if ny < 8 or nx < 8:
-        raise ValueError(f"shape must be at least (8, 8), got {shape}")
-    y, x = np.meshgrid(np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
-    rho = np.sqrt((x / 0.85) ** 2 + (y / 0.95) ** 2)  # elliptical "radius" of the head
-    labels = np.zeros((ny, nx), dtype=np.int16)
+        raise TypeError(f"shape must be a tuple of 2 or 3 ints, got {shape!r}") from None
+    if len(dims) not in (2, 3):
+        raise ValueError(f"shape must be (n0, n1) or (n0, n1, nz), got {shape}")
+    if dims[0] < 8 or dims[1] < 8 or (len(dims) == 3 and dims[2] < 1):
+        raise ValueError(f"shape must be at least (8, 8) in-plane with nz >= 1, got {shape}")
+    slab = float(slab)
+    if not (np.isfinite(slab) and 0 <= slab <= 1.2):
+        raise ValueError(f"slab must be in [0, 1.2] (the head is 1.6 high), got {slab}")
+    ny, nx = dims[:2]
+    nz = dims[2] if len(dims) == 3 else 1
+    zs = np.linspace(-slab / 2, slab / 2, nz) if nz > 1 else np.zeros(1)
+    y, x, z = np.meshgrid(np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), zs, indexing="ij")
+    # elliptical (ellipsoidal in a slab) "radius" of the head; z = 0 adds exactly 0 on the centre slice
+    rho = np.sqrt((x / 0.85) ** 2 + (y / 0.95) ** 2 + (z / 0.8) ** 2)
+    labels = np.zeros(rho.shape, dtype=np.int16)
     labels[rho <= 1.0] = LABELS["CSF"]  # outer CSF
     labels[rho <= 0.90] = LABELS["GM"]  # cortex
     labels[rho <= 0.72] = LABELS["WM"]
     for sx in (-1, 1):
-        deep_gm = ((x - sx * 0.30) / 0.12) ** 2 + ((y + 0.05) / 0.16) ** 2 <= 1.0  # thalamus-like
+        deep_gm = ((x - sx * 0.30) / 0.12) ** 2 + ((y + 0.05) / 0.16) ** 2 + (z / 0.3) ** 2 <= 1.0  # thalamus-like
         labels[deep_gm & (rho <= 0.72)] = LABELS["GM"]
-        ventricle = ((x - sx * 0.12) / 0.07) ** 2 + ((y + 0.10) / 0.30) ** 2 <= 1.0
+        ventricle = ((x - sx * 0.12) / 0.07) ** 2 + ((y + 0.10) / 0.30) ** 2 + (z / 0.35) ** 2 <= 1.0
         labels[ventricle] = LABELS["CSF"]
     lo, hi = (float(v) for v in b1_range)
     if not (0 < lo <= hi <= 1.4):
         raise ValueError(f"b1_range must satisfy 0 < low <= high <= 1.4, got {b1_range}")
     B1 = lo + (hi - lo) * np.exp(-(rho**2) / 0.5)
     B1 = lo + (B1 - B1.min()) / max(np.ptp(B1), 1e-12) * (hi - lo)
-    b0 = 0.5 * x + 0.3 * y + 0.8 * np.exp(-((x / 0.3) ** 2 + ((y - 0.75) / 0.2) ** 2))
+    b0 = 0.5 * x + 0.3 * y + 0.8 * np.exp(-((x / 0.3) ** 2 + ((y - 0.75) / 0.2) ** 2)) + 0.6 * z
     b0 = b0 / np.abs(b0).max() * float(b0_max_hz)
     omega0 = 2 * np.pi * b0
-    phase = 0.6 * x - 0.4 * y + 0.3
+    phase = 0.6 * x - 0.4 * y + 0.3 + 0.5 * z
+    if len(dims) == 2:
+        labels, B1, omega0, phase = (a[..., 0] for a in (labels, B1, omega0, phase))
     return labels, B1, omega0, phase
 
 
 def make_phantom(shape=(64, 64), sequence=None, basis=None, *, snr=100.0, n_components=13, tied_R1=False,
                  fields=True, b1_range=(0.8, 1.15), b0_max_hz=40.0, b1_step=0.005, b0_step_hz=0.5,
-                 uniform=None, backend="auto", random_state=None):
+                 uniform=None, b1_map=None, slab=0.5, backend="auto", random_state=None):
     """Simulate the brain phantom as a noisy coefficient image.
 
     Every distinct (tissue, B0, B1) combination is simulated once: the smooth
@@ -205,8 +248,9 @@ def make_phantom(shape=(64, 64), sequence=None, basis=None, *, snr=100.0, n_comp
 
     Parameters
     ----------
-    shape : (int, int)
-        (ny, nx).
+    shape : (int, int) or (int, int, int)
+        One slice (n0, n1) or a slab of slices (n0, n1, nz); see
+        :func:`phantom_geometry`.
     sequence : Sequence, optional
         Default ``Sequence.default()``.
     basis : array_like (n_pulses, r) or fitted MTFingerprintSimulator, optional
@@ -230,6 +274,13 @@ def make_phantom(shape=(64, 64), sequence=None, basis=None, *, snr=100.0, n_comp
     uniform : {"WM", "GM", "CSF"}, optional
         Fill the whole head with one tissue (a uniform region for
         noise-statistics tests).
+    b1_map : array_like of shape ``shape``, optional
+        A B1 field (relative, 1 = nominal) replacing the built-in smooth
+        one (also with ``fields=False``); it must be finite and within the
+        ``"brain"`` prior's B1 range [0.6, 1.3] inside the head. It is
+        quantised to ``b1_step`` like the built-in field.
+    slab : float
+        Slab thickness of a multi-slice phantom (see :func:`phantom_geometry`).
     backend : str
         Physics backend.
     random_state : int, Generator or None
@@ -248,11 +299,13 @@ def make_phantom(shape=(64, 64), sequence=None, basis=None, *, snr=100.0, n_comp
     if uniform is not None and uniform not in TISSUES:
         raise ValueError(f"uniform must be None or one of {tuple(TISSUES)}, got {uniform!r}")
     U = _resolve_basis(basis, seq, n_components, rng, backend, tied_R1)
-    labels, B1, omega0, phase = phantom_geometry(shape, b1_range, b0_max_hz)
+    labels, B1, omega0, phase = phantom_geometry(shape, b1_range, b0_max_hz, slab)
     if uniform is not None:
         labels = np.where(labels > 0, LABELS[uniform], 0).astype(np.int16)
     if not fields:
         B1, omega0 = np.ones_like(B1), np.zeros_like(omega0)
+    if b1_map is not None:
+        B1 = _check_b1_map(b1_map, labels)
     if b1_step > 0:
         B1 = np.round(B1 / b1_step) * b1_step
     if b0_step_hz > 0:
@@ -283,6 +336,17 @@ def make_phantom(shape=(64, 64), sequence=None, basis=None, *, snr=100.0, n_comp
         n = head.sum()
         noisy[head] += sigma * (rng.standard_normal((n, U.shape[1])) + 1j * rng.standard_normal((n, U.shape[1])))
     return Phantom(noisy, clean, theta, M0, labels, sigma, U, seq, bool(tied_R1))
+
+
+def _check_b1_map(b1_map, labels):
+    B1 = np.asarray(b1_map, dtype=float)
+    if B1.shape != labels.shape:
+        raise ValueError(f"b1_map must have the phantom's shape {labels.shape}, got {B1.shape}")
+    inside = B1[labels > 0]
+    if not np.all(np.isfinite(inside)) or inside.min() < 0.6 or inside.max() > 1.3:
+        raise ValueError("b1_map must be finite and within the brain prior's B1 range [0.6, 1.3] inside the head, "
+                         f"got [{np.nanmin(inside):.3g}, {np.nanmax(inside):.3g}]")
+    return np.where(labels > 0, B1, 1.0)
 
 
 def _resolve_basis(basis, seq, n_components, rng, backend="auto", tied_R1=False):

@@ -1,4 +1,14 @@
-"""``sklearn-crb fit``: maps from a coefficient image with a saved network or NLLS."""
+"""``sklearn-crb fit``: maps from a coefficient image with a saved network or NLLS.
+
+The image is one slice or a volume: (x, y, channels) or (x, y, z, channels),
+NIfTI (complex, or ``2 r`` real channels ``[Re c_1..c_r, Im c_1..c_r]``),
+MATLAB or NumPy; every output map has the image's spatial shape, affine and
+header. Measured field maps (``--b1-map``, ``--b0-map``, ``--fixed
+NAME=FILE``) are per-voxel values of parameters that are then not estimated;
+they are checked against the image (spatial shape; affine to 1e-4 mm when
+both are NIfTI; finite and inside the physical bounds in every fitted voxel)
+before any work starts.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +27,7 @@ from sklearn_crb.io._files import atomic_files, check_output_file
 from sklearn_crb.io.images import load_array, load_basis, load_coefficients, make_mask, save_nifti
 from sklearn_crb.io.models import check_compatible, load_model
 from sklearn_crb.maps import fit_maps, map_names
-from sklearn_crb.physics.parameters import resolve_estimate
+from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, UNITS, resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.viz import overview_png
 
@@ -50,6 +60,74 @@ def _fit_basis(args, seq):
     return U
 
 
+#: Tolerance (mm) of the affine check between a field map and the coefficient image.
+AFFINE_TOL = 1e-4
+#: Variable names tried in a .mat/.npz field map holding several arrays.
+_MAP_KEYS = {"B1": ("B1", "b1", "B1map", "b1map", "b1_map"),
+             "omega0": ("B0", "b0", "B0map", "b0map", "b0_map", "omega0", "fieldmap")}
+
+
+def _fixed_specs(args):
+    """``[(parameter, option, path, factor)]`` from --b1-map, --b0-map (with --b0-unit) and --fixed NAME=FILE."""
+    specs = []
+    if args.b1_map:
+        specs.append(("B1", "--b1-map", args.b1_map, 1.0))
+    if args.b0_map:
+        specs.append(("omega0", "--b0-map", args.b0_map, 2 * np.pi if args.b0_unit == "Hz" else 1.0))
+    for item in args.fixed or ():
+        name, sep, path = item.partition("=")
+        if not sep or not path or name not in INDEX:
+            raise CLIError(f"--fixed {item!r}: expected NAME=FILE with NAME one of {PARAMETERS}")
+        specs.append((name, f"--fixed {name}", path, 1.0))
+    seen = {}
+    for name, opt, _, _ in specs:
+        if name in seen:
+            raise CLIError(f"{opt}: {name} is already fixed by {seen[name]}; give each parameter once")
+        seen[name] = opt
+    return specs
+
+
+def _load_fixed(specs, img, fit_mask, estimate, tied_R1):
+    """Per-voxel fixed maps ``{name: array(spatial)}`` (SI units), every check before any work."""
+    spatial, fixed, files = img.spatial_shape, {}, {}
+    for name, opt, path, factor in specs:
+        if name in estimate:
+            raise CLIError(f"{opt}: {name} is estimated ({', '.join(estimate)}); a fixed parameter cannot also be "
+                           f"estimated: drop it from --estimate (NLLS) or use a model that does not estimate it")
+        if tied_R1 and name == "R1s":
+            raise CLIError(f"{opt}: R1s cannot be fixed with the tied model (R1s = R1f)")
+        arr, affine, header = load_array(path, None, opt, preferred=_MAP_KEYS.get(name, (name,)))
+        if np.iscomplexobj(arr):
+            raise CLIError(f"{opt}: {path} is complex; a {name} map must be real")
+        if arr.ndim == len(spatial) + 1 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        elif arr.ndim + 1 == len(spatial) and spatial[-1] == 1:
+            arr = arr[..., None]  # a 2-D map of a one-slice (x, y, 1) image
+        if arr.shape != spatial:
+            raise CLIError(f"{opt}: the {name} map has shape {arr.shape} but the coefficient image has spatial "
+                           f"shape {spatial}")
+        if header is not None and img.header is not None and not np.allclose(affine, img.affine, rtol=0,
+                                                                               atol=AFFINE_TOL):
+            raise CLIError(f"{opt}: the affine of {path} {np.round(affine, 4).tolist()} differs from the coefficient "
+                           f"image's {np.round(img.affine, 4).tolist()} (tolerance {AFFINE_TOL} mm): resample the "
+                           "map onto the image grid first")
+        values = arr.astype(np.float64) * factor
+        inside = values[fit_mask]
+        n_bad = int((~np.isfinite(inside)).sum())
+        if n_bad:
+            raise CLIError(f"{opt}: the {name} map is not finite in {n_bad} of the {inside.size} voxels to fit; "
+                           "fill them or exclude them with --mask")
+        lo, hi = BOUNDS[name]
+        if inside.size and (inside.min() < lo or inside.max() > hi):
+            hint = " (B1 is relative, 1 = nominal, not in percent)" if name == "B1" else ""
+            raise CLIError(f"{opt}: {name} values in the voxels to fit span [{inside.min():.4g}, {inside.max():.4g}] "
+                           f"{UNITS[name]}, outside the physical bounds [{lo:.4g}, {hi:.4g}]{hint}")
+        fixed[name] = np.where(fit_mask, values, 0.0)
+        files[name] = {"file": str(path), "option": opt, "unit": UNITS[name],
+                       **({"input_unit": "Hz" if factor != 1.0 else "rad/s"} if name == "omega0" else {})}
+    return fixed, files
+
+
 def cmd_fit(args):
     # ---- all checks first
     if not args.model and not args.nlls:
@@ -72,7 +150,9 @@ def cmd_fit(args):
         estimate = resolve_estimate(tuple(args.estimate), args.tied_R1, argname="--estimate")
     img = load_coefficients(args.coefficients, basis=basis)
     mask_arr = load_array(args.mask, None, "mask", preferred=("mask",))[0] if args.mask else None
-    make_mask(img, mask_arr)  # shape check before any work
+    fit_mask, _ = make_mask(img, mask_arr)  # shape check before any work
+    fixed, fixed_files = _load_fixed(_fixed_specs(args), img, fit_mask, estimate,
+                                     bool(args.tied_R1 if model is None else meta.get("tied_R1", False)))
     map_files, png, summary_name = _fit_names(args.prefix, estimate, times=args.times)
     names = [*map_files.values(), png, summary_name]
     owned = _fit_owned(out / summary_name) or set()
@@ -89,7 +169,7 @@ def cmd_fit(args):
     # ---- work
     t0 = time.perf_counter()
     with _dask_context(args.scheduler):
-        maps = fit_maps(estimator, img, mask_arr, sequence=seq, basis=basis, sigma=args.sigma,
+        maps = fit_maps(estimator, img, mask_arr, sequence=seq, basis=basis, sigma=args.sigma, fixed=fixed or None,
                         chunk_size=args.chunk_size, times=args.times, progress=not args.quiet)
     elapsed = time.perf_counter() - t0
     arrays = {k: v for k, v in maps.items() if isinstance(v, np.ndarray)}
@@ -101,7 +181,8 @@ def cmd_fit(args):
     summary = {"written_by": "sklearn-crb fit", "sklearn_crb_version": __version__, "n_voxels_fitted": n_fit,
                "seconds": elapsed, "sigma": maps["sigma"], "units": maps["units"],
                "flag_counts": {int(k): int(v) for k, v in zip(*np.unique(arrays["flags"], return_counts=True))},
-               "input": str(args.coefficients), "estimator": kind,
+               "input": str(args.coefficients), "estimator": kind, "spatial_shape": list(img.spatial_shape),
+               "fixed_maps": fixed_files,
                "files": [map_files[k] for k in arrays] + [png]}
     written = [map_files[k] for k in arrays] + [png, summary_name]
     with atomic_files(out, written) as tmp:
@@ -129,6 +210,15 @@ def add_parser(sub):
     _add_sequence_args(p)
     p.add_argument("--mask", help="mask image (non-zero = fit); default: automatic")
     p.add_argument("--estimate", nargs="+", default=["m0s", "R1f", "R2f"], help="NLLS: parameters to report")
+    g = p.add_argument_group("measured field maps (fixed per voxel, not estimated; same grid as --coefficients)")
+    g.add_argument("--b1-map", help="B1 map, relative (1 = nominal flip angle): NIfTI, .mat, .npy or .npz")
+    g.add_argument("--b0-map", help="off-resonance map (unit: --b0-unit): NIfTI, .mat, .npy or .npz")
+    g.add_argument("--b0-unit", choices=("Hz", "rad/s"), default="Hz",
+                   help="unit of --b0-map (default Hz, as most scanners write it); converted to omega0 = 2 pi f "
+                        "in rad/s")
+    g.add_argument("--fixed", action="append", metavar="NAME=FILE",
+                   help=f"a per-voxel map of any parameter in SI units ({', '.join(PARAMETERS)}; omega0 in "
+                        "rad/s); repeatable")
     p.add_argument("--times", action="store_true",
                    help="also write relaxation-time maps T1f (s), T2f (ms) (and T1s untied) with their standard errors")
     p.add_argument("--tied-R1", action="store_true", help="NLLS: R1s = R1f")

@@ -135,7 +135,7 @@ def _read_mat(path, argname):
 
 
 def load_array(path, key=None, argname="path", preferred=_COEF_KEYS):
-    """Read one numeric array from NIfTI, MATLAB (v5/v7.3) or NumPy.
+    """Read one numeric (or boolean, returned as uint8) array from NIfTI, MATLAB (v5/v7.3) or NumPy.
 
     Returns
     -------
@@ -169,6 +169,8 @@ def load_array(path, key=None, argname="path", preferred=_COEF_KEYS):
             raise
         raise ValueError(f"{argname}: {path} is truncated or not a valid file ({type(exc).__name__}: {exc})") from exc
     arr = np.asarray(arr)
+    if arr.dtype == bool:  # a boolean mask saved with NumPy or MATLAB
+        arr = arr.astype(np.uint8)
     if arr.dtype.names or not np.issubdtype(arr.dtype, np.number):
         raise TypeError(f"{argname}: {path} does not hold a numeric array (dtype {arr.dtype})")
     return arr, affine, header
