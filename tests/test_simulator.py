@@ -191,3 +191,19 @@ def test_torch_generator_draws_the_same_model(short_sequence):
     x = torch.ones(20000, 6, dtype=torch.float64)
     out = apply_m0_and_noise(x, M0, noise)
     np.testing.assert_allclose(out[:, 0].numpy(), (M0.real - M0.imag + noise[:, 0].real).numpy())
+
+
+def test_compression_inflation_svd_default_and_m0s_zero(sim, short_sequence):
+    assert sim.basis_method_ == "svd" and sim.get_params()["basis_method"] == "svd" and sim.basis_history_ is None
+    th = np.array([TUTORIAL_THETA, [0.0, 0.3, 5.0, 20.0, 3.0, 12e-6, 0.0, 0.9]])
+    infl = sim.compression_inflation(th, ranks=[6, 10], estimate=("m0s", "R1f"))
+    assert set(infl) == {6, 10}
+    # independently: CRB in the first r SVD columns over the full-signal CRB; m0s = 0 at the 1e-4 floor
+    tc = th.copy()
+    tc[1, 0] = 1e-4
+    s, J = physics.jacobian(short_sequence, tc)
+    full = crb_from_jacobian(s, J, estimate=("m0s", "R1f"))
+    for r in (6, 10):
+        ref = crb_from_jacobian(s, J, estimate=("m0s", "R1f"), basis=sim.basis_[:, :r]) / full
+        np.testing.assert_allclose(infl[r], ref, rtol=1e-10)
+    assert np.all(infl[6] >= infl[10] * (1 - 1e-9)) and np.all(infl[10] >= 1 - 1e-9)  # nested SVD bases
