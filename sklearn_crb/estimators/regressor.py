@@ -418,23 +418,22 @@ class CRBNetRegressor(NeuralNetRegressor):
             y = forward_in_batches(self.module_, X, self.device_, batch_size)
         return y[:, 0] if getattr(self, "_y_1d_", False) else y
 
-    def predict_details(self, X, *, fixed=None, compute_crb=True, sequence=None, basis=None, polish_iter=5):
-        """Estimates with M0, residual, convergence and unit CRB (the ``predict_details`` protocol).
+    def predict_details(self, X, *, fixed=None, compute_crb=True, sequence=None, basis=None, polish_iter=5,
+                        se="delta"):
+        """Estimates with M0, residual, convergence and standard errors (the ``predict_details`` protocol).
 
         ``theta``: the network's estimates (time targets as rates), the ``fixed``
         values (``{name: scalar or (n,) array}``) and, for the other
         parameters, per-voxel values fitted by ``polish_iter`` batched VarPro
         Levenberg–Marquardt iterations with the estimates held, started at the
-        model context's fill values (0: kept, then residual and standard
-        errors are biased high). ``sequence``/``basis`` override the model
-        context's. Returns a dict with ``theta``, ``M0``, ``residual_norm``,
-        ``converged``, ``crb_unit``, ``n_free``, ``estimate`` and
-        ``out_of_range``; see
+        model context's fill values. ``se="delta"``: the network's own
+        delta-method variance ``var_unit``; ``"crb"``: the CRB at the estimate,
+        ``crb_unit``. ``sequence``/``basis`` override the model context's; see
         :func:`sklearn_crb.estimators._network_details.network_details`.
         """
         self.check_is_fitted()
         return network_details(self, X, fixed=fixed, compute_crb=compute_crb, sequence=sequence, basis=basis,
-                               polish_iter=polish_iter)
+                               polish_iter=polish_iter, se=se)
 
     def score(self, X, y, sample_weight=None, crb=None):
         """CRB efficiency (``metrics.crb_efficiency_score``), not R^2.
