@@ -83,14 +83,21 @@ def prepare_information(signal, J, *, estimate, nuisance="all", tied_R1=False, c
             "names": names, "kept": ok.numpy()}
 
 
-def _log_crb(U, columns, n_est):
+def _flat(columns):
+    """The columns as one (n_pulses, n_draws * n_unknowns) matrix, for a single product ``U^H J``."""
+    K, N, P = columns.shape
+    return columns.permute(1, 0, 2).reshape(N, K * P).contiguous()
+
+
+def _log_crb(U, columns, n_est, flat=None):
     """log CRB (n_draws, n_est) of the coefficients ``U^H s``; inf where their Fisher matrix is singular.
 
     ``diag(F^-1)`` from a QR factorisation of the real-stacked ``[Re; Im](U^H J)`` (column-scaled),
     whose error grows with ``cond(U^H J)`` rather than with ``cond(F) = cond(U^H J)**2``.
     """
     K, N, P = columns.shape
-    A = (U.conj().T @ columns.permute(1, 0, 2).reshape(N, K * P)).reshape(U.shape[1], K, P).permute(1, 0, 2)
+    flat = _flat(columns) if flat is None else flat
+    A = (U.conj().T @ flat).reshape(U.shape[1], K, P).permute(1, 0, 2)
     return _log_diag_inverse(A, n_est)
 
 
@@ -131,7 +138,8 @@ def crb_inflation_objective(U, info, reduce="mean"):
         the (n_draws, n_estimated) log ratios; inf where ``U^H J`` loses rank.
     """
     Ut = U if isinstance(U, torch.Tensor) else torch.from_numpy(np.asarray(U, dtype=np.complex128))
-    logs = _log_crb(Ut.to(torch.complex128), info["columns"], info["n_estimated"]) - info["log_crb_full"]
+    logs = _log_crb(Ut.to(torch.complex128), info["columns"], info["n_estimated"], info.get("flat"))
+    logs = logs - info["log_crb_full"]
     return logs.mean() if reduce == "mean" else logs
 
 
@@ -183,6 +191,7 @@ def crb_optimized_basis(U0, info, max_iter=100, tol=1e-6, patience=5):
         The objective at ``U0`` and after each iteration.
     """
     U = torch.from_numpy(np.ascontiguousarray(U0, dtype=np.complex128))
+    info = dict(info, flat=_flat(info["columns"]))  # one layout copy, not one per evaluation
     f, G = objective_and_gradient(U, info)
     if G is None:
         raise ValueError("the starting basis loses the Fisher rank of the prior draws: U^H J is rank deficient; "
