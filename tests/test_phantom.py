@@ -128,3 +128,48 @@ def test_standard_error_matches_empirical_spread_on_uniform_region(default_seque
         spread = np.std(maps[p][sel], ddof=1)
         se = np.median(maps[p + "_se"][sel])
         assert 0.75 < spread / se < 1.25, (p, spread, se)
+
+
+def test_geometry_of_a_slab_varies_per_slice_and_contains_the_single_slice():
+    labels, B1, omega0, phase = phantom_geometry((24, 20, 5), b1_range=(0.8, 1.1), b0_max_hz=30, slab=0.6)
+    assert labels.shape == B1.shape == omega0.shape == phase.shape == (24, 20, 5)
+    head = [np.count_nonzero(labels[..., k]) for k in range(5)]
+    assert head[2] > head[0] and head[2] > head[4]  # the ellipsoidal head is widest at the centre slice
+    csf = [np.count_nonzero(labels[..., k] == 3) for k in range(5)]
+    assert len(set(csf)) > 1
+    assert B1.min() >= 0.8 - 1e-12 and B1.max() <= 1.1 + 1e-12
+    assert np.abs(omega0).max() == pytest.approx(2 * np.pi * 30)
+    assert not np.allclose(omega0[..., 0], omega0[..., 4])  # B0 changes along z
+    one = phantom_geometry((24, 20, 1))
+    for a, b in zip(one, phantom_geometry((24, 20))):  # one slice of a slab is the 2-D phantom
+        np.testing.assert_array_equal(a[..., 0], b)
+    with pytest.raises(ValueError, match="slab"):
+        phantom_geometry((16, 16, 3), slab=2.0)
+    with pytest.raises(ValueError, match="shape"):
+        phantom_geometry((16, 16, 3, 2))
+
+
+def test_b1_map_option_simulates_with_the_given_field(short_sequence):
+    """b1_map= replaces the smooth B1 field: the truth holds it (quantised), the data are simulated with it,
+    and fixed_maps() returns it with nominal values outside the head."""
+    shape = (12, 12, 2)
+    field = np.linspace(0.7, 1.25, np.prod(shape)).reshape(shape)
+    ph = make_phantom(shape, short_sequence, snr=np.inf, n_components=6, b1_map=field, random_state=0)
+    inside = ph.mask
+    np.testing.assert_allclose(ph.theta[..., INDEX["B1"]][inside], np.round(field[inside] / 0.005) * 0.005)
+    fx = ph.fixed_maps(("B1", "omega0"))
+    assert np.all(fx["B1"][~inside] == 1.0) and np.all(fx["omega0"][~inside] == 0.0)
+    np.testing.assert_array_equal(fx["B1"][inside], ph.theta[..., INDEX["B1"]][inside])
+    vox = np.flatnonzero(inside)[::7]
+    idx = np.unravel_index(vox, shape)
+    expect = ph.M0[idx][:, None] * (simulate(short_sequence, ph.theta[idx]) @ ph.basis.conj())
+    np.testing.assert_allclose(ph.coefficients[idx], expect, rtol=1e-10, atol=1e-12)
+    prior = resolve_prior("brain", TR=short_sequence.TR)
+    lo, hi = prior.distributions["B1"].support
+    assert lo <= ph.theta[inside][:, INDEX["B1"]].min() and ph.theta[inside][:, INDEX["B1"]].max() <= hi
+    with pytest.raises(ValueError, match="b1_map must have"):
+        make_phantom(shape, short_sequence, n_components=6, b1_map=field[..., 0], random_state=0)
+    with pytest.raises(ValueError, match="within the brain prior"):
+        make_phantom(shape, short_sequence, n_components=6, b1_map=1.5 * field, random_state=0)
+    with pytest.raises(ValueError, match="names"):
+        ph.fixed_maps(("m0s",))

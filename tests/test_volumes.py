@@ -198,11 +198,11 @@ def _z_scores(ph, maps_dir, nuisance, sel):
 
 @pytest.mark.slow
 def test_volume_nlls_with_b1_map_recovers_truth_within_crb(tmp_path):
-    """3-slice tied phantom (v3.2, rank 13, SNR 300): NLLS through the CLI with the true B1 map. On WM and
+    """3-slice tied phantom (v3.2, rank 13, SNR 600): NLLS through the CLI with the true B1 map. On WM and
     GM voxels the z-scores against the CRB at the true theta have |median| < 0.3 and std in [0.7, 1.4];
     estimating B1 instead (no --b1-map) spreads the m0s errors more, as the CRB predicts for this B1 field."""
     seq = Sequence.from_mat(require_data_file(V32_NAME), TR=3.5e-3)
-    ph = make_phantom((12, 12, 3), seq, snr=300, n_components=13, tied_R1=True, random_state=2)
+    ph = make_phantom((12, 12, 3), seq, snr=600, n_components=13, tied_R1=True, random_state=2)
     write_volume(tmp_path, ph)
     base = ["fit", "--nlls", "--tied-R1", "--sequence", str(require_data_file(V32_NAME)), "--basis",
             str(tmp_path / "basis.npy"), "--coefficients", str(tmp_path / "coef.nii.gz"), "--mask",
@@ -210,17 +210,20 @@ def test_volume_nlls_with_b1_map_recovers_truth_within_crb(tmp_path):
     assert main([*base, "--out", str(tmp_path / "fixed"), "--b1-map", str(tmp_path / "B1.nii.gz")]) == 0
     assert main([*base, "--out", str(tmp_path / "free")]) == 0
     sel = ph.tissue_mask("WM") | ph.tissue_mask("GM")
-    assert sel.sum() > 200
+    assert sel.sum() > 120
     img = nib.load(tmp_path / "fixed" / "m0s.nii.gz")
     assert img.shape == (12, 12, 3)
     np.testing.assert_allclose(img.affine, AFFINE, atol=1e-5)
     z, sd_fixed = _z_scores(ph, tmp_path / "fixed", ("Rex", "T2s", "omega0"), sel)
+    stats = {p: (round(float(np.median(z[p])), 3), round(float(np.std(z[p])), 3)) for p in NAMES}
+    print("z-scores (median, std) with B1 fixed:", stats)
     for p in NAMES:
-        assert abs(np.median(z[p])) < 0.3, (p, np.median(z[p]))
-        assert 0.7 <= np.std(z[p]) <= 1.4, (p, np.std(z[p]))
+        assert abs(stats[p][0]) < 0.3 and 0.7 <= stats[p][1] <= 1.4, (p, stats)
     _, sd_free = _z_scores(ph, tmp_path / "free", ("Rex", "T2s", "omega0", "B1"), sel)
     m0s_true = ph.theta[sel][:, INDEX["m0s"]]
     err = {k: nib.load(tmp_path / k / "m0s.nii.gz").get_fdata()[sel] - m0s_true for k in ("fixed", "free")}
     predicted = np.sqrt(np.mean(sd_free[:, 0] ** 2) / np.mean(sd_fixed[:, 0] ** 2))
     assert predicted > 1.1  # the CRB says that knowing B1 helps here
+    print(f"m0s error std: B1 fixed {np.std(err['fixed']):.4g}, estimated {np.std(err['free']):.4g}; "
+          f"CRB-predicted ratio {predicted:.3f}")
     assert np.std(err["free"]) > 1.05 * np.std(err["fixed"]), (np.std(err["free"]), np.std(err["fixed"]))
