@@ -8,7 +8,6 @@ of the code's own standard errors).
 """
 
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
