@@ -149,6 +149,7 @@ def test_bad_field_maps_are_refused_before_any_work(vol, capsys):
         "B1_complex": (["--b1-map", str(bad / "B1_complex.nii.gz")], "real"),
         "missing": (["--b0-map", str(bad / "none.nii.gz")], "not found"),
         "estimated": (["--b1-map", str(d / "B1.nii.gz"), "--estimate", "m0s", "B1"], "cannot also be estimated"),
+        "estimated-time": (["--fixed", f"R1f={d / 'B1.nii.gz'}", "--estimate", "m0s", "T1f"], "cannot also be"),
         "twice": (["--b1-map", str(d / "B1.nii.gz"), "--fixed", f"B1={d / 'B1.nii.gz'}"], "already fixed"),
         "syntax": (["--fixed", "B2=x.npy"], "NAME=FILE"),
         "tied-R1s": (["--fixed", f"R1s={d / 'B1.nii.gz'}"], "tied"),

@@ -27,7 +27,7 @@ from sklearn_crb.io._files import atomic_files, check_output_file
 from sklearn_crb.io.images import load_array, load_basis, load_coefficients, make_mask, save_nifti
 from sklearn_crb.io.models import check_compatible, load_model
 from sklearn_crb.maps import fit_maps, map_names
-from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, UNITS, resolve_estimate
+from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, UNITS, rate_name, resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.viz import overview_png
 
@@ -90,8 +90,9 @@ def _fixed_specs(args):
 def _load_fixed(specs, img, fit_mask, estimate, tied_R1):
     """Per-voxel fixed maps ``{name: array(spatial)}`` (SI units), every check before any work."""
     spatial, fixed, files = img.spatial_shape, {}, {}
+    estimated = {rate_name(p) for p in estimate}  # a time target (T1f) estimates its rate (R1f)
     for name, opt, path, factor in specs:
-        if name in estimate:
+        if name in estimated:
             raise CLIError(f"{opt}: {name} is estimated ({', '.join(estimate)}); a fixed parameter cannot also be "
                            f"estimated: drop it from --estimate (NLLS) or use a model that does not estimate it")
         if tied_R1 and name == "R1s":
