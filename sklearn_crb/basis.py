@@ -167,7 +167,7 @@ def _inner(X, Y):
     return float(torch.sum(X.conj() * Y).real)
 
 
-def crb_optimized_basis(U0, info, max_iter=100, tol=1e-6, patience=5):
+def crb_optimized_basis(U0, info, max_iter=100, tol=1e-4, patience=5):
     """Minimise :func:`crb_inflation_objective` over rank-r bases, starting from ``U0``.
 
     Parameters
@@ -180,7 +180,8 @@ def crb_optimized_basis(U0, info, max_iter=100, tol=1e-6, patience=5):
         Conjugate-gradient iterations.
     tol : float
         Stop when the objective decreased by less than ``tol`` (absolute, in
-        mean log inflation) over ``patience`` consecutive iterations.
+        mean log inflation: 1e-4 is 0.01 % of the geometric-mean inflation)
+        in each of ``patience`` consecutive iterations.
     patience : int
 
     Returns
@@ -228,7 +229,7 @@ def crb_optimized_basis(U0, info, max_iter=100, tol=1e-6, patience=5):
     return U.numpy(), np.asarray(history)
 
 
-def fit_crb_basis(sequence, theta, U0, *, estimate, nuisance="all", tied_R1=False, max_iter=100, tol=1e-6,
+def fit_crb_basis(sequence, theta, U0, *, estimate, nuisance="all", tied_R1=False, max_iter=100, tol=1e-4,
                   m0s_floor=0.0, backend="auto", chunk_size=2048):
     """The CRB-optimised basis for prior draws ``theta``, started from ``U0``.
 
