@@ -14,6 +14,11 @@ v3.2 sequence from ``SKLEARN_CRB_DATA`` or else the 1142-pulse built-in one):
    equal the 1-worker set (whole chunks are shared by any longer set with the
    same seed and chunk size).
 
+The writing process also hosts the dask scheduler and client of the
+LocalCluster: their bookkeeping grows by roughly 0.15 MiB per task (not per
+sample; with loky the writer stays flat), so use a larger ``--chunk`` for
+very large sets (fewer tasks) or an external scheduler.
+
 Run with fewer samples on a small machine and the 1,000,000-sample time is
 extrapolated linearly from the steady rate, labelled as an extrapolation.
 Writes ``benchmarks/results/simulate_cluster.json``, ``.png`` and ``.md``.
@@ -120,7 +125,8 @@ def main():
         with cluster(2) as c2, Client(c2) as client, joblib.parallel_config(backend="dask"):
             simulate_dataset(sim, 2 * a.chunk, a.seed + 1, chunk=a.chunk, progress=False)  # warm both workers
             pids = {f"worker{i}": pid for i, pid in enumerate(client.run(os.getpid).values())}
-            base = {f"worker{i}": v for i, v in enumerate(client.run(lambda: psutil.Process().memory_info().rss).values())}
+            rss = client.run(lambda: psutil.Process().memory_info().rss)
+            base = {f"worker{i}": v for i, v in enumerate(rss.values())}
             base["writer"] = psutil.Process().memory_info().rss
             sampler = RSSSampler({**pids, "writer": os.getpid()})
             sampler.start()
@@ -141,7 +147,8 @@ def main():
     for name in base:
         series = np.array([s[name] for s in samples], float)
         half = series[: max(1, len(series) // 2)]
-        res["memory"][name] = {"rss_before_MiB": base[name] / 2**20, "rss_peak_sampled_MiB": np.nanmax(series) / 2**20,
+        res["memory"][name] = {"rss_before_MiB": base[name] / 2**20,
+                               "rss_peak_sampled_MiB": np.nanmax(series) / 2**20,
                                "rss_peak_first_half_MiB": np.nanmax(half) / 2**20, "VmHWM_MiB": hwm[name] / 2**20}
     res["extrapolated_1M_s"] = 1e6 / res["two_worker_rate"]
     res["extrapolated_1M_file_GiB"] = res["file_bytes"] / a.n_samples * 1e6 / 2**30
@@ -155,10 +162,11 @@ def main():
             (f"bitwise equal, first {a.check_samples:,} rows, 1 vs 2 workers", str(res["bitwise_1_vs_2_workers"])),
             ("HDF5 file (MiB)", f"{res['file_bytes'] / 2**20:.1f}")]
     for name, m in res["memory"].items():
-        rows.append((f"{name}: RSS before / peak first half / peak (MiB)",
-                     f"{m['rss_before_MiB']:.0f} / {m['rss_peak_first_half_MiB']:.0f} / {m['rss_peak_sampled_MiB']:.0f}"))
+        rows.append((f"{name}: RSS before / peak first half / peak (MiB)", f"{m['rss_before_MiB']:.0f} / "
+                     f"{m['rss_peak_first_half_MiB']:.0f} / {m['rss_peak_sampled_MiB']:.0f}"))
     if a.n_samples != 1_000_000:
-        rows.append(("EXTRAPOLATION (linear): 1,000,000 samples, 2 workers (min)", f"{res['extrapolated_1M_s'] / 60:.1f}"))
+        rows.append(("EXTRAPOLATION (linear): 1,000,000 samples, 2 workers (min)",
+                     f"{res['extrapolated_1M_s'] / 60:.1f}"))
         rows.append(("EXTRAPOLATION (linear): 1,000,000-sample file (GiB)", f"{res['extrapolated_1M_file_GiB']:.2f}"))
     rows.append(("load average before / after", f"{load[0]:.1f} / {res['loadavg_after'][0]:.1f} "
                                                  f"({os.cpu_count()} cores, shared)"))

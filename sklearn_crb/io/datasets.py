@@ -11,6 +11,16 @@ R1, SNR range, noise level, prior).
 Two containers hold the same arrays: NumPy ``.npz`` (read with
 ``allow_pickle=False``) and HDF5 (``.h5``/``.hdf5``). ``meta`` is stored as
 UTF-8 bytes in both.
+
+Large sets (:func:`simulate_to_file`, ``sklearn-crb simulate``): the set is
+cut into chunks of ``chunk`` samples, each drawn from its own seed
+``SeedSequence(random_state).spawn(n_chunks)[i]`` and computed through joblib
+(so ``joblib.parallel_config(backend="dask")`` puts them on a dask cluster);
+the result is bitwise the same for any number of workers and any backend,
+and is fixed by ``(random_state, chunk, n_samples)``. HDF5 outputs are
+written chunk by chunk as the results arrive, in order, through the atomic
+writer, with memory that does not grow with ``n_samples``; training reads
+them lazily (:func:`open_dataset`, :class:`sklearn_crb.io.h5.H5Rows`).
 """
 
 from __future__ import annotations
