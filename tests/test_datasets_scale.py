@@ -196,3 +196,25 @@ def test_cli_simulate_with_two_jobs_writes_the_same_hdf5_as_one(tmp_path, capsys
     assert a["meta"] == b["meta"]
     assert main(["simulate", "--out", str(tmp_path / "c.h5"), "--n-jobs", "0", *common]) == 2
     assert not (tmp_path / "c.h5").exists()
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_fit_from_the_lazy_hdf5_set_equals_the_fit_from_arrays(sim, serial, h5set, augment):
+    """Training from H5Rows reads batches when due and trains the same net (needs fit(rows) in the regressor)."""
+    from sklearn_crb.estimators import _prepare
+
+    if not hasattr(_prepare, "prepare_rows"):
+        pytest.skip("CRBNetRegressor.fit does not take a lazy training set yet (prepare_rows, issue 12 item 4)")
+    from sklearn_crb.estimators.regressor import CRBNetRegressor
+
+    kw = dict(simulator=sim, max_epochs=2, batch_size=256, random_state=0, augment=augment, verbose=0,
+              train_split=0.2)
+    X, crb = (serial["X_clean"], serial["crb_unit"]) if augment else (serial["X"], serial["crb"])
+    eager = CRBNetRegressor(**kw).fit(X, serial["y"], crb=crb)
+    rows, _ = open_dataset(h5set)
+    lazy = CRBNetRegressor(**kw).fit(rows)
+    np.testing.assert_allclose(lazy.y_scale_, eager.y_scale_, rtol=1e-12)
+    np.testing.assert_allclose([h["train_loss"] for h in lazy.history], [h["train_loss"] for h in eager.history],
+                               rtol=1e-5)
+    np.testing.assert_allclose(lazy.predict(serial["X"][:300]), eager.predict(serial["X"][:300]), rtol=1e-4,
+                               atol=1e-6 * np.abs(serial["y"]).max(axis=0))
