@@ -186,6 +186,18 @@ def _out_of_range(theta):
     return np.any((theta < lo) | (theta > hi), axis=1)
 
 
+def _declared_estimate(estimator):
+    """What an estimator estimates, from its attributes where it says (else empty)."""
+    meta = getattr(estimator, "crb_metadata_", None)
+    if meta is not None and "estimate" in meta:
+        return tuple(meta["estimate"])
+    for attr in ("target_names_", "estimate_"):
+        names = getattr(estimator, attr, None)
+        if names is not None and not isinstance(names, str):
+            return tuple(names)
+    return ()
+
+
 def _fixed_columns(fixed, mask, n_vox):
     cols = {}
     for name, val in (fixed or {}).items():
@@ -279,6 +291,11 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
     noise_sq = np.full(n_vox, np.nan)
     crb_unit = None
     converged = np.zeros(n_vox, dtype=bool)
+    declared = _declared_estimate(estimator)
+    bad = sorted(set(fixed_cols) & {rate_name(p) for p in declared})
+    if bad:  # before any work where the estimator says what it estimates; else after the first chunk
+        raise ValueError(f"fixed: {bad} are estimated by the estimator; fix only parameters it does not "
+                         f"estimate (it estimates {tuple(declared)})")
     est, n_free = None, None
     bar = tqdm(total=n_vox, desc="fit_maps", unit="voxel", disable=not progress)
     for sl in chunk_slices(n_vox, chunk_size):
@@ -286,7 +303,7 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
         det = estimator.predict_details(features_from_coefficients(c[sl]), fixed=fx, compute_crb=compute_se)
         if est is None:
             est, n_free = tuple(det["estimate"]), int(det["n_free"])
-            bad = sorted(set(fixed_cols) & set(est))
+            bad = sorted(set(fixed_cols) & {rate_name(p) for p in est})
             if bad:
                 raise ValueError(f"fixed: {bad} are estimated by the estimator; fix only parameters it does not "
                                  f"estimate (it estimates {est})")

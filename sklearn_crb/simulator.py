@@ -7,14 +7,13 @@ or the basis minimising the prior-averaged CRB inflation, Mao et al., arXiv
 2305.00326, :mod:`sklearn_crb.basis`), and attaches to every sample the CRB
 *of the compressed coefficients* at its own ``|M0|`` and noise level ``sigma`` (Zhang et al., MRM 2022, Eq. 3).
 
-The M0/noise model (:func:`draw_m0_and_noise`, :func:`apply_m0_and_noise`,
-:func:`crb_gain`) and the packing of per-sample CRBs with their targets
-(:func:`pack_targets`, :func:`unpack_targets`) live in :mod:`sklearn_crb.noise`
-and are re-exported here.
+The M0/noise model and the packing of per-sample CRBs with their targets live
+in :mod:`sklearn_crb.noise` (re-exported here).
 """
 
 from __future__ import annotations
 
+import copy
 from numbers import Integral, Real
 
 import numpy as np
@@ -156,7 +155,6 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         self.n_crb_samples = n_crb_samples
         self.basis_max_iter = basis_max_iter
 
-    # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X=None, y=None):
         """Learn the compression basis.
@@ -228,8 +226,8 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         """Rank-r basis: the fitted one (``method=None``) or the one ``method`` learns from the fit's draws."""
         if method is not None and self.basis_method_ == "given":
             raise ValueError("methods= compares learnt bases: this simulator was given a basis (basis=...)")
-        if not 1 <= r <= self._extended_basis.shape[1]:
-            raise ValueError(f"rank {r} not available: stored basis has {self._extended_basis.shape[1]} columns")
+        if not 1 <= r <= (k := self._extended_basis.shape[1]):
+            raise ValueError(f"rank {r} not available: stored basis has {k} columns")
         if method is None and self.basis_method_ == "crb" and r != self.n_components_:
             raise ValueError(f"the CRB basis is optimised for rank {self.n_components_} only; pass "
                              "methods=('crb',) to optimise one per rank")
@@ -241,7 +239,10 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
             self._bases[(method, r)] = self._crb_basis(r)[0]
         return self._bases[(method, r)]
 
-    # ------------------------------------------------------------- chunking
+    def __sklearn_clone__(self):
+        """Fitted: a copy with its fitted basis (it defines the features), e.g. inside ``GridSearchCV``."""
+        return copy.deepcopy(self) if hasattr(self, "basis_") else super().__sklearn_clone__()
+
     def _chunks(self, n):
         return chunk_slices(n, self.chunk_size)
 
@@ -272,7 +273,6 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
             crbs.append(crb_to_targets(np.asarray(crb), tc, names))
         return np.concatenate(cs), np.concatenate(crbs)
 
-    # ------------------------------------------------------------ transform
     def _theta(self, X, argname="X"):
         theta = validate_theta(X, argname)
         return tie_R1(theta) if self.tied_R1 else theta
@@ -312,7 +312,6 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "prior_")
         return self.prior_.sample(n_samples, self.random_state if random_state is None else random_state)
 
-    # ------------------------------------------------------------------ CRB
     def crb(self, theta, M0=1.0, sigma=None, compressed=True, estimate=None, on_singular="raise"):
         """CRB of ``estimate`` at ``theta`` for the features this simulator makes.
 

@@ -207,3 +207,25 @@ def test_compression_inflation_svd_default_and_m0s_zero(sim, short_sequence):
         ref = crb_from_jacobian(s, J, estimate=("m0s", "R1f"), basis=sim.basis_[:, :r]) / full
         np.testing.assert_allclose(infl[r], ref, rtol=1e-10)
     assert np.all(infl[6] >= infl[10] * (1 - 1e-9)) and np.all(infl[10] >= 1 - 1e-9)  # nested SVD bases
+
+
+def test_a_fitted_simulator_clones_with_its_basis_so_grid_search_works(short_sequence):
+    """clone() of a fitted simulator keeps the fitted basis (it defines the features); GridSearchCV over a
+    network built with simulator= then fits every candidate (it used to refuse the unfitted clone)."""
+    from sklearn.model_selection import GridSearchCV
+
+    from sklearn_crb.estimators.network import MLP
+    from sklearn_crb.estimators.regressor import CRBNetRegressor
+    from sklearn_crb.metrics import make_crb_scorer
+    from sklearn_crb.simulator import pack_targets
+
+    sim = MTFingerprintSimulator(short_sequence, n_components=6, n_basis_samples=150, random_state=0).fit()
+    twin = clone(sim)
+    assert twin is not sim and np.array_equal(twin.basis_, sim.basis_)
+    assert not hasattr(clone(MTFingerprintSimulator(short_sequence)), "basis_")  # unfitted: a plain clone
+    X, y, crb = sim.make_dataset(120, 1)
+    net = CRBNetRegressor(MLP, module__hidden=(8,), simulator=sim, max_epochs=1, random_state=0, device="cpu")
+    gs = GridSearchCV(net, {"batch_size": [16, 32]}, cv=2, scoring=make_crb_scorer(), error_score="raise")
+    gs.fit(X, pack_targets(y, crb))
+    assert np.all(np.isfinite(gs.cv_results_["mean_test_score"]))
+    assert np.array_equal(gs.best_estimator_.simulator_.basis_, sim.basis_)
