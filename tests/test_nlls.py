@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from sklearn.base import BaseEstimator
 from scipy.optimize import least_squares
 
 from conftest import NLLS_THETA
@@ -315,3 +316,103 @@ def test_statistical_stop_changes_estimates_by_a_fraction_of_the_noise(v32_seque
     assert np.all(stat["n_iter"][ok] <= full["n_iter"][ok])
     dev = np.abs(stat["theta"][ok] - full["theta"][ok]) / se[ok]
     assert np.median(dev) < 0.05 and dev.max() < 0.5
+
+
+# --------------------------------------------------------- warm-start schedule (issue 12)
+class _Start(BaseEstimator):
+    """A fitted stand-in for a network: returns the given parameters (all free ones)."""
+
+    def __init__(self, values=None, names=()):
+        self.values = values
+        self.names = names
+
+    def fit(self, X=None, y=None):
+        self.estimate_ = tuple(self.names)
+        return self
+
+    def predict(self, X):
+        return self.values[: len(X)]
+
+
+@pytest.fixture(scope="module")
+def warm_problem(short_sequence):
+    """Noisy 120-pulse fingerprints (m0s, R1f, R2f, Rex free) and their fully converged (se_tol=0) fits."""
+    fixed = {"R1s": 3.0, "T2s": 12e-6, "omega0": 100.0, "B1": 0.9}
+    theta = ParameterPrior.parenchyma().sample(6, random_state=4)
+    for k, v in fixed.items():
+        theta[:, INDEX[k]] = v
+    rng = np.random.default_rng(3)
+    theta[:, INDEX["m0s"]] = rng.uniform(0.08, 0.2, 6)  # away from the singular m0s = 0
+    theta[:, INDEX["Rex"]] = rng.uniform(15.0, 40.0, 6)  # an exchange slow enough to identify m0s
+    s = 0.8 * simulate(short_sequence, theta)
+    s = s + 0.002 * (rng.standard_normal(s.shape) + 1j * rng.standard_normal(s.shape))
+    kw = dict(estimate=("m0s", "R1f", "R2f", "Rex"), fixed=fixed)
+    start = dict(zip(PARAMETERS, theta.mean(0)))
+    full = NLLSFitter(short_sequence, se_tol=0.0, start=start, **kw).fit().predict_details(s)
+    assert full["converged"].all() and np.isfinite(full["std_error"]).all()
+    assert not full["at_bound"].any()
+    return s, theta, kw, full
+
+
+SCHEDULES = [dict(), dict(lambda0=1e-3), dict(lambda0=1e-3, jacobian_reuse=2), dict(lambda0=1e-3, geodesic=True),
+             dict(lambda0=1e-3, jacobian_reuse=3, geodesic=True)]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_start_at_the_optimum_stops_at_once(short_sequence, warm_problem, schedule):
+    """From the converged optimum, the Gauss-Newton step is far below se_tol standard errors: <= 2 iterations,
+    one or two exact Jacobians, and the estimates do not move."""
+    s, _, kw, full = warm_problem
+    names = kw["estimate"]
+    init = _Start(full["prediction"], names).fit()
+    d = NLLSFitter(short_sequence, init=init, **schedule, **kw).fit().predict_details(s)
+    assert d["converged"].all()
+    assert np.all(d["n_iter"] <= 2), d["n_iter"]
+    assert np.all(d["n_jacobian"] <= 2), d["n_jacobian"]
+    dev = np.abs(d["prediction"] - full["prediction"]) / full["std_error"]
+    assert dev.max() < 0.02, dev
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_good_start_reaches_the_cold_optimum(short_sequence, warm_problem, schedule):
+    """From the truth perturbed by half a standard error, every schedule reaches the fully converged cold
+    optimum within a small fraction of sqrt(CRB), and the CRB is computed at the final point."""
+    s, theta, kw, full = warm_problem
+    names = kw["estimate"]
+    rng = np.random.default_rng(11)
+    idx = [INDEX[p] for p in names]
+    start = theta[:, idx] + 0.5 * full["std_error"] * rng.standard_normal(full["std_error"].shape)
+    warm = NLLSFitter(short_sequence, init=_Start(start, names).fit(), **schedule, **kw).fit().predict_details(s)
+    assert warm["converged"].all()
+    dev = np.abs(warm["prediction"] - full["prediction"]) / full["std_error"]
+    assert np.median(dev) < 0.05 and dev.max() < 0.3, dev
+    assert np.all(warm["residual_norm"] <= full["residual_norm"] * (1 + 1e-4))
+    # the returned CRB is the one at the returned theta (exact Jacobian there, even with Broyden updates)
+    crb = cramer_rao_bound(short_sequence, warm["theta"], estimate=names, nuisance=None, M0=warm["M0"],
+                           sigma=warm["sigma"])
+    np.testing.assert_allclose(warm["crb"], crb, rtol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES[2:])
+def test_accepted_steps_never_increase_the_cost(short_sequence, warm_problem, schedule):
+    """The k-th iterate (max_iter=k) has a cost that never increases with k, from a poor start."""
+    s, _, kw, _ = warm_problem
+    costs = []
+    for k in range(1, 7):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NLLSFitWarning)
+            d = NLLSFitter(short_sequence, max_iter=k, se_tol=0.0, **schedule, **kw).fit().predict_details(s)
+        costs.append(d["residual_norm"])
+    costs = np.array(costs)
+    assert np.all(np.diff(costs, axis=0) <= 1e-12 * costs[:-1]), costs
+    assert np.any(costs[-1] < costs[0])
+
+
+@pytest.mark.parametrize("kw, match", [(dict(jacobian_reuse=-1), "jacobian_reuse"),
+                                        (dict(jacobian_reuse=1.5), "jacobian_reuse"),
+                                        (dict(jacobian_reuse=True), "jacobian_reuse"),
+                                        (dict(geodesic="yes"), "geodesic"),
+                                        (dict(lambda0=0.0), "lambda0")])
+def test_schedule_options_validated(short_sequence, kw, match):
+    with pytest.raises(ValueError, match=match):
+        NLLSFitter(short_sequence, **kw).fit()

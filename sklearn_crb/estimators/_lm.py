@@ -26,7 +26,12 @@ The LM step follows LsqFit: ``(J^T J + lambda diag(D)) delta = -J^T r`` with
 decreases with gain ratio ``rho > 1e-3``. ``damping="lsqfit"`` divides
 ``lambda`` by 10 if ``rho > 0.75`` and multiplies it by 10 on a rejection;
 ``damping="nielsen"`` is Nielsen's smoother update (IMM-REP-1999-05).
-Parameters are optimised in units of ``physics.parameters.SCALE`` and each
+Warm starts (a network's estimates) are served by a convergence test at the
+current point, before any trial step (the undamped Gauss–Newton step below a
+fraction of a standard error), by a low ``lambda0``, and optionally by
+Broyden updates of the Jacobian between exact ones (``jacobian_reuse``) and
+geodesic acceleration (Transtrum & Sethna, arXiv 1201.5885); see
+:func:`lm_solve`. Parameters are optimised in units of ``physics.parameters.SCALE`` and each
 voxel's data have unit norm, so the tolerances mean the same for every voxel.
 No voxel is reported converged unless its cost is finite.
 """
@@ -54,6 +59,10 @@ STATUS = {0: "converged", 1: "max_iter", 3: "nonfinite_input", 4: "zero_input", 
 OK, MAXIT, NANIN, ZEROIN, NANMODEL, NANOUT, INVALID_FIXED = 0, 1, 3, 4, 5, 6, 7
 
 _LAMBDA_MIN, _LAMBDA_MAX = 1e-16, 1e16
+#: the remaining-distance stop uses a tenth of se_tol: its error is the GN step itself, while an
+#: accepted step of se_tol standard errors leaves a much smaller (quadratically shrunk) error
+_GN_STOP = 0.1
+_GEO_ALPHA = 0.75  # largest accepted 2 |a| / |v| (Transtrum & Sethna)
 
 
 @dataclass
@@ -76,6 +85,8 @@ class Problem:
     damping: str
     backend: str
     device: str
+    jacobian_reuse: int = 0  # consecutive Broyden updates allowed between exact Jacobians
+    geodesic: bool = False  # geodesic acceleration of the LM step
 
     def theta(self, x, base):
         """Full (n, 8) parameters from scaled free parameters x (n, p) and per-row fixed values base (n, 8)."""
@@ -160,6 +171,24 @@ def _all_finite(z):
     return torch.isfinite(torch.view_as_real(z)).flatten(1).all(1)
 
 
+def _se_and_gn_step(JTJ, grad, keep, s2, eye):
+    """Standard errors (n, p) and the undamped Gauss–Newton step (n, p) of the variables in ``keep``.
+
+    Both from the Jacobi-scaled normal matrix with the blocked variables
+    removed; ``ok`` (n,) is False where that matrix is not positive definite.
+    """
+    Dj = torch.diagonal(JTJ, dim1=1, dim2=2).clamp_min(1e-300).rsqrt()
+    kk = keep[:, :, None] * keep[:, None, :]
+    Ms = Dj[:, :, None] * JTJ * Dj[:, None, :] * kk + torch.diag_embed(1.0 - keep)
+    L, info = torch.linalg.cholesky_ex(Ms)
+    ok = info == 0
+    L = torch.where(ok[:, None, None], L, eye)
+    cov = torch.cholesky_inverse(L)
+    se = (torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0) * s2[:, None]).sqrt() * Dj
+    gn = -Dj * (cov @ (Dj * grad * keep)[:, :, None])[..., 0] * keep
+    return se, gn, ok
+
+
 def lm_solve(prob, y, x0, base):
     """Batched bounded LM on the variable-projected problem.
 
@@ -171,8 +200,27 @@ def lm_solve(prob, y, x0, base):
 
     Returns
     -------
-    dict of tensors: x, a (M0 of the normalised data), cost, n_iter, status,
-    g, dg (model and full Jacobian at x, for the CRB).
+    dict of tensors: x, a (M0 of the normalised data), cost, n_iter (trial
+    steps), n_jac (exact Jacobians), status, g, dg (model and full exact
+    Jacobian at x, for the CRB).
+
+    Notes
+    -----
+    Each iteration first tests convergence at the current point: the
+    projected gradient (``gtol``) and, with ``se_tol > 0``, the *undamped*
+    Gauss–Newton step, which estimates the distance to the minimum: if it
+    moves every parameter by at most ``se_tol / 10`` standard errors the row
+    stops without a trial evaluation. Both tests need the exact Jacobian, so
+    a row whose Jacobian is a Broyden update gets the exact one first. Then
+    an LM step is tried (one model evaluation) and accepted only if the cost
+    decreases (gain ratio ``rho > 1e-3``): accepted costs never increase.
+    After an accepted step the Jacobian is either evaluated exactly or, with
+    ``jacobian_reuse = m > 0``, updated by Broyden's rank-one formula
+    ``J += (r_new - r - J dx) dx^T / dx^T dx`` (Dennis & Schnabel 1983,
+    ch. 8) for at most ``m`` consecutive steps; a step rejected with a
+    Broyden Jacobian triggers an exact one instead of more damping. The step
+    (``xtol``) and cost (``ftol``) stops count only on steps from an exact
+    Jacobian, and ``g``/``dg`` returned are always exact at ``x``.
     """
     n, p = x0.shape
     dev = x0.device
@@ -184,8 +232,11 @@ def lm_solve(prob, y, x0, base):
     cst = cost(r)
     status = torch.full((n,), MAXIT, dtype=torch.int64, device=dev)
     n_iter = torch.zeros(n, dtype=torch.int64, device=dev)
+    n_jac = torch.ones(n, dtype=torch.int64, device=dev)
     lam = torch.full((n,), float(prob.lambda0), dtype=_DTYPE, device=dev)
     nu = torch.full((n,), 2.0, dtype=_DTYPE, device=dev)
+    exact = torch.ones(n, dtype=torch.bool, device=dev)  # Jr (and dg) exact at x
+    n_reuse = torch.zeros(n, dtype=torch.int64, device=dev)
     finite = torch.isfinite(cst) & (gg > 0) & _all_finite(dg)
     status[~finite] = NANMODEL
     active = torch.nonzero(finite).ravel()
@@ -193,12 +244,20 @@ def lm_solve(prob, y, x0, base):
     if active.numel():
         Jr[active] = reduced_jacobian(g[active], prob.free_columns(dg[active]), a[active], r[active], gg[active])
     eye = torch.eye(p, dtype=_DTYPE, device=dev)
+    dof = max(2 * g.shape[1] - p - 2, 1)
+    reuse = int(prob.jacobian_reuse)
 
-    def projected_gradient(idx):
-        grad = (Jr[idx].conj() * r[idx][:, :, None]).sum(1).real
-        xi = x[idx]
-        blocked = ((xi <= lo) & (grad > 0)) | ((xi >= hi) & (grad < 0))
-        return grad, torch.where(blocked, torch.zeros_like(grad), grad)
+    def refresh(idx):
+        """Exact model, Jacobian and residual at x[idx]; rows whose model is not finite are flagged."""
+        ga, dga = prob.model_and_jacobian(x[idx], base[idx])
+        aa, ra, gga = varpro(ga, y[idx])
+        good = torch.isfinite(cost(ra)) & _all_finite(dga)
+        g[idx], dg[idx], a[idx], r[idx], cst[idx] = ga, dga, aa, ra, cost(ra)
+        Jr[idx] = reduced_jacobian(ga, prob.free_columns(dga), aa, ra, gga)
+        exact[idx] = True
+        n_reuse[idx] = 0
+        n_jac[idx] += 1
+        status[idx[~good]] = NANMODEL
 
     for _ in range(int(prob.max_iter)):
         if active.numel() == 0:
@@ -206,68 +265,108 @@ def lm_solve(prob, y, x0, base):
         A = active
         JA = Jr[A]
         rA = r[A]
-        grad, pg = projected_gradient(A)
-        done_grad = pg.abs().amax(-1) < prob.gtol
-        JTJ = (JA.conj().transpose(1, 2) @ JA).real
-        D = torch.clamp(torch.diagonal(JTJ, dim1=1, dim2=2), min=1e-6)
-        M = JTJ + lam[A, None, None] * torch.diag_embed(D)
-        # variables held at a bound by the gradient are removed from the step (projected LM)
-        blocked = pg != grad
+        cA = cst[A]
+        exA = exact[A]
+        grad = (JA.conj() * rA[:, :, None]).sum(1).real
+        xA = x[A]
+        blocked = ((xA <= lo) & (grad > 0)) | ((xA >= hi) & (grad < 0))
         keep = (~blocked).to(_DTYPE)
-        M = M * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(blocked.to(_DTYPE))
+        done_grad = (grad * keep).abs().amax(-1) < prob.gtol
+        JTJ = (JA.conj().transpose(1, 2) @ JA).real
+        stop = done_grad | (cA <= 1e-28)
+        if prob.se_tol > 0:
+            # statistical stop: the Gauss-Newton step, i.e. the estimated distance to the minimum, is below
+            # se_tol standard errors in every parameter (noise from the residual; never on noiseless data)
+            se, gn, ok_se = _se_and_gn_step(JTJ, grad, keep, cA / dof, eye)
+            stop = stop | (ok_se & (gn.abs() <= _GN_STOP * prob.se_tol * se).all(-1))
+        # a stop decided on a Broyden Jacobian is checked again with the exact one
+        stale = A[stop & ~exA]
+        conv = stop & exA & torch.isfinite(cA)
+        status[A[conv]] = OK
+        move = ~stop
+        if stale.numel():
+            refresh(stale)
+        B = A[move]
+        if B.numel() == 0:
+            active = A[status[A] == MAXIT]
+            continue
+        JB, rB, cB, xB, kB = JA[move], rA[move], cA[move], xA[move], keep[move]
+        JTJB, gradB = JTJ[move], grad[move]
+        D = torch.clamp(torch.diagonal(JTJB, dim1=1, dim2=2), min=1e-6)
+        M = JTJB + lam[B, None, None] * torch.diag_embed(D)
+        # variables held at a bound by the gradient are removed from the step (projected LM)
+        M = M * kB[:, :, None] * kB[:, None, :] + torch.diag_embed(1.0 - kB)
         L, info = torch.linalg.cholesky_ex(M)
         ok = info == 0
-        delta = torch.cholesky_solve(-(grad * keep)[:, :, None], torch.where(ok[:, None, None], L, eye))[..., 0]
-        xA = x[A]
-        xt = torch.minimum(torch.maximum(xA + delta, lo), hi)
-        delta = xt - xA
-        pred = cost(rA + (JA @ delta.to(JA.dtype)[:, :, None])[..., 0])
-        gt = prob.model(xt, base[A])
-        at, rt, ggt = varpro(gt, y[A])
+        delta = torch.cholesky_solve(-(gradB * kB)[:, :, None], torch.where(ok[:, None, None], L, eye))[..., 0]
+        xt = torch.minimum(torch.maximum(xB + delta, lo), hi)
+        delta = xt - xB
+        geo_ok = torch.ones_like(ok)
+        if prob.geodesic:
+            # geodesic acceleration (Transtrum & Sethna, arXiv 1201.5885): second directional derivative
+            # of r along the step by one extra model evaluation, a = -M^-1 J^T r_vv, step = v + a / 2
+            h = 0.1
+            rh = varpro(prob.model(xB + h * delta, base[B]), y[B])[1]
+            rvv = (2.0 / h) * ((rh - rB) / h - (JB @ delta.to(JB.dtype)[:, :, None])[..., 0])
+            gvv = (JB.conj() * rvv[:, :, None]).sum(1).real
+            acc_g = torch.cholesky_solve(-(gvv * kB)[:, :, None], torch.where(ok[:, None, None], L, eye))[..., 0]
+            geo_ok = torch.isfinite(acc_g).all(-1) & (2 * acc_g.norm(dim=-1) <= _GEO_ALPHA * delta.norm(dim=-1))
+            xg = torch.minimum(torch.maximum(xB + delta + 0.5 * torch.nan_to_num(acc_g), lo), hi)
+            xt = torch.where(geo_ok[:, None], xg, xt)
+            delta = xt - xB
+        pred = cost(rB + (JB @ delta.to(JB.dtype)[:, :, None])[..., 0])
+        gt = prob.model(xt, base[B])
+        at, rt, ggt = varpro(gt, y[B])
         cost_t = cost(rt)
-        cA = cst[A]
-        rho = (cost_t - cA) / (pred - cA)
+        n_iter[B] += 1
+        rho = (cost_t - cB) / (pred - cB)
         good_t = torch.isfinite(cost_t) & (ggt > 0)
-        accept = ok & good_t & (cost_t < cA) & (rho > 1e-3) & ~done_grad
+        accept = ok & good_t & (cost_t < cB) & (rho > 1e-3)
+        exB = exact[B]
+        damp = accept | exB  # a rejection with a Broyden Jacobian says nothing about the damping
         if prob.damping == "lsqfit":
-            lam_new = torch.where(accept & (rho > 0.75), torch.clamp(lam[A] * 0.1, min=_LAMBDA_MIN), lam[A])
-            lam_new = torch.where(~accept & ~done_grad, torch.clamp(lam[A] * 10.0, max=_LAMBDA_MAX), lam_new)
+            lam_new = torch.where(accept & (rho > 0.75), torch.clamp(lam[B] * 0.1, min=_LAMBDA_MIN), lam[B])
+            lam_new = torch.where(~accept & damp, torch.clamp(lam[B] * 10.0, max=_LAMBDA_MAX), lam_new)
         else:  # Nielsen (1999): smooth decrease on success, doubling increase factor on failure
             shrink = torch.clamp(1.0 - (2.0 * rho - 1.0) ** 3, min=1.0 / 3.0)
             shrink = torch.nan_to_num(shrink, nan=1.0 / 3.0)
-            lam_new = torch.where(accept, torch.clamp(lam[A] * shrink, min=_LAMBDA_MIN), lam[A])
-            lam_new = torch.where(~accept & ~done_grad, torch.clamp(lam[A] * nu[A], max=_LAMBDA_MAX), lam_new)
-            nu[A] = torch.where(accept, torch.full_like(nu[A], 2.0), torch.where(done_grad, nu[A], 2.0 * nu[A]))
-        lam[A] = lam_new
-        n_iter[A] += (~done_grad).long()
+            lam_new = torch.where(accept, torch.clamp(lam[B] * shrink, min=_LAMBDA_MIN), lam[B])
+            lam_new = torch.where(~accept & damp, torch.clamp(lam[B] * nu[B], max=_LAMBDA_MAX), lam_new)
+            nu[B] = torch.where(accept, torch.full_like(nu[B], 2.0), torch.where(damp, 2.0 * nu[B], nu[B]))
+        lam[B] = lam_new
         dx_small = delta.norm(dim=-1) < prob.xtol * (prob.xtol + xt.norm(dim=-1))
-        if prob.se_tol > 0:
-            # statistical stop: every component of the step is below se_tol standard
-            # errors (noise estimated from the residual; never triggers on noiseless data)
-            s2 = cA / max(2 * JA.shape[1] - p - 2, 1)
-            Dj = torch.diagonal(JTJ, dim1=1, dim2=2).clamp_min(1e-300).rsqrt()
-            Ls, info_s = torch.linalg.cholesky_ex(Dj[:, :, None] * JTJ * Dj[:, None, :])
-            cov_diag = torch.cholesky_inverse(torch.where((info_s == 0)[:, None, None], Ls, eye))
-            se = (torch.diagonal(cov_diag, dim1=1, dim2=2).clamp_min(0) * s2[:, None]).sqrt() * Dj
-            dx_small = dx_small | ((info_s == 0) & (delta.abs() <= prob.se_tol * se).all(-1))
-        df_small = (cA - cost_t) <= prob.ftol * cA
-        acc = A[accept]
+        if prob.se_tol > 0:  # an accepted step below se_tol standard errors in every parameter
+            dx_small = dx_small | (ok_se[move] & (delta.abs() <= prob.se_tol * se[move]).all(-1))
+        df_small = (cB - cost_t) <= prob.ftol * cB
+        # numerical stops (step, cost decrease, lambda at its maximum: a minimum to machine precision)
+        # only on a step from an exact Jacobian
+        num_stop = exB & ((accept & (dx_small | df_small)) | (lam[B] >= _LAMBDA_MAX))
+        acc = B[accept]
         if acc.numel():
             x[acc] = xt[accept]
-            ga, dga = prob.model_and_jacobian(x[acc], base[acc])
-            aa, ra, gga = varpro(ga, y[acc])
-            good = torch.isfinite(cost(ra)) & _all_finite(dga)
-            g[acc], dg[acc], a[acc], r[acc], cst[acc] = ga, dga, aa, ra, cost(ra)
-            Jr[acc] = reduced_jacobian(ga, prob.free_columns(dga), aa, ra, gga)
-            bad = acc[~good]
-            status[bad] = NANMODEL
-        # lambda at its maximum: even a vanishing gradient step does not lower the cost, i.e. a
-        # minimum to machine precision (happens with noisy data below gtol's reach)
-        converged = done_grad | (accept & (dx_small | df_small)) | (cst[A] <= 1e-28) | (lam[A] >= _LAMBDA_MAX)
-        converged &= torch.isfinite(cst[A])  # never converged without a finite cost
-        status[A[converged & (status[A] == MAXIT)]] = OK
-        active = A[(status[A] == MAXIT)]
-    return {"x": x, "a": a, "cost": cst, "n_iter": n_iter, "status": status, "g": g, "dg": dg}
+            if reuse > 0:
+                # Broyden's rank-one update of the reduced Jacobian along the accepted step
+                d_acc = delta[accept].to(JB.dtype)
+                resid = rt[accept] - rB[accept] - (JB[accept] @ d_acc[:, :, None])[..., 0]
+                dd = (delta[accept] ** 2).sum(-1).clamp_min(1e-300)
+                Jr[acc] = JB[accept] + resid[:, :, None] * (d_acc / dd[:, None])[:, None, :]
+                g[acc], a[acc], r[acc], cst[acc] = gt[accept], at[accept], rt[accept], cost_t[accept]
+                exact[acc] = False
+                n_reuse[acc] += 1
+        # exact Jacobian: after an accepted step unless Broyden may still be used, after a numerical stop
+        # (for g, dg at x), and after a step rejected with a Broyden Jacobian
+        need = (accept & ((reuse == 0) | (n_reuse[B] > reuse) | num_stop)) | (~accept & ~exB)
+        nb = B[need]
+        if nb.numel():
+            refresh(nb)
+        conv_b = num_stop & torch.isfinite(cst[B]) & (status[B] == MAXIT)
+        status[B[conv_b]] = OK
+        active = A[status[A] == MAXIT]
+    # rows left with a Broyden Jacobian (max_iter) get the exact one at x, for the CRB
+    stale = torch.nonzero(~exact & (status == MAXIT)).ravel()
+    if stale.numel():
+        refresh(stale)
+    return {"x": x, "a": a, "cost": cst, "n_iter": n_iter, "n_jac": n_jac, "status": status, "g": g, "dg": dg}
 
 
 def fit_chunk(prob, y, x0, base):
