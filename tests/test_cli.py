@@ -213,3 +213,23 @@ def test_simulate_default_estimate_is_every_free_parameter_of_the_tied_model(tmp
     data = load_dataset(out)
     assert data["meta"]["estimate"] == list(free_parameters(True)) and "R1s" not in data["meta"]["estimate"]
     assert data["y"].shape == (4, 7) and np.all(np.isfinite(data["crb"]))
+
+
+def test_simulate_basis_method_crb_and_its_refusal_with_a_given_basis(tmp_path, capsys):
+    """--basis-method crb learns a CRB-optimised basis (recorded in the set's meta), orthonormal; with --basis
+    it is refused before any work."""
+    from sklearn_crb.io.datasets import load_dataset
+
+    out = tmp_path / "crb.npz"
+    assert main(["simulate", "--out", str(out), "--n-samples", "50", "--rank", "6", "--n-pulses", "200",
+                 "--tied-R1", "--estimate", "m0s", "R1f", "R2f", "--n-basis-samples", "64", "--n-crb-samples", "32",
+                 "--basis-method", "crb", "--quiet"]) == 0
+    d = load_dataset(out)
+    U = d["basis"]
+    np.testing.assert_allclose(U.conj().T @ U, np.eye(6), atol=1e-8)
+    assert d["meta"]["basis_method"] == "crb"
+    np.save(tmp_path / "U.npy", U)
+    assert main(["simulate", "--out", str(tmp_path / "x.npz"), "--basis", str(tmp_path / "U.npy"), "--n-pulses", "200",
+                 "--basis-method", "crb", "--quiet"]) == 2
+    assert "cannot be combined with --basis" in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()

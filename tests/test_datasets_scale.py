@@ -201,10 +201,6 @@ def test_cli_simulate_with_two_jobs_writes_the_same_hdf5_as_one(tmp_path, capsys
 @pytest.mark.parametrize("augment", [False, True])
 def test_fit_from_the_lazy_hdf5_set_equals_the_fit_from_arrays(sim, serial, h5set, augment):
     """Training from H5Rows reads batches when due and trains the same net (needs fit(rows) in the regressor)."""
-    from sklearn_crb.estimators import _prepare
-
-    if not hasattr(_prepare, "prepare_rows"):
-        pytest.skip("CRBNetRegressor.fit does not take a lazy training set yet (prepare_rows, issue 12 item 4)")
     from sklearn_crb.estimators.regressor import CRBNetRegressor
 
     kw = dict(simulator=sim, max_epochs=2, batch_size=256, random_state=0, augment=augment, verbose=0,
@@ -219,3 +215,26 @@ def test_fit_from_the_lazy_hdf5_set_equals_the_fit_from_arrays(sim, serial, h5se
     scale = np.abs(serial["y"]).max(axis=0)
     np.testing.assert_allclose(lazy.predict(serial["X"][:300]) / scale, eager.predict(serial["X"][:300]) / scale,
                                rtol=0, atol=1e-5)
+
+
+def test_cli_train_reads_a_large_hdf5_set_lazily_with_the_same_result(tmp_path, monkeypatch):
+    """Above LAZY_BYTES the CLI trains from the HDF5 rows batch by batch; the model equals the in-memory one."""
+    import sklearn_crb.cli.train as cli_train
+    from sklearn_crb.cli import main
+    from sklearn_crb.io.models import load_model
+
+    data = tmp_path / "train.h5"
+    assert main(["simulate", "--out", str(data), "--n-samples", "400", "--rank", "6", "--n-pulses", "200", "--tied-R1",
+                 "--n-basis-samples", "100", "--estimate", "m0s", "R1f", "--quiet"]) == 0
+    base = ["train", "--data", str(data), "--epochs", "2", "--hidden", "8", "--device", "cpu", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "eager")]) == 0
+    calls = []
+    real = cli_train.open_dataset
+    monkeypatch.setattr(cli_train, "LAZY_BYTES", 0)
+    monkeypatch.setattr(cli_train, "open_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cli_train, "load_dataset", lambda *a, **k: pytest.fail("the lazy path loaded the set"))
+    assert main(base + ["--out", str(tmp_path / "lazy")]) == 0
+    assert calls
+    X = np.random.default_rng(0).standard_normal((7, 12))
+    np.testing.assert_allclose(load_model(tmp_path / "lazy").predict(X), load_model(tmp_path / "eager").predict(X),
+                               rtol=1e-5)

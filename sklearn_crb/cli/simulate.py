@@ -30,9 +30,12 @@ def cmd_simulate(args):
     if basis is not None and args.rank is not None and args.rank > basis.shape[1]:
         raise CLIError(f"--rank {args.rank} exceeds the {basis.shape[1]} columns of --basis {args.basis}")
     rank = args.rank if (args.rank is not None or basis is not None) else DEFAULT_RANK
+    if basis is not None and args.basis_method == "crb":
+        raise CLIError("--basis-method crb learns a basis; it cannot be combined with --basis")
     sim = MTFingerprintSimulator(seq, n_components=rank, basis=basis, estimate=estimate,
                                  snr=tuple(args.snr), sigma=args.sigma, tied_R1=args.tied_R1, prior=args.prior,
-                                 n_basis_samples=args.n_basis_samples, random_state=args.seed).fit()
+                                 n_basis_samples=args.n_basis_samples, basis_method=args.basis_method,
+                                 n_crb_samples=args.n_crb_samples, random_state=args.seed).fit()
     with _dask_context(args.scheduler):
         simulate_to_file(out, sim, args.n_samples, args.seed, chunk=args.chunk_size, n_jobs=args.n_jobs,
                          prior=args.prior, overwrite=args.overwrite, progress=not args.quiet, argname="--out")
@@ -61,7 +64,12 @@ def add_parser(sub):
     p.add_argument("--snr", nargs=2, type=_positive_float, default=list(DEFAULT_SNR), metavar=("LOW", "HIGH"),
                    help=f"|M0|/sigma range (default {DEFAULT_SNR[0]:g} {DEFAULT_SNR[1]:g}: in-vivo values included)")
     p.add_argument("--sigma", type=_positive_float, default=0.01, help="noise std per real coefficient component")
-    p.add_argument("--n-basis-samples", type=_positive_int, default=1000, help="fingerprints for the SVD basis")
+    p.add_argument("--n-basis-samples", type=_positive_int, default=1000, help="fingerprints for the learnt basis")
+    p.add_argument("--basis-method", choices=["svd", "crb"], default="svd",
+                   help="basis learnt without --basis: svd (most fingerprint energy, default) or crb (minimises the "
+                        "prior-averaged CRB inflation of --estimate, Mao et al. arXiv 2305.00326; about a minute)")
+    p.add_argument("--n-crb-samples", type=_positive_int, default=256,
+                   help="prior draws in the CRB objective (--basis-method crb)")
     p.add_argument("--seed", type=_number(int, 0, strict=False), default=0,
                    help="root of the per-chunk seeds (default 0); with --chunk-size it fixes the set bitwise")
     g = p.add_argument_group("parallel and large sets (.h5 outputs are written chunk by chunk, bounded memory)")

@@ -8,6 +8,7 @@ noise-free features (``X_clean``/``crb_unit`` of ``sklearn-crb simulate``) and r
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -16,10 +17,13 @@ from sklearn_crb.cli._common import (EPILOG, CLIError, _common, _interrupt_guard
                                      _number, _positive_int)
 from sklearn_crb.demo import make_network
 from sklearn_crb.io._files import check_output_folder
-from sklearn_crb.io.datasets import load_dataset, simulator_from_dataset
+from sklearn_crb.io.datasets import load_dataset, open_dataset, simulator_from_dataset
 from sklearn_crb.io.models import MODEL_FILES, save_model
 
-__all__ = ["cmd_train", "add_parser", "BIAS_REDUCED_OPTIONS"]
+__all__ = ["cmd_train", "add_parser", "BIAS_REDUCED_OPTIONS", "LAZY_BYTES"]
+
+#: HDF5 training sets larger than this (bytes of per-sample arrays) are read batch by batch, not loaded.
+LAZY_BYTES = int(os.environ.get("SKLEARN_CRB_LAZY_BYTES", 4 * 2**30))
 
 #: The ``CRBNetRegressor`` parameters of ``--loss bias_reduced`` (options ``--n-realizations`` ...).
 BIAS_REDUCED_OPTIONS = ("n_realizations", "bias_lambda", "var_delta", "pretrain_epochs")
@@ -28,13 +32,20 @@ BIAS_REDUCED_OPTIONS = ("n_realizations", "bias_lambda", "var_delta", "pretrain_
 def cmd_train(args):
     out = check_output_folder(args.out, overwrite=args.overwrite, owned_names=MODEL_FILES, marker="model.json",
                               argname="--out")
-    data = load_dataset(args.data, argname="--data")
+    rows = None
+    if str(args.data).lower().endswith((".h5", ".hdf5")):
+        rows, data = open_dataset(args.data, argname="--data")
+        nbytes = sum(len(rows) * int(np.prod(rows.shapes[k])) * rows.dtypes[k].itemsize for k in rows.keys)
+        if nbytes <= LAZY_BYTES:  # small enough: in memory (per-batch HDF5 reads cost more than they save)
+            rows = None
+    if rows is None:
+        data = load_dataset(args.data, argname="--data")
+    have = set(rows.keys) if rows is not None else set(data)
     sim = simulator_from_dataset(data)
-    augment = args.augment and "X_clean" in data and "crb_unit" in data
+    augment = args.augment and {"X_clean", "crb_unit"} <= have
     if args.loss == "bias_reduced" and not augment:
         raise CLIError("--loss bias_reduced draws fresh noise realisations of every fingerprint: it needs a data "
                        "file with X_clean and crb_unit (from `sklearn-crb simulate`) and cannot take --no-augment")
-    X, crb = (data["X_clean"], data["crb_unit"]) if augment else (data["X"], data["crb"])
     # options not given stay None: the estimator's defaults (the package's training recipe) apply
     net = make_network(args.loss, sim, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet,
@@ -43,7 +54,11 @@ def cmd_train(args):
                                        if getattr(args, k) is not None})
     t0 = time.perf_counter()
     with _interrupt_guard():
-        net.fit(X, data["y"], crb=crb)
+        if rows is not None:
+            net.fit(rows)
+        else:
+            X, crb = (data["X_clean"], data["crb_unit"]) if augment else (data["X"], data["crb"])
+            net.fit(X, data["y"], crb=crb)
     h = net.history[-1] if len(net.history) else {}
     if "train_loss" not in h or not np.isfinite(h["train_loss"]):
         raise CLIError(f"training did not finish with a finite loss ({h.get('train_loss')}); nothing was saved")

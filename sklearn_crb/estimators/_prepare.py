@@ -20,6 +20,7 @@ from skorch.dataset import Dataset, ValidSplit
 from sklearn.utils.validation import validate_data
 from torch import nn
 
+from sklearn_crb.estimators._batches import PackedRows
 from sklearn_crb.estimators._training import (CRB_LOSSES, LOSSES, TargetStandardizedModule, augment_batch,
                                               check_float32_range, loss_weights, target_scaling, weight_caps)
 from sklearn_crb.estimators.network import reset_parameters_with
@@ -365,7 +366,14 @@ def restore_fitted(net):
 
 
 def fixed_noise_dataset(net, subset):
-    """One fixed draw of M0 and noise for the validation part (paper)."""
+    """One fixed draw of M0 and noise for the validation part (paper).
+
+    The validation part of a lazy set (:class:`~._batches.PackedRows`) is
+    read into memory for it (its ``train_split`` fraction only).
+    """
+    if isinstance(subset, torch.utils.data.Subset) and isinstance(subset.dataset, PackedRows):
+        Xd, y = subset.dataset.take(np.asarray(subset.indices))
+        subset = torch.utils.data.Subset(Dataset(Xd, y), np.arange(len(y)))
     if not (isinstance(subset, torch.utils.data.Subset) and isinstance(subset.dataset, Dataset)
             and isinstance(subset.dataset.X, Mapping)):
         return subset  # a user-supplied validation set is taken as is

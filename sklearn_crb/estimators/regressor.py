@@ -32,6 +32,7 @@ from sklearn_crb.estimators._network_details import network_details
 from sklearn_crb.estimators._prepare import (augmentation_generator, build_module, check_rows, crb_score,
                                              fitted_simulator, load_scaling, net_seed, prepare, resolve_augment,
                                              restore_fitted, split_datasets)
+from sklearn_crb.estimators._prepare_rows import is_row_source, prepare_rows
 from sklearn_crb.estimators._training import (CRBScoring, DivergenceGuard, OneCycleSchedule, StepDecayWithFloor,
                                               TargetStandardizedModule, WeightedMSELoss, augment_batch, batch_weights,
                                               bias_reduced_step, paper_lr_scheduler, paper_recipe)
@@ -224,7 +225,6 @@ class CRBNetRegressor(NeuralNetRegressor):
         self.target_names = target_names
         self.random_state = random_state
 
-    # ------------------------------------------------------------ device
     def get_params(self, deep=True, **kwargs):
         params = super().get_params(deep=deep, **kwargs)
         params["device"] = self.__dict__.get("_device_param", params.get("device"))
@@ -272,15 +272,16 @@ class CRBNetRegressor(NeuralNetRegressor):
     def _seed(self, offset=0):
         return net_seed(self, offset)
 
-    # ---------------------------------------------------------------- fit
-    def fit(self, X, y, crb=None, **fit_params):
+    def fit(self, X, y=None, crb=None, **fit_params):
         """Train the network.
 
         Parameters
         ----------
-        X : array_like, shape (n_samples, n_features)
+        X : array_like, shape (n_samples, n_features), or a lazy training set
             Features, e.g. ``[Re c, Im c]`` of compressed fingerprints
-            (noise-free at ``M0 = 1`` when ``augment=True``).
+            (noise-free at ``M0 = 1`` when ``augment=True``); or the rows of an
+            HDF5 training set (``sklearn_crb.io.datasets.open_dataset``), read
+            batch by batch, with its own ``y`` and CRBs (then no ``y``/``crb``).
         y : array_like, shape (n_samples,) or (n_samples, n_outputs)
             True parameters in SI units, or targets packed with their CRBs by
             :func:`sklearn_crb.simulator.pack_targets` (then ``crb`` follows
@@ -298,7 +299,12 @@ class CRBNetRegressor(NeuralNetRegressor):
         self
         """
         reset = not (self.warm_start and self.initialized_)
-        Xd, Ys = prepare(self, X, y, crb, resolve_augment(self, False), reset=reset)
+        if is_row_source(X):  # a lazy set (e.g. io.h5.H5Rows of an HDF5 training set): read batch by batch
+            if y is not None or crb is not None:
+                raise ValueError("a lazy training set holds y and crb itself: call fit(rows) without y= or crb=")
+            Xd, Ys = prepare_rows(self, X, resolve_augment(self, False), reset=reset), None
+        else:
+            Xd, Ys = prepare(self, X, y, crb, resolve_augment(self, False), reset=reset)
         if not self.warm_start or not self.initialized_:
             self.initialize()
         return self._fit_packed(Xd, Ys, "fit", **fit_params)
@@ -345,7 +351,6 @@ class CRBNetRegressor(NeuralNetRegressor):
         self.initialize()
         return self._fit_packed(Xd, Ys, "fit", **fit_params)
 
-    # -------------------------------------------------------- skorch hooks
     def initialize_module(self):
         self.module_ = build_module(self)
         return self
@@ -393,7 +398,6 @@ class CRBNetRegressor(NeuralNetRegressor):
         loss.backward()
         return {"loss": loss, "y_pred": y_pred}
 
-    # ------------------------------------------------------------ predict
     def predict(self, X, batch_size=None):
         """Estimated parameters in SI units.
 

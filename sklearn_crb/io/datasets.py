@@ -296,7 +296,8 @@ def dataset_meta(simulator, prior=None):
     return np.bytes_(json.dumps({
         "estimate": list(simulator.estimate_), "tied_R1": bool(simulator.tied_R1), "snr": list(simulator.snr),
         "sigma": simulator.sigma, "prior": prior, "nuisance": "all", "sequence": seq.to_dict(),
-        "sequence_sha256": seq.sha256(), "fill_values": simulator.prior_.center().tolist()}))
+        "sequence_sha256": seq.sha256(), "fill_values": simulator.prior_.center().tolist(),
+        "basis_method": getattr(simulator, "basis_method_", "svd")}))
 
 
 def simulator_from_dataset(data):

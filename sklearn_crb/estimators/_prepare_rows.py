@@ -1,0 +1,104 @@
+"""Training from a lazy row source (an HDF5 training set larger than memory), checked block by block.
+
+The counterpart of :func:`sklearn_crb.estimators._prepare.prepare` for sets
+read per batch (:class:`sklearn_crb.io.h5.H5Rows`): the same checks, target
+scaling, output bounds and loss weights, never holding more than one block.
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+
+import numpy as np
+from sklearn.utils.validation import validate_data
+
+from sklearn_crb.estimators._batches import PackedRows
+from sklearn_crb.estimators._prepare import (check_crb, check_rows, fitted_simulator, noise_setup, normalization,
+                                             output_bounds, resolve_names)
+from sklearn_crb.estimators._training import LOSSES, loss_weights, weight_caps
+
+__all__ = ["is_row_source", "prepare_rows"]
+
+
+def is_row_source(X):
+    """Whether ``X`` is a lazy training set (``len(X)``, ``X.read(keys, idx)``, ``X.iter_slices(keys, block)``,
+    e.g. :class:`sklearn_crb.io.h5.H5Rows`) rather than an array."""
+    return all(callable(getattr(X, a, None)) for a in ("read", "iter_slices", "__len__"))
+
+
+def prepare_rows(net, rows, augment, reset, block=65536):
+    """:func:`prepare` for a lazy training set: checked ``block`` rows at a time, packed per batch.
+
+    Reads ``X``, ``y`` and ``crb`` (``X_clean`` and ``crb_unit`` with
+    augmentation) twice, block by block (target mean, then scale), never
+    holding more than one block, and returns a :class:`~._batches.PackedRows`
+    whose batches :class:`~._batches.RowBatches` reads when they are due.
+    """
+    if net.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {net.loss!r}")
+    xk, ck = ("X_clean", "crb_unit") if augment else ("X", "crb")
+    keys = (xk, "y", ck)
+    missing = [k for k in keys if k not in getattr(rows, "keys", keys)]
+    if missing:
+        raise ValueError(f"the training set lacks the per-sample arrays {missing}")
+    n = len(rows)
+    if n < 2:
+        raise ValueError(f"CRBNetRegressor needs at least 2 samples to fit, got n_samples={n}")
+    net.simulator_ = fitted_simulator(net)
+    total, informative, first = 0.0, None, True
+    for sl, r in rows.iter_slices(keys, block):
+        X = validate_data(net, r[xk], reset=reset and first, dtype=np.float64)
+        Y = np.asarray(r["y"], dtype=np.float64).reshape(len(X), -1)
+        if not np.all(np.isfinite(Y)):
+            raise ValueError(f"y contains non-finite values (rows {sl.start}-{sl.stop})")
+        crb = np.asarray(r[ck], dtype=np.float64)
+        crb = np.where(np.isposinf(crb), 1.0, crb)  # all-infinite columns are checked over the whole set below
+        check_crb(crb, Y.shape)
+        inf = np.isposinf(np.asarray(r[ck], dtype=np.float64).reshape(Y.shape))
+        informative = ~inf.all(axis=0) if informative is None else informative | ~inf.all(axis=0)
+        if augment and X.shape[1] % 2:
+            raise ValueError("augment=True needs [Re c, Im c] features (an even number of columns)")
+        check_rows(X, normalization(net), "fit")
+        total = total + Y.sum(axis=0)
+        first = False
+    if not informative.all():
+        raise ValueError("crb is infinite for every sample of some target: nothing to train it on")
+    if reset or not hasattr(net, "y_mean_"):
+        mean = total / n
+        sq = sum(((np.asarray(r["y"], np.float64).reshape(sl.stop - sl.start, -1) - mean) ** 2).sum(axis=0)
+                 for sl, r in rows.iter_slices(("y",), block))
+        scale = np.sqrt(sq / n)
+        net._y_1d_ = np.ndim(rows.read(("y",), [0])["y"]) == 1
+        net.n_outputs_ = mean.shape[0]
+        net.y_mean_, net.y_scale_ = mean, np.where(scale > 0, scale, np.where(mean != 0, np.abs(mean), 1.0))
+        net.target_names_ = resolve_names(net, net.n_outputs_)
+        prior = getattr(net.simulator_, "prior_", None)
+        net.target_low_, net.target_high_, net.target_log_ = output_bounds(
+            net.target_names_, net.head, prior, net.target_bounds, float(net.head_margin))
+    elif total.shape[0] != net.n_outputs_:
+        raise ValueError(f"y has {total.shape[0]} targets, the net was fitted with {net.n_outputs_}")
+    cap = net.nuisance_weight_cap
+    if cap is not None and not (isinstance(cap, Real) and not isinstance(cap, bool) and np.isfinite(cap) and cap > 0):
+        raise ValueError(f"nuisance_weight_cap must be a positive finite float or None, got {cap!r}")
+    net.loss_weight_cap_ = weight_caps(net.target_names_, cap)
+    for sl, r in rows.iter_slices(("y",), block):
+        Y = np.asarray(r["y"], np.float64).reshape(sl.stop - sl.start, -1)
+        out = (Y < net.target_low_) | (Y > net.target_high_)
+        if out.any():
+            j = int(np.flatnonzero(out.any(axis=0))[0])
+            raise ValueError(f"y[:, {j}] ({net.target_names_[j]}) has values outside the bounded head's range "
+                             f"[{net.target_low_[j]:g}, {net.target_high_[j]:g}]: widen target_bounds, train with "
+                             "the simulator whose prior drew y, or use head=None")
+    loss, mean, scale = net.loss, net.y_mean_, net.y_scale_
+
+    def pack(r):
+        Y = np.asarray(r["y"], np.float64).reshape(len(r["y"]), -1)
+        crb = np.asarray(r[ck], np.float64).reshape(Y.shape)
+        Xd = {"X": np.asarray(r[xk]).astype(np.float32), "w": loss_weights(loss, Y, crb, scale),
+              "c": loss_weights("crb", Y, crb, scale)}
+        return Xd, ((Y - mean) / scale).astype(np.float32)
+
+    net.augment_ = bool(augment)
+    if augment:
+        net.noise_ = noise_setup(net)
+    return PackedRows(rows, keys, pack)
