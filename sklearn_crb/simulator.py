@@ -70,8 +70,10 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         (rates, 1/s) or the time forms ``"T1f"``, ``"T2f"``, ``"T1s"``
         (``1/R`` in s; with ``tied_R1``, ``"T1f"`` is the single T1). The CRB
         of a time is ``CRB(R) / R^4`` (delta method).
-    snr : (float, float), default (10, 100)
-        Range of ``|M0| / sigma`` drawn uniformly per sample.
+    snr : (float, float), default (10, 300)
+        Range of ``|M0| / sigma`` drawn uniformly per sample; the default
+        holds in-vivo values (50-300) with SNR 100 inside, not at the edge,
+        of the range (at the top edge the network shrinks towards the prior).
     sigma : float
         Noise standard deviation per real component of the coefficients.
     tied_R1 : bool
@@ -135,7 +137,7 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
     }
 
     def __init__(self, sequence=None, n_components=None, basis=None, estimate=("m0s", "R1f", "R2f"),
-                 snr=(10.0, 100.0), sigma=0.01, tied_R1=False, nuisance="all", prior="brain",
+                 snr=(10.0, 300.0), sigma=0.01, tied_R1=False, nuisance="all", prior="brain",
                  n_basis_samples=1000, backend="auto", chunk_size=2048, random_state=None, basis_method="svd",
                  n_crb_samples=256, basis_max_iter=100):
         self.sequence = sequence

@@ -50,7 +50,8 @@ def test_make_dataset_statistics(sim):
     assert X.shape == (400, 20) and y.shape == (400, 3) and crb.shape == (400, 3)
     np.testing.assert_array_equal(y, d["theta"][:, :3])
     snr = np.abs(d["M0"]) / d["sigma"]
-    assert snr.min() >= 10 and snr.max() <= 100
+    assert sim.snr == (10.0, 300.0)  # the default: in-vivo values inside the range
+    assert snr.min() >= 10 and snr.max() <= 300 and snr.max() > 250 and snr.min() < 20
     # noise: X - M0 * X_clean is white with variance sigma^2 per component
     r = sim.n_components_
     c_clean = d["X_clean"][:, :r] + 1j * d["X_clean"][:, r:]

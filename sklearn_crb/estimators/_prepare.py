@@ -242,9 +242,9 @@ def check_bias_reduced(net, augment):
 
 
 def noise_setup(net):
-    """``((snr_lo, snr_hi), sigma)`` of the augmentation: the net's, else its simulator's, else (10, 100), 0.01."""
+    """``((snr_lo, snr_hi), sigma)`` of the augmentation: the net's, else its simulator's, else (10, 300), 0.01."""
     sim = net.simulator
-    snr = net.snr if net.snr is not None else (getattr(sim, "snr", None) or (10.0, 100.0))
+    snr = net.snr if net.snr is not None else (getattr(sim, "snr", None) or (10.0, 300.0))
     sigma = net.sigma if net.sigma is not None else (getattr(sim, "sigma", None) or 0.01)
     lo, hi = check_snr_range(snr)
     if not (isinstance(sigma, Real) and np.isfinite(sigma) and sigma > 0):

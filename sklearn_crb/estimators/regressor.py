@@ -151,7 +151,7 @@ class CRBNetRegressor(NeuralNetRegressor):
         :meth:`fit_simulated`, False in :meth:`fit`.
     snr : (float, float) or None
         ``|M0| / sigma`` range for augmentation; None: the simulator's, else
-        (10, 100).
+        (10, 300).
     sigma : float or None
         Noise standard deviation per real feature for augmentation; None: the
         simulator's, else 0.01.
