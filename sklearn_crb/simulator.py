@@ -71,9 +71,8 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         (``1/R`` in s; with ``tied_R1``, ``"T1f"`` is the single T1). The CRB
         of a time is ``CRB(R) / R^4`` (delta method).
     snr : (float, float), default (10, 300)
-        Range of ``|M0| / sigma`` drawn uniformly per sample; the default
-        holds in-vivo values (50-300) with SNR 100 inside, not at the edge,
-        of the range (at the top edge the network shrinks towards the prior).
+        Range of ``|M0| / sigma`` drawn uniformly per sample; the default holds in-vivo values (50-300) and
+        SNR 100 inside the range, not at its top edge (where the network shrinks towards the prior).
     sigma : float
         Noise standard deviation per real component of the coefficients.
     tied_R1 : bool
