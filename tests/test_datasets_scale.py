@@ -217,6 +217,19 @@ def test_fit_from_the_lazy_hdf5_set_equals_the_fit_from_arrays(sim, serial, h5se
                                rtol=0, atol=1e-5)
 
 
+def test_the_lazy_fit_refuses_what_the_in_memory_fit_refuses(sim, h5set):
+    """The same checks on both paths: bias-reduced without fresh noise, y with the rows, a bad weight cap."""
+    from sklearn_crb.estimators.regressor import CRBNetRegressor
+
+    rows, _ = open_dataset(h5set)
+    with pytest.raises(ValueError, match="augment"):
+        CRBNetRegressor(simulator=sim, loss="bias_reduced", augment=False, max_epochs=1).fit(rows)
+    with pytest.raises(ValueError, match="without y= or crb="):
+        CRBNetRegressor(simulator=sim, max_epochs=1).fit(rows, np.zeros(len(rows)))
+    with pytest.raises(ValueError, match="nuisance_weight_cap"):
+        CRBNetRegressor(simulator=sim, max_epochs=1, nuisance_weight_cap=-1.0).fit(rows)
+
+
 def test_cli_train_reads_a_large_hdf5_set_lazily_with_the_same_result(tmp_path, monkeypatch):
     """Above LAZY_BYTES the CLI trains from the HDF5 rows batch by batch; the model equals the in-memory one."""
     import sklearn_crb.cli.train as cli_train

@@ -36,7 +36,7 @@ _SEED_LOCK = threading.Lock()
 
 __all__ = ["build_module", "fixed_noise_dataset", "split_datasets", "crb_score", "check_crb", "check_rows",
            "output_bounds", "LOG_TARGETS", "HEADS", "prepare", "noise_setup", "fitted_simulator", "normalization",
-           "resolve_names",
+           "resolve_names", "set_targets", "set_weight_caps", "check_target_range",
            "load_scaling", "restore_fitted", "resolve_augment", "augmentation_generator",
            "net_seed", "check_bias_reduced"]
 
@@ -186,25 +186,11 @@ def prepare(net, X, y, crb, augment, reset):
     check_bias_reduced(net, augment)
     check_rows(X, normalization(net), "fit")
     if reset or not hasattr(net, "y_mean_"):
-        net._y_1d_ = y.ndim == 1
-        net.n_outputs_ = Y.shape[1]
-        net.y_mean_, net.y_scale_ = target_scaling(Y)
-        net.target_names_ = resolve_names(net, Y.shape[1])
-        prior = getattr(net.simulator_, "prior_", None)
-        net.target_low_, net.target_high_, net.target_log_ = output_bounds(
-            net.target_names_, net.head, prior, net.target_bounds, float(net.head_margin))
+        set_targets(net, *target_scaling(Y), y.ndim == 1)
     elif Y.shape[1] != net.n_outputs_:
         raise ValueError(f"y has {Y.shape[1]} targets, the net was fitted with {net.n_outputs_}")
-    cap = net.nuisance_weight_cap
-    if cap is not None and not (isinstance(cap, Real) and not isinstance(cap, bool) and np.isfinite(cap) and cap > 0):
-        raise ValueError(f"nuisance_weight_cap must be a positive finite float or None, got {cap!r}")
-    net.loss_weight_cap_ = weight_caps(net.target_names_, cap)
-    out = (Y < net.target_low_) | (Y > net.target_high_)
-    if out.any():
-        j = int(np.flatnonzero(out.any(axis=0))[0])
-        raise ValueError(f"y[:, {j}] ({net.target_names_[j]}) has values outside the bounded head's range "
-                         f"[{net.target_low_[j]:g}, {net.target_high_[j]:g}]: widen target_bounds, train with "
-                         "the simulator whose prior drew y, or use head=None")
+    set_weight_caps(net)
+    check_target_range(net, Y)
     Xd = {"X": X.astype(np.float32), "w": loss_weights(net.loss, Y, crb, net.y_scale_)}
     if crb is not None:
         Xd["c"] = loss_weights("crb", Y, crb, net.y_scale_)
@@ -239,6 +225,35 @@ def check_bias_reduced(net, augment):
                          "return_details=True)'s X_clean and crb_unit), or fit_simulated()")
     if _is_int(net.max_epochs) and pre > net.max_epochs:
         raise ValueError(f"pretrain_epochs ({pre}) must not exceed max_epochs ({net.max_epochs})")
+
+
+def set_targets(net, mean, scale, y_1d):
+    """The fitted target attributes: scaling, names and the bounded head's range."""
+    net._y_1d_ = bool(y_1d)
+    net.n_outputs_ = int(np.shape(mean)[0])
+    net.y_mean_, net.y_scale_ = mean, scale
+    net.target_names_ = resolve_names(net, net.n_outputs_)
+    prior = getattr(net.simulator_, "prior_", None)
+    net.target_low_, net.target_high_, net.target_log_ = output_bounds(
+        net.target_names_, net.head, prior, net.target_bounds, float(net.head_margin))
+
+
+def set_weight_caps(net):
+    """``loss_weight_cap_`` from ``nuisance_weight_cap`` (checked)."""
+    cap = net.nuisance_weight_cap
+    if cap is not None and not (isinstance(cap, Real) and not isinstance(cap, bool) and np.isfinite(cap) and cap > 0):
+        raise ValueError(f"nuisance_weight_cap must be a positive finite float or None, got {cap!r}")
+    net.loss_weight_cap_ = weight_caps(net.target_names_, cap)
+
+
+def check_target_range(net, Y):
+    """Refuse targets outside the bounded head's range."""
+    out = (Y < net.target_low_) | (Y > net.target_high_)
+    if out.any():
+        j = int(np.flatnonzero(out.any(axis=0))[0])
+        raise ValueError(f"y[:, {j}] ({net.target_names_[j]}) has values outside the bounded head's range "
+                         f"[{net.target_low_[j]:g}, {net.target_high_[j]:g}]: widen target_bounds, train with "
+                         "the simulator whose prior drew y, or use head=None")
 
 
 def noise_setup(net):

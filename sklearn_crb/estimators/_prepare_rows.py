@@ -7,15 +7,14 @@ scaling, output bounds and loss weights, never holding more than one block.
 
 from __future__ import annotations
 
-from numbers import Real
-
 import numpy as np
 from sklearn.utils.validation import validate_data
 
 from sklearn_crb.estimators._batches import PackedRows
-from sklearn_crb.estimators._prepare import (check_crb, check_rows, fitted_simulator, noise_setup, normalization,
-                                             output_bounds, resolve_names)
-from sklearn_crb.estimators._training import LOSSES, loss_weights, weight_caps
+from sklearn_crb.estimators._prepare import (check_bias_reduced, check_crb, check_rows, check_target_range,
+                                             fitted_simulator, noise_setup, normalization, set_targets,
+                                             set_weight_caps)
+from sklearn_crb.estimators._training import LOSSES, loss_weights
 
 __all__ = ["is_row_source", "prepare_rows"]
 
@@ -63,32 +62,19 @@ def prepare_rows(net, rows, augment, reset, block=65536):
         first = False
     if not informative.all():
         raise ValueError("crb is infinite for every sample of some target: nothing to train it on")
+    check_bias_reduced(net, augment)
     if reset or not hasattr(net, "y_mean_"):
         mean = total / n
         sq = sum(((np.asarray(r["y"], np.float64).reshape(sl.stop - sl.start, -1) - mean) ** 2).sum(axis=0)
                  for sl, r in rows.iter_slices(("y",), block))
         scale = np.sqrt(sq / n)
-        net._y_1d_ = np.ndim(rows.read(("y",), [0])["y"]) == 1
-        net.n_outputs_ = mean.shape[0]
-        net.y_mean_, net.y_scale_ = mean, np.where(scale > 0, scale, np.where(mean != 0, np.abs(mean), 1.0))
-        net.target_names_ = resolve_names(net, net.n_outputs_)
-        prior = getattr(net.simulator_, "prior_", None)
-        net.target_low_, net.target_high_, net.target_log_ = output_bounds(
-            net.target_names_, net.head, prior, net.target_bounds, float(net.head_margin))
+        set_targets(net, mean, np.where(scale > 0, scale, np.where(mean != 0, np.abs(mean), 1.0)),
+                    np.ndim(rows.read(("y",), [0])["y"]) == 1)
     elif total.shape[0] != net.n_outputs_:
         raise ValueError(f"y has {total.shape[0]} targets, the net was fitted with {net.n_outputs_}")
-    cap = net.nuisance_weight_cap
-    if cap is not None and not (isinstance(cap, Real) and not isinstance(cap, bool) and np.isfinite(cap) and cap > 0):
-        raise ValueError(f"nuisance_weight_cap must be a positive finite float or None, got {cap!r}")
-    net.loss_weight_cap_ = weight_caps(net.target_names_, cap)
+    set_weight_caps(net)
     for sl, r in rows.iter_slices(("y",), block):
-        Y = np.asarray(r["y"], np.float64).reshape(sl.stop - sl.start, -1)
-        out = (Y < net.target_low_) | (Y > net.target_high_)
-        if out.any():
-            j = int(np.flatnonzero(out.any(axis=0))[0])
-            raise ValueError(f"y[:, {j}] ({net.target_names_[j]}) has values outside the bounded head's range "
-                             f"[{net.target_low_[j]:g}, {net.target_high_[j]:g}]: widen target_bounds, train with "
-                             "the simulator whose prior drew y, or use head=None")
+        check_target_range(net, np.asarray(r["y"], np.float64).reshape(sl.stop - sl.start, -1))
     loss, mean, scale = net.loss, net.y_mean_, net.y_scale_
 
     def pack(r):
