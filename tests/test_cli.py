@@ -233,3 +233,28 @@ def test_simulate_basis_method_crb_and_its_refusal_with_a_given_basis(tmp_path, 
                  "--basis-method", "crb", "--quiet"]) == 2
     assert "cannot be combined with --basis" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_fit_se_crb_maps_are_the_crb_at_the_estimate(pipeline):
+    """--se crb: a network's standard-error maps are sqrt(CRB) at its estimate (every parameter estimated here),
+    at the fitted |M0| and the reported sigma, recomputed with crb.cramer_rao_bound; --se delta differs."""
+    from sklearn_crb import Sequence
+    from sklearn_crb.crb import cramer_rao_bound
+
+    d, ph = pipeline
+    for se in ("crb", "delta"):
+        assert main(["fit", "--model", str(d / "model"), "--coefficients", str(d / "coef.nii.gz"), "--se", se,
+                     "--out", str(d / f"fit_{se}"), "--quiet"]) == 0
+    load = lambda k, se: nib.load(d / f"fit_{se}" / f"{k}.nii.gz").get_fdata()[..., 0]  # noqa: E731
+    summary = json.loads((d / "fit_crb" / "summary.json").read_text())
+    assert summary["standard_error"] == "crb"
+    ok = (load("flags", "crb") == 0) & (load("mask", "crb") > 0)
+    vox = np.flatnonzero(ok)[:6]
+    theta = np.stack([load(p, "crb").ravel()[vox] for p in PARAMETERS], 1)
+    M0 = load("M0_abs", "crb").ravel()[vox]
+    U = np.load(d / "model" / "basis.npy")
+    crb = cramer_rao_bound(Sequence.default(n_pulses=120), theta, estimate=PARAMETERS, basis=U, M0=M0,
+                           sigma=summary["sigma"])
+    se = np.stack([load(p + "_se", "crb").ravel()[vox] for p in PARAMETERS], 1)
+    np.testing.assert_allclose(se, np.sqrt(crb), rtol=2e-4)  # maps are stored as float32
+    assert not np.allclose(load("m0s_se", "delta").ravel()[vox], se[:, 0], rtol=1e-2)

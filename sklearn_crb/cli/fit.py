@@ -129,6 +129,16 @@ def _load_fixed(specs, img, fit_mask, estimate, tied_R1):
     return fixed, files
 
 
+class _NetworkSE:
+    """A loaded network whose ``predict_details`` uses the chosen standard error (``--se``)."""
+
+    def __init__(self, net, se):
+        self.net, self.se, self.crb_metadata_ = net, se, net.crb_metadata_
+
+    def predict_details(self, X, **kwargs):
+        return self.net.predict_details(X, se=self.se, **kwargs)
+
+
 def cmd_fit(args):
     # ---- all checks first
     if not args.model and not args.nlls:
@@ -161,7 +171,7 @@ def cmd_fit(args):
         check_output_file(out / name, overwrite=args.overwrite, owned=lambda p: p.name in owned, argname="--out")
     if model is not None:
         check_compatible(model, sequence=seq, basis=basis, rank=img.rank)
-        estimator = model
+        estimator = _NetworkSE(model, args.se)
     else:
         estimator = NLLSFitter(seq, basis=basis, estimate=estimate, tied_R1=args.tied_R1,
                                device=args.device if args.device != "auto" else "cpu", n_jobs=args.n_jobs,
@@ -183,7 +193,7 @@ def cmd_fit(args):
                "seconds": elapsed, "sigma": maps["sigma"], "units": maps["units"],
                "flag_counts": {int(k): int(v) for k, v in zip(*np.unique(arrays["flags"], return_counts=True))},
                "input": str(args.coefficients), "estimator": kind, "spatial_shape": list(img.spatial_shape),
-               "fixed_maps": fixed_files,
+               "fixed_maps": fixed_files, "standard_error": args.se if model is not None else "crb",
                "files": [map_files[k] for k in arrays] + [png]}
     written = [map_files[k] for k in arrays] + [png, summary_name]
     with atomic_files(out, written) as tmp:
@@ -230,6 +240,9 @@ def add_parser(sub):
     p.add_argument("--scheduler", default=None,
                    help=f"NLLS on dask: a scheduler address (connect timeout {SCHEDULER_TIMEOUT}), or 'local' for "
                         "a 2-worker LocalCluster")
+    p.add_argument("--se", choices=["delta", "crb"], default="delta",
+                   help="network standard-error maps: delta (its own delta-method spread over noise draws, default) "
+                        "or crb (sqrt(CRB) at the estimate, one Jacobian per voxel); NLLS always gives sqrt(CRB)")
     p.add_argument("--prefix", type=_prefix, default="", help="prefix of the output file names (no path separators)")
     _common(p, device="cpu")
     p.set_defaults(func=cmd_fit)
