@@ -207,25 +207,12 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_crb_vs_mse import _save_npz, cached_dataset, eval_draws, machine  # the shared cache and draws
+    from bench_crb_vs_mse import _save_npz, cached_dataset, eval_draws, run_setup  # the shared cache and draws
 
     from sklearn_crb.metrics import prior_moments
-    from sklearn_crb.physics.sequence import Sequence
     from sklearn_crb.simulator import MTFingerprintSimulator
 
-    out = Path(args.out)
-    cache = out / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
-
-    info = machine(args.threads)
-    seq_path = Path(args.data) / SEQ_NAME
-    if not seq_path.is_file():
-        raise SystemExit(f"{SEQ_NAME} not found in {args.data} (set --data or SKLEARN_CRB_DATA)")
-    seq = Sequence.from_mat(seq_path, TR=3.5e-3)
+    out, cache, log, info, seq, t0 = run_setup(args)
     tag = f"{seq.sha256()[:10]}_r13_{args.prior}_tied"
     fb = cache / f"basis_{tag}_seed{args.seed}.npz"
     if fb.is_file():

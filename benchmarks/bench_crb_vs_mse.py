@@ -269,18 +269,9 @@ def machine(threads):
 
 
 # ------------------------------------------------------------------ main
-def main(argv=None):
-    args = parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    import numpy as np
-    import torch
-
-    torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT))
-    from sklearn_crb.estimators.nlls import NLLSFitter
-    from sklearn_crb.metrics import prior_moments
+def run_setup(args):
+    """(out folder, its cache folder, a timestamped logger, machine facts, the v3.2 sequence, start time)."""
     from sklearn_crb.physics.sequence import Sequence
-    from sklearn_crb.simulator import MTFingerprintSimulator
 
     out = Path(args.out)
     cache = out / "cache"
@@ -294,7 +285,22 @@ def main(argv=None):
     seq_path = Path(args.data) / SEQ_NAME
     if not seq_path.is_file():
         raise SystemExit(f"{SEQ_NAME} not found in {args.data} (set --data or SKLEARN_CRB_DATA)")
-    seq = Sequence.from_mat(seq_path, TR=3.5e-3)
+    return out, cache, log, info, Sequence.from_mat(seq_path, TR=3.5e-3), t0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT))
+    from sklearn_crb.estimators.nlls import NLLSFitter
+    from sklearn_crb.metrics import prior_moments
+    from sklearn_crb.simulator import MTFingerprintSimulator
+
+    out, cache, log, info, seq, t0 = run_setup(args)
     est = tuple(args.estimate)
     if not set(EST) <= set(est):
         raise SystemExit(f"--estimate must include {EST}")

@@ -41,6 +41,8 @@ From these the maps give per voxel
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 from scipy.stats import chi2
 from tqdm.auto import tqdm
@@ -186,6 +188,20 @@ def _out_of_range(theta):
     return np.any((theta < lo) | (theta > hi), axis=1)
 
 
+def _se_option(estimator, se):
+    """``predict_details`` keywords for the ``se`` choice of :func:`fit_maps` (checked before any work)."""
+    if se is None:
+        return {}
+    if se not in ("delta", "crb"):
+        raise ValueError(f"se must be None, 'delta' or 'crb', got {se!r}")
+    if "se" in inspect.signature(estimator.predict_details).parameters:
+        return {"se": se}
+    if se == "delta":
+        raise ValueError(f"se='delta' is the delta method of a network; {type(estimator).__name__} gives "
+                         "sqrt(CRB) at its estimate (se='crb' or None)")
+    return {}
+
+
 def _declared_estimate(estimator):
     """What an estimator estimates, from its attributes where it says (else empty)."""
     meta = getattr(estimator, "crb_metadata_", None)
@@ -216,7 +232,7 @@ def _fixed_columns(fixed, mask, n_vox):
 
 
 def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, sigma=None, fixed=None,
-             chunk_size=2048, compute_se=True, threshold=0.05, times=False, progress=False):
+             chunk_size=2048, compute_se=True, se=None, threshold=0.05, times=False, progress=False):
     """Fit every masked voxel of a coefficient image and return named maps.
 
     Parameters
@@ -246,6 +262,11 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
     compute_se : bool
         Compute the standard-error maps (NLLS, dictionary: one Jacobian per
         voxel; a network: its delta-method standard error, one backward pass).
+    se : {None, "delta", "crb"}
+        Standard error of an estimator that offers a choice (a network:
+        ``"delta"``, its own delta-method spread, or ``"crb"``, sqrt(CRB) at
+        its estimate); None: the estimator's default. NLLS and dictionary
+        matching give sqrt(CRB) only (``"delta"`` is refused for them).
     threshold : float
         Automatic-mask threshold (see ``io.make_mask``).
     times : bool
@@ -276,6 +297,7 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
     if c_img.ndim < 2:
         raise ValueError(f"coefficients must have shape (*spatial, rank), got {c_img.shape}")
     check_estimator(estimator, c_img.shape[-1], sequence, basis)
+    details_kw = _se_option(estimator, se)
     chunk_slices(0, chunk_size)
     if sigma is not None and not (np.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be positive and finite, got {sigma}")
@@ -300,7 +322,8 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
     bar = tqdm(total=n_vox, desc="fit_maps", unit="voxel", disable=not progress)
     for sl in chunk_slices(n_vox, chunk_size):
         fx = {p: col[sl] for p, col in fixed_cols.items()} or None
-        det = estimator.predict_details(features_from_coefficients(c[sl]), fixed=fx, compute_crb=compute_se)
+        det = estimator.predict_details(features_from_coefficients(c[sl]), fixed=fx, compute_crb=compute_se,
+                                        **details_kw)
         if est is None:
             est, n_free = tuple(det["estimate"]), int(det["n_free"])
             bad = sorted(set(fixed_cols) & {rate_name(p) for p in est})

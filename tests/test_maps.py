@@ -182,3 +182,28 @@ def test_map_names_with_time_targets():
     assert map_names(("m0s", "R1f", "R2f", "R1s"), times=True)[:7] == ["m0s", "R1f", "R2f", "R1s", "T1f", "T2f",
                                                                         "T1s"]
     assert "m0s_se" not in map_names(("m0s",), compute_se=False)
+
+
+def test_fit_maps_se_choice(setup):
+    """se='crb' gives sqrt(CRB) at the network's estimate (recomputed with cramer_rao_bound from the maps'
+    theta); se='delta' is the default; an unknown choice and 'delta' for NLLS are refused before any work."""
+    from sklearn_crb.estimators.nlls import NLLSFitter
+
+    sim, net, ph = setup
+    sel = ph.mask
+    a = fit_maps(net, ph.coefficients, sel, sigma=ph.sigma, se="crb")
+    b = fit_maps(net, ph.coefficients, sel, sigma=ph.sigma)
+    c = fit_maps(net, ph.coefficients, sel, sigma=ph.sigma, se="delta")
+    np.testing.assert_array_equal(b["m0s_se"], c["m0s_se"])
+    ok = sel & (a["flags"] == 0)
+    X = np.hstack([ph.coefficients[ok].real, ph.coefficients[ok].imag])[:4]
+    th = net.predict_details(X, compute_crb=False)["theta"]
+    crb = cramer_rao_bound(ph.sequence, th, estimate=NAMES, basis=sim.basis_, M0=a["M0_abs"][ok][:4],
+                           sigma=ph.sigma)
+    np.testing.assert_allclose(np.stack([a[p + "_se"][ok][:4] for p in NAMES], 1), np.sqrt(crb), rtol=1e-6)
+    assert not np.allclose(a["m0s_se"][ok], b["m0s_se"][ok])
+    with pytest.raises(ValueError, match="se must be"):
+        fit_maps(net, ph.coefficients, sel, se="bootstrap")
+    nlls = NLLSFitter(ph.sequence, basis=sim.basis_, estimate=NAMES).fit()
+    with pytest.raises(ValueError, match="delta method of a network"):
+        fit_maps(nlls, ph.coefficients, sel, se="delta")

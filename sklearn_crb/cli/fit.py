@@ -129,16 +129,6 @@ def _load_fixed(specs, img, fit_mask, estimate, tied_R1):
     return fixed, files
 
 
-class _NetworkSE:
-    """A loaded network whose ``predict_details`` uses the chosen standard error (``--se``)."""
-
-    def __init__(self, net, se):
-        self.net, self.se, self.crb_metadata_ = net, se, net.crb_metadata_
-
-    def predict_details(self, X, **kwargs):
-        return self.net.predict_details(X, se=self.se, **kwargs)
-
-
 def cmd_fit(args):
     # ---- all checks first
     if not args.model and not args.nlls:
@@ -171,7 +161,7 @@ def cmd_fit(args):
         check_output_file(out / name, overwrite=args.overwrite, owned=lambda p: p.name in owned, argname="--out")
     if model is not None:
         check_compatible(model, sequence=seq, basis=basis, rank=img.rank)
-        estimator = _NetworkSE(model, args.se)
+        estimator = model
     else:
         estimator = NLLSFitter(seq, basis=basis, estimate=estimate, tied_R1=args.tied_R1,
                                device=args.device if args.device != "auto" else "cpu", n_jobs=args.n_jobs,
@@ -181,7 +171,8 @@ def cmd_fit(args):
     t0 = time.perf_counter()
     with _dask_context(args.scheduler):
         maps = fit_maps(estimator, img, mask_arr, sequence=seq, basis=basis, sigma=args.sigma, fixed=fixed or None,
-                        chunk_size=args.chunk_size, times=args.times, progress=not args.quiet)
+                        chunk_size=args.chunk_size, times=args.times, progress=not args.quiet,
+                        se=args.se if model is not None else None)
     elapsed = time.perf_counter() - t0
     arrays = {k: v for k, v in maps.items() if isinstance(v, np.ndarray)}
     if not set(arrays) <= set(map_files):
