@@ -243,7 +243,9 @@ def test_cli_train_reads_a_large_hdf5_set_lazily_with_the_same_result(tmp_path, 
     assert main(base + ["--out", str(tmp_path / "eager")]) == 0
     calls = []
     real = cli_train.open_dataset
-    monkeypatch.setattr(cli_train, "LAZY_BYTES", 0)
+    monkeypatch.setenv("SKLEARN_CRB_LAZY_BYTES", "not a number")
+    assert main(base + ["--out", str(tmp_path / "bad")]) == 2 and not (tmp_path / "bad").exists()
+    monkeypatch.setenv("SKLEARN_CRB_LAZY_BYTES", "0")
     monkeypatch.setattr(cli_train, "open_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(cli_train, "load_dataset", lambda *a, **k: pytest.fail("the lazy path loaded the set"))
     assert main(base + ["--out", str(tmp_path / "lazy")]) == 0

@@ -23,7 +23,21 @@ from sklearn_crb.io.models import MODEL_FILES, save_model
 __all__ = ["cmd_train", "add_parser", "BIAS_REDUCED_OPTIONS", "LAZY_BYTES"]
 
 #: HDF5 training sets larger than this (bytes of per-sample arrays) are read batch by batch, not loaded.
-LAZY_BYTES = int(os.environ.get("SKLEARN_CRB_LAZY_BYTES", 4 * 2**30))
+#: ``SKLEARN_CRB_LAZY_BYTES`` overrides it (checked when ``train`` runs).
+LAZY_BYTES = 4 * 2**30
+
+
+def _lazy_bytes():
+    text = os.environ.get("SKLEARN_CRB_LAZY_BYTES")
+    if text is None:
+        return LAZY_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise CLIError(f"SKLEARN_CRB_LAZY_BYTES must be a non-negative integer (bytes), got {text!r}")
+    return value
 
 #: The ``CRBNetRegressor`` parameters of ``--loss bias_reduced`` (options ``--n-realizations`` ...).
 BIAS_REDUCED_OPTIONS = ("n_realizations", "bias_lambda", "var_delta", "pretrain_epochs")
@@ -36,7 +50,7 @@ def cmd_train(args):
     if str(args.data).lower().endswith((".h5", ".hdf5")):
         rows, data = open_dataset(args.data, argname="--data")
         nbytes = sum(len(rows) * int(np.prod(rows.shapes[k])) * rows.dtypes[k].itemsize for k in rows.keys)
-        if nbytes <= LAZY_BYTES:  # small enough: in memory (per-batch HDF5 reads cost more than they save)
+        if nbytes <= _lazy_bytes():  # small enough: in memory (per-batch HDF5 reads cost more than they save)
             rows = None
     if rows is None:
         data = load_dataset(args.data, argname="--data")
