@@ -75,7 +75,7 @@ def test_crb_follows_its_sample_through_shuffling_batching_and_folds():
     X, y, _ = toy(210)
     crb = 1e-3 * (1 + y**2)
     net = _AlignmentCheckingNet(module=MLP, module__hidden=(8,), module__normalization=None, max_epochs=2,
-                                batch_size=13, train_split=0.2, random_state=1)
+                                batch_size=13, train_split=0.2, random_state=1, crb_at="truth")
     net.fit(X, y, crb=crb)
     assert net.checked_batches_ >= 2 * (168 // 13)
     # GridSearchCV (legacy fit params) slices crb per fold
@@ -92,7 +92,7 @@ def test_crb_weighting_changes_the_solution():
     group = np.arange(n) % 2
     y = group.astype(float)
     crb = np.where(group == 0, 1e-3, 1e2)
-    net = small_net(module__hidden=(4,), max_epochs=40, lr=3e-2)
+    net = small_net(module__hidden=(4,), max_epochs=40, lr=3e-2, crb_at="truth")
     net.fit(X, y, crb=crb)
     assert abs(net.predict(X).mean()) < 0.1  # 0.5 if the CRBs were not matched to their samples
     mse = small_net(module__hidden=(4,), max_epochs=40, lr=3e-2, loss="mse").fit(X, y)
@@ -216,20 +216,23 @@ def test_bad_input_errors():
         small_net(simulator=object()).fit(X, y)
 
 
-def test_simulated_training_beats_prior_mean(short_sequence):
+@pytest.mark.parametrize("crb_at, factor", [("truth", 0.6), ("estimate", 0.9)])
+def test_simulated_training_beats_prior_mean(short_sequence, crb_at, factor):
+    """The nMSE is judged at the true CRB, which is the loss of ``crb_at="truth"``: on this prior-dominated
+    120-pulse problem (m0s nMSE ~0.005) the estimate-weighted net scores worse there by construction."""
     from sklearn_crb.simulator import MTFingerprintSimulator
 
     sim = MTFingerprintSimulator(short_sequence, n_components=8, tied_R1=True, prior="paper2022",
                                  snr=(300.0, 1000.0), n_basis_samples=200, random_state=0).fit()
-    net = CRBNetRegressor(module=MLP, module__hidden=(64, 64), module__normalization="first-coefficient", simulator=sim, max_epochs=30, batch_size=32,
-                          lr=3e-3, random_state=0)
+    net = CRBNetRegressor(module=MLP, module__hidden=(64, 64), module__normalization="first-coefficient",
+                          simulator=sim, max_epochs=30, batch_size=32, lr=3e-3, random_state=0, crb_at=crb_at)
     net.fit_simulated(1200)
-    assert net.augment_ and net.target_names_ == ("m0s", "R1f", "R2f")
+    assert net.augment_ and net.target_names_ == ("m0s", "R1f", "R2f") and net.crb_at_ == crb_at
     Xt, yt, ct = sim.make_dataset(400, random_state=7)
     nm_net = crb_normalized_mse(yt, net.predict(Xt), crb=ct)
     nm_prior = crb_normalized_mse(yt, np.tile(yt.mean(0), (len(yt), 1)), crb=ct)
-    # measured over seeds and thread settings: 2.8-4.0 against 7.9 for the prior mean
-    assert nm_net < 0.6 * nm_prior
+    # measured over seeds 0-2: truth 4.3-4.4, estimate 6.0-6.5 (R2f 13 against 18-19), prior mean 7.9
+    assert nm_net < factor * nm_prior
     # without crb= there is no CRB from y (it would miss the nuisance parameters and the SNR)
     net2 = CRBNetRegressor(module=MLP, module__hidden=(8,), simulator=sim, max_epochs=1, random_state=0)
     with pytest.raises(ValueError, match="crb"):

@@ -64,7 +64,7 @@ def cmd_train(args):
     net = make_network(args.loss, sim, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet,
                        paper=args.paper, normalization=args.normalization)
-    net.set_params(augment=augment, **{k: getattr(args, k) for k in BIAS_REDUCED_OPTIONS
+    net.set_params(augment=augment, **{k: getattr(args, k) for k in (*BIAS_REDUCED_OPTIONS, "crb_at")
                                        if getattr(args, k) is not None})
     t0 = time.perf_counter()
     with _interrupt_guard():
@@ -99,6 +99,9 @@ def add_parser(sub):
                    help="input normalisation (l2, first-coefficient, phase-l2, ...; see InputNormalization)")
     g.add_argument("--lr", type=_positive_float, default=None, help="learning rate")
     g.add_argument("--batch-size", type=_positive_int, default=None)
+    g.add_argument("--crb-at", choices=["auto", "truth", "estimate"], default=None,
+                   help="where the crb loss weight's CRB is evaluated: the true parameters (the paper) or the "
+                        "network's estimate (default auto: the estimate with augmentation)")
     b = p.add_argument_group("--loss bias_reduced (default: CRBNetRegressor's)")
     b.add_argument("--n-realizations", type=_number(int, 2, strict=False), default=None,
                    help="noise realisations per fingerprint (>= 2; the paper used 200)")

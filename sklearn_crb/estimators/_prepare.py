@@ -21,6 +21,7 @@ from sklearn.utils.validation import validate_data
 from torch import nn
 
 from sklearn_crb.estimators._batches import PackedRows
+from sklearn_crb.estimators._crb_surrogate import setup_crb_at
 from sklearn_crb.estimators._training import (CRB_LOSSES, LOSSES, TargetStandardizedModule, augment_batch,
                                               check_float32_range, loss_weights, target_scaling, weight_caps)
 from sklearn_crb.estimators.network import reset_parameters_with
@@ -198,6 +199,7 @@ def prepare(net, X, y, crb, augment, reset):
     net.augment_ = bool(augment)
     if augment:
         net.noise_ = noise_setup(net)
+    setup_crb_at(net, Ys, Xd["w"], reset)
     return Xd, Ys
 
 

@@ -11,12 +11,16 @@ import numpy as np
 from sklearn.utils.validation import validate_data
 
 from sklearn_crb.estimators._batches import PackedRows
+from sklearn_crb.estimators._crb_surrogate import resolve_crb_at, setup_crb_at
 from sklearn_crb.estimators._prepare import (check_bias_reduced, check_crb, check_rows, check_target_range,
                                              fitted_simulator, noise_setup, normalization, set_targets,
                                              set_weight_caps)
 from sklearn_crb.estimators._training import LOSSES, loss_weights
 
-__all__ = ["is_row_source", "prepare_rows"]
+__all__ = ["is_row_source", "prepare_rows", "SURROGATE_ROWS"]
+
+#: Rows of a lazy set read (at random) to fit the weight surrogate of ``crb_at="estimate"``.
+SURROGATE_ROWS = 200_000
 
 
 def is_row_source(X):
@@ -87,4 +91,11 @@ def prepare_rows(net, rows, augment, reset, block=65536):
     net.augment_ = bool(augment)
     if augment:
         net.noise_ = noise_setup(net)
+    if resolve_crb_at(net.crb_at, loss) == "estimate":  # the weight surrogate sees a random subset
+        m = min(n, SURROGATE_ROWS)
+        idx = np.sort(np.random.default_rng(net._seed(7)).choice(n, m, replace=False))
+        Xd, Ys = pack(rows.read(("y", ck), idx) | {xk: np.zeros((m, 0))})
+        setup_crb_at(net, Ys, Xd["c"], reset)
+    else:
+        setup_crb_at(net, None, None, reset)
     return PackedRows(rows, keys, pack)

@@ -34,7 +34,7 @@ from sklearn_crb.noise import apply_m0_and_noise, crb_gain, draw_m0_and_noise
 __all__ = ["LOSSES", "WeightedMSELoss", "TargetStandardizedModule", "StepDecayWithFloor", "paper_lr_scheduler",
            "target_scaling", "loss_weights", "augment_batch", "CRBScoring", "DivergenceGuard", "OneCycleSchedule",
            "check_float32_range", "paper_recipe", "batch_weights", "weight_caps", "NUISANCE_TARGETS", "CRB_LOSSES",
-           "bias_reduced_loss", "augment_realizations", "bias_reduced_step"]
+           "bias_reduced_loss", "augment_realizations"]
 
 LOSSES = ("crb", "mse", "relative", "bias_reduced")
 #: Losses whose weights are ``s^2/CRB`` at each sample's own SNR (rescaled by the augmentation, capped).
@@ -158,7 +158,7 @@ def paper_lr_scheduler(lr=1e-2, step_size=40, gamma=0.5, min_lr=1e-5):
 
 def paper_recipe(lr=1e-2):
     """The ``CRBNetRegressor`` parameters of Zhang et al., MRM 2022 (``CRBNetRegressor.paper``)."""
-    return dict(module=ResidualMLP, module__normalization="l2", optimizer=torch.optim.Adam, lr=lr,
+    return dict(module=ResidualMLP, module__normalization="l2", optimizer=torch.optim.Adam, lr=lr, crb_at="truth",
                 weight_decay=0.0, lr_schedule=None, head=None, batch_size=1024, max_epochs=800, train_split=0.2,
                 callbacks=[("lr", paper_lr_scheduler(lr))])
 
@@ -303,18 +303,6 @@ def bias_reduced_loss(y_pred, y_true, weight, n_realizations, bias_lambda=1.0, v
     bias2 = weight * (yp.mean(1) - y_true) ** 2
     hinge = torch.relu(weight * yp.var(1, correction=1) - float(var_delta))
     return bias2.mean() + float(bias_lambda) * hinge.mean()
-
-
-def bias_reduced_step(net, Xi, yi, **fit_params):
-    """A ``loss="bias_reduced"`` training step: the loss and the mean prediction per fingerprint."""
-    nr = int(net.n_realizations)
-    Xr = augment_realizations(Xi, net.rng_, *net.noise_, nr)
-    y_pred = net.infer(Xr, **fit_params)
-    y_true = to_tensor(yi, device=y_pred.device).to(y_pred.dtype).reshape(-1, y_pred.shape[-1])
-    w = batch_weights(Xr, net.loss, net.module_.scale, y_pred, getattr(net, "loss_weight_cap_", None))
-    loss = bias_reduced_loss(y_pred, y_true, w, nr, net.bias_lambda, net.var_delta)
-    loss.backward()
-    return {"loss": loss, "y_pred": y_pred.detach().reshape(-1, nr, y_pred.shape[-1]).mean(1)}
 
 
 def check_float32_range(X, normalization, argname="X"):

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
-from skorch.dataset import unpack_data
 from skorch.regressor import NeuralNetRegressor
 from skorch.utils import to_tensor
 
@@ -33,9 +32,10 @@ from sklearn_crb.estimators._prepare import (augmentation_generator, build_modul
                                              fitted_simulator, load_scaling, net_seed, prepare, resolve_augment,
                                              restore_fitted, split_datasets)
 from sklearn_crb.estimators._prepare_rows import is_row_source, prepare_rows
+from sklearn_crb.estimators._steps import train_step
 from sklearn_crb.estimators._training import (CRBScoring, DivergenceGuard, OneCycleSchedule, StepDecayWithFloor,
-                                              TargetStandardizedModule, WeightedMSELoss, augment_batch, batch_weights,
-                                              bias_reduced_step, paper_lr_scheduler, paper_recipe)
+                                              TargetStandardizedModule, WeightedMSELoss, batch_weights,
+                                              paper_lr_scheduler, paper_recipe)
 from sklearn_crb.estimators.network import MLP
 
 __all__ = ["CRBNetRegressor", "WeightedMSELoss", "TargetStandardizedModule", "StepDecayWithFloor",
@@ -124,6 +124,12 @@ class CRBNetRegressor(NeuralNetRegressor):
         weights (own SNR, ``nuisance_weight_cap``). Needs augmentation
         (``X_clean``/``crb_unit``, :meth:`fit_simulated`); the first
         ``pretrain_epochs`` epochs use ``"crb"``; validation scores ``"crb"``.
+    crb_at : {"auto", "truth", "estimate"}, default "auto"
+        Where the ``"crb"`` loss weight's CRB is evaluated: ``"truth"`` (Zhang
+        et al. 2022) tilts uninformed estimates towards low-CRB values;
+        ``"estimate"``: at the net's detached estimate, through a surrogate of
+        the training set's CRBs (needs augmentation; :mod:`~._crb_surrogate`).
+        ``"auto"``: ``"estimate"`` for ``"crb"`` with augmentation.
     n_realizations : int, default 16
         Noise realisations per fingerprint (>= 2) of ``"bias_reduced"``
         (paper: 200; 16 keeps an epoch affordable on a CPU).
@@ -201,7 +207,8 @@ class CRBNetRegressor(NeuralNetRegressor):
     def __init__(self, module=MLP, *args, criterion=WeightedMSELoss, optimizer=torch.optim.AdamW, lr=2e-3,
                  max_epochs=600, batch_size=512, train_split=None, weight_decay=1e-4, lr_schedule="onecycle",
                  head="auto", target_bounds=None, head_margin=0.05, nuisance_weight_cap=400.0, n_threads="auto",
-                 loss="crb", n_realizations=16, bias_lambda=1.0, var_delta=1.0, pretrain_epochs=0, simulator=None,
+                 loss="crb", crb_at="auto", n_realizations=16, bias_lambda=1.0, var_delta=1.0, pretrain_epochs=0,
+                 simulator=None,
                  augment="auto", snr=None, sigma=None, target_names=None, random_state=None, device="auto", verbose=0,
                  **kwargs):
         super().__init__(module, *args, criterion=criterion, optimizer=optimizer, lr=lr, max_epochs=max_epochs,
@@ -215,7 +222,7 @@ class CRBNetRegressor(NeuralNetRegressor):
         self.head_margin = head_margin
         self.nuisance_weight_cap = nuisance_weight_cap
         self.n_threads = n_threads
-        self.loss = loss
+        self.loss, self.crb_at = loss, crb_at
         self.n_realizations, self.bias_lambda, self.var_delta = n_realizations, bias_lambda, var_delta
         self.pretrain_epochs = pretrain_epochs
         self.simulator = simulator
@@ -386,17 +393,7 @@ class CRBNetRegressor(NeuralNetRegressor):
         return self.criterion_(y_pred, y_true, batch_weights(X, self.loss, self.module_.scale, y_pred, caps))
 
     def train_step_single(self, batch, **fit_params):
-        self._set_training(True)
-        Xi, yi = unpack_data(batch)
-        if self.augment_:
-            Xi = {k: to_tensor(v, device=self.device_) for k, v in Xi.items()}
-            if self.loss == "bias_reduced" and len(self.history) > self.pretrain_epochs:  # fine-tuning epochs
-                return bias_reduced_step(self, Xi, yi, **fit_params)
-            Xi = augment_batch(Xi, self.rng_, *self.noise_, self.loss)
-        y_pred = self.infer(Xi, **fit_params)
-        loss = self.get_loss(y_pred, yi, X=Xi, training=True)
-        loss.backward()
-        return {"loss": loss, "y_pred": y_pred}
+        return train_step(self, batch, **fit_params)
 
     def predict(self, X, batch_size=None):
         """Estimated parameters in SI units.
@@ -456,7 +453,8 @@ class CRBNetRegressor(NeuralNetRegressor):
     def trim_for_prediction(self):
         """Drop optimizer, criterion and training-only state (smaller pickles)."""
         super().trim_for_prediction()
-        self.__dict__.pop("rng_", None)
+        for name in ("rng_", "crb_surrogate_"):
+            self.__dict__.pop(name, None)
         return self
 
     def __sklearn_tags__(self):

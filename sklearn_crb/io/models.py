@@ -160,6 +160,7 @@ def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_val
         "nuisance": nuis if isinstance(nuis, str) or nuis is None else list(nuis),
         "fill_values": fill.tolist(),
         "loss": getattr(net, "loss", None),
+        "crb_at": getattr(net, "crb_at_", None),
         "snr": list(sim.snr) if sim is not None else None,
         "sigma": float(sim.sigma) if sim is not None else None,
         "rank": int(U.shape[1]),
@@ -222,7 +223,7 @@ def _read_meta(path):
     if len(fill) != len(PARAMETERS) or not all(is_int(v) or isinstance(v, float) for v in fill) or not np.all(
             np.isfinite(np.asarray(fill, dtype=float))):
         fail(file, "fill_values", "must be 8 finite numbers in PARAMETERS order")
-    for key in ("loss",):
+    for key in ("loss", "crb_at"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             fail(file, key, "must be a string or null")
     nuis = meta.get("nuisance", "all")
