@@ -101,7 +101,7 @@ def add_parser(sub):
     g.add_argument("--batch-size", type=_positive_int, default=None)
     g.add_argument("--crb-at", choices=["auto", "truth", "estimate"], default=None,
                    help="where the crb loss weight's CRB is evaluated: the true parameters (the paper) or the "
-                        "network's estimate (default auto: the estimate with augmentation)")
+                        "network's estimate (default auto: the estimate for --loss crb)")
     b = p.add_argument_group("--loss bias_reduced (default: CRBNetRegressor's)")
     b.add_argument("--n-realizations", type=_number(int, 2, strict=False), default=None,
                    help="noise realisations per fingerprint (>= 2; the paper used 200)")

@@ -128,8 +128,8 @@ class CRBNetRegressor(NeuralNetRegressor):
         Where the ``"crb"`` loss weight's CRB is evaluated: ``"truth"`` (Zhang
         et al. 2022) tilts uninformed estimates towards low-CRB values;
         ``"estimate"``: at the net's detached estimate, through a surrogate of
-        the training set's CRBs (needs augmentation; :mod:`~._crb_surrogate`).
-        ``"auto"``: ``"estimate"`` for ``"crb"`` with augmentation.
+        the training set's CRBs (:mod:`~._crb_surrogate`). ``"auto"``:
+        ``"estimate"`` for ``loss="crb"``, else ``"truth"``.
     n_realizations : int, default 16
         Noise realisations per fingerprint (>= 2) of ``"bias_reduced"``
         (paper: 200; 16 keeps an epoch affordable on a CPU).
