@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from sklearn_crb._validation import check_basis
-from sklearn_crb.physics.parameters import INDEX, PARAMETERS, free_parameters, resolve_estimate, tie_R1
+from sklearn_crb.physics.parameters import INDEX, PARAMETERS, nuisance_parameters, resolve_estimate, tie_R1
 from sklearn_crb.physics.signal import jacobian
 
 __all__ = ["fisher_information", "fisher_columns", "crb_from_jacobian", "cramer_rao_bound", "project",
-           "IllConditionedFisherWarning"]
+           "linearized_bayes_spread", "IllConditionedFisherWarning"]
 
 
 class IllConditionedFisherWarning(UserWarning):
@@ -155,14 +155,7 @@ def _scaled_inverse_diag(F, rcond):
 def _columns(estimate, nuisance, tied_R1):
     """Free parameter names (estimated first, canonical order) and their J columns."""
     est = resolve_estimate(estimate, tied_R1, times=False)  # the CRB is of rates; callers use crb_to_targets
-    allowed = free_parameters(tied_R1)
-    if nuisance == "all":
-        nuis = tuple(p for p in allowed if p not in est)
-    elif nuisance is None or (not isinstance(nuisance, str) and len(tuple(nuisance)) == 0):
-        nuis = ()  # None and an empty selection both mean: every other parameter is known
-    else:
-        nuis = tuple(p for p in resolve_estimate(nuisance, tied_R1, "nuisance", times=False) if p not in est)
-    return est, nuis
+    return est, nuisance_parameters(nuisance, est, tied_R1)  # None or empty: every other parameter is known
 
 
 def fisher_columns(signal, J, *, estimate=PARAMETERS, nuisance="all", tied_R1=False, complex_M0=True):
@@ -316,3 +309,52 @@ def cramer_rao_bound(sequence, theta, *, estimate=PARAMETERS, nuisance="all", ti
     s, J = jacobian(sequence, theta, backend=backend)
     return crb_from_jacobian(s, J, estimate=estimate, nuisance=nuisance, tied_R1=tied_R1, M0=M0, sigma=sigma,
                              basis=basis, complex_M0=complex_M0, on_singular=on_singular, return_info=return_info)
+
+
+def linearized_bayes_spread(signal, J, prior_variance, *, estimate, tied_R1=False, M0=1.0, sigma=1.0, basis=None):
+    """How far a Bayes estimator that uses a Gaussian prior spreads over noise draws, in units of sqrt(CRB).
+
+    At fixed ``theta`` and to first order in the noise, the posterior mean
+    under a Gaussian prior of variances ``prior_variance`` on the ``estimate``
+    parameters (every other parameter known, complex M0 flat) is
+    ``(F + L)^-1 (F theta_ML + L mu)``, with ``L = diag(1 / prior_variance)``.
+    Its covariance over noise draws is ``(F + L)^-1 F (F + L)^-1``. The
+    function returns ``sqrt`` of that diagonal over the CRB ``diag F^-1``.
+    It is the shrinkage that leaning on such a prior implies.
+    An estimator trained on prior draws with a squared-error loss (the CRB
+    loss included) approaches the posterior mean. Its spread below
+    ``sqrt(CRB)`` is then expected wherever the prior of a correlated
+    parameter still informs the fit, even when ``CRB_p`` is small against the
+    prior variance of ``p`` itself. The prior is only matched in variance,
+    so the value is a reference, not a bound.
+
+    Parameters
+    ----------
+    signal, J : array_like
+        As for :func:`crb_from_jacobian` (at M0 = 1).
+    prior_variance : array_like (len(estimate),)
+        In squared SI units, in the order of ``estimate``'s canonical order.
+    estimate : sequence of str
+        The unknown rates (all of them get the prior).
+    tied_R1, M0, sigma, basis
+        As for :func:`crb_from_jacobian`.
+
+    Returns
+    -------
+    ratio : ndarray (n_samples, len(estimate)), in (0, 1]
+    """
+    Jt = _as_tensor(J, "J").to(torch.complex128)
+    st = _as_tensor(signal, "signal").to(torch.complex128).to(Jt.device)
+    Jf, names, n_est = fisher_columns(st, Jt, estimate=estimate, nuisance=None, tied_R1=tied_R1)
+    F = fisher_information(Jf, 1.0, basis) / _noise_scale(sigma, M0, Jt.shape[0], Jt.device).reshape(-1, 1, 1)
+    pv = torch.as_tensor(np.asarray(prior_variance, dtype=np.float64), device=F.device)
+    if pv.shape != (n_est,) or not bool(torch.all(torch.isfinite(pv) & (pv > 0))):
+        raise ValueError(f"prior_variance must hold {n_est} positive finite values (one per estimated parameter), "
+                         f"got {np.asarray(prior_variance)!r:.80}")
+    lam = torch.cat([1.0 / pv, torch.zeros(F.shape[-1] - n_est, dtype=F.dtype, device=F.device)])
+    d = 1.0 / torch.sqrt(torch.diagonal(F, dim1=-2, dim2=-1) + lam)  # unit-diagonal scaling for the inverses
+    Fn = F * d[:, :, None] * d[:, None, :]
+    A = torch.linalg.inv(Fn + torch.diag_embed(lam * d**2))
+    spread = torch.diagonal(A @ Fn @ A, dim1=-2, dim2=-1)[:, :n_est]
+    crb = torch.diagonal(torch.linalg.inv(Fn), dim1=-2, dim2=-1)[:, :n_est]
+    return torch.sqrt(spread / crb).cpu().numpy()

@@ -318,6 +318,10 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
     if bad:  # before any work where the estimator says what it estimates; else after the first chunk
         raise ValueError(f"fixed: {bad} are estimated by the estimator; fix only parameters it does not "
                          f"estimate (it estimates {tuple(declared)})")
+    need = [p for p in getattr(estimator, "measured_", ()) if p not in fixed_cols]
+    if need:  # a network conditioned on measured maps (CRBNetRegressor(measured=...))
+        raise ValueError(f"fixed: the network takes {tuple(estimator.measured_)} as measured inputs; pass maps "
+                         f"of {need} as fixed= (the CLI's --b1-map, --b0-map or --fixed NAME=FILE)")
     est, n_free = None, None
     bar = tqdm(total=n_vox, desc="fit_maps", unit="voxel", disable=not progress)
     for sl in chunk_slices(n_vox, chunk_size):

@@ -154,6 +154,11 @@ def cmd_fit(args):
     fit_mask, _ = make_mask(img, mask_arr)  # shape check before any work
     fixed, fixed_files = _load_fixed(_fixed_specs(args), img, fit_mask, estimate,
                                      bool(args.tied_R1 if model is None else meta.get("tied_R1", False)))
+    need = [p for p in getattr(model, "measured_", ()) if p not in fixed]
+    if need:
+        opts = {"B1": "--b1-map", "omega0": "--b0-map"}
+        raise CLIError(f"--model {args.model} takes measured {list(model.measured_)} as inputs: give "
+                       + ", ".join(opts.get(p, f"--fixed {p}=FILE") for p in need))
     map_files, png, summary_name = _fit_names(args.prefix, estimate, times=args.times)
     names = [*map_files.values(), png, summary_name]
     owned = _fit_owned(out / summary_name) or set()

@@ -7,6 +7,7 @@ from pathlib import Path
 from sklearn_crb.cli._common import (DEFAULT_N_SAMPLES, DEFAULT_PRIOR, DEFAULT_RANK, DEFAULT_SNR, EPILOG,
                                      SCHEDULER_TIMEOUT, CLIError, _add_sequence_args, _common, _dask_context, _number,
                                      _positive_float, _positive_int, _sequence)
+from sklearn_crb.estimators._measured import measured_nuisance, resolve_measured
 from sklearn_crb.io._files import check_output_file
 from sklearn_crb.io.datasets import SUFFIXES, is_dataset, simulate_to_file
 from sklearn_crb.io.images import load_basis
@@ -24,6 +25,8 @@ def cmd_simulate(args):
     if args.n_jobs == 0:
         raise CLIError("--n-jobs must be a positive number of workers or negative (-1: every core), got 0")
     names = free_parameters(args.tied_R1) if args.estimate is None else tuple(args.estimate)
+    if args.estimate is None and args.measured:  # every free parameter that is not measured
+        names = tuple(p for p in names if p not in args.measured)
     estimate = resolve_estimate(names, args.tied_R1, argname="--estimate")
     seq = _sequence(args)
     basis = load_basis(args.basis, n_pulses=seq.n_pulses) if args.basis else None
@@ -32,13 +35,16 @@ def cmd_simulate(args):
     rank = args.rank if (args.rank is not None or basis is not None) else DEFAULT_RANK
     if basis is not None and args.basis_method == "crb":
         raise CLIError("--basis-method crb learns a basis; it cannot be combined with --basis")
-    sim = MTFingerprintSimulator(seq, n_components=rank, basis=basis, estimate=estimate,
+    measured = resolve_measured(args.measured, estimate, args.tied_R1, argname="--measured")
+    nuisance = measured_nuisance(estimate, measured, args.tied_R1) if measured else "all"
+    sim = MTFingerprintSimulator(seq, n_components=rank, basis=basis, estimate=estimate, nuisance=nuisance,
                                  snr=tuple(args.snr), sigma=args.sigma, tied_R1=args.tied_R1, prior=args.prior,
                                  n_basis_samples=args.n_basis_samples, basis_method=args.basis_method,
                                  n_crb_samples=args.n_crb_samples, random_state=args.seed).fit()
     with _dask_context(args.scheduler):
         simulate_to_file(out, sim, args.n_samples, args.seed, chunk=args.chunk_size, n_jobs=args.n_jobs,
-                         prior=args.prior, overwrite=args.overwrite, progress=not args.quiet, argname="--out")
+                         prior=args.prior, overwrite=args.overwrite, progress=not args.quiet, argname="--out",
+                         measured=measured)
     print(f"wrote {out}: {args.n_samples} samples, {2 * sim.n_components_} features (rank {sim.n_components_}), "
           f"targets {list(sim.estimate_)}")
     return 0
@@ -57,6 +63,10 @@ def add_parser(sub):
                         "(default: every free parameter of the model, m0s R1f R2f Rex T2s omega0 B1 with --tied-R1 "
                         "and also R1s without, so that the network estimates the nuisance parameters too and the "
                         "maps of `fit` are evaluated at its own estimates)")
+    p.add_argument("--measured", nargs="+", default=None, metavar="NAME",
+                   help="parameters measured by a separate scan (e.g. B1, omega0): the CRBs hold them known, and "
+                        "`train` makes a network that takes them as inputs (`fit --b1-map/--b0-map` supplies them; "
+                        "default: none; they must not be in --estimate)")
     p.add_argument("--tied-R1", action="store_true", help="R1s = R1f (the paper's single T1)")
     p.add_argument("--prior", choices=["brain", "parenchyma", "paper2022"], default=DEFAULT_PRIOR,
                    help="parameter prior (default brain: parenchyma, CSF-like and partial-volume tissue, for "

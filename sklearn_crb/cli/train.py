@@ -17,7 +17,8 @@ from sklearn_crb.cli._common import (EPILOG, CLIError, _common, _interrupt_guard
                                      _number, _positive_int)
 from sklearn_crb.demo import make_network
 from sklearn_crb.io._files import check_output_folder
-from sklearn_crb.io.datasets import load_dataset, open_dataset, simulator_from_dataset
+from sklearn_crb.estimators._measured import append_measured
+from sklearn_crb.io.datasets import dataset_measured, load_dataset, open_dataset, simulator_from_dataset
 from sklearn_crb.io.models import MODEL_FILES, save_model
 
 __all__ = ["cmd_train", "add_parser", "BIAS_REDUCED_OPTIONS", "LAZY_BYTES"]
@@ -56,6 +57,9 @@ def cmd_train(args):
         data = load_dataset(args.data, argname="--data")
     have = set(rows.keys) if rows is not None else set(data)
     sim = simulator_from_dataset(data)
+    measured = dataset_measured(data)  # `simulate --measured`: the network takes them as inputs
+    if measured and "theta" not in have:
+        raise CLIError(f"--data records measured parameters {list(measured)} but holds no 'theta' to take them from")
     augment = args.augment and {"X_clean", "crb_unit"} <= have
     if args.loss == "bias_reduced" and not augment:
         raise CLIError("--loss bias_reduced draws fresh noise realisations of every fingerprint: it needs a data "
@@ -64,15 +68,15 @@ def cmd_train(args):
     net = make_network(args.loss, sim, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet,
                        paper=args.paper, normalization=args.normalization)
-    net.set_params(augment=augment, **{k: getattr(args, k) for k in (*BIAS_REDUCED_OPTIONS, "crb_at")
-                                       if getattr(args, k) is not None})
+    net.set_params(augment=augment, measured=measured or None,
+                   **{k: getattr(args, k) for k in (*BIAS_REDUCED_OPTIONS, "crb_at") if getattr(args, k) is not None})
     t0 = time.perf_counter()
     with _interrupt_guard():
         if rows is not None:
             net.fit(rows)
         else:
             X, crb = (data["X_clean"], data["crb_unit"]) if augment else (data["X"], data["crb"])
-            net.fit(X, data["y"], crb=crb)
+            net.fit(append_measured(X, data.get("theta"), measured), data["y"], crb=crb)
     h = net.history[-1] if len(net.history) else {}
     if "train_loss" not in h or not np.isfinite(h["train_loss"]):
         raise CLIError(f"training did not finish with a finite loss ({h.get('train_loss')}); nothing was saved")

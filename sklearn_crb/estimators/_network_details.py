@@ -47,7 +47,8 @@ from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
 from sklearn_crb.estimators import _lm
 from sklearn_crb.estimators._base import fit_box
 from sklearn_crb.estimators._batches import net_threads, torch_threads
-from sklearn_crb.physics.parameters import (BOUNDS, INDEX, PARAMETERS, SCALE, crb_to_targets, free_parameters,
+from sklearn_crb.estimators._measured import append_measured
+from sklearn_crb.physics.parameters import (BOUNDS, INDEX, PARAMETERS, SCALE, crb_to_targets, nuisance_parameters,
                                             rate_name, resolve_estimate, theta_columns_from_targets, tie_R1)
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.physics.signal import jacobian, simulate
@@ -102,15 +103,7 @@ def model_context(net, sequence=None, basis=None):
 
 
 def _nuisance_names(ctx, fixed_names):
-    est, tied = tuple(rate_name(p) for p in ctx["estimate"]), ctx["tied_R1"]
-    nuis = ctx["nuisance"]
-    if nuis == "all":
-        names = free_parameters(tied)
-    elif nuis is None or (not isinstance(nuis, str) and len(nuis) == 0):  # nothing left (all estimated)
-        names = ()
-    else:
-        names = resolve_estimate(nuis, tied, "nuisance")
-    return tuple(p for p in names if p not in est and p not in fixed_names)
+    return nuisance_parameters(ctx["nuisance"], ctx["estimate"], ctx["tied_R1"], known=fixed_names)
 
 
 def polish_nuisance(theta, c, ctx, nuisance, converged, n_iter=5, backend="auto"):
@@ -168,7 +161,8 @@ def input_gradient_variance(net, X, batch_size=1024):
     ----------
     net : fitted CRBNetRegressor
     X : ndarray (n, d)
-        Features ``[Re c, Im c]``.
+        Features ``[Re c, Im c]``, then the network's ``measured_`` columns (noise-free inputs: their
+        gradient does not count).
 
     Returns
     -------
@@ -178,7 +172,7 @@ def input_gradient_variance(net, X, batch_size=1024):
     """
     mod = net.module_
     mod.eval()
-    device = net.device_
+    device, k = net.device_, len(getattr(net, "measured_", ()))
     outs = []
     with torch_threads(net_threads(net)), torch.enable_grad():
         for i in range(0, X.shape[0], int(batch_size)):
@@ -187,7 +181,7 @@ def input_gradient_variance(net, X, batch_size=1024):
             g2 = []
             for j in range(y.shape[1]):
                 (g,) = torch.autograd.grad(y[:, j].sum(), xb, retain_graph=j < y.shape[1] - 1)
-                g2.append((g.to(torch.float64) ** 2).sum(dim=1))
+                g2.append((g[:, : g.shape[1] - k].to(torch.float64) ** 2).sum(dim=1))
             outs.append(torch.stack(g2, dim=1).detach().cpu())
     if not outs:
         return np.zeros((0, int(mod.mean.shape[0])))
@@ -259,6 +253,11 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
     if X.ndim != 2 or X.shape[1] != 2 * U.shape[1]:
         raise ValueError(f"X must have shape (n_samples, {2 * U.shape[1]}) ([Re c, Im c] in the model's rank-"
                          f"{U.shape[1]} basis), got {X.shape}")
+    measured = tuple(getattr(net, "measured_", ()))
+    missing = [p for p in measured if p not in fixed]
+    if missing:
+        raise ValueError(f"fixed: the network takes {measured} as measured inputs; pass fixed= values (maps) for "
+                         f"{missing}, e.g. fit --b1-map/--b0-map")
     n = X.shape[0]
     out = {"estimate": est, "n_free": n_free}
     if n == 0:
@@ -280,9 +279,10 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
             raise ValueError(f"fixed[{p!r}] has non-finite values")
         theta[:, INDEX[p]] = col
     finite_in = np.all(np.isfinite(X), axis=1) & np.any(X != 0, axis=1)
+    Xnet = append_measured(X, theta, measured)  # the measured maps behind the features
     pred = np.full((n, len(est)), np.nan)
     if finite_in.any():
-        p = np.asarray(net.predict(X[finite_in]), dtype=np.float64).reshape(int(finite_in.sum()), -1)
+        p = np.asarray(net.predict(Xnet[finite_in]), dtype=np.float64).reshape(int(finite_in.sum()), -1)
         pred[finite_in] = p
     converged = finite_in & np.all(np.isfinite(pred), axis=1)
     if any(rate_name(p) != p for p in names):  # times -> rates (1/T); failed or non-positive rows flagged
@@ -340,7 +340,7 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
         var_unit = np.full((n, len(est)), np.nan)
         rows = np.flatnonzero(converged)
         if rows.size:
-            g2 = input_gradient_variance(net, X[rows])
+            g2 = input_gradient_variance(net, Xnet[rows])
             order = [names.index(p) for p in est]  # the network's output order -> the estimate's
             var_unit[rows] = g2[:, order] * np.abs(M0[rows, None]) ** 2
     M0 = np.where(converged, M0, np.nan + 0j)

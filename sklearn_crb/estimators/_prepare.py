@@ -22,6 +22,8 @@ from torch import nn
 
 from sklearn_crb.estimators._batches import PackedRows
 from sklearn_crb.estimators._crb_surrogate import setup_crb_at
+from sklearn_crb.estimators._measured import (fitted_measured, load_conditioning, measured_columns,
+                                              restore_conditioning)
 from sklearn_crb.estimators._training import (CRB_LOSSES, LOSSES, TargetStandardizedModule, augment_batch,
                                               check_float32_range, loss_weights, target_scaling, weight_caps)
 from sklearn_crb.estimators.network import reset_parameters_with
@@ -175,6 +177,7 @@ def prepare(net, X, y, crb, augment, reset):
     if not np.all(np.isfinite(Y)):
         raise ValueError("y contains non-finite values")
     net.simulator_ = fitted_simulator(net)
+    X, cond = measured_columns(net, X, resolve_names(net, Y.shape[1]), reset)
     if crb is not None:
         crb = check_crb(crb, Y.shape)
     elif net.loss in CRB_LOSSES:
@@ -193,6 +196,8 @@ def prepare(net, X, y, crb, augment, reset):
     set_weight_caps(net)
     check_target_range(net, Y)
     Xd = {"X": X.astype(np.float32), "w": loss_weights(net.loss, Y, crb, net.y_scale_)}
+    if cond is not None:  # measured inputs: no M0 scaling, no noise (the module appends them)
+        Xd["k"] = cond.astype(np.float32)
     if crb is not None:
         Xd["c"] = loss_weights("crb", Y, crb, net.y_scale_)
     Ys = ((Y - net.y_mean_) / net.y_scale_).astype(np.float32)
@@ -341,7 +346,8 @@ def build_module(net):
         except (TypeError, ValueError):
             params = {}
         for name, val in (("n_features", getattr(net, "n_features_in_", None)),
-                          ("n_outputs", getattr(net, "n_outputs_", None))):
+                          ("n_outputs", getattr(net, "n_outputs_", None)),
+                          ("n_conditioning", len(fitted_measured(net)) or None)):
             if name in params and name not in kwargs and val is not None:
                 kwargs[name] = val
         seed = net._seed(0)
@@ -353,6 +359,12 @@ def build_module(net):
             reset_parameters_with(inner, torch.Generator().manual_seed(seed))
         else:
             inner = net.initialized_instance(module, kwargs)
+    measured = fitted_measured(net)
+    k = len(measured)
+    if k != getattr(getattr(inner, "normalize", None), "n_conditioning", 0):
+        raise ValueError(f"measured={measured} needs a network whose input normalisation passes {k} measured "
+                         "column(s) through (MLP or ResidualMLP with n_conditioning)")
+    net.measured_ = measured
     n_out = getattr(net, "n_outputs_", None) or kwargs.get("n_outputs") or getattr(inner, "n_outputs", None)
     if n_out is None:
         raise ValueError("cannot tell the number of outputs of the module: fit the net or pass "
@@ -368,6 +380,7 @@ def load_scaling(net):
     """Copy the fitted target scaling and head range into the module's buffers (they travel in its state_dict)."""
     for attr, buf in _SCALING:
         getattr(net.module_, buf).copy_(torch.as_tensor(getattr(net, attr)))
+    load_conditioning(net)
 
 
 def restore_fitted(net):
@@ -378,6 +391,7 @@ def restore_fitted(net):
     net.n_outputs_ = int(net.module_.mean.shape[0])
     for attr, buf in _SCALING:
         setattr(net, attr, getattr(net.module_, buf).detach().cpu().numpy().copy())
+    restore_conditioning(net)
     if not hasattr(net, "target_names_"):
         net.target_names_ = resolve_names(net, net.n_outputs_)
 

@@ -12,6 +12,8 @@ from sklearn.utils.validation import validate_data
 
 from sklearn_crb.estimators._batches import PackedRows
 from sklearn_crb.estimators._crb_surrogate import resolve_crb_at, setup_crb_at
+from sklearn_crb.estimators._measured import (append_measured, check_simulator_measured, resolve_measured,
+                                              set_conditioning, split_measured)
 from sklearn_crb.estimators._prepare import (check_bias_reduced, check_crb, check_rows, check_target_range,
                                              fitted_simulator, noise_setup, normalization, set_targets,
                                              set_weight_caps)
@@ -40,17 +42,25 @@ def prepare_rows(net, rows, augment, reset, block=65536):
     if net.loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {net.loss!r}")
     xk, ck = ("X_clean", "crb_unit") if augment else ("X", "crb")
-    keys = (xk, "y", ck)
+    net.simulator_ = fitted_simulator(net)
+    measured = resolve_measured(net.measured, (), bool(getattr(net.simulator_, "tied_R1", False)))
+    keys = (xk, "y", ck) + (("theta",) if measured else ())
     missing = [k for k in keys if k not in getattr(rows, "keys", keys)]
     if missing:
         raise ValueError(f"the training set lacks the per-sample arrays {missing}")
     n = len(rows)
     if n < 2:
         raise ValueError(f"CRBNetRegressor needs at least 2 samples to fit, got n_samples={n}")
-    net.simulator_ = fitted_simulator(net)
-    total, informative, first = 0.0, None, True
+    if measured and net.simulator_ is not None:
+        check_simulator_measured(net.simulator_, measured)
+    net.measured_ = measured
+    total, informative, first, cond_sum, cond_sq = 0.0, None, True, 0.0, 0.0
     for sl, r in rows.iter_slices(keys, block):
-        X = validate_data(net, r[xk], reset=reset and first, dtype=np.float64)
+        X = validate_data(net, append_measured(r[xk], r.get("theta"), measured), reset=reset and first,
+                          dtype=np.float64)
+        X, cond = split_measured(net, X)
+        if cond is not None:
+            cond_sum, cond_sq = cond_sum + cond.sum(axis=0), cond_sq + (cond**2).sum(axis=0)
         Y = np.asarray(r["y"], dtype=np.float64).reshape(len(X), -1)
         if not np.all(np.isfinite(Y)):
             raise ValueError(f"y contains non-finite values (rows {sl.start}-{sl.stop})")
@@ -66,6 +76,12 @@ def prepare_rows(net, rows, augment, reset, block=65536):
         first = False
     if not informative.all():
         raise ValueError("crb is infinite for every sample of some target: nothing to train it on")
+    if reset or not hasattr(net, "measured_loc_"):
+        set_conditioning(net, None)
+        if measured:  # mean and std of the measured columns over the whole set
+            net.measured_loc_ = cond_sum / n
+            sd = np.sqrt(np.maximum(cond_sq / n - net.measured_loc_**2, 0.0))
+            net.measured_scale_ = np.where(sd > 1e-12 * (1.0 + np.abs(net.measured_loc_)), sd, 1.0)
     check_bias_reduced(net, augment)
     if reset or not hasattr(net, "y_mean_"):
         mean = total / n
@@ -76,6 +92,7 @@ def prepare_rows(net, rows, augment, reset, block=65536):
                     np.ndim(rows.read(("y",), [0])["y"]) == 1)
     elif total.shape[0] != net.n_outputs_:
         raise ValueError(f"y has {total.shape[0]} targets, the net was fitted with {net.n_outputs_}")
+    resolve_measured(measured, net.target_names_)  # a measured parameter must not also be a target
     set_weight_caps(net)
     for sl, r in rows.iter_slices(("y",), block):
         check_target_range(net, np.asarray(r["y"], np.float64).reshape(sl.stop - sl.start, -1))
@@ -86,6 +103,8 @@ def prepare_rows(net, rows, augment, reset, block=65536):
         crb = np.asarray(r[ck], np.float64).reshape(Y.shape)
         Xd = {"X": np.asarray(r[xk]).astype(np.float32), "w": loss_weights(loss, Y, crb, scale),
               "c": loss_weights("crb", Y, crb, scale)}
+        if measured:
+            Xd["k"] = append_measured(np.zeros((len(Y), 0)), r["theta"], measured).astype(np.float32)
         return Xd, ((Y - mean) / scale).astype(np.float32)
 
     net.augment_ = bool(augment)
@@ -94,7 +113,7 @@ def prepare_rows(net, rows, augment, reset, block=65536):
     if resolve_crb_at(net.crb_at, loss) == "estimate":  # the weight surrogate sees a random subset
         m = min(n, SURROGATE_ROWS)
         idx = np.sort(np.random.default_rng(net._seed(7)).choice(n, m, replace=False))
-        Xd, Ys = pack(rows.read(("y", ck), idx) | {xk: np.zeros((m, 0))})
+        Xd, Ys = pack(rows.read(("y", ck) + keys[3:], idx) | {xk: np.zeros((m, 0))})
         setup_crb_at(net, Ys, Xd["c"], reset)
     else:
         setup_crb_at(net, None, None, reset)

@@ -285,6 +285,8 @@ def augment_realizations(Xd, rng, snr, sigma, n_realizations):
     gain = torch.as_tensor(crb_gain(M0, sigma), device=x.device).to(x.dtype)[:, None]
     out = {k: v * gain for k, v in Xd.items() if k in ("w", "c")}
     out["X"] = apply_m0_and_noise(x.repeat_interleave(nr, 0), M0.repeat_interleave(nr, 0), noise)
+    if "k" in Xd:  # measured inputs (no M0, no noise), one copy per realisation
+        out["k"] = Xd["k"].repeat_interleave(nr, 0)
     return out
 
 

@@ -52,6 +52,13 @@ class InputNormalization(nn.Module):
         bounded (every feature in [-1, 1]) when ``|c1|`` is small. ``None``:
         identity.
 
+    n_conditioning : int, default 0
+        The last ``n_conditioning`` input columns are not coefficients but
+        separately measured parameters (e.g. a B1 map, ``CRBNetRegressor(
+        measured=...)``): they bypass the normalisation and are standardised
+        by the buffers ``cond_loc``/``cond_scale`` (set from the training
+        data by the regressor; saved in the state dict).
+
     Notes
     -----
     All-zero rows (background voxels of a coefficient image) have no
@@ -59,11 +66,15 @@ class InputNormalization(nn.Module):
     before prediction.
     """
 
-    def __init__(self, mode="l2"):
+    def __init__(self, mode="l2", n_conditioning=0):
         super().__init__()
         if mode not in _NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {mode!r}")
         self.mode = mode
+        self.n_conditioning = k = int(n_conditioning)
+        if k:  # only then: state dicts of unconditioned networks keep their keys
+            self.register_buffer("cond_loc", torch.zeros(k))
+            self.register_buffer("cond_scale", torch.ones(k))
 
     @staticmethod
     def _raise_zero(bad, what):
@@ -74,6 +85,13 @@ class InputNormalization(nn.Module):
         )
 
     def forward(self, x):
+        k = self.n_conditioning
+        if k:
+            cond = (x[..., -k:] - self.cond_loc.to(x.dtype)) / self.cond_scale.to(x.dtype)
+            return torch.cat([self._normalize(x[..., :-k]), cond], dim=-1)
+        return self._normalize(x)
+
+    def _normalize(self, x):
         if self.mode is None:
             return x
         if self.mode == "l2":
@@ -95,16 +113,20 @@ class InputNormalization(nn.Module):
         return torch.cat([(re * a + im * b) / d, (im * a - re * b) / d], dim=-1)
 
     def extra_repr(self):
-        return f"mode={self.mode!r}"
+        return f"mode={self.mode!r}" + (f", n_conditioning={self.n_conditioning}" if self.n_conditioning else "")
 
 
-def _check_dims(n_features, n_outputs, normalization):
-    n_features, n_outputs = int(n_features), int(n_outputs)
+def _check_dims(n_features, n_outputs, normalization, n_conditioning=0):
+    n_features, n_outputs, k = int(n_features), int(n_outputs), int(n_conditioning)
     if n_features < 1 or n_outputs < 1:
         raise ValueError(f"n_features and n_outputs must be >= 1, got {n_features}, {n_outputs}")
-    if normalization in ("first-coefficient", "phase-l2") and n_features % 2:
+    if not 0 <= k < n_features:
+        raise ValueError(f"n_conditioning must be in [0, n_features) (the trailing measured-parameter columns), "
+                         f"got {k} for n_features={n_features}")
+    if normalization in ("first-coefficient", "phase-l2") and (n_features - k) % 2:
         raise ValueError(
-            f"normalization={normalization!r} needs [Re c, Im c] features (an even n_features), got {n_features}"
+            f"normalization={normalization!r} needs [Re c, Im c] features (an even number of coefficient "
+            f"columns), got {n_features - k}"
         )
     return n_features, n_outputs
 
@@ -142,6 +164,8 @@ class ResidualMLP(nn.Module):
         See :class:`InputNormalization`.
     batch_norm : bool
         BatchNorm1d after every hidden layer (paper: True).
+    n_conditioning : int, default 0
+        Trailing measured-parameter input columns (see :class:`InputNormalization`).
 
     Notes
     -----
@@ -149,12 +173,13 @@ class ResidualMLP(nn.Module):
     targets.
     """
 
-    def __init__(self, n_features=26, n_outputs=3, hidden=None, skips="auto", normalization="l2", batch_norm=True):
+    def __init__(self, n_features=26, n_outputs=3, hidden=None, skips="auto", normalization="l2", batch_norm=True,
+                 n_conditioning=0):
         super().__init__()
-        n_features, n_outputs = _check_dims(n_features, n_outputs, normalization)
+        n_features, n_outputs = _check_dims(n_features, n_outputs, normalization, n_conditioning)
         hidden = paper_hidden(n_features) if hidden is None else _check_hidden(hidden)
         self.n_features, self.n_outputs, self.hidden = n_features, n_outputs, hidden
-        self.normalize = InputNormalization(normalization)
+        self.normalize = InputNormalization(normalization, n_conditioning)
         widths = (n_features,) + hidden  # widths[k + 1] is hidden layer k, widths[0] the input (-1)
         if skips == "auto":
             pairs = []
@@ -213,16 +238,18 @@ class MLP(nn.Module):
     normalization : {"l2", "first-coefficient", "phase-l2", None}, default "phase-l2"
     batch_norm : bool, default False
     activation : {"relu", "silu", "gelu", "tanh"}, default "silu"
+    n_conditioning : int, default 0
+        Trailing measured-parameter input columns (see :class:`InputNormalization`).
     """
 
     def __init__(self, n_features=26, n_outputs=3, hidden=(256, 256, 256), normalization="phase-l2",
-                 batch_norm=False, activation="silu"):
+                 batch_norm=False, activation="silu", n_conditioning=0):
         super().__init__()
-        n_features, n_outputs = _check_dims(n_features, n_outputs, normalization)
+        n_features, n_outputs = _check_dims(n_features, n_outputs, normalization, n_conditioning)
         hidden = _check_hidden(hidden)
         act = _activation(activation)
         self.n_features, self.n_outputs, self.hidden = n_features, n_outputs, hidden
-        self.normalize = InputNormalization(normalization)
+        self.normalize = InputNormalization(normalization, n_conditioning)
         layers = []
         for a, b in zip((n_features,) + hidden[:-1], hidden):
             layers += [nn.Linear(a, b), nn.BatchNorm1d(b) if batch_norm else nn.Identity(), act()]

@@ -26,6 +26,7 @@ from skorch.regressor import NeuralNetRegressor
 from skorch.utils import to_tensor
 
 from sklearn_crb._validation import resolve_device
+from sklearn_crb.estimators._measured import simulated_inputs, split_measured
 from sklearn_crb.estimators._batches import forward_in_batches, make_iterator, net_threads, torch_threads
 from sklearn_crb.estimators._network_details import network_details
 from sklearn_crb.estimators._prepare import (augmentation_generator, build_module, check_rows, crb_score,
@@ -54,11 +55,8 @@ class CRBNetRegressor(NeuralNetRegressor):
     tied model, brain prior, 48,000 samples, one CPU thread): MLP
     256-256-256, SiLU, ``"phase-l2"`` input, log-space head for relaxation
     targets, AdamW (lr 2e-3, weight decay 1e-4), one-cycle schedule per
-    batch, batch 512, 600 epochs. On all 7 free parameters (nuisance weights
-    capped at 400), SNR 10-300, it reached CRB-normalised MSE 1.20 / 1.29 /
-    1.17 (m0s, R1f, R2f; |median bias| <= 0.06 sqrt(CRB), median std >= 0.73
-    sqrt(CRB)) on informative draws at SNR 100 in 569 s (constant prior
-    mean: 114 / 136 / 6246). :meth:`paper` builds the recipe of Zhang et al.
+    batch, batch 512, 600 epochs; its measured efficiency is in the README
+    (``benchmarks/bench_crb_vs_mse.py``). :meth:`paper` builds the recipe of Zhang et al.
 
     Parameters
     ----------
@@ -72,9 +70,8 @@ class CRBNetRegressor(NeuralNetRegressor):
     lr : float, default 2e-3
         Learning rate; with ``lr_schedule="onecycle"`` the peak of the cycle.
     max_epochs : int, default 600
-        The one-cycle schedule anneals over all of them: fewer epochs train a
-        worse but complete net (m0s/R1f/R2f at SNR 10-100, sigmoid head: 80
-        epochs nMSE 8.0 / 3.3 / 3.3; 300: 2.4 / 1.8 / 1.6; 600: 1.4 / 1.2 / 1.1).
+        The one-cycle schedule anneals over all of them: fewer epochs train a worse but complete
+        net (m0s/R1f/R2f, SNR 10-100, sigmoid head: 80 epochs nMSE 8.0 / 3.3 / 3.3; 600: 1.4 / 1.2 / 1.1).
     batch_size : int, default 512
     train_split : float, None or callable, default None
         Fraction of the data held out for validation (a
@@ -146,6 +143,13 @@ class CRBNetRegressor(NeuralNetRegressor):
         fill values) and the default of ``target_names``, ``snr`` and
         ``sigma``. It does not make CRBs for ``fit(X, y)``: a CRB computed
         from ``y`` alone would miss the sample's nuisance parameters and SNR.
+    measured : str, sequence of str or None
+        Parameters measured by a separate scan (``("B1",)``, ``("B1", "omega0")``; SI units, B1
+        relative) that condition the estimate: ``X`` is the coefficient features followed by one
+        column per measured parameter (no M0 scaling, no noise); ``predict_details``/``fit_maps``
+        take them as ``fixed`` maps. The CRBs must treat them as known (the simulator's
+        ``nuisance`` without them: :func:`~._measured.measured_nuisance`); :meth:`fit_simulated`
+        appends the drawn values.
     augment : bool or "auto", default "auto"
         Per-epoch noise augmentation (paper). When True, ``fit`` takes
         *noise-free* features at ``M0 = 1`` and the CRB at ``M0 = 1``,
@@ -156,8 +160,7 @@ class CRBNetRegressor(NeuralNetRegressor):
         validation part gets one fixed draw. ``"auto"``: True in
         :meth:`fit_simulated`, False in :meth:`fit`.
     snr : (float, float) or None
-        ``|M0| / sigma`` range for augmentation; None: the simulator's, else
-        (10, 300).
+        ``|M0| / sigma`` range for augmentation; None: the simulator's, else (10, 300).
     sigma : float or None
         Noise standard deviation per real feature for augmentation; None: the
         simulator's, else 0.01.
@@ -183,6 +186,8 @@ class CRBNetRegressor(NeuralNetRegressor):
     module_ : TargetStandardizedModule
         The trained network (``module_.module``) and the target scaling.
     n_features_in_ : int
+        Coefficient features plus the ``measured_`` columns.
+    measured_ : tuple of str
     n_outputs_ : int
     target_names_ : tuple of str
     augment_ : bool
@@ -208,15 +213,14 @@ class CRBNetRegressor(NeuralNetRegressor):
                  max_epochs=600, batch_size=512, train_split=None, weight_decay=1e-4, lr_schedule="onecycle",
                  head="auto", target_bounds=None, head_margin=0.05, nuisance_weight_cap=400.0, n_threads="auto",
                  loss="crb", crb_at="auto", n_realizations=16, bias_lambda=1.0, var_delta=1.0, pretrain_epochs=0,
-                 simulator=None,
-                 augment="auto", snr=None, sigma=None, target_names=None, random_state=None, device="auto", verbose=0,
+                 simulator=None, measured=None, augment="auto", snr=None, sigma=None, target_names=None,
+                 random_state=None, device="auto", verbose=0,
                  **kwargs):
         super().__init__(module, *args, criterion=criterion, optimizer=optimizer, lr=lr, max_epochs=max_epochs,
                          batch_size=batch_size, train_split=train_split, device=resolve_device(device),
                          verbose=verbose, **kwargs)
         self._device_param = device
-        self.weight_decay = weight_decay
-        self.lr_schedule = lr_schedule
+        self.weight_decay, self.lr_schedule = weight_decay, lr_schedule
         self.head = head
         self.target_bounds = target_bounds
         self.head_margin = head_margin
@@ -225,7 +229,7 @@ class CRBNetRegressor(NeuralNetRegressor):
         self.loss, self.crb_at = loss, crb_at
         self.n_realizations, self.bias_lambda, self.var_delta = n_realizations, bias_lambda, var_delta
         self.pretrain_epochs = pretrain_epochs
-        self.simulator = simulator
+        self.simulator, self.measured = simulator, measured
         self.augment = augment
         self.snr = snr
         self.sigma = sigma
@@ -354,7 +358,7 @@ class CRBNetRegressor(NeuralNetRegressor):
         X, y, crb, det = sim.make_dataset(int(n_samples), rs, return_details=True)
         if augment:
             X, crb = det["X_clean"], det["crb_unit"]
-        Xd, Ys = prepare(self, X, y, crb, augment, reset=True)
+        Xd, Ys = prepare(self, simulated_inputs(self, sim, X, det["theta"]), y, crb, augment, reset=True)
         self.initialize()
         return self._fit_packed(Xd, Ys, "fit", **fit_params)
 
@@ -369,22 +373,19 @@ class CRBNetRegressor(NeuralNetRegressor):
         return self
 
     def get_split_datasets(self, X, y=None, **fit_params):
-        """skorch's split; a float ``train_split`` is a seeded ``ValidSplit``, and with augmentation the
-        validation part gets one fixed M0/noise draw (:func:`~._prepare.split_datasets`)."""
+        """skorch's split, seeded; with augmentation one fixed M0/noise draw (:func:`~._prepare.split_datasets`)."""
         return split_datasets(self, self.get_dataset(X, y), y, **fit_params)
 
     def get_iterator(self, dataset, training=False):
-        """Whole batches by tensor indexing (:class:`~._batches.TensorBatches`) for the packed data;
-        skorch's DataLoader for other datasets or options that need it (:func:`~._batches.make_iterator`)."""
+        """Whole batches of the packed data by tensor indexing, else skorch's (:func:`~._batches.make_iterator`)."""
         return make_iterator(self, dataset, training)
 
     def infer(self, x, **fit_params):
-        if isinstance(x, Mapping):
-            x = x["X"]
-        x = torch.as_tensor(x, device=self.device_) if isinstance(x, torch.Tensor) else to_tensor(x, self.device_)
-        if x.dtype != torch.float32:
-            x = x.to(torch.float32)
-        return self.module_(x, **fit_params)
+        """The module's output for features (or a packed batch: measured inputs ``"k"`` go behind ``"X"``)."""
+        parts = [x["X"], x["k"]] if isinstance(x, Mapping) and "k" in x else [x["X"] if isinstance(x, Mapping) else x]
+        parts = [(torch.as_tensor(v, device=self.device_) if isinstance(v, torch.Tensor) else to_tensor(
+            v, self.device_)).to(torch.float32) for v in parts]
+        return self.module_(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1), **fit_params)
 
     def get_loss(self, y_pred, y_true, X=None, training=False):
         """Weighted squared error of the standardised outputs (see :mod:`._training`)."""
@@ -401,8 +402,8 @@ class CRBNetRegressor(NeuralNetRegressor):
         Parameters
         ----------
         X : array_like, shape (n_samples, n_features)
-            Features; all-zero rows (background) and rows outside float32's
-            range raise ``ValueError``: mask or rescale them.
+            Features (then the ``measured_`` columns); all-zero rows (background) and rows outside
+            float32's range raise ``ValueError``: mask or rescale them.
         batch_size : int, optional
             Samples per forward pass; default 1024 on CPU, 65,536 on CUDA
             (:func:`~._batches.forward_in_batches`).
@@ -414,7 +415,8 @@ class CRBNetRegressor(NeuralNetRegressor):
         self.check_is_fitted()
         check_is_fitted(self, "n_features_in_")
         X = validate_data(self, X, reset=False, dtype=(np.float32, np.float64))
-        check_rows(X, getattr(getattr(self.module_.module, "normalize", None), "mode", None), "predict")
+        feats = split_measured(self, X, "predict")[0] if getattr(self, "measured_", ()) else X
+        check_rows(feats, getattr(getattr(self.module_.module, "normalize", None), "mode", None), "predict")
         with torch_threads(net_threads(self)):
             y = forward_in_batches(self.module_, X, self.device_, batch_size)
         return y[:, 0] if getattr(self, "_y_1d_", False) else y

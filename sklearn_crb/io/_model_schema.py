@@ -30,9 +30,9 @@ _LEGACY_NAMES = {f"{mod}:{cls}": cls for mod in ("sklearn_crb.network", "sklearn
 #: JSON type of every constructor argument (checked against the signatures in the tests).
 SCHEMAS = {
     "MLP": {"n_features": "size", "n_outputs": "size", "hidden": "widths", "normalization": "str|null",
-            "batch_norm": "bool", "activation": "str"},
+            "batch_norm": "bool", "activation": "str", "n_conditioning": "count"},
     "ResidualMLP": {"n_features": "size", "n_outputs": "size", "hidden": "widths|null", "skips": "skips",
-                    "normalization": "str|null", "batch_norm": "bool"},
+                    "normalization": "str|null", "batch_norm": "bool", "n_conditioning": "count"},
 }
 #: Constructor defaults of the networks as format versions <= 2 saved them (only the non-default
 #: arguments were written then): what an older model.json that omits a key means.
@@ -40,7 +40,7 @@ _V2_DEFAULTS = {
     "MLP": {"hidden": (256, 256, 128), "normalization": "l2", "batch_norm": True, "activation": "relu"},
     "ResidualMLP": {"hidden": None, "skips": "auto", "normalization": "l2", "batch_norm": True},
 }
-_KIND_TEXT = {"size": "an integer in [1, 65536]", "widths": "a list of integers in [1, 65536]",
+_KIND_TEXT = {"size": "an integer in [1, 65536]", "count": "an integer in [0, 8]", "widths": "a list of integers in [1, 65536]",
               "widths|null": "null or a list of integers in [1, 65536]", "str|null": "a string or null",
               "str": "a string", "bool": "true or false",
               "skips": '"auto", null or a list of [source, target] integer pairs'}
@@ -72,6 +72,8 @@ def constructor_kwargs(net):
     kwargs = {k: p.default for k, p in inspect.signature(cls).parameters.items()
               if p.default is not inspect.Parameter.empty and k not in ("n_features", "n_outputs")}
     kwargs.update({k[len("module__"):]: v for k, v in net.get_params(deep=False).items() if k.startswith("module__")})
+    if "n_conditioning" in kwargs:  # filled in from the data (the measured columns), like n_features
+        kwargs["n_conditioning"] = int(net.module_.module.normalize.n_conditioning)
     return kwargs
 
 
@@ -90,6 +92,7 @@ def _check_kwarg(file, key, kind, v):
     width = lambda x: is_int(x) and 1 <= x <= _MAX_WIDTH  # noqa: E731
     ok = {
         "size": lambda: width(v),
+        "count": lambda: is_int(v) and 0 <= v <= 8,
         "widths": lambda: isinstance(v, list) and len(v) <= _MAX_LAYERS and all(width(x) for x in v),
         "widths|null": lambda: v is None or (isinstance(v, list) and len(v) <= _MAX_LAYERS
                                              and all(width(x) for x in v)),

@@ -36,11 +36,14 @@ from tqdm.auto import tqdm
 from sklearn_crb._atomic import atomic_path
 from sklearn_crb.io._files import check_output_file
 from sklearn_crb.io.h5 import H5Rows, write_h5_chunks
+from sklearn_crb.estimators._measured import resolve_measured
+from sklearn_crb.physics.parameters import resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.simulator import MTFingerprintSimulator
 
 __all__ = ["SUFFIXES", "REQUIRED", "save_dataset", "load_dataset", "is_dataset", "simulate_dataset",
-           "iter_dataset_chunks", "simulate_to_file", "open_dataset", "dataset_meta", "simulator_from_dataset"]
+           "iter_dataset_chunks", "simulate_to_file", "open_dataset", "dataset_meta", "simulator_from_dataset",
+           "dataset_measured"]
 
 #: File suffixes of the two containers.
 SUFFIXES = (".npz", ".h5", ".hdf5")
@@ -234,8 +237,11 @@ def simulate_dataset(simulator, n_samples, random_state=0, chunk=500, progress=T
 
 
 def simulate_to_file(path, simulator, n_samples, random_state=0, *, chunk=500, n_jobs=None, prior=None,
-                     overwrite=False, progress=True, argname="out"):
+                     overwrite=False, progress=True, argname="out", measured=()):
     """Simulate a training set straight into ``path`` (``.npz`` in memory, HDF5 streamed).
+
+    ``measured``: recorded in the set's ``meta`` (:func:`dataset_meta`); the simulator's CRBs must hold them
+    known (``nuisance`` without them).
 
     HDF5 (``.h5``/``.hdf5``): the chunks of :func:`iter_dataset_chunks` are
     written as they arrive into pre-sized datasets, so the memory of this
@@ -252,7 +258,7 @@ def simulate_to_file(path, simulator, n_samples, random_state=0, *, chunk=500, n
     _check_suffix(path, argname)
     _check_chunking(n_samples, chunk)
     path = check_output_file(path, overwrite=overwrite, owned=is_dataset, argname=argname)
-    static = {"basis": simulator.basis_, "meta": dataset_meta(simulator, prior=prior)}
+    static = {"basis": simulator.basis_, "meta": dataset_meta(simulator, prior=prior, measured=measured)}
     if path.suffix.lower() == ".npz":
         data = simulate_dataset(simulator, n_samples, random_state, chunk, progress, n_jobs)
         return save_dataset(path, {**data, **static}, overwrite=overwrite, argname=argname)
@@ -290,12 +296,17 @@ def open_dataset(path, keys=None, argname="data"):
     return rows, static
 
 
-def dataset_meta(simulator, prior=None):
-    """The ``meta`` record of a training set simulated by a fitted ``simulator``, as bytes."""
+def dataset_meta(simulator, prior=None, measured=()):
+    """The ``meta`` record of a training set simulated by a fitted ``simulator``, as bytes.
+
+    ``measured``: parameters a network trained on the set takes as inputs (its CRBs hold them known).
+    """
     seq = simulator.sequence_
     return np.bytes_(json.dumps({
         "estimate": list(simulator.estimate_), "tied_R1": bool(simulator.tied_R1), "snr": list(simulator.snr),
-        "sigma": simulator.sigma, "prior": prior, "nuisance": "all", "sequence": seq.to_dict(),
+        "sigma": simulator.sigma, "prior": prior, "sequence": seq.to_dict(),
+        "nuisance": simulator.nuisance if isinstance(simulator.nuisance, str) or simulator.nuisance is None
+        else list(simulator.nuisance), "measured": list(measured),
         "sequence_sha256": seq.sha256(), "fill_values": simulator.prior_.center().tolist(),
         "basis_method": getattr(simulator, "basis_method_", "svd")}))
 
@@ -306,6 +317,22 @@ def simulator_from_dataset(data):
     seq = Sequence.from_dict(meta["sequence"])
     if "sequence_sha256" in meta and seq.sha256() != meta["sequence_sha256"]:
         raise ValueError("data: the sequence in 'meta' does not match its SHA-256 (corrupt training set)")
+    nuis = meta.get("nuisance", "all")
+    if not (nuis is None or nuis == "all" or (isinstance(nuis, list) and all(isinstance(p, str) for p in nuis))):
+        raise ValueError(f"data: 'meta'['nuisance'] must be \"all\", null or a list of parameter names, got {nuis!r:.80}")
+    if isinstance(nuis, list):
+        nuis = resolve_estimate(tuple(nuis), bool(meta["tied_R1"]), "data: 'meta'['nuisance']", times=False) \
+            if nuis else ()
     return MTFingerprintSimulator(seq, basis=data["basis"], estimate=tuple(meta["estimate"]),
                                   snr=tuple(meta["snr"]), sigma=meta["sigma"], tied_R1=meta["tied_R1"],
-                                  prior=meta.get("prior")).fit()
+                                  prior=meta.get("prior"), nuisance=nuis).fit()
+
+
+def dataset_measured(data):
+    """The parameters a training set's networks take as measured inputs (``meta``'s ``"measured"``; checked)."""
+    meta = data["meta"]
+    measured = meta.get("measured", [])
+    if not (isinstance(measured, list) and all(isinstance(p, str) for p in measured)):
+        raise ValueError(f"data: 'meta'['measured'] must be a list of parameter names, got {measured!r:.80}")
+    return resolve_measured(tuple(measured), tuple(meta["estimate"]), bool(meta["tied_R1"]),
+                            argname="data: 'meta'['measured']")

@@ -39,6 +39,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from sklearn_crb._validation import check_basis
 from sklearn_crb._version import __version__
+from sklearn_crb.estimators._measured import resolve_measured
 from sklearn_crb.estimators.regressor import CRBNetRegressor
 from sklearn_crb._atomic import atomic_dir
 from sklearn_crb.io._files import check_output_folder
@@ -126,9 +127,10 @@ def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_val
     est = resolve_estimate(est, tied)
     if len(est) != net.n_outputs_:
         raise ValueError(f"estimate names {len(est)} parameters {est} but the network has {net.n_outputs_} outputs")
-    if net.n_features_in_ != 2 * U.shape[1]:
+    measured = tuple(getattr(net, "measured_", ()))
+    if net.n_features_in_ != 2 * U.shape[1] + len(measured):
         raise ValueError(f"the network takes {net.n_features_in_} features but the basis has rank {U.shape[1]} "
-                         f"({2 * U.shape[1]} real features)")
+                         f"({2 * U.shape[1]} real features{f' and {len(measured)} measured' if measured else ''})")
     if fill_values is None:
         if sim is None:
             raise ValueError("fill_values: pass the values of the parameters the network does not estimate "
@@ -161,6 +163,7 @@ def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_val
         "fill_values": fill.tolist(),
         "loss": getattr(net, "loss", None),
         "crb_at": getattr(net, "crb_at_", None),
+        "measured": list(measured),
         "snr": list(sim.snr) if sim is not None else None,
         "sigma": float(sim.sigma) if sim is not None else None,
         "rank": int(U.shape[1]),
@@ -218,8 +221,16 @@ def _read_meta(path):
         fail(file, "estimate", f"is invalid ({exc})")
     if len(est) != n_outputs:
         fail(file, "n_outputs", f"is {n_outputs} but 'estimate' names {len(est)} parameters")
-    if n_features != 2 * rank or rank < 1:
-        fail(file, "n_features", f"is {n_features} but 'rank' is {rank} (expected 2 * rank real features)")
+    measured = meta.setdefault("measured", [])
+    if not (isinstance(measured, list) and all(isinstance(p, str) for p in measured)):
+        fail(file, "measured", "must be a list of parameter names")
+    try:
+        meta["measured"] = list(resolve_measured(tuple(measured), meta["estimate"], tied))
+    except (ValueError, TypeError) as exc:
+        fail(file, "measured", f"is invalid ({exc})")
+    if n_features != 2 * rank + len(measured) or rank < 1:
+        fail(file, "n_features", f"is {n_features} but 'rank' is {rank} and {len(measured)} parameters are "
+                                 "measured (expected 2 * rank real features, then the measured columns)")
     if len(fill) != len(PARAMETERS) or not all(is_int(v) or isinstance(v, float) for v in fill) or not np.all(
             np.isfinite(np.asarray(fill, dtype=float))):
         fail(file, "fill_values", "must be 8 finite numbers in PARAMETERS order")
@@ -292,6 +303,9 @@ def load_model(path, *, device="auto", sequence=None, basis=None):
         raise ValueError(f"model: {params} cannot be loaded safely ({type(exc).__name__}: {exc})") from exc
     kwargs.setdefault("n_features", meta["n_features"])
     kwargs.setdefault("n_outputs", meta["n_outputs"])
+    if kwargs.setdefault("n_conditioning", len(meta["measured"])) != len(meta["measured"]):
+        fail(path / "model.json", "module_kwargs.n_conditioning", f"is {kwargs['n_conditioning']} but "
+                                                                   f"'measured' names {meta['measured']}")
     cls = NETWORKS[name]
     try:
         expected = expected_state(cls, kwargs, meta["n_outputs"])
@@ -319,7 +333,8 @@ def load_model(path, *, device="auto", sequence=None, basis=None):
                                                      f"head {kinds}")
     del state  # checked; skorch loads the file into the module
     net = CRBNetRegressor(module=cls, loss=meta.get("loss") or "crb", target_names=tuple(meta["estimate"]),
-                          device=device, **{f"module__{k}": v for k, v in kwargs.items()})
+                          measured=tuple(meta["measured"]) or None, device=device,
+                          **{f"module__{k}": v for k, v in kwargs.items()})
     net.n_features_in_ = int(meta["n_features"])
     net.n_outputs_ = int(meta["n_outputs"])
     net.initialize()

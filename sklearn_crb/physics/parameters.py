@@ -37,6 +37,7 @@ __all__ = [
     "BOUNDS",
     "SCALE",
     "free_parameters",
+    "nuisance_parameters",
     "validate_theta",
     "resolve_estimate",
     "tie_R1",
@@ -164,6 +165,23 @@ def resolve_estimate(estimate, tied_R1=False, argname="estimate", times=True):
         both = [tuple(p for p in names if rate_name(p) == r) for r in dup]
         raise ValueError(f"{argname} contains duplicates of the same rate: {both} (name either the rate or the time)")
     return tuple(sorted(names, key=lambda p: INDEX[rate_name(p)]))
+
+
+def nuisance_parameters(nuisance, estimate, tied_R1=False, known=()):
+    """The nuisance rates of a CRB: unknowns besides ``estimate``, in ``PARAMETERS`` order.
+
+    ``nuisance="all"``: every free parameter that is neither estimated nor
+    ``known`` (fixed, or measured by a separate scan); None or an empty
+    selection: none; else the named ones (validated), less those.
+    """
+    skip = {rate_name(p) for p in estimate} | {rate_name(p) for p in known}
+    if isinstance(nuisance, str) and nuisance == "all":
+        names = free_parameters(tied_R1)
+    elif nuisance is None or (not isinstance(nuisance, str) and len(tuple(nuisance)) == 0):
+        names = ()
+    else:
+        names = resolve_estimate(nuisance, tied_R1, "nuisance", times=False)
+    return tuple(p for p in names if p not in skip)
 
 
 def _name_tuple(names, argname, what):
