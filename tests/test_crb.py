@@ -151,3 +151,40 @@ def test_empty_nuisance_selection_means_none(short_sequence):
     c = cramer_rao_bound(short_sequence, th, estimate=free, nuisance="all", tied_R1=True)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(a, c, rtol=1e-12)  # nothing left to marginalise
+
+
+def test_linearized_bayes_spread_scalar_closed_form_and_limits():
+    """One parameter orthogonal to M0's columns: the spread is F / (F + 1/v) exactly; v -> inf gives 1."""
+    from sklearn_crb.crb import linearized_bayes_spread
+
+    s = np.zeros((3, 3), complex)
+    s[:, 0] = 1.0
+    J = np.zeros((3, 3, len(PARAMETERS)), complex)
+    a = np.array([0.5, 2.0, 7.0])
+    J[:, 1, PARAMETERS.index("m0s")] = a  # orthogonal to s and i s
+    for v in (1e-3, 0.1, 1.0):
+        F = a**2 / 0.1**2
+        r = linearized_bayes_spread(s, J, [v], estimate=("m0s",), sigma=0.1)
+        np.testing.assert_allclose(r[:, 0], F / (F + 1 / v), rtol=1e-10)
+    np.testing.assert_allclose(linearized_bayes_spread(s, J, [1e12], estimate=("m0s",)), 1.0, rtol=1e-8)
+    with pytest.raises(ValueError, match="prior_variance"):
+        linearized_bayes_spread(s, J, [0.0], estimate=("m0s",))
+    with pytest.raises(ValueError, match="prior_variance"):
+        linearized_bayes_spread(s, J, [1.0, 1.0], estimate=("m0s",))
+
+
+def test_linearized_bayes_spread_shrinks_with_the_prior_and_grows_with_snr():
+    """On the MT model: in (0, 1], smaller for a tighter prior, larger at higher SNR (three parameters)."""
+    from sklearn_crb.crb import linearized_bayes_spread
+    from sklearn_crb.physics.sequence import Sequence
+    from sklearn_crb.physics.signal import jacobian
+
+    seq = Sequence.default(n_pulses=120)
+    th = np.array([[0.15, 0.5, 15.0, 30.0, 3.0, 10e-6, 0.0, 1.0], [0.08, 0.6, 12.0, 20.0, 3.0, 12e-6, 50.0, 0.9]])
+    s, J = jacobian(seq, th)
+    est = ("m0s", "R1f", "R2f")
+    pv = np.array([0.01, 0.05, 20.0])
+    r = linearized_bayes_spread(s, J, pv, estimate=est, M0=100.0)
+    assert np.all((r > 0) & (r <= 1))
+    assert np.all(linearized_bayes_spread(s, J, pv / 10, estimate=est, M0=100.0) < r)
+    assert np.all(linearized_bayes_spread(s, J, pv, estimate=est, M0=1000.0) > r)
