@@ -23,7 +23,9 @@ unloaded machine multiplies by (unloaded rate / measured rate). Usage::
                                     [--skip-untied] [--out results/nlls.json]
 
 ``--start-around optimum`` perturbs the fully converged fit instead of the truth (a start
-correlated with the voxel's noise, like an efficient network's).
+correlated with the voxel's noise, like an efficient network's). ``--start-model DIR`` starts
+(a) and (c) from a real saved network instead (tied, estimating every free parameter, e.g.
+``sklearn-crb train`` on ``simulate --tied-R1``), on data simulated in its sequence and basis.
 """
 
 from __future__ import annotations
@@ -121,6 +123,9 @@ def main(argv=None):
     ap.add_argument("--start-sd", type=float, default=1.0, help="start error in sqrt(CRB) per parameter")
     ap.add_argument("--start-around", choices=("truth", "optimum"), default="truth",
                     help="perturb the truth (independent of the noise) or the converged NLLS fit")
+    ap.add_argument("--start-model", default=None,
+                    help="a saved tied network estimating every free parameter: its estimates are the starts of (a) "
+                         "and (c), on data in its own sequence and basis (instead of the emulated start)")
     ap.add_argument("--skip-untied", action="store_true", help="only (a) and (c)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "nlls.json"))
@@ -131,18 +136,38 @@ def main(argv=None):
     warnings.simplefilter("ignore", NLLSFitWarning)
     load0 = os.getloadavg()
     free = free_parameters(True)
-    sim = MTFingerprintSimulator(seq, n_components=13, estimate=free, tied_R1=True, snr=(args.snr, args.snr),
-                                 sigma=0.01, n_basis_samples=500, random_state=args.seed).fit()
+    net = None
+    if args.start_model:  # a real network start: the data in the network's own sequence and basis
+        from sklearn_crb.io.models import load_model
+
+        net = load_model(args.start_model, device="cpu")
+        meta = net.crb_metadata_
+        if not meta.get("tied_R1") or tuple(meta["estimate"]) != free or net.measured_:
+            raise SystemExit(f"--start-model must be a tied network estimating {free} (no measured inputs)")
+        seq = Sequence.from_dict(meta["sequence"])
+        sim = MTFingerprintSimulator(seq, basis=meta["basis"], estimate=free, tied_R1=True, sigma=0.01,
+                                     snr=(args.snr, args.snr), random_state=args.seed).fit()
+    else:
+        sim = MTFingerprintSimulator(seq, n_components=13, estimate=free, tied_R1=True, snr=(args.snr, args.snr),
+                                     sigma=0.01, n_basis_samples=500, random_state=args.seed).fit()
     X, y, crb, det = sim.make_dataset(args.n, random_state=args.seed + 1, return_details=True)
     rng = np.random.default_rng(args.seed + 2)
     start = y + args.start_sd * np.sqrt(crb) * rng.standard_normal(y.shape)
+    t_net = None
+    if net is not None:
+        t0 = time.perf_counter()
+        start = np.asarray(net.predict(X), dtype=float)
+        t_net = time.perf_counter() - t0
+        err = (start - y) / np.sqrt(crb)
+        print(f"network start: {t_net * 1e3:.1f} ms for {args.n} voxels; median |error| / sqrt(CRB) per parameter "
+              + ", ".join(f"{p} {v:.2f}" for p, v in zip(free, np.median(np.abs(err), axis=0))))
     jps, sps = rates(seq, det["theta"][:64])
     common = dict(sequence=seq, basis=sim.basis_, estimate=free, tied_R1=True, chunk_size=256)
     init = GivenStart(start, free).fit()
     t0 = time.perf_counter()
     ref = NLLSFitter(init=init, se_tol=0.0, **common).fit().predict_details(X)
     t_ref = time.perf_counter() - t0
-    if args.start_around == "optimum":
+    if args.start_around == "optimum" and net is None:
         # a start correlated with the voxel's noise, as an efficient network's: the fully converged
         # fit from the truth-based start, perturbed by start-sd of its own standard errors
         start = ref["prediction"] + args.start_sd * ref["std_error"] * rng.standard_normal(y.shape)
@@ -196,20 +221,23 @@ def main(argv=None):
                  "speed_ratio": (args.n / t_b) / (ns / t_sp)}
     result = {"sequence": seq.name, "rank": 13, "snr": args.snr, "n_voxels": args.n,
               "start_sd_sqrt_crb": args.start_sd,
-              "start_around": args.start_around,
+              "start_around": "network" if net is not None else args.start_around,
+              "start_model": args.start_model, "network_predict_seconds": t_net,
               "torch_threads": torch.get_num_threads(), "load_average_start": load0,
               "load_average_end": os.getloadavg(),
               "jacobians_per_s_measured": jps, "simulations_per_s_measured": sps, "reference_seconds": t_ref,
               "tied_from_start": warm, "untied_cold": cold, "scipy_loop": scipy_res,
               "targets": {"tied_start_voxels_per_s": 150, "tied_start_iterations": 5, "median_change": 0.05,
                           "untied_cold_voxels_per_s": 40, "speed_ratio": 20}}
+    start_label = (f"the network {args.start_model}" if net is not None
+                   else f"{args.start_around} + {args.start_sd:g} sqrt(CRB) noise")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(out)
     print(f"v3.2 rank 13, SNR {args.snr:g}, {args.n} voxels, "
-          f"start = {args.start_around} + {args.start_sd:g} sqrt(CRB) noise; "
+          f"start = {start_label}; "
           f"load {load0[0]:.1f} -> {os.getloadavg()[0]:.1f}; jacobian {jps:.0f}/s, simulate {sps:.0f}/s measured")
     print(f"{'(a) tied from a start':<30}{'vox/s':>8}{'iters':>7}{'jac':>6}{'conv':>6}{'med dev':>9}{'max dev':>9}")
     for k, m in warm.items():
@@ -240,8 +268,7 @@ def main(argv=None):
     ax[1].barh(list(warm), [warm[k]["mean_iterations"] for k in warm], alpha=0.4, label="iterations")
     ax[1].set_xlabel("per voxel, tied from a start")
     ax[1].legend(fontsize=8)
-    fig.suptitle(f"NLLS on v3.2 rank 13, SNR {args.snr:g}, "
-                 f"start = {args.start_around} + {args.start_sd:g} sqrt(CRB)")
+    fig.suptitle(f"NLLS on v3.2 rank 13, SNR {args.snr:g}, start = {start_label}")
     fig.tight_layout()
     png = out.with_suffix(".png")
     fig.savefig(png.with_suffix(".tmp.png"), dpi=110)
