@@ -212,3 +212,16 @@ def test_target_conversion_argument_errors():
         crb_to_targets(np.ones((3, 3)), th, ("m0s", "T1f"))
     with pytest.raises(ValueError, match="crb_rates must have shape"):
         crb_to_targets(np.ones((2, 2)), th, ("m0s", "T1f"))
+
+
+def test_nuisance_parameters_selection():
+    from sklearn_crb.physics.parameters import nuisance_parameters
+
+    assert nuisance_parameters("all", ("m0s", "T1f", "R2f"), tied_R1=True) == ("Rex", "T2s", "omega0", "B1")
+    assert nuisance_parameters("all", ("m0s",), tied_R1=True, known=("B1", "omega0")) == ("R1f", "R2f", "Rex", "T2s")
+    assert nuisance_parameters(None, ("m0s",)) == () and nuisance_parameters((), ("m0s",)) == ()
+    assert nuisance_parameters(("B1", "m0s"), ("m0s",)) == ("B1",)  # an estimated name is not a nuisance
+    with pytest.raises(ValueError, match="nuisance"):
+        nuisance_parameters(("B0",), ("m0s",))
+    with pytest.raises(ValueError, match="nuisance"):
+        nuisance_parameters(("R1s",), ("m0s",), tied_R1=True)
