@@ -55,6 +55,9 @@ SCHEDULES = {
     "lambda0=1e-3 + Broyden(2)": dict(lambda0=1e-3, jacobian_reuse=2),
     "lambda0=1e-3 + geodesic": dict(lambda0=1e-3, geodesic=True),
     "lambda0=1e-3, se_tol=0.05": dict(lambda0=1e-3, se_tol=0.05),
+    # the accuracy/speed frontier of the statistical stop (the issue asks < 0.05 sqrt(CRB) median change)
+    "lambda0=1e-3, se_tol=0.2": dict(lambda0=1e-3, se_tol=0.2),
+    "lambda0=1e-3, se_tol=1": dict(lambda0=1e-3, se_tol=1.0),
 }
 
 
@@ -212,7 +215,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     sp = [scipy_tied(seq, sim.basis_, ysc[i], st[i], nl.bounds_) for i in range(ns)]
     t_sp = time.perf_counter() - t0
-    best = max(warm, key=lambda k: warm[k]["voxels_per_s"])
+    # the fastest schedule that is still accurate (median change < 0.05 sqrt(CRB)): scipy converges fully
+    accurate = [k for k in warm if warm[k]["median_change_over_sqrt_crb"] < 0.05] or list(warm)
+    best = max(accurate, key=lambda k: warm[k]["voxels_per_s"])
     t0 = time.perf_counter()
     NLLSFitter(init=init, **common, **SCHEDULES[best]).fit().predict_details(X)
     t_b = time.perf_counter() - t0
