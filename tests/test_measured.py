@@ -161,6 +161,18 @@ def test_saved_model_keeps_the_measured_inputs(b1_sim, b1_net, tmp_path):
     assert net.measured_ == ("B1",)
     np.testing.assert_allclose(net.measured_loc_, b1_net.measured_loc_, rtol=1e-6)
     np.testing.assert_allclose(net.predict(Xm), b1_net.predict(Xm), rtol=1e-6)
+    # weights whose measured-input scale is zero (a division by zero in every prediction) are refused
+    from sklearn_crb.io.models import file_sha256
+
+    good_state = torch.load(tmp_path / "m" / "params.pt", weights_only=True)
+    bad_state = dict(good_state, **{"module.normalize.cond_scale": torch.zeros(1)})
+    torch.save(bad_state, tmp_path / "m" / "params.pt")
+    (tmp_path / "m" / "model.json").write_text(json.dumps(dict(meta, params_sha256=file_sha256(
+        tmp_path / "m" / "params.pt"))))
+    with pytest.raises(ValueError, match="cond_scale"):
+        load_model(tmp_path / "m", device="cpu")
+    torch.save(good_state, tmp_path / "m" / "params.pt")
+    meta = dict(meta, params_sha256=file_sha256(tmp_path / "m" / "params.pt"))
     for bad, match in ((["os.system"], "not model parameters"), (["R2f"], "also estimated"), ([], "n_features"),
                        ("B1", "list of parameter names")):
         (tmp_path / "m" / "model.json").write_text(json.dumps(dict(meta, measured=bad)))

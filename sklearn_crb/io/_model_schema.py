@@ -164,6 +164,9 @@ def check_state_values(state, params):
         ok = ~torch.isnan(v) if k in BOUND_KEYS else torch.isfinite(v)
         if not bool(torch.all(ok)):
             raise ValueError(f"model: {params} holds non-finite values in {k!r}")
+    scale = state.get("module.normalize.cond_scale")  # the measured inputs' standardisation divides by it
+    if scale is not None and not bool(torch.all(scale > 0)):
+        raise ValueError(f"model: {params}: 'module.normalize.cond_scale' must be positive")
     if all(k in state for k in BOUND_KEYS) and not bool(torch.all(state["low"] < state["high"])):
         raise ValueError(f"model: {params}: the output bounds must satisfy low < high")
     if LOG_KEY in state:
