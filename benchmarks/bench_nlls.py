@@ -58,6 +58,10 @@ SCHEDULES = {
     # the accuracy/speed frontier of the statistical stop (the issue asks < 0.05 sqrt(CRB) median change)
     "lambda0=1e-3, se_tol=0.2": dict(lambda0=1e-3, se_tol=0.2),
     "lambda0=1e-3, se_tol=1": dict(lambda0=1e-3, se_tol=1.0),
+    # NL2SOL's secant second-order term (superlinear where Gauss-Newton converges linearly)
+    "lambda0=1e-3 + secant": dict(lambda0=1e-3, secant=True),
+    "lambda0=1e-3 + secant, se_tol=0.2": dict(lambda0=1e-3, se_tol=0.2, secant=True),
+    "lambda0=1e-3 + secant, se_tol=0.5": dict(lambda0=1e-3, se_tol=0.5, secant=True),
 }
 
 
@@ -130,6 +134,7 @@ def main(argv=None):
                     help="a saved tied network estimating every free parameter: its estimates are the starts of (a) "
                          "and (c), on data in its own sequence and basis (instead of the emulated start)")
     ap.add_argument("--skip-untied", action="store_true", help="only (a) and (c)")
+    ap.add_argument("--schedules", default="", help="run only the schedules whose names contain this text")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "nlls.json"))
     args = ap.parse_args(argv)
@@ -183,6 +188,8 @@ def main(argv=None):
     ok_ref = ref["converged"]
     warm = {}
     for name, kw in SCHEDULES.items():
+        if args.schedules not in name:
+            continue
         t0 = time.perf_counter()
         d = NLLSFitter(init=init, **common, **kw).fit().predict_details(X)
         t = time.perf_counter() - t0

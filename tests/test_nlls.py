@@ -355,7 +355,7 @@ def warm_problem(short_sequence):
 
 
 SCHEDULES = [dict(), dict(lambda0=1e-3), dict(lambda0=1e-3, jacobian_reuse=2), dict(lambda0=1e-3, geodesic=True),
-             dict(lambda0=1e-3, jacobian_reuse=3, geodesic=True)]
+             dict(lambda0=1e-3, jacobian_reuse=3, geodesic=True), dict(lambda0=1e-3, secant=True)]
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -411,7 +411,7 @@ def test_accepted_steps_never_increase_the_cost(short_sequence, warm_problem, sc
 @pytest.mark.parametrize("kw, match", [(dict(jacobian_reuse=-1), "jacobian_reuse"),
                                         (dict(jacobian_reuse=1.5), "jacobian_reuse"),
                                         (dict(jacobian_reuse=True), "jacobian_reuse"),
-                                        (dict(geodesic="yes"), "geodesic"),
+                                        (dict(geodesic="yes"), "geodesic"), (dict(secant="yes"), "secant"),
                                         (dict(lambda0=0.0), "lambda0")])
 def test_schedule_options_validated(short_sequence, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -87,6 +87,7 @@ class Problem:
     device: str
     jacobian_reuse: int = 0  # consecutive Broyden updates allowed between exact Jacobians
     geodesic: bool = False  # geodesic acceleration of the LM step
+    secant: bool = False  # NL2SOL's secant estimate of the second-order term of the Hessian
 
     def theta(self, x, base):
         """Full (n, 8) parameters from scaled free parameters x (n, p) and per-row fixed values base (n, 8)."""
@@ -189,6 +190,49 @@ def _se_and_gn_step(JTJ, grad, keep, s2, eye):
     return se, gn, ok
 
 
+def _augmented_step(H, grad, keep, eye, fallback):
+    """Undamped step ``-H^-1 grad`` over the variables in ``keep``; ``fallback`` where H is not positive definite."""
+    kk = keep[:, :, None] * keep[:, None, :]
+    L, info = torch.linalg.cholesky_ex(H * kk + torch.diag_embed(1.0 - keep))
+    ok = info == 0
+    step = torch.cholesky_solve(-(grad * keep)[:, :, None], torch.where(ok[:, None, None], L, eye))[..., 0] * keep
+    return torch.where(ok[:, None], step, fallback)
+
+
+def _secant_update(S, use_S, acc, accept, delta, grad_old, J_old, Jr, r, cost_new, pred_aug, pred_gn, exact):
+    """NL2SOL's sized symmetric secant update of ``S`` on the accepted rows, and its model choice.
+
+    With ``s`` the step, ``yv`` the change of the gradient and ``ys = (J_new - J_old)^H r_new``
+    (Dennis, Gay & Welsch 1981, eqs. 3.5-3.8): S is first sized by
+    ``min(1, |s.ys| / |s S s|)``, then ``S += (w y^T + y w^T) / y.s - (w.s) y y^T / (y.s)^2``,
+    ``w = ys - S s``. The next step uses ``J^T J + S`` where that model predicted the
+    accepted step's cost better than Gauss-Newton (and S stays zero on rows whose
+    Jacobian is a Broyden update).
+    """
+    ex = exact[acc]
+    rows, d = acc[ex], delta[accept][ex]
+    if rows.numel() == 0:
+        return
+    Jn, rn, Jo = Jr[rows], r[rows], J_old[accept][ex]
+    g_new = (Jn.conj() * rn[:, :, None]).sum(1).real
+    yv = g_new - grad_old[accept][ex]
+    ys = g_new - (Jo.conj() * rn[:, :, None]).sum(1).real
+    Sr = S[rows]
+    Ss = (Sr @ d[:, :, None])[..., 0]
+    sSs, sys_ = (d * Ss).sum(-1), (d * ys).sum(-1)
+    tau = torch.where(sSs.abs() > 0, (sys_.abs() / sSs.abs().clamp_min(1e-300)).clamp(max=1.0), torch.ones_like(sSs))
+    Sr = Sr * tau[:, None, None]
+    w = ys - tau[:, None] * Ss
+    yd = (yv * d).sum(-1)
+    good = yd.abs() > 1e-12 * yv.norm(dim=-1) * d.norm(dim=-1)
+    yd = torch.where(good, yd, torch.ones_like(yd))
+    upd = (w[:, :, None] * yv[:, None, :] + yv[:, :, None] * w[:, None, :]) / yd[:, None, None]
+    upd = upd - ((w * d).sum(-1) / yd**2)[:, None, None] * yv[:, :, None] * yv[:, None, :]
+    S[rows] = torch.where(good[:, None, None], Sr + upd, Sr)
+    actual = cost_new[accept][ex]
+    use_S[rows] = (actual - pred_aug[accept][ex]).abs() < (actual - pred_gn[accept][ex]).abs()
+
+
 def lm_solve(prob, y, x0, base):
     """Batched bounded LM on the variable-projected problem.
 
@@ -246,6 +290,10 @@ def lm_solve(prob, y, x0, base):
     eye = torch.eye(p, dtype=_DTYPE, device=dev)
     dof = max(2 * g.shape[1] - p - 2, 1)
     reuse = int(prob.jacobian_reuse)
+    # NL2SOL (Dennis, Gay & Welsch, ACM TOMS 7:348, 1981): S estimates sum_i r_i Hess(r_i), which Gauss-Newton
+    # drops; it makes convergence superlinear where the residual is not small against the curvature
+    S = torch.zeros((n, p, p), dtype=_DTYPE, device=dev) if prob.secant else None
+    use_S = torch.zeros(n, dtype=torch.bool, device=dev)
 
     def refresh(idx):
         """Exact model, Jacobian and residual at x[idx]; rows whose model is not finite are flagged."""
@@ -278,6 +326,8 @@ def lm_solve(prob, y, x0, base):
             # statistical stop: the Gauss-Newton step, i.e. the estimated distance to the minimum, is below
             # se_tol standard errors in every parameter (noise from the residual; never on noiseless data)
             se, gn, ok_se = _se_and_gn_step(JTJ, grad, keep, cA / dof, eye)
+            if S is not None:  # the distance to the minimum from the augmented (quasi-Newton) model
+                gn = torch.where(use_S[A, None], _augmented_step(JTJ + S[A], grad, keep, eye, gn), gn)
             stop = stop | (ok_se & (gn.abs() <= _GN_STOP * prob.se_tol * se).all(-1))
         # a stop decided on a Broyden Jacobian is checked again with the exact one
         stale = A[stop & ~exA]
@@ -293,10 +343,16 @@ def lm_solve(prob, y, x0, base):
         JB, rB, cB, xB, kB = JA[move], rA[move], cA[move], xA[move], keep[move]
         JTJB, gradB = JTJ[move], grad[move]
         D = torch.clamp(torch.diagonal(JTJB, dim1=1, dim2=2), min=1e-6)
-        M = JTJB + lam[B, None, None] * torch.diag_embed(D)
+        HB = JTJB + S[B] * use_S[B, None, None] if S is not None else JTJB
+        M = HB + lam[B, None, None] * torch.diag_embed(D)
         # variables held at a bound by the gradient are removed from the step (projected LM)
         M = M * kB[:, :, None] * kB[:, None, :] + torch.diag_embed(1.0 - kB)
         L, info = torch.linalg.cholesky_ex(M)
+        aug = use_S[B] & (info == 0)  # rows whose step comes from the augmented model
+        if S is not None and bool((info != 0).any()):  # augmented model not positive definite: Gauss-Newton
+            M0 = (JTJB + lam[B, None, None] * torch.diag_embed(D)) * kB[:, :, None] * kB[:, None, :]
+            M = torch.where((info != 0)[:, None, None], M0 + torch.diag_embed(1.0 - kB), M)
+            L, info = torch.linalg.cholesky_ex(M)
         ok = info == 0
         delta = torch.cholesky_solve(-(gradB * kB)[:, :, None], torch.where(ok[:, None, None], L, eye))[..., 0]
         xt = torch.minimum(torch.maximum(xB + delta, lo), hi)
@@ -315,6 +371,10 @@ def lm_solve(prob, y, x0, base):
             xt = torch.where(geo_ok[:, None], xg, xt)
             delta = xt - xB
         pred = cost(rB + (JB @ delta.to(JB.dtype)[:, :, None])[..., 0])
+        pred_gn = pred_aug = pred
+        if S is not None:
+            pred_aug = pred + torch.einsum("ni,nij,nj->n", delta, S[B], delta)
+            pred = torch.where(aug, pred_aug, pred_gn)
         gt = prob.model(xt, base[B])
         at, rt, ggt = varpro(gt, y[B])
         cost_t = cost(rt)
@@ -359,6 +419,8 @@ def lm_solve(prob, y, x0, base):
         nb = B[need]
         if nb.numel():
             refresh(nb)
+        if S is not None and acc.numel():
+            _secant_update(S, use_S, acc, accept, delta, gradB, JB, Jr, r, cost_t, pred_aug, pred_gn, exact)
         conv_b = num_stop & torch.isfinite(cst[B]) & (status[B] == MAXIT)
         status[B[conv_b]] = OK
         active = A[status[A] == MAXIT]

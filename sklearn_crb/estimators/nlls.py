@@ -123,6 +123,9 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
     geodesic : bool
         Geodesic acceleration of each step (Transtrum & Sethna, arXiv
         1201.5885; one extra model evaluation per step).
+    secant : bool
+        Add NL2SOL's secant estimate of the Hessian's second-order term
+        (Dennis, Gay & Welsch 1981) to ``J^T J`` where it predicts better.
     backend : {"auto", "numba", "torch"}
         Physics backend (see :func:`sklearn_crb.physics.jacobian`).
     device : str
@@ -192,6 +195,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         "damping": [StrOptions({"lsqfit", "nielsen"})],
         "jacobian_reuse": [_IntInterval(Integral, 0, None, closed="left")],
         "geodesic": ["boolean"],
+        "secant": ["boolean"],
         "device": [str, torch.device],
         "progress": ["boolean"],
     }
@@ -199,7 +203,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
     def __init__(self, sequence=None, basis=None, estimate=("m0s", "R1f", "R2f"), fixed=None, tied_R1=False,
                  bounds=None, start=None, init=None, prior=None, n_dictionary=2000, n_starts=1, sigma=None,
                  max_iter=100, gtol=1e-10, xtol=1e-8, ftol=1e-10, se_tol=1e-2, lambda0=1.0, damping="nielsen",
-                 jacobian_reuse=0, geodesic=False, backend="auto", device="cpu", chunk_size=256, n_jobs=None,
+                 jacobian_reuse=0, geodesic=False, secant=False, backend="auto", device="cpu", chunk_size=256, n_jobs=None,
                  progress=False, random_state=None):
         self.sequence = sequence
         self.basis = basis
@@ -214,13 +218,9 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         self.n_starts = n_starts
         self.sigma = sigma
         self.max_iter = max_iter
-        self.gtol = gtol
-        self.xtol = xtol
-        self.se_tol = se_tol
-        self.ftol = ftol
-        self.lambda0 = lambda0
-        self.damping = damping
-        self.jacobian_reuse, self.geodesic = jacobian_reuse, geodesic
+        self.gtol, self.xtol, self.ftol, self.se_tol = gtol, xtol, ftol, se_tol
+        self.lambda0, self.damping = lambda0, damping
+        self.jacobian_reuse, self.geodesic, self.secant = jacobian_reuse, geodesic, secant
         self.backend = backend
         self.device = device
         self.chunk_size = chunk_size
@@ -321,7 +321,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
             max_iter=int(self.max_iter), gtol=float(self.gtol), xtol=float(self.xtol), ftol=float(self.ftol),
             se_tol=float(self.se_tol), lambda0=float(self.lambda0), damping=self.damping, backend=self.backend,
             device=str(self.device), jacobian_reuse=int(self.jacobian_reuse),
-            geodesic=bool(self.geodesic))
+            geodesic=bool(self.geodesic), secant=bool(self.secant))
 
     def _base_theta(self, n, fixed):
         """(n, 8) values of the parameters that are not fitted: constructor ``fixed``, then per-voxel ``fixed``."""
