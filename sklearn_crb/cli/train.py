@@ -81,8 +81,9 @@ def cmd_train(args):
     if "train_loss" not in h or not np.isfinite(h["train_loss"]):
         raise CLIError(f"training did not finish with a finite loss ({h.get('train_loss')}); nothing was saved")
     save_model(net, out, simulator=sim, overwrite=args.overwrite)
+    valid = f"valid loss {h['valid_loss']:.4g}" if "valid_loss" in h else "no validation split"
     print(f"trained {args.loss}-loss network in {time.perf_counter() - t0:.1f} s "
-          f"(train loss {h['train_loss']:.4g}, valid loss {h.get('valid_loss', float('nan')):.4g}); saved {out}")
+          f"(train loss {h['train_loss']:.4g}, {valid}); saved {out}")
     return 0
 
 

@@ -22,15 +22,18 @@ Levenberg–Marquardt), with two changes:
   measured B1 map); converged voxels leave the active set.
 
 The LM step follows LsqFit: ``(J^T J + lambda diag(D)) delta = -J^T r`` with
-``D = max(diag(J^T J), 1e-6)``, clipped into the box, accepted if the cost
-decreases with gain ratio ``rho > 1e-3``. ``damping="lsqfit"`` divides
+``D = max(diag(J^T J), 1e-6)``, accepted if the cost decreases with gain
+ratio ``rho > 1e-3``; in the box, the step is the minimiser of that model
+over the box (active-set passes, :func:`._lm_steps.box_step`), not the
+clipped unconstrained step. ``damping="lsqfit"`` divides
 ``lambda`` by 10 if ``rho > 0.75`` and multiplies it by 10 on a rejection;
 ``damping="nielsen"`` is Nielsen's smoother update (IMM-REP-1999-05).
 Warm starts (a network's estimates) are served by a convergence test at the
 current point, before any trial step (the undamped Gauss–Newton step below a
 fraction of a standard error), by a low ``lambda0``, and optionally by
-Broyden updates of the Jacobian between exact ones (``jacobian_reuse``) and
-geodesic acceleration (Transtrum & Sethna, arXiv 1201.5885); see
+Broyden updates of the Jacobian between exact ones (``jacobian_reuse``),
+geodesic acceleration (Transtrum & Sethna, arXiv 1201.5885) and NL2SOL's
+secant second-order term with the curvature of rejected trials (``secant``); see
 :func:`lm_solve`. Parameters are optimised in units of ``physics.parameters.SCALE`` and each
 voxel's data have unit norm, so the tolerances mean the same for every voxel.
 No voxel is reported converged unless its cost is finite.
@@ -44,6 +47,7 @@ import numpy as np
 import torch
 
 from sklearn_crb.crb import project
+from sklearn_crb.estimators._lm_steps import box_step, curvature_update, se_and_gn_step, secant_update
 from sklearn_crb.physics.parameters import INDEX
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.physics.signal import jacobian, simulate
@@ -172,67 +176,6 @@ def _all_finite(z):
     return torch.isfinite(torch.view_as_real(z)).flatten(1).all(1)
 
 
-def _se_and_gn_step(JTJ, grad, keep, s2, eye):
-    """Standard errors (n, p) and the undamped Gauss–Newton step (n, p) of the variables in ``keep``.
-
-    Both from the Jacobi-scaled normal matrix with the blocked variables
-    removed; ``ok`` (n,) is False where that matrix is not positive definite.
-    """
-    Dj = torch.diagonal(JTJ, dim1=1, dim2=2).clamp_min(1e-300).rsqrt()
-    kk = keep[:, :, None] * keep[:, None, :]
-    Ms = Dj[:, :, None] * JTJ * Dj[:, None, :] * kk + torch.diag_embed(1.0 - keep)
-    L, info = torch.linalg.cholesky_ex(Ms)
-    ok = info == 0
-    L = torch.where(ok[:, None, None], L, eye)
-    cov = torch.cholesky_inverse(L)
-    se = (torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0) * s2[:, None]).sqrt() * Dj
-    gn = -Dj * (cov @ (Dj * grad * keep)[:, :, None])[..., 0] * keep
-    return se, gn, ok
-
-
-def _augmented_step(H, grad, keep, eye, fallback):
-    """Undamped step ``-H^-1 grad`` over the variables in ``keep``; ``fallback`` where H is not positive definite."""
-    kk = keep[:, :, None] * keep[:, None, :]
-    L, info = torch.linalg.cholesky_ex(H * kk + torch.diag_embed(1.0 - keep))
-    ok = info == 0
-    step = torch.cholesky_solve(-(grad * keep)[:, :, None], torch.where(ok[:, None, None], L, eye))[..., 0] * keep
-    return torch.where(ok[:, None], step, fallback)
-
-
-def _secant_update(S, use_S, acc, accept, delta, grad_old, J_old, Jr, r, cost_new, pred_aug, pred_gn, exact):
-    """NL2SOL's sized symmetric secant update of ``S`` on the accepted rows, and its model choice.
-
-    With ``s`` the step, ``yv`` the change of the gradient and ``ys = (J_new - J_old)^H r_new``
-    (Dennis, Gay & Welsch 1981, eqs. 3.5-3.8): S is first sized by
-    ``min(1, |s.ys| / |s S s|)``, then ``S += (w y^T + y w^T) / y.s - (w.s) y y^T / (y.s)^2``,
-    ``w = ys - S s``. The next step uses ``J^T J + S`` where that model predicted the
-    accepted step's cost better than Gauss-Newton (and S stays zero on rows whose
-    Jacobian is a Broyden update).
-    """
-    ex = exact[acc]
-    rows, d = acc[ex], delta[accept][ex]
-    if rows.numel() == 0:
-        return
-    Jn, rn, Jo = Jr[rows], r[rows], J_old[accept][ex]
-    g_new = (Jn.conj() * rn[:, :, None]).sum(1).real
-    yv = g_new - grad_old[accept][ex]
-    ys = g_new - (Jo.conj() * rn[:, :, None]).sum(1).real
-    Sr = S[rows]
-    Ss = (Sr @ d[:, :, None])[..., 0]
-    sSs, sys_ = (d * Ss).sum(-1), (d * ys).sum(-1)
-    tau = torch.where(sSs.abs() > 0, (sys_.abs() / sSs.abs().clamp_min(1e-300)).clamp(max=1.0), torch.ones_like(sSs))
-    Sr = Sr * tau[:, None, None]
-    w = ys - tau[:, None] * Ss
-    yd = (yv * d).sum(-1)
-    good = yd.abs() > 1e-12 * yv.norm(dim=-1) * d.norm(dim=-1)
-    yd = torch.where(good, yd, torch.ones_like(yd))
-    upd = (w[:, :, None] * yv[:, None, :] + yv[:, :, None] * w[:, None, :]) / yd[:, None, None]
-    upd = upd - ((w * d).sum(-1) / yd**2)[:, None, None] * yv[:, :, None] * yv[:, None, :]
-    S[rows] = torch.where(good[:, None, None], Sr + upd, Sr)
-    actual = cost_new[accept][ex]
-    use_S[rows] = (actual - pred_aug[accept][ex]).abs() < (actual - pred_gn[accept][ex]).abs()
-
-
 def lm_solve(prob, y, x0, base):
     """Batched bounded LM on the variable-projected problem.
 
@@ -325,9 +268,12 @@ def lm_solve(prob, y, x0, base):
         if prob.se_tol > 0:
             # statistical stop: the Gauss-Newton step, i.e. the estimated distance to the minimum, is below
             # se_tol standard errors in every parameter (noise from the residual; never on noiseless data)
-            se, gn, ok_se = _se_and_gn_step(JTJ, grad, keep, cA / dof, eye)
-            if S is not None:  # the distance to the minimum from the augmented (quasi-Newton) model
-                gn = torch.where(use_S[A, None], _augmented_step(JTJ + S[A], grad, keep, eye, gn), gn)
+            se, _, ok_se = se_and_gn_step(JTJ, grad, keep, cA / dof, eye)
+            # the distance to the minimum in the box, from the Gauss-Newton (or augmented quasi-Newton) model
+            H = JTJ + S[A] * use_S[A, None, None] if S is not None else JTJ
+            gn, ok_gn = box_step(H, grad, keep, xA, lo, hi, eye)
+            if S is not None:
+                gn = torch.where((use_S[A] & ~ok_gn)[:, None], box_step(JTJ, grad, keep, xA, lo, hi, eye)[0], gn)
             stop = stop | (ok_se & (gn.abs() <= _GN_STOP * prob.se_tol * se).all(-1))
         # a stop decided on a Broyden Jacobian is checked again with the exact one
         stale = A[stop & ~exA]
@@ -345,18 +291,13 @@ def lm_solve(prob, y, x0, base):
         D = torch.clamp(torch.diagonal(JTJB, dim1=1, dim2=2), min=1e-6)
         HB = JTJB + S[B] * use_S[B, None, None] if S is not None else JTJB
         M = HB + lam[B, None, None] * torch.diag_embed(D)
-        # variables held at a bound by the gradient are removed from the step (projected LM)
-        M = M * kB[:, :, None] * kB[:, None, :] + torch.diag_embed(1.0 - kB)
-        L, info = torch.linalg.cholesky_ex(M)
-        aug = use_S[B] & (info == 0)  # rows whose step comes from the augmented model
-        if S is not None and bool((info != 0).any()):  # augmented model not positive definite: Gauss-Newton
-            M0 = (JTJB + lam[B, None, None] * torch.diag_embed(D)) * kB[:, :, None] * kB[:, None, :]
-            M = torch.where((info != 0)[:, None, None], M0 + torch.diag_embed(1.0 - kB), M)
-            L, info = torch.linalg.cholesky_ex(M)
-        ok = info == 0
-        delta = torch.cholesky_solve(-(gradB * kB)[:, :, None], torch.where(ok[:, None, None], L, eye))[..., 0]
-        xt = torch.minimum(torch.maximum(xB + delta, lo), hi)
-        delta = xt - xB
+        # the damped step minimises the model over the box (variables held at a bound by the gradient stay)
+        delta, ok = box_step(M, gradB, kB, xB, lo, hi, eye)
+        aug = use_S[B] & ok  # rows whose step comes from the augmented model
+        if S is not None and bool((~ok).any()):  # augmented model not positive definite: Gauss-Newton
+            d_gn, ok_d = box_step(JTJB + lam[B, None, None] * torch.diag_embed(D), gradB, kB, xB, lo, hi, eye)
+            delta, ok = torch.where(ok[:, None], delta, d_gn), ok | ok_d
+        xt = torch.minimum(torch.maximum(xB + delta, lo), hi)  # exactly inside (the step is rounded)
         geo_ok = torch.ones_like(ok)
         if prob.geodesic:
             # geodesic acceleration (Transtrum & Sethna, arXiv 1201.5885): second directional derivative
@@ -365,6 +306,7 @@ def lm_solve(prob, y, x0, base):
             rh = varpro(prob.model(xB + h * delta, base[B]), y[B])[1]
             rvv = (2.0 / h) * ((rh - rB) / h - (JB @ delta.to(JB.dtype)[:, :, None])[..., 0])
             gvv = (JB.conj() * rvv[:, :, None]).sum(1).real
+            L = torch.linalg.cholesky_ex(M * kB[:, :, None] * kB[:, None, :] + torch.diag_embed(1.0 - kB))[0]
             acc_g = torch.cholesky_solve(-(gvv * kB)[:, :, None], torch.where(ok[:, None, None], L, eye))[..., 0]
             geo_ok = torch.isfinite(acc_g).all(-1) & (2 * acc_g.norm(dim=-1) <= _GEO_ALPHA * delta.norm(dim=-1))
             xg = torch.minimum(torch.maximum(xB + delta + 0.5 * torch.nan_to_num(acc_g), lo), hi)
@@ -383,6 +325,8 @@ def lm_solve(prob, y, x0, base):
         good_t = torch.isfinite(cost_t) & (ggt > 0)
         accept = ok & good_t & (cost_t < cB) & (rho > 1e-3)
         exB = exact[B]
+        if S is not None:  # a rejected trial measures the cost's curvature along its step: correct S there
+            curvature_update(S, use_S, B, ~accept & ok & good_t & exB, delta, gradB, JTJB, cB, cost_t)
         damp = accept | exB  # a rejection with a Broyden Jacobian says nothing about the damping
         if prob.damping == "lsqfit":
             lam_new = torch.where(accept & (rho > 0.75), torch.clamp(lam[B] * 0.1, min=_LAMBDA_MIN), lam[B])
@@ -420,7 +364,7 @@ def lm_solve(prob, y, x0, base):
         if nb.numel():
             refresh(nb)
         if S is not None and acc.numel():
-            _secant_update(S, use_S, acc, accept, delta, gradB, JB, Jr, r, cost_t, pred_aug, pred_gn, exact)
+            secant_update(S, use_S, acc, accept, delta, gradB, JB, Jr, r, cost_t, pred_aug, pred_gn, exact)
         conv_b = num_stop & torch.isfinite(cst[B]) & (status[B] == MAXIT)
         status[B[conv_b]] = OK
         active = A[status[A] == MAXIT]

@@ -124,8 +124,8 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         Geodesic acceleration of each step (Transtrum & Sethna, arXiv
         1201.5885; one extra model evaluation per step).
     secant : bool
-        Add NL2SOL's secant estimate of the Hessian's second-order term
-        (Dennis, Gay & Welsch 1981) to ``J^T J`` where it predicts better.
+        Add NL2SOL's secant estimate of the second-order term (Dennis, Gay &
+        Welsch 1981), and the curvature that rejected trials measure, to J^T J.
     backend : {"auto", "numba", "torch"}
         Physics backend (see :func:`sklearn_crb.physics.jacobian`).
     device : str
