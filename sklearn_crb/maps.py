@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from sklearn_crb._validation import chunk_slices
 from sklearn_crb.io.images import CoefficientImage, check_rank, features_from_coefficients, make_mask
 from sklearn_crb.io.models import basis_sha256, check_compatible
+from sklearn_crb.estimators._fixed_error import fixed_variance
 from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, TIMES, UNITS, rate_name
 from sklearn_crb.physics.sequence import Sequence
 
@@ -214,25 +215,50 @@ def _declared_estimate(estimator):
     return ()
 
 
-def _fixed_columns(fixed, mask, n_vox):
+def _fixed_columns(fixed, mask, n_vox, argname="fixed"):
+    if fixed is not None and not isinstance(fixed, dict):
+        raise TypeError(f"{argname} must be a dict {{name: scalar or map}}, got {type(fixed).__name__}")
     cols = {}
     for name, val in (fixed or {}).items():
         if name not in INDEX:
-            raise ValueError(f"fixed: unknown parameter {name!r}; allowed {PARAMETERS}")
-        arr = np.asarray(val, dtype=float)
+            raise ValueError(f"{argname}: unknown parameter {name!r}; allowed {PARAMETERS}")
+        try:
+            arr = np.asarray(val, dtype=float)
+        except (TypeError, ValueError):
+            raise TypeError(f"{argname}[{name!r}] must be a real scalar or map, got {type(val).__name__}") from None
         if arr.ndim == 0:
             cols[name] = np.full(n_vox, float(arr))
         elif arr.shape == mask.shape:
             cols[name] = arr[mask]
         else:
-            raise ValueError(f"fixed[{name!r}] must be a scalar or a map of shape {mask.shape}, got {arr.shape}")
+            raise ValueError(f"{argname}[{name!r}] must be a scalar or a map of shape {mask.shape}, got {arr.shape}")
         if not np.all(np.isfinite(cols[name])):
-            raise ValueError(f"fixed[{name!r}] has non-finite values inside the mask")
+            raise ValueError(f"{argname}[{name!r}] has non-finite values inside the mask")
+    return cols
+
+
+def _fixed_error_columns(fixed_se, fixed_cols, mask, n_vox, estimator, compute_se):
+    """Map errors ``{name: (n_vox,)}`` of fixed parameters (``fit_maps(fixed_se=)``), checked before any work."""
+    cols = _fixed_columns(fixed_se, mask, n_vox, "fixed_se")
+    if not cols:
+        return cols
+    extra = sorted(set(cols) - set(fixed_cols))
+    if extra:
+        raise ValueError(f"fixed_se: {extra} are not fixed; give the error only of parameters in fixed= "
+                         f"({sorted(fixed_cols)})")
+    for name, col in cols.items():
+        if np.any(col < 0):
+            raise ValueError(f"fixed_se[{name!r}] must be >= 0 (a standard deviation, SI units)")
+    if not compute_se:
+        raise ValueError("fixed_se needs compute_se=True (it adds to the standard-error maps)")
+    if type(estimator).__name__ == "DictionaryMatcher":
+        raise ValueError("fixed_se: a DictionaryMatcher's match does not depend on the fixed values, so the map "
+                         "error cannot be propagated; use NLLSFitter or a network")
     return cols
 
 
 def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, sigma=None, fixed=None,
-             chunk_size=2048, compute_se=True, se=None, threshold=0.05, times=False, progress=False):
+             fixed_se=None, chunk_size=2048, compute_se=True, se=None, threshold=0.05, times=False, progress=False):
     """Fit every masked voxel of a coefficient image and return named maps.
 
     Parameters
@@ -257,6 +283,13 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
         e.g. a measured ``{"B1": b1_map}``; they are treated as known
         (passed to ``predict_details`` chunk by chunk). Parameters neither
         estimated nor fixed are the estimator's nuisance parameters.
+    fixed_se : dict, optional
+        Standard deviations (scalars or maps, SI units) of the errors of
+        some ``fixed`` maps, e.g. ``{"B1": 0.03}``: the standard-error maps
+        then include them, ``se^2 + sum_b (d theta_hat / d b)^2 sigma_b^2``
+        (independent errors, first order; the estimator's own sensitivity,
+        see :mod:`sklearn_crb.estimators._fixed_error`). Default: the fixed
+        maps are exact.
     chunk_size : int
         Voxels per chunk.
     compute_se : bool
@@ -305,6 +338,8 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
     spatial = c_img.shape[:-1]
     n_vox = int(fit_mask.sum())
     fixed_cols = _fixed_columns(fixed, fit_mask, n_vox)
+    fixed_err = _fixed_error_columns(fixed_se, fixed_cols, fit_mask, n_vox, estimator, compute_se)
+    var_fixed = None
 
     c = c_img[fit_mask]  # (n, r)
     theta = np.full((n_vox, len(PARAMETERS)), np.nan)
@@ -344,6 +379,15 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
         if compute_se:
             var = det.get("var_unit")
             crb_unit[sl] = det["crb_unit"] if var is None else var
+        if fixed_err:  # the fixed maps' errors, through the estimator's sensitivity to them
+            S, names = det.get("fixed_sensitivity"), tuple(det.get("fixed_names", ()))
+            if S is None or any(b not in names for b in fixed_err):
+                raise ValueError(f"fixed_se: {type(estimator).__name__}.predict_details does not report "
+                                 f"fixed_sensitivity for {sorted(fixed_err)}")
+            if var_fixed is None:
+                var_fixed = np.zeros((n_vox, len(est)))
+            var_fixed[sl] = fixed_variance(np.asarray(S)[:, :, [names.index(b) for b in fixed_err]],
+                                           np.column_stack([col[sl] for col in fixed_err.values()]))
         bar.update(sl.stop - sl.start)
     bar.close()
     if est is None:  # nothing to fit: ask for the names on an empty batch
@@ -367,6 +411,8 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
         rel = np.sqrt(res_sq) / np.linalg.norm(c, axis=1)
         if compute_se:
             se = np.sqrt(crb_unit) * sigma / np.abs(M0)[:, None]
+            if var_fixed is not None:
+                se = np.sqrt(se**2 + var_fixed)
             flags |= np.where(~np.all(np.isfinite(se), axis=1), FLAGS["singular_crb"], 0).astype(np.int16)
 
     def to_map(values, dtype=float):

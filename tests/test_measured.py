@@ -219,3 +219,13 @@ def test_cli_simulate_train_fit_with_a_b1_map(tmp_path, short_sequence, monkeypa
     assert main([*fit, "--out", str(tmp_path / "flat"), "--b1-map", str(tmp_path / "b1_flat.nii.gz")]) == 0
     m0s_flat = nib.load(tmp_path / "flat" / "m0s.nii.gz").get_fdata()[..., 0]
     assert np.abs(m0s_flat[inside] - m0s[inside]).max() > 1e-6
+    # the map's error in the standard-error maps: larger SE, recorded in the summary; bad values refused
+    b1 = ["--b1-map", str(tmp_path / "b1.nii.gz")]
+    assert main([*fit, "--out", str(tmp_path / "err"), *b1, "--fixed-se", "B1=0.05"]) == 0
+    se0 = nib.load(tmp_path / "maps" / "m0s_se.nii.gz").get_fdata()[..., 0][inside]
+    se1 = nib.load(tmp_path / "err" / "m0s_se.nii.gz").get_fdata()[..., 0][inside]
+    assert np.all(se1 >= se0 * (1 - 1e-6)) and np.any(se1 > se0 * 1.01)
+    assert json.loads((tmp_path / "err" / "summary.json").read_text())["fixed_map_errors"] == {"B1": 0.05}
+    for bad in (["--fixed-se", "B1=-1"], ["--fixed-se", "B1=x"], ["--fixed-se", "omega0=1"], ["--fixed-se", "B1"]):
+        assert main([*fit, "--out", str(tmp_path / "bad"), *b1, *bad]) == 2, bad
+        assert not (tmp_path / "bad").exists()

@@ -87,6 +87,26 @@ def _fixed_specs(args):
     return specs
 
 
+def _fixed_errors(args, fixed):
+    """``{name: sd}`` from --fixed-se NAME=VALUE (SI units), each of a parameter given as a map."""
+    out = {}
+    for item in args.fixed_se or ():
+        name, sep, val = item.partition("=")
+        try:
+            sd = float(val) if sep else float("nan")
+        except ValueError:
+            sd = float("nan")
+        if name not in INDEX or not np.isfinite(sd) or sd < 0:
+            raise CLIError(f"--fixed-se {item!r}: expected NAME=VALUE, NAME one of {PARAMETERS} and VALUE a "
+                           f"standard deviation >= 0 in SI units (omega0 in rad/s)")
+        if name not in fixed:
+            raise CLIError(f"--fixed-se {name}: {name} has no map (--b1-map, --b0-map or --fixed {name}=FILE)")
+        if name in out:
+            raise CLIError(f"--fixed-se {name}: given twice")
+        out[name] = sd
+    return out
+
+
 def _load_fixed(specs, img, fit_mask, estimate, tied_R1):
     """Per-voxel fixed maps ``{name: array(spatial)}`` (SI units), every check before any work."""
     spatial, fixed, files = img.spatial_shape, {}, {}
@@ -154,6 +174,7 @@ def cmd_fit(args):
     fit_mask, _ = make_mask(img, mask_arr)  # shape check before any work
     fixed, fixed_files = _load_fixed(_fixed_specs(args), img, fit_mask, estimate,
                                      bool(args.tied_R1 if model is None else meta.get("tied_R1", False)))
+    fixed_se = _fixed_errors(args, fixed)
     need = [p for p in getattr(model, "measured_", ()) if p not in fixed]
     if need:
         opts = {"B1": "--b1-map", "omega0": "--b0-map"}
@@ -176,7 +197,7 @@ def cmd_fit(args):
     t0 = time.perf_counter()
     with _dask_context(args.scheduler):
         maps = fit_maps(estimator, img, mask_arr, sequence=seq, basis=basis, sigma=args.sigma, fixed=fixed or None,
-                        chunk_size=args.chunk_size, times=args.times, progress=not args.quiet,
+                        fixed_se=fixed_se or None, chunk_size=args.chunk_size, times=args.times, progress=not args.quiet,
                         se=args.se if model is not None else None)
     elapsed = time.perf_counter() - t0
     arrays = {k: v for k, v in maps.items() if isinstance(v, np.ndarray)}
@@ -189,7 +210,7 @@ def cmd_fit(args):
                "seconds": elapsed, "sigma": maps["sigma"], "units": maps["units"],
                "flag_counts": {int(k): int(v) for k, v in zip(*np.unique(arrays["flags"], return_counts=True))},
                "input": str(args.coefficients), "estimator": kind, "spatial_shape": list(img.spatial_shape),
-               "fixed_maps": fixed_files, "standard_error": args.se if model is not None else "crb",
+               "fixed_maps": fixed_files, "fixed_map_errors": fixed_se, "standard_error": args.se if model is not None else "crb",
                "files": [map_files[k] for k in arrays] + [png]}
     written = [map_files[k] for k in arrays] + [png, summary_name]
     with atomic_files(out, written) as tmp:
@@ -226,6 +247,9 @@ def add_parser(sub):
     g.add_argument("--fixed", action="append", metavar="NAME=FILE",
                    help=f"a per-voxel map of any parameter in SI units ({', '.join(PARAMETERS)}; omega0 in "
                         "rad/s); repeatable")
+    g.add_argument("--fixed-se", action="append", metavar="NAME=VALUE",
+                   help="standard deviation of a fixed map's error (SI units, omega0 in rad/s), e.g. B1=0.03: the "
+                        "standard-error maps then include it (first order); repeatable. Default: maps are exact")
     p.add_argument("--times", action="store_true",
                    help="also write relaxation-time maps T1f (s), T2f (ms) (and T1s untied) with their standard errors")
     p.add_argument("--tied-R1", action="store_true", help="NLLS: R1s = R1f")

@@ -47,6 +47,7 @@ from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
 from sklearn_crb.estimators import _lm
 from sklearn_crb.estimators._base import fit_box
 from sklearn_crb.estimators._batches import net_threads, torch_threads
+from sklearn_crb.estimators._fixed_error import model_sensitivity
 from sklearn_crb.estimators._measured import append_measured
 from sklearn_crb.physics.parameters import (BOUNDS, INDEX, PARAMETERS, SCALE, crb_to_targets, nuisance_parameters,
                                             rate_name, resolve_estimate, theta_columns_from_targets, tie_R1)
@@ -154,7 +155,7 @@ def polish_nuisance(theta, c, ctx, nuisance, converged, n_iter=5, backend="auto"
     return out
 
 
-def input_gradient_variance(net, X, batch_size=1024):
+def input_gradient_variance(net, X, batch_size=1024, return_measured=False):
     """Delta-method variance of each network output per unit noise: ``||d theta_hat_p / d x||^2``.
 
     Parameters
@@ -164,28 +165,37 @@ def input_gradient_variance(net, X, batch_size=1024):
         Features ``[Re c, Im c]``, then the network's ``measured_`` columns (noise-free inputs: their
         gradient does not count).
 
+    return_measured : bool
+        Also return ``d theta_hat_p / d b`` for the measured columns ``b``.
+
     Returns
     -------
     var : ndarray (n, n_outputs), float64
         In the squared units of the outputs (SI, or the time targets' units)
         per unit variance of each real feature.
+    sensitivity : ndarray (n, n_outputs, len(measured_)), with ``return_measured``
+        Per unit of each measured input (its SI unit).
     """
     mod = net.module_
     mod.eval()
     device, k = net.device_, len(getattr(net, "measured_", ()))
-    outs = []
+    outs, meas = [], []
     with torch_threads(net_threads(net)), torch.enable_grad():
         for i in range(0, X.shape[0], int(batch_size)):
             xb = torch.as_tensor(X[i: i + batch_size], dtype=torch.float32, device=device).requires_grad_(True)
             y = mod.to_physical(mod(xb))  # rows are independent (no batch statistics in eval mode)
-            g2 = []
+            g2, gm = [], []
             for j in range(y.shape[1]):
                 (g,) = torch.autograd.grad(y[:, j].sum(), xb, retain_graph=j < y.shape[1] - 1)
                 g2.append((g[:, : g.shape[1] - k].to(torch.float64) ** 2).sum(dim=1))
+                gm.append(g[:, g.shape[1] - k:].to(torch.float64))
             outs.append(torch.stack(g2, dim=1).detach().cpu())
-    if not outs:
-        return np.zeros((0, int(mod.mean.shape[0])))
-    return torch.cat(outs).numpy()
+            meas.append(torch.stack(gm, dim=1).detach().cpu())
+    n_out = int(mod.mean.shape[0])
+    var = torch.cat(outs).numpy() if outs else np.zeros((0, n_out))
+    if not return_measured:
+        return var
+    return var, (torch.cat(meas).numpy() if meas else np.zeros((0, n_out, k)))
 
 
 def linearised_residual(c, M0, u, Ju, free, tied):
@@ -265,7 +275,8 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
         return dict(out, theta=np.zeros((0, len(PARAMETERS))), M0=np.zeros(0, complex), residual_norm=np.zeros(0),
                     converged=np.zeros(0, bool), crb_unit=empty if se == "crb" else None,
                     var_unit=empty if se == "delta" else None, noise_residual_norm=np.zeros(0),
-                    out_of_range=np.zeros(0, bool))
+                    out_of_range=np.zeros(0, bool), fixed_names=tuple(fixed),
+                    fixed_sensitivity=np.zeros((0, len(est), len(fixed))) if compute_crb and fixed else None)
     names = tuple(getattr(net, "target_names_", est))
     polish_iter = int(polish_iter)
     if polish_iter < 0:
@@ -340,11 +351,26 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
         var_unit = np.full((n, len(est)), np.nan)
         rows = np.flatnonzero(converged)
         if rows.size:
-            g2 = input_gradient_variance(net, Xnet[rows])
+            g2, gm = input_gradient_variance(net, Xnet[rows], return_measured=True)
             order = [names.index(p) for p in est]  # the network's output order -> the estimate's
             var_unit[rows] = g2[:, order] * np.abs(M0[rows, None]) ** 2
+    fnames, sens = tuple(fixed), None
+    if compute_crb and fnames:  # d estimate / d fixed value (maps' propagation of a map's error)
+        if se == "crb":  # the least-squares (efficient estimator's) sensitivity, like the CRB itself
+            sens = model_sensitivity(s, J, estimate=tuple(rate_name(p) for p in est), nuisance=nuis,
+                                     fixed_names=fnames, tied_R1=tied, basis=U)
+            for j, p in enumerate(est):
+                if rate_name(p) != p:  # a time target T = 1/R: dT/db = -T^2 dR/db
+                    sens[:, j] = -sens[:, j] / th_model[:, INDEX[rate_name(p)], None] ** 2
+        else:  # the network's own derivative for its measured inputs; 0 for a fixed value it does not read
+            sens = np.zeros((n, len(est), len(fnames)))
+            if rows.size:
+                for b, m in enumerate(fnames):
+                    if m in measured:
+                        sens[rows, :, b] = gm[:, order, measured.index(m)]
+        sens[~converged] = np.nan
     M0 = np.where(converged, M0, np.nan + 0j)
     res = np.where(converged, res, np.nan)
     return dict(out, theta=theta, M0=M0.astype(np.complex128), residual_norm=res.astype(np.float64),
                 converged=converged, crb_unit=crb_unit, var_unit=var_unit, noise_residual_norm=noise_res,
-                out_of_range=out_of_range)
+                out_of_range=out_of_range, fixed_names=fnames, fixed_sensitivity=sens)

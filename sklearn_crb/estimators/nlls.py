@@ -11,9 +11,8 @@ al., MRM 2022),
 out (variable projection, Golub & Pereyra 1973); the batched solver lives in
 :mod:`sklearn_crb.estimators._lm`. This module is the scikit-learn estimator:
 declared parameter validation, bounds and starts, chunking over
-:mod:`joblib` (so ``with joblib.parallel_config(backend="dask"):`` spreads a
-volume over a ``dask.distributed`` cluster), and the ``predict_details``
-protocol shared with :class:`~sklearn_crb.estimators.dictionary.DictionaryMatcher`.
+:mod:`joblib` (``joblib.parallel_config(backend="dask")`` spreads a volume over
+a ``dask.distributed`` cluster), and the ``predict_details`` protocol.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from sklearn_crb.estimators import _lm
 from sklearn_crb.estimators._base import (DEFAULT_BOUNDS, DEFAULT_START, MODEL_PARAMETER_CONSTRAINTS, POSITIVE_INT,
                                           POSITIVE_REAL, as_complex_data, fit_box, model_estimator_tags, r2sl_range,
                                           resolve_fixed, robust_norm, start_values, _IntInterval)
+from sklearn_crb.estimators._fixed_error import model_sensitivity
 from sklearn_crb.estimators.dictionary import DictionaryMatcher
 from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, SCALE, free_parameters, resolve_estimate, validate_theta
 from sklearn_crb.physics.sequence import Sequence
@@ -186,16 +186,12 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         "n_dictionary": [POSITIVE_INT],
         "n_starts": [POSITIVE_INT],
         "sigma": [POSITIVE_REAL, None],
-        "max_iter": [POSITIVE_INT],
-        "gtol": [POSITIVE_REAL],
-        "xtol": [POSITIVE_REAL],
-        "ftol": [POSITIVE_REAL],
+        "max_iter": [POSITIVE_INT], "gtol": [POSITIVE_REAL], "xtol": [POSITIVE_REAL], "ftol": [POSITIVE_REAL],
         "se_tol": [Interval(Real, 0, np.inf, closed="left")],
         "lambda0": [POSITIVE_REAL],
         "damping": [StrOptions({"lsqfit", "nielsen"})],
         "jacobian_reuse": [_IntInterval(Integral, 0, None, closed="left")],
-        "geodesic": ["boolean"],
-        "secant": ["boolean"],
+        "geodesic": ["boolean"], "secant": ["boolean"],
         "device": [str, torch.device],
         "progress": ["boolean"],
     }
@@ -367,7 +363,9 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
             (n, p) bool; ``sigma`` (n,) noise level used for the errors;
             ``crb`` (n, len(estimate_)) CRB in squared SI units at that sigma
             and the fitted M0; ``std_error`` = sqrt(crb); ``free_parameters``,
-            ``status_names``.
+            ``status_names``; ``fixed_sensitivity`` (n, len(estimate_),
+            len(fixed_names)) ``d estimate / d fixed value`` (with ``fixed``
+            and ``compute_crb``, else None; see ``estimators._fixed_error``).
         """
         from tqdm.auto import tqdm  # optional progress bar, imported only when predicting
 
@@ -420,9 +418,11 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         dof = 2 * K - p - 2
         with np.errstate(divide="ignore", invalid="ignore"):
             sigma = resid / np.sqrt(dof) if self.sigma is None else np.full(n, float(self.sigma))
-        crb_unit = crb = None
+        crb_unit = crb = sens = None
         if compute_crb:
             crb_unit, crb = self._crb(g_all, dg_all, M0, sigma, status, free)
+            sens = model_sensitivity(g_all, dg_all, estimate=self.estimate_, nuisance=tuple(
+                q for q in free if q not in self.estimate_), fixed_names=tuple(fixed), tied_R1=self.tied_R1) if fixed else None
         est = theta[:, [INDEX[q] for q in self.estimate_]]
         failed = status != _lm.OK
         if failed.any():
@@ -435,7 +435,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
             "prediction": est, "n_iter": n_iter, "n_jacobian": n_jac, "status": status, "failed": failed,
             "at_bound": at_bound,
             "sigma": sigma, "crb": crb, "std_error": None if crb is None else np.sqrt(crb),
-            "free_parameters": free, "status_names": dict(STATUS),
+            "free_parameters": free, "status_names": dict(STATUS), "fixed_names": tuple(fixed), "fixed_sensitivity": sens,
         }
 
     def _crb(self, g, dg, M0, sigma, status, free):
