@@ -272,9 +272,10 @@ def lm_solve(prob, y, x0, base):
             # the distance to the minimum in the box, from the Gauss-Newton (or augmented quasi-Newton) model
             H = JTJ + S[A] * use_S[A, None, None] if S is not None else JTJ
             gn, ok_gn = box_step(H, grad, keep, xA, lo, hi, eye)
-            if S is not None:
-                gn = torch.where((use_S[A] & ~ok_gn)[:, None], box_step(JTJ, grad, keep, xA, lo, hi, eye)[0], gn)
-            stop = stop | (ok_se & (gn.abs() <= _GN_STOP * prob.se_tol * se).all(-1))
+            if S is not None and bool((~ok_gn).any()):  # augmented model not positive definite: Gauss-Newton
+                gn_j, ok_j = box_step(JTJ, grad, keep, xA, lo, hi, eye)
+                gn, ok_gn = torch.where(ok_gn[:, None], gn, gn_j), ok_gn | ok_j
+            stop = stop | (ok_se & ok_gn & (gn.abs() <= _GN_STOP * prob.se_tol * se).all(-1))
         # a stop decided on a Broyden Jacobian is checked again with the exact one
         stale = A[stop & ~exA]
         conv = stop & exA & torch.isfinite(cA)
