@@ -118,18 +118,24 @@ def scipy_tied(seq, basis, y, start, bounds):
     return res.x[:7] * sc[:7], res.njev
 
 
-def crb_draw(seq, basis, theta, M0, sigma, rng):
-    """One draw per voxel from N(0, C): C the full CRB covariance of the tied model's free parameters at
-    ``theta`` (complex M0 unknown), i.e. the error of an efficient estimator, correlated as the CRB says
-    (a pseudo-inverse where the Fisher matrix is singular, e.g. m0s = 0)."""
+def crb_covariance(seq, basis, theta, M0, sigma, free):
+    """Full CRB covariance (n, p, p) of the tied model's free parameters at ``theta`` (complex M0 unknown; a
+    pseudo-inverse where the Fisher matrix is singular, e.g. m0s = 0), and the signal and Jacobian."""
     s, J = jacobian(seq, theta)
-    C, _, n_est = fisher_columns(torch.as_tensor(s), torch.as_tensor(J), estimate=free_parameters(True),
-                                 tied_R1=True)
+    C, _, n_est = fisher_columns(torch.as_tensor(s), torch.as_tensor(J), estimate=free, tied_R1=True)
     C = project(torch.as_tensor(basis), C)
-    F = (C.conj().transpose(1, 2) @ C).real.numpy() * (np.abs(M0) ** 2 / np.asarray(sigma) ** 2)[:, None, None]
+    scale = np.abs(np.asarray(M0)) ** 2 / np.asarray(sigma, dtype=float) ** 2
+    F = (C.conj().transpose(1, 2) @ C).real.numpy() * np.reshape(scale, (-1, 1, 1))
     cov = np.linalg.pinv(np.nan_to_num(F), hermitian=True)[:, :n_est, :n_est]
+    return 0.5 * (cov + cov.transpose(0, 2, 1)), s, J
+
+
+def crb_draw(seq, basis, theta, M0, sigma, rng):
+    """One draw per voxel from N(0, C): C the full CRB covariance at ``theta``, i.e. the error of an
+    efficient estimator, correlated as the CRB says."""
+    cov = crb_covariance(seq, basis, theta, M0, sigma, free_parameters(True))[0]
     w, V = np.linalg.eigh(cov)
-    z = rng.standard_normal((len(theta), n_est))
+    z = rng.standard_normal((len(theta), cov.shape[-1]))
     return np.nan_to_num(np.einsum("nij,nj->ni", V * np.sqrt(np.clip(w, 0, None))[:, None, :], z))
 
 

@@ -38,18 +38,17 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sklearn_crb import Sequence
-from sklearn_crb.crb import fisher_columns, linearized_bayes_spread, project
+from sklearn_crb.crb import linearized_bayes_spread
 from sklearn_crb.estimators.nlls import NLLSFitter, NLLSFitWarning
 from sklearn_crb.metrics import prior_moments
 from sklearn_crb.physics.parameters import INDEX, free_parameters
-from sklearn_crb.physics.signal import jacobian, simulate
+from sklearn_crb.physics.signal import simulate
 from sklearn_crb.simulator import CRB_M0S_FLOOR, MTFingerprintSimulator
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_nlls import GivenStart  # noqa: E402
+from bench_nlls import GivenStart, crb_covariance  # noqa: E402
 
 REPORT = ("m0s", "R1f", "R2f")
 
@@ -65,16 +64,6 @@ def log_prior(prior, th):
     if prior.R2f_gt_R1f:
         out[th[:, INDEX["R2f"]] <= th[:, INDEX["R1f"]]] = -np.inf
     return np.where(np.isfinite(out), out, -np.inf)
-
-
-def covariance(seq, basis, theta, M0, sigma, free):
-    """CRB covariance (n, p, p) of the free parameters (complex M0 unknown), and the signal and Jacobian."""
-    s, J = jacobian(seq, theta)
-    C, _, n_est = fisher_columns(torch.as_tensor(s), torch.as_tensor(J), estimate=free, tied_R1=True)
-    C = project(torch.as_tensor(basis), C)
-    F = (C.conj().transpose(1, 2) @ C).real.numpy() * (abs(M0) ** 2 / sigma**2)
-    cov = np.linalg.pinv(F, hermitian=True)[:, :n_est, :n_est]
-    return 0.5 * (cov + cov.transpose(0, 2, 1)), s, J
 
 
 def log_target(seq, basis, prior, th, x, sigma):
@@ -150,7 +139,7 @@ def main(argv=None):
     theta = prior.sample(n, random_state=args.seed + 2)
     theta[:, 0] = np.maximum(theta[:, 0], CRB_M0S_FLOOR)
     t0 = time.perf_counter()
-    cov, s, J = covariance(seq, basis, theta, M0, sigma, free)
+    cov, s, J = crb_covariance(seq, basis, theta, M0, sigma, free)
     crb = np.diagonal(cov, axis1=1, axis2=2)
     lin = linearized_bayes_spread(s, J, pv, estimate=free, tied_R1=True, M0=M0, sigma=sigma, basis=basis)
     g_true = simulate(seq, theta) @ basis.conj()
