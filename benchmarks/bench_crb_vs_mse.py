@@ -392,9 +392,11 @@ def main(argv=None):
         rep, dropped = report(rows, pred, mask, p_var)
         strata_all[name] = rep.strata
         results[name]["dropped_non_finite_rows"] = dropped
-        strata_sub[name] = report(rows, pred, subset, p_var)[0].strata
+        if subset.any():  # --nlls-theta 0: no NLLS subset
+            strata_sub[name] = report(rows, pred, subset, p_var)[0].strata
     strata_all["prior-mean"] = constant_report(rows, p_mean, everything, p_var).strata
-    strata_sub["prior-mean"] = constant_report(rows, p_mean, subset, p_var).strata
+    if subset.any():
+        strata_sub["prior-mean"] = constant_report(rows, p_mean, subset, p_var).strata
     results["prior-mean"] = {"constant": dict(zip(EST, map(float, p_mean)))}
     seconds["total"] = time.perf_counter() - t0
     if hasattr(os, "getloadavg"):
@@ -404,7 +406,7 @@ def main(argv=None):
     table = markdown(strata_all, args.eval_snr) + "\n" + "\n".join(
         f"| {snr} | informative | linearised Bayes (std/√CRB) | "
         + " | ".join(f"{v:.2f} (n={n})" for v, n in (cell[p] for p in EST)) + " |" for snr, cell in ref.items())
-    table_sub = markdown(strata_sub, args.eval_snr)
+    table_sub = markdown(strata_sub, args.eval_snr) if strata_sub else "(no NLLS subset: --nlls-theta 0)"
     legend = ("Cells: nMSE / median |bias|/√CRB / median bias/√CRB / median std/√CRB (n = thetas in the stratum); "
               f"each theta has {args.n_draws} noise draws per SNR. informative: CRB < 0.1 × prior variance.")
     cmd = "python benchmarks/bench_crb_vs_mse.py " + " ".join(sys.argv[1:] if argv is None else argv)
