@@ -12,9 +12,11 @@ first-order reference of ``crb.linearized_bayes_spread`` on the same draws.
 
 Per prior draw ``theta`` and noise draw: complex M0 flat (integrated out in
 closed form, ``log L = -||P_perp(theta) x||^2 / (2 sigma^2) - log ||g(theta)||^2``);
-one random-walk Metropolis chain (Gaussian steps shaped by the CRB
-covariance at ``theta``, step size adapted during ``--n-burn`` steps), started
-at the draw's least-squares fit, averaged over ``--n-keep`` steps; all chains
+one adaptive random-walk Metropolis chain (Gaussian steps shaped by the CRB
+covariance at ``theta``, then by the chain's own covariance, step size
+adapted during ``--n-burn`` steps), started at the draw's least-squares fit
+(or ``--start truth``: a spread that changes with the start means the
+chains have not mixed), averaged over ``--n-keep`` steps; all chains
 run batched. The Monte-Carlo error of each posterior mean (from the two
 halves of its chain) is reported and removed from the spread. (Importance
 sampling with a Gaussian proposal failed here: the posterior is far from
@@ -83,17 +85,35 @@ def sample_posterior_means(seq, basis, prior, start, chol, x, sigma, free, n_bur
     """Posterior means (n, p) by batched random-walk Metropolis (one chain per row), and their Monte-Carlo
     variance (n, p) from the two halves of each chain.
 
-    Proposal: ``theta + kappa L z`` with ``L`` the Cholesky factor of the row's CRB covariance and
-    ``kappa`` adapted per chain during burn-in towards an acceptance rate of 0.25.
+    Proposal: ``theta + kappa L z`` with ``L`` the Cholesky factor of the row's CRB covariance for the
+    first half of the burn-in, then of the chain's own covariance over its second quarter (adaptive
+    Metropolis, Haario et al. 2001); ``kappa`` adapted per chain during burn-in towards an acceptance
+    rate of 0.25.
     """
     idx = [INDEX[p] for p in free]
+    d = len(free)
     th = start.copy()
     lt = log_target(seq, basis, prior, th, x, sigma)
-    kappa = np.full(len(th), 2.38 / np.sqrt(len(free)))
+    kappa = np.full(len(th), 2.38 / np.sqrt(d))
     acc_win = np.zeros(len(th))
-    s1, s2 = np.zeros((len(th), len(free))), np.zeros((len(th), len(free)))
+    s1, s2 = np.zeros((len(th), d)), np.zeros((len(th), d))
     h = n_keep // 2
+    q1, q2 = n_burn // 4, n_burn // 2  # steps whose samples shape the proposal (adaptive Metropolis)
+    m_sum, c_sum = np.zeros((len(th), d)), np.zeros((len(th), d, d))
     for t in range(n_burn + n_keep):
+        if q1 <= t < q2:
+            v = th[:, idx]
+            m_sum += v
+            c_sum += v[:, :, None] * v[:, None, :]
+        elif t == q2 and q2 > q1:
+            # Haario et al. (2001): the chain's own covariance (plus a sliver of the CRB's) shapes the steps
+            mu = m_sum / (q2 - q1)
+            emp = c_sum / (q2 - q1) - mu[:, :, None] * mu[:, None, :]
+            base = chol @ chol.transpose(0, 2, 1)
+            w, V = np.linalg.eigh(0.5 * (emp + emp.transpose(0, 2, 1)) + 1e-3 * base)
+            w = np.clip(w, 1e-12 * w.max(1, keepdims=True), None)
+            chol = V * np.sqrt(w)[:, None, :]  # any square root of the covariance shapes the steps
+            kappa[:] = 2.38 / np.sqrt(d)
         z = rng.standard_normal((len(th), len(free)))
         prop = th.copy()
         prop[:, idx] += kappa[:, None] * np.einsum("nij,nj->ni", chol, z)
@@ -120,6 +140,9 @@ def main(argv=None):
     ap.add_argument("--n-noise", type=int, default=16)
     ap.add_argument("--n-burn", type=int, default=2000, help="Metropolis burn-in (adaptation) steps per chain")
     ap.add_argument("--n-keep", type=int, default=4000, help="Metropolis steps averaged per chain")
+    ap.add_argument("--start", choices=("fit", "truth"), default="fit",
+                    help="chain start: the draw's least-squares fit (default) or the true theta; a spread that "
+                         "depends on it means the chains have not forgotten their start")
     ap.add_argument("--snr", type=float, default=100.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "posterior_mean.json"))
@@ -154,7 +177,8 @@ def main(argv=None):
                          ).fit().predict_details(np.column_stack([x.real, x.imag]))
     ok = np.isfinite(fit["theta"]).all(1)
     ok[ok] = np.isfinite(log_prior(prior, fit["theta"][ok]))  # a fit outside the prior's support starts at theta
-    start[ok] = fit["theta"][ok]
+    if args.start == "fit":
+        start[ok] = fit["theta"][ok]
     covm = np.repeat(cov, m, axis=0)
     jitter = 1e-10 * np.diagonal(covm, axis1=1, axis2=2).max(1)[:, None, None] * np.eye(len(free))
     L = np.linalg.cholesky(covm + jitter)
@@ -174,14 +198,15 @@ def main(argv=None):
                    "posterior_mean_median_bias_over_sqrt_crb": med(bias), "mc_error_over_sqrt_crb": med(mc_err),
                    "linearized_reference": med(lin)}
     result = {"sequence": seq.name, "rank": 13, "snr": args.snr, "prior": "brain (tied)", "n_theta": n,
-              "n_noise": m, "n_burn": args.n_burn, "n_keep": args.n_keep, "seconds": seconds, "parameters": rows}
+              "n_noise": m, "n_burn": args.n_burn, "n_keep": args.n_keep, "start": args.start, "seconds": seconds,
+              "parameters": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(out)
     print(f"v3.2 rank 13, SNR {args.snr:g}, brain prior (tied), {n} theta x {m} noise draws, "
-          f"{args.n_burn}+{args.n_keep} Metropolis steps per chain; {seconds:.0f} s")
+          f"{args.n_burn}+{args.n_keep} Metropolis steps per chain from the {args.start}; {seconds:.0f} s")
     print(f"{'parameter':<10}{'informative':>12}{'post. mean std/sqrtCRB':>24}{'bias/sqrtCRB':>14}"
           f"{'MC error':>10}{'linearised ref':>16}")
     f = (lambda v: "—" if v is None else f"{v:.2f}")  # noqa: E731

@@ -326,10 +326,9 @@ def linearized_bayes_spread(signal, J, prior_variance, *, estimate, tied_R1=Fals
     ``sqrt(CRB)`` is then expected wherever the prior of a correlated
     parameter still informs the fit, even when ``CRB_p`` is small against the
     prior variance of ``p`` itself. The prior is only matched in variance,
-    so the value is a reference, not a bound: for uniform priors whose
-    interior holds the likelihood it overstates the shrinkage (on v3.2 at SNR
-    100, m0s 0.54 against 0.80 for the exact posterior mean,
-    ``benchmarks/bench_posterior_mean.py``).
+    so the value is a reference, not a bound: on v3.2 at SNR 100 the exact
+    posterior mean under the uniform ``brain`` prior spreads more for R1f and
+    R2f (``benchmarks/bench_posterior_mean.py``).
 
     Parameters
     ----------
