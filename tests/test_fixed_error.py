@@ -153,3 +153,24 @@ def test_fixed_se_is_validated(short_sequence, b1_net):
     dm = DictionaryMatcher(sim.sequence_, basis=sim.basis_, estimate=EST, n_atoms=50).fit()
     with pytest.raises(ValueError, match="DictionaryMatcher"):
         fit_maps(dm, c, mask, fixed_se={"B1": 0.1}, **kw)
+
+
+def test_time_targets_get_the_reparametrised_sensitivity(short_sequence):
+    """With T1f/T2f targets, se="crb" gives dT/db = -T^2 dR/db; without fixed values there is no sensitivity."""
+    est_t = ("m0s", "T1f", "T2f")
+    sim = MTFingerprintSimulator(short_sequence, n_components=6, estimate=est_t, random_state=0,
+                                 n_basis_samples=200).fit()
+    net = CRBNetRegressor(simulator=sim, max_epochs=2, random_state=0, module__hidden=(16,),
+                          device="cpu").fit_simulated(300)
+    X = sim.make_dataset(8, random_state=2)[0]
+    d = net.predict_details(X, fixed={"B1": 0.9}, se="crb")
+    ok = d["converged"]
+    assert ok.sum() >= 6
+    s, J = jacobian(sim.sequence_, d["theta"][ok])
+    ref = model_sensitivity(s, J, estimate=EST, nuisance=("Rex", "R1s", "T2s", "omega0"), fixed_names=("B1",),
+                            basis=sim.basis_)[:, :, 0]
+    R = d["theta"][ok][:, [INDEX["R1f"], INDEX["R2f"]]]
+    got = d["fixed_sensitivity"][ok, :, 0]
+    np.testing.assert_allclose(got[:, 0], ref[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(got[:, 1:], -ref[:, 1:] / R**2, rtol=1e-6)
+    assert net.predict_details(X, se="crb")["fixed_sensitivity"] is None

@@ -244,7 +244,12 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
     With ``compute_crb``, ``se="delta"`` returns ``var_unit`` (the network's
     delta-method variance at ``sigma = 1``, ``|M0| = 1``; ``crb_unit`` is
     None) and ``se="crb"`` the CRB as ``crb_unit``; both return
-    ``noise_residual_norm`` (see the module docstring).
+    ``noise_residual_norm`` (see the module docstring). With ``fixed`` and
+    ``compute_crb``, ``fixed_sensitivity`` (n, len(estimate), len(fixed_names))
+    is ``d estimate / d fixed value``: the network's autograd derivative for
+    its measured inputs (0 for a fixed value it does not read) with
+    ``se="delta"``, the least-squares one with ``se="crb"``
+    (:mod:`sklearn_crb.estimators._fixed_error`); else None.
     """
     if se not in SE_METHODS:
         raise ValueError(f"se must be one of {SE_METHODS}, got {se!r}")
