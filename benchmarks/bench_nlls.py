@@ -68,6 +68,11 @@ SCHEDULES = {
     # NL2SOL's secant second-order term, with the curvature of rejected trials
     "lambda0=1e-3 + secant, se_tol=0.2": dict(lambda0=1e-3, se_tol=0.2, secant=True),
     "lambda0=1e-3 + secant, se_tol=0.5": dict(lambda0=1e-3, se_tol=0.5, secant=True),
+    # the stop's remaining Gauss-Newton step taken for one simulation
+    "secant + final, se_tol=0.5": dict(lambda0=1e-3, se_tol=0.5, secant=True, final_step=True),
+    "secant + final, se_tol=0.7": dict(lambda0=1e-3, se_tol=0.7, secant=True, final_step=True),
+    "final, se_tol=0.7": dict(lambda0=1e-3, se_tol=0.7, final_step=True),
+    "secant + final, se_tol=1": dict(lambda0=1e-3, se_tol=1.0, secant=True, final_step=True),
 }
 
 

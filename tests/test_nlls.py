@@ -411,8 +411,31 @@ def test_accepted_steps_never_increase_the_cost(short_sequence, warm_problem, sc
 @pytest.mark.parametrize("kw, match", [(dict(jacobian_reuse=-1), "jacobian_reuse"),
                                         (dict(jacobian_reuse=1.5), "jacobian_reuse"),
                                         (dict(jacobian_reuse=True), "jacobian_reuse"),
-                                        (dict(geodesic="yes"), "geodesic"), (dict(secant="yes"), "secant"),
+                                        (dict(geodesic="yes"), "geodesic"), (dict(secant="yes"), "secant"), (dict(final_step=1), "final_step"),
                                         (dict(lambda0=0.0), "lambda0")])
 def test_schedule_options_validated(short_sequence, kw, match):
     with pytest.raises(ValueError, match=match):
         NLLSFitter(short_sequence, **kw).fit()
+
+
+def test_final_step_takes_the_remaining_distance(short_sequence, warm_problem):
+    """With a loose statistical stop, the final Gauss-Newton step (one simulation, no Jacobian) brings the
+    estimates closer to the fully converged optimum at the same number of Jacobians, never raises the cost,
+    and leaves the CRB of the median voxel within a few per cent of the one at the returned point."""
+    s, theta, kw, full = warm_problem
+    names = kw["estimate"]
+    rng = np.random.default_rng(12)
+    start = theta[:, [INDEX[p] for p in names]] + full["std_error"] * rng.standard_normal(full["std_error"].shape)
+    fits = {f: NLLSFitter(short_sequence, init=_Start(start, names).fit(), lambda0=1e-3, se_tol=1.0, final_step=f,
+                          **kw).fit().predict_details(s) for f in (False, True)}
+    plain, final = fits[False], fits[True]
+    assert final["converged"].all()
+    np.testing.assert_array_equal(final["n_jacobian"], plain["n_jacobian"])
+    dev = {f: np.abs(d["prediction"] - full["prediction"]) / full["std_error"] for f, d in fits.items()}
+    assert np.median(dev[True]) < 0.85 * np.median(dev[False]), dev
+    assert np.all(final["residual_norm"] <= plain["residual_norm"] * (1 + 1e-12))
+    crb = cramer_rao_bound(short_sequence, final["theta"], estimate=names, nuisance=None, M0=final["M0"],
+                           sigma=final["sigma"])
+    # the CRB is the stop point's: close to the returned point's in the median voxel (on this short,
+    # weakly identified 120-pulse problem a few voxels differ by more: the README says so)
+    assert np.median(np.abs(final["crb"] / crb - 1)) < 0.05

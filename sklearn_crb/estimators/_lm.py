@@ -92,6 +92,7 @@ class Problem:
     jacobian_reuse: int = 0  # consecutive Broyden updates allowed between exact Jacobians
     geodesic: bool = False  # geodesic acceleration of the LM step
     secant: bool = False  # NL2SOL's secant estimate of the second-order term of the Hessian
+    final_step: bool = False  # a last (augmented) Gauss-Newton step at the stop, with no new Jacobian
 
     def theta(self, x, base):
         """Full (n, 8) parameters from scaled free parameters x (n, p) and per-row fixed values base (n, 8)."""
@@ -207,7 +208,11 @@ def lm_solve(prob, y, x0, base):
     ch. 8) for at most ``m`` consecutive steps; a step rejected with a
     Broyden Jacobian triggers an exact one instead of more damping. The step
     (``xtol``) and cost (``ftol``) stops count only on steps from an exact
-    Jacobian, and ``g``/``dg`` returned are always exact at ``x``.
+    Jacobian, and ``g``/``dg`` returned are always exact at ``x``, except
+    with ``final_step``: a row that stops then takes its remaining
+    (augmented) Gauss–Newton box step where it lowers the cost (one model
+    evaluation, see :func:`_final_step`), and ``dg`` is the exact Jacobian
+    of the point the stop was decided at.
     """
     n, p = x0.shape
     dev = x0.device
@@ -237,6 +242,8 @@ def lm_solve(prob, y, x0, base):
     # drops; it makes convergence superlinear where the residual is not small against the curvature
     S = torch.zeros((n, p, p), dtype=_DTYPE, device=dev) if prob.secant else None
     use_S = torch.zeros(n, dtype=torch.bool, device=dev)
+    finish = torch.zeros(n, dtype=torch.bool, device=dev)  # stopped on a small step: final step pending
+    n_final = torch.zeros(n, dtype=torch.int64, device=dev)  # final steps taken (0 or 1)
 
     def refresh(idx):
         """Exact model, Jacobian and residual at x[idx]; rows whose model is not finite are flagged."""
@@ -264,7 +271,7 @@ def lm_solve(prob, y, x0, base):
         keep = (~blocked).to(_DTYPE)
         done_grad = (grad * keep).abs().amax(-1) < prob.gtol
         JTJ = (JA.conj().transpose(1, 2) @ JA).real
-        stop = done_grad | (cA <= 1e-28)
+        stop = done_grad | (cA <= 1e-28) | finish[A]
         if prob.se_tol > 0:
             # statistical stop: the Gauss-Newton step, i.e. the estimated distance to the minimum, is below
             # se_tol standard errors in every parameter (noise from the residual; never on noiseless data)
@@ -280,6 +287,8 @@ def lm_solve(prob, y, x0, base):
         stale = A[stop & ~exA]
         conv = stop & exA & torch.isfinite(cA)
         status[A[conv]] = OK
+        if prob.final_step and prob.se_tol > 0 and bool(conv.any()):
+            _final_step(prob, y, base, A[conv], (gn * ok_gn[:, None])[conv], x, g, a, r, cst, lo, hi, n_final)
         move = ~stop
         if stale.numel():
             refresh(stale)
@@ -367,13 +376,36 @@ def lm_solve(prob, y, x0, base):
         if S is not None and acc.numel():
             secant_update(S, use_S, acc, accept, delta, gradB, JB, Jr, r, cost_t, pred_aug, pred_gn, exact)
         conv_b = num_stop & torch.isfinite(cst[B]) & (status[B] == MAXIT)
-        status[B[conv_b]] = OK
+        if prob.final_step and prob.se_tol > 0:  # the stop is taken next iteration, with its final step
+            finish[B[conv_b]] = True
+        else:
+            status[B[conv_b]] = OK
         active = A[status[A] == MAXIT]
+    status[finish & (status == MAXIT)] = OK  # stopped on the last iteration, before the final step
     # rows left with a Broyden Jacobian (max_iter) get the exact one at x, for the CRB
     stale = torch.nonzero(~exact & (status == MAXIT)).ravel()
     if stale.numel():
         refresh(stale)
-    return {"x": x, "a": a, "cost": cst, "n_iter": n_iter, "n_jac": n_jac, "status": status, "g": g, "dg": dg}
+    return {"x": x, "a": a, "cost": cst, "n_iter": n_iter, "n_jac": n_jac, "status": status, "g": g, "dg": dg,
+            "n_final": n_final}
+
+
+def _final_step(prob, y, base, idx, step, x, g, a, r, cst, lo, hi, n_final):
+    """Take the last (augmented) Gauss-Newton box step of the stopped rows ``idx`` where it lowers the cost.
+
+    One model evaluation and no Jacobian: ``x``, ``g``, ``a``, ``r`` and the cost move to the new point
+    (in place); ``dg`` stays the exact Jacobian of the point the stop was decided at, at most a fraction
+    of a standard error away (the step is below ``se_tol / 10`` of them, or follows an accepted one below
+    ``se_tol``). The stop's remaining distance is thus mostly removed for the price of a simulation.
+    """
+    xt = torch.minimum(torch.maximum(x[idx] + step, lo), hi)
+    gt = prob.model(xt, base[idx])
+    at, rt, ggt = varpro(gt, y[idx])
+    ct = cost(rt)
+    better = torch.isfinite(ct) & (ggt > 0) & (ct < cst[idx]) & (step.abs().amax(-1) > 0)
+    k = idx[better]
+    x[k], g[k], a[k], r[k], cst[k] = xt[better], gt[better], at[better], rt[better], ct[better]
+    n_final[k] = 1
 
 
 def fit_chunk(prob, y, x0, base):

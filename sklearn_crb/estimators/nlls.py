@@ -126,6 +126,10 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
     secant : bool
         Add NL2SOL's secant estimate of the second-order term (Dennis, Gay &
         Welsch 1981), and the curvature that rejected trials measure, to J^T J.
+    final_step : bool
+        At the statistical stop, take the last Gauss–Newton step (the
+        remaining distance) where it lowers the cost: one simulation, no
+        Jacobian (the CRB's is then a fraction of a standard error away).
     backend : {"auto", "numba", "torch"}
         Physics backend (see :func:`sklearn_crb.physics.jacobian`).
     device : str
@@ -191,7 +195,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         "lambda0": [POSITIVE_REAL],
         "damping": [StrOptions({"lsqfit", "nielsen"})],
         "jacobian_reuse": [_IntInterval(Integral, 0, None, closed="left")],
-        "geodesic": ["boolean"], "secant": ["boolean"],
+        "geodesic": ["boolean"], "secant": ["boolean"], "final_step": ["boolean"],
         "device": [str, torch.device],
         "progress": ["boolean"],
     }
@@ -199,12 +203,9 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
     def __init__(self, sequence=None, basis=None, estimate=("m0s", "R1f", "R2f"), fixed=None, tied_R1=False,
                  bounds=None, start=None, init=None, prior=None, n_dictionary=2000, n_starts=1, sigma=None,
                  max_iter=100, gtol=1e-10, xtol=1e-8, ftol=1e-10, se_tol=1e-2, lambda0=1.0, damping="nielsen",
-                 jacobian_reuse=0, geodesic=False, secant=False, backend="auto", device="cpu", chunk_size=256, n_jobs=None,
-                 progress=False, random_state=None):
-        self.sequence = sequence
-        self.basis = basis
-        self.estimate = estimate
-        self.fixed = fixed
+                 jacobian_reuse=0, geodesic=False, secant=False, final_step=False, backend="auto", device="cpu",
+                 chunk_size=256, n_jobs=None, progress=False, random_state=None):
+        self.sequence, self.basis, self.estimate, self.fixed = sequence, basis, estimate, fixed
         self.tied_R1 = tied_R1
         self.bounds = bounds
         self.start = start
@@ -217,10 +218,8 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         self.gtol, self.xtol, self.ftol, self.se_tol = gtol, xtol, ftol, se_tol
         self.lambda0, self.damping = lambda0, damping
         self.jacobian_reuse, self.geodesic, self.secant = jacobian_reuse, geodesic, secant
-        self.backend = backend
-        self.device = device
-        self.chunk_size = chunk_size
-        self.n_jobs = n_jobs
+        self.final_step, self.backend, self.device = final_step, backend, device
+        self.chunk_size, self.n_jobs = chunk_size, n_jobs
         self.progress = progress
         self.random_state = random_state
 
@@ -317,7 +316,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
             max_iter=int(self.max_iter), gtol=float(self.gtol), xtol=float(self.xtol), ftol=float(self.ftol),
             se_tol=float(self.se_tol), lambda0=float(self.lambda0), damping=self.damping, backend=self.backend,
             device=str(self.device), jacobian_reuse=int(self.jacobian_reuse),
-            geodesic=bool(self.geodesic), secant=bool(self.secant))
+            geodesic=bool(self.geodesic), secant=bool(self.secant), final_step=bool(self.final_step))
 
     def _base_theta(self, n, fixed):
         """(n, 8) values of the parameters that are not fitted: constructor ``fixed``, then per-voxel ``fixed``."""
