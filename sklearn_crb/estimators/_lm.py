@@ -394,9 +394,10 @@ def _final_step(prob, y, base, idx, step, x, g, a, r, cst, lo, hi, n_final):
     """Take the last (augmented) Gauss-Newton box step of the stopped rows ``idx`` where it lowers the cost.
 
     One model evaluation and no Jacobian: ``x``, ``g``, ``a``, ``r`` and the cost move to the new point
-    (in place); ``dg`` stays the exact Jacobian of the point the stop was decided at, at most a fraction
+    (in place); ``dg`` stays the exact Jacobian of the point the stop was decided at, usually a fraction
     of a standard error away (the step is below ``se_tol / 10`` of them, or follows an accepted one below
-    ``se_tol``). The stop's remaining distance is thus mostly removed for the price of a simulation.
+    ``se_tol``; its own size is not bounded, so in weakly identified voxels the CRB can be off). The
+    stop's remaining distance is thus mostly removed for the price of a simulation.
     """
     xt = torch.minimum(torch.maximum(x[idx] + step, lo), hi)
     gt = prob.model(xt, base[idx])
