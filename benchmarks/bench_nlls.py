@@ -73,6 +73,8 @@ SCHEDULES = {
     "secant + final, se_tol=0.7": dict(lambda0=1e-3, se_tol=0.7, secant=True, final_step=True),
     "final, se_tol=0.7": dict(lambda0=1e-3, se_tol=0.7, final_step=True),
     "secant + final, se_tol=1": dict(lambda0=1e-3, se_tol=1.0, secant=True, final_step=True),
+    "final, se_tol=1": dict(lambda0=1e-3, se_tol=1.0, final_step=True),
+    "final, se_tol=1.5": dict(lambda0=1e-3, se_tol=1.5, final_step=True),
 }
 
 

@@ -212,7 +212,8 @@ def lm_solve(prob, y, x0, base):
     with ``final_step``: a row that stops then takes its remaining
     (augmented) Gauss–Newton box step where it lowers the cost (one model
     evaluation, see :func:`_final_step`), and ``dg`` is the exact Jacobian
-    of the point the stop was decided at.
+    of the point the stop was decided at, or of the new point where the step
+    moved a parameter by more than ``se_tol`` standard errors.
     """
     n, p = x0.shape
     dev = x0.device
@@ -288,7 +289,9 @@ def lm_solve(prob, y, x0, base):
         conv = stop & exA & torch.isfinite(cA)
         status[A[conv]] = OK
         if prob.final_step and prob.se_tol > 0 and bool(conv.any()):
-            _final_step(prob, y, base, A[conv], (gn * ok_gn[:, None])[conv], x, g, a, r, cst, lo, hi, n_final)
+            far = _final_step(prob, y, base, A[conv], (gn * ok_gn[:, None])[conv], se[conv], x, g, a, r, cst, lo,
+                              hi, n_final)
+            stale = torch.cat([stale, far])  # a final step beyond se_tol standard errors: exact Jacobian there
         move = ~stop
         if stale.numel():
             refresh(stale)
@@ -390,14 +393,15 @@ def lm_solve(prob, y, x0, base):
             "n_final": n_final}
 
 
-def _final_step(prob, y, base, idx, step, x, g, a, r, cst, lo, hi, n_final):
+def _final_step(prob, y, base, idx, step, se, x, g, a, r, cst, lo, hi, n_final):
     """Take the last (augmented) Gauss-Newton box step of the stopped rows ``idx`` where it lowers the cost.
 
-    One model evaluation and no Jacobian: ``x``, ``g``, ``a``, ``r`` and the cost move to the new point
-    (in place); ``dg`` stays the exact Jacobian of the point the stop was decided at, usually a fraction
-    of a standard error away (the step is below ``se_tol / 10`` of them, or follows an accepted one below
-    ``se_tol``; its own size is not bounded, so in weakly identified voxels the CRB can be off). The
-    stop's remaining distance is thus mostly removed for the price of a simulation.
+    One model evaluation: ``x``, ``g``, ``a``, ``r`` and the cost move to the new point (in place). ``dg``
+    stays the exact Jacobian of the point the stop was decided at where the step moved every parameter
+    by at most ``se_tol`` of its standard errors ``se`` (there the CRB is a fraction of a standard error
+    away); the rows returned moved farther, and the caller evaluates their exact Jacobian at the new
+    point (one more Jacobian there). The stop's remaining distance is thus removed for the price of a
+    simulation in most voxels.
     """
     xt = torch.minimum(torch.maximum(x[idx] + step, lo), hi)
     gt = prob.model(xt, base[idx])
@@ -407,6 +411,7 @@ def _final_step(prob, y, base, idx, step, x, g, a, r, cst, lo, hi, n_final):
     k = idx[better]
     x[k], g[k], a[k], r[k], cst[k] = xt[better], gt[better], at[better], rt[better], ct[better]
     n_final[k] = 1
+    return k[((step[better].abs() > prob.se_tol * se[better]).any(-1))]
 
 
 def fit_chunk(prob, y, x0, base):

@@ -128,8 +128,9 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         Welsch 1981), and the curvature that rejected trials measure, to J^T J.
     final_step : bool
         At the statistical stop, take the last Gauss–Newton step (the
-        remaining distance) where it lowers the cost: one simulation, no
-        Jacobian (the CRB's is then a fraction of a standard error away).
+        remaining distance) where it lowers the cost: one simulation, and a
+        Jacobian only where it moved more than ``se_tol`` standard errors
+        (elsewhere the CRB's is at most that far away).
     backend : {"auto", "numba", "torch"}
         Physics backend (see :func:`sklearn_crb.physics.jacobian`).
     device : str
