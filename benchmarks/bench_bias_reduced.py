@@ -36,6 +36,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from _results import save_figure, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_NAME = "control_MT_v3p2_TR3p5ms_discretized.mat"
@@ -192,9 +193,7 @@ def figure(path, stats_by_est, informative, args):
                     ax.set_ylabel("T1 (s)", fontsize=7)
                 fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle("blank: non-informative (CRB >= 0.1 x prior variance)", fontsize=8)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -266,9 +265,7 @@ def main(argv=None):
                     "informative": informative.tolist(),
                     **{name: {k: v.tolist() for k, v in st.items()} for name, st in stats.items()}}}
     path = out / "bias_reduced.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json(path, res, default=str)
     figure(out / "bias_reduced.png", stats, informative, args)
     print(f"\n`{cmd}`\nmedians over informative grid points (CRB < 0.1 x prior variance), n = points\n{text}\n")
     print("checks (bias-reduced vs crb net):", json.dumps(checks))

@@ -21,13 +21,13 @@ the JSON), and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _results import save_figure, write_json, write_text
 
 NAMES = ("m0s", "R1f", "R2f")
 V32 = "control_MT_v3p2_TR3p5ms_discretized.mat"
@@ -142,9 +142,9 @@ def main(argv=None):
            "args": vars(a), "estimators": results, "seconds_total": time.perf_counter() - t_all}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_compare.json").write_text(json.dumps(res, indent=1))
+    write_json(out / "bench_compare.json", res)
     table = markdown_table(res)
-    (out / "bench_compare.md").write_text(table + "\n")
+    write_text(out / "bench_compare.md", table + "\n")
 
     import matplotlib
 
@@ -163,7 +163,7 @@ def main(argv=None):
     ax.set_ylabel("mean CRB-normalised MSE (m0s, R1f, R2f)")
     ax.set_title(f"{seq.n_pulses} pulses, rank 13, tied R1, SNR {a.snr:g}")
     fig.tight_layout()
-    fig.savefig(out / "bench_compare.png", dpi=110)
+    save_figure(fig, out / "bench_compare.png", dpi=110)
     print(table)
     print(f"wrote {out}/bench_compare.json, .png, .md in {res['seconds_total']:.0f} s")
     return res

@@ -56,6 +56,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from _results import save_figure, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_NAME = "control_MT_v3p2_TR3p5ms_discretized.mat"
@@ -286,9 +287,7 @@ def figure(path, strata_by_est, snrs, title):
         axes[2, j].axhline(1, color="k", lw=0.6)
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(title + " (informative draws: CRB < 0.1 x prior variance)", fontsize=10)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -423,9 +422,7 @@ def main(argv=None):
            "strata": strata_all, "strata_nlls_subset": strata_sub, "linearized_bayes_reference": ref}
     for path, text in ((out / "crb_vs_mse.json", json.dumps(res, indent=1, default=str)),
                        (out / "crb_vs_mse.md", doc)):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text(path, text)
     figure(out / "crb_vs_mse.png", strata_all, args.eval_snr,
            f"n_train={args.n_train}, epochs={results['crb-net']['epochs_run']}, train SNR {args.train_snr}")
     print("\n" + doc)

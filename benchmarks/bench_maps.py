@@ -17,7 +17,6 @@ The reference sequence (v3.2) is used when ``SKLEARN_CRB_DATA`` (default
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from sklearn_crb.phantom import make_phantom
 from sklearn_crb.physics.parameters import free_parameters
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.simulator import MTFingerprintSimulator
+from _results import save_figure, write_json
 
 OUT = Path(__file__).resolve().parent / "results"
 V32 = "control_MT_v3p2_TR3p5ms_discretized.mat"
@@ -71,7 +71,7 @@ def main(argv=None):
     OUT.mkdir(exist_ok=True)
     machine = {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "sequence": seq_name,
                "numba_threads": os.environ.get("NUMBA_NUM_THREADS", "default")}
-    (OUT / "maps_timing.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    write_json(OUT / "maps_timing.json", {"machine": machine, "rows": rows})
     print(f"{'setting':<22} {'voxels':>7} {'seconds':>8} {'voxels/s':>9} {'sigma/true':>10}")
     for r in rows:
         print(f"{r['setting']:<22} {r['voxels']:>7} {r['seconds']:>8.1f} {r['voxels_per_s']:>9.0f} "
@@ -87,7 +87,7 @@ def main(argv=None):
     ax.axvline(10, color="k", ls="--", lw=1)
     ax.set_xlabel(f"seconds for {rows[0]['voxels']} voxels")
     fig.tight_layout()
-    fig.savefig(OUT / "maps_timing.png", dpi=120)
+    save_figure(fig, OUT / "maps_timing.png", dpi=120)
 
 
 if __name__ == "__main__":

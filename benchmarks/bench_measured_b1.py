@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _results import save_figure, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -169,9 +169,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for path, text in ((out / "measured_b1.json", json.dumps(results, indent=1)), (out / "measured_b1.md", doc)):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text(path, text)
     _figure(out / "measured_b1.png", results)
     print(doc)
 
@@ -193,9 +191,7 @@ def _figure(path, results):
         axes[j].set_xticks(np.arange(len(snrs)) + 0.175, [f"SNR {s}" for s in snrs])
         axes[j].set_title(p)
     axes[0].legend(fontsize=7)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 

@@ -35,7 +35,6 @@ correlated with the voxel's noise, like an efficient network's). ``--start-model
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -53,6 +52,7 @@ from sklearn_crb.estimators.nlls import NLLSFitter, NLLSFitWarning
 from sklearn_crb.physics.parameters import INDEX, PARAMETERS, SCALE, free_parameters
 from sklearn_crb.physics.signal import jacobian, simulate
 from sklearn_crb.simulator import MTFingerprintSimulator
+from _results import save_figure, write_json
 
 SCHEDULES = {
     "default (lambda0=1)": dict(),
@@ -289,9 +289,7 @@ def main(argv=None):
                    else f"{args.start_around} + {args.start_sd:g} x {args.start_noise} CRB noise")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    write_json(out, result, indent=2)
     print(f"v3.2 rank 13, SNR {args.snr:g}, {args.n} voxels, "
           f"start = {start_label}; "
           f"load {load0[0]:.1f} -> {os.getloadavg()[0]:.1f}; jacobian {jps:.0f}/s, simulate {sps:.0f}/s measured")
@@ -327,8 +325,7 @@ def main(argv=None):
     fig.suptitle(f"NLLS on v3.2 rank 13, SNR {args.snr:g}, start = {start_label}")
     fig.tight_layout()
     png = out.with_suffix(".png")
-    fig.savefig(png.with_suffix(".tmp.png"), dpi=110)
-    os.replace(png.with_suffix(".tmp.png"), png)
+    save_figure(fig, png, dpi=110)
     print(f"wrote {out} and {png}")
     return result
 

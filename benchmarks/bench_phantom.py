@@ -15,7 +15,6 @@ This is the full-default version of ``tests/test_invivo_phantom.py``.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from sklearn_crb.maps import fit_maps
 from sklearn_crb.phantom import TIED_TISSUES, make_phantom
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.viz import overview_png
+from _results import write_json
 
 SNR = 116.0
 TISSUES = ("WM", "GM", "CSF")
@@ -112,7 +112,7 @@ def run(n_samples=None, epochs=None, out=None, n_nlls=100, n_draws=5, shape=(48,
               "sequence": str(sequence or "built-in"), "n_nlls_per_tissue": n_nlls, "medians": med,
               "relative_to_nlls": rel, "contrast": contrast, "se_calibration": calib, "sigma_over_truth": sigma_ratio,
               "seconds": seconds, "table": table}
-    (out / "bench_phantom.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "bench_phantom.json", result)
     net_maps = {p: load("net", p) for p in ("m0s", "R1f", "R2f", "m0s_se")}
     net_maps["T1f"] = np.where(net_maps["R1f"] > 0, 1 / np.where(net_maps["R1f"] > 0, net_maps["R1f"], 1), 0)
     overview_png(out / "bench_phantom.png", net_maps, names=["m0s", "T1f", "R2f", "m0s_se"],

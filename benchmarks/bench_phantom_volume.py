@@ -39,6 +39,7 @@ from sklearn_crb.phantom import make_phantom
 from sklearn_crb.physics.parameters import INDEX
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.simulator import MTFingerprintSimulator
+from _results import save_figure, write_json
 
 V32 = "control_MT_v3p2_TR3p5ms_discretized.mat"
 NAMES = ("m0s", "R1f", "R2f")
@@ -129,7 +130,7 @@ def run(slice_shape=(48, 48), volume_shape=(48, 48, 3), snr=300.0, rank=13, comp
     results["load_average_at_end"] = list(os.getloadavg())
     out = Path(out or Path(__file__).resolve().parent / "results")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_phantom_volume.json").write_text(json.dumps(results, indent=1))
+    write_json(out / "bench_phantom_volume.json", results)
     _table(results)
     _figure(results, out / "bench_phantom_volume.png")
     return results
@@ -178,7 +179,7 @@ def _figure(results, path):
         ax.set_title(title)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ T1, the ``brain`` prior, informative draws as in the efficiency benchmark
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -51,6 +50,7 @@ from sklearn_crb.simulator import CRB_M0S_FLOOR, MTFingerprintSimulator
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_nlls import GivenStart, crb_covariance  # noqa: E402
+from _results import save_figure, write_json
 
 REPORT = ("m0s", "R1f", "R2f")
 
@@ -202,9 +202,7 @@ def main(argv=None):
               "parameters": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    write_json(out, result, indent=2)
     print(f"v3.2 rank 13, SNR {args.snr:g}, brain prior (tied), {n} theta x {m} noise draws, "
           f"{args.n_burn}+{args.n_keep} Metropolis steps per chain from the {args.start}; {seconds:.0f} s")
     print(f"{'parameter':<10}{'informative':>12}{'post. mean std/sqrtCRB':>24}{'bias/sqrtCRB':>14}"
@@ -233,8 +231,7 @@ def main(argv=None):
     ax.legend(fontsize=8)
     fig.tight_layout()
     png = out.with_suffix(".png")
-    fig.savefig(png.with_suffix(".tmp.png"), dpi=110)
-    os.replace(png.with_suffix(".tmp.png"), png)
+    save_figure(fig, png, dpi=110)
     print(f"wrote {out} and {png}")
     return result
 

@@ -15,7 +15,6 @@ the RMS of the standard-error maps (target: sigma within 20 %, ratio within
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from sklearn_crb.io.models import load_model
 from sklearn_crb.maps import fit_maps
 from sklearn_crb.phantom import make_phantom
 from sklearn_crb.physics.sequence import Sequence
+from _results import save_figure, write_json
 
 OUT = Path(__file__).resolve().parent / "results"
 SNR = 116.0
@@ -69,7 +69,7 @@ def main(argv=None):
            "sigma_median": float(np.median(sigmas)), "sigma_ratio": float(np.median(sigmas) * SNR), "rows": rows,
            "seconds": time.perf_counter() - t0, "load_average": os.getloadavg()}
     OUT.mkdir(exist_ok=True)
-    (OUT / "se_calibration.json").write_text(json.dumps(res, indent=1))
+    write_json(OUT / "se_calibration.json", res)
     print(f"sigma: estimated/true = {res['sigma_ratio']:.3f}")
     print(f"{'tissue':<6} {'param':<5} {'spread':>10} {'RMS se':>10} {'spread/se':>10} {'median':>9}")
     for r in rows:
@@ -86,7 +86,7 @@ def main(argv=None):
         ax.axhline(y, color="k", ls="--" if y != 1 else "-", lw=0.8)
     ax.set_ylabel("spread / RMS(se)")
     fig.tight_layout()
-    fig.savefig(OUT / "se_calibration.png", dpi=120)
+    save_figure(fig, OUT / "se_calibration.png", dpi=120)
 
 
 if __name__ == "__main__":

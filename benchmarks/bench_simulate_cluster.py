@@ -29,7 +29,6 @@ Writes ``benchmarks/results/simulate_cluster.json``, ``.png`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import threading
@@ -46,6 +45,7 @@ from sklearn_crb.io.h5 import H5Rows
 from sklearn_crb.physics.parameters import free_parameters
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.simulator import MTFingerprintSimulator
+from _results import save_figure, write_json, write_text
 
 V32 = "control_MT_v3p2_TR3p5ms_discretized.mat"
 KEYS = ("X", "y", "crb", "X_clean", "crb_unit", "theta", "M0")
@@ -177,8 +177,8 @@ def main():
     print(table)
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "simulate_cluster.json").write_text(json.dumps(res, indent=2, default=float))
-    (out_dir / "simulate_cluster.md").write_text(table + "\n")
+    write_json(out_dir / "simulate_cluster.json", res, indent=2, default=float)
+    write_text(out_dir / "simulate_cluster.md", table + "\n")
     try:  # matplotlib is optional: only the figure needs it
         import matplotlib
 
@@ -195,7 +195,7 @@ def main():
     ax.set_title(f"simulate {a.n_samples:,} samples to HDF5, 2 dask workers: memory stays flat")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "simulate_cluster.png", dpi=120)
+    save_figure(fig, out_dir / "simulate_cluster.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _results import save_figure, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 V32_NAME = "control_MT_v3p2_TR3p5ms_discretized.mat"
@@ -400,7 +401,7 @@ def plot(results, path):
     fig.suptitle(f"{results['sequence']['n_pulses']}-pulse sequence, {m['cpu']} ({m['cpus_available']} CPUs), "
                  f"numba {m['numba']}, torch {m['torch']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -491,7 +492,7 @@ def main(argv=None):
     results["loadavg_end"] = loadavg()
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_text(args.out, json.dumps(results, indent=2) + "\n")
     png = args.out.with_suffix(".png")
     plot(results, png)
 

@@ -12,7 +12,6 @@ Adam, no validation split, 1 torch thread (``--threads`` to change it). Writes
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from sklearn_crb.estimators._training import target_scaling
 from sklearn_crb.estimators.network import MLP
 from sklearn_crb.estimators.regressor import CRBNetRegressor
 from sklearn_crb.simulator import apply_m0_and_noise, crb_gain, draw_m0_and_noise
+from _results import save_figure, write_json
 
 N, EPOCHS, BATCH, HIDDEN, RANK = 16_000, 10, 1024, (256, 256, 128), 13
 SNR, SIGMA = (10.0, 100.0), 0.01
@@ -93,7 +93,7 @@ def main():
     out.mkdir(exist_ok=True)
     meta = {"n_samples": N, "epochs": EPOCHS, "batch_size": BATCH, "hidden": HIDDEN, "rank": RANK,
             "torch": torch.__version__, "rows": rows}
-    (out / "training_throughput.json").write_text(json.dumps(meta, indent=2))
+    write_json(out / "training_throughput.json", meta, indent=2)
     try:  # matplotlib is optional: only the figure needs it
         import matplotlib
 
@@ -110,7 +110,7 @@ def main():
     ax.set_ylabel(f"seconds for {EPOCHS} epochs x {N}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "training_throughput.png", dpi=120)
+    save_figure(fig, out / "training_throughput.png", dpi=120)
 
 
 if __name__ == "__main__":
