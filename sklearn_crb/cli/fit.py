@@ -88,7 +88,11 @@ def _fixed_specs(args):
 
 
 def _fixed_errors(args, fixed):
-    """``{name: sd}`` from --fixed-se NAME=VALUE (SI units), each of a parameter given as a map."""
+    """``{name: sd}`` in SI units from --fixed-se NAME=VALUE, each of a parameter given as a map.
+
+    VALUE is in the unit of its map: for --b0-map with ``--b0-unit Hz`` in Hz, converted to rad/s here.
+    """
+    factor = {name: f for name, _, _, f in _fixed_specs(args)}
     out = {}
     for item in args.fixed_se or ():
         name, sep, val = item.partition("=")
@@ -98,12 +102,12 @@ def _fixed_errors(args, fixed):
             sd = float("nan")
         if name not in INDEX or not np.isfinite(sd) or sd < 0:
             raise CLIError(f"--fixed-se {item!r}: expected NAME=VALUE, NAME one of {PARAMETERS} and VALUE a "
-                           f"standard deviation >= 0 in SI units (omega0 in rad/s)")
+                           f"standard deviation >= 0 in the unit of its map")
         if name not in fixed:
             raise CLIError(f"--fixed-se {name}: {name} has no map (--b1-map, --b0-map or --fixed {name}=FILE)")
         if name in out:
             raise CLIError(f"--fixed-se {name}: given twice")
-        out[name] = sd
+        out[name] = sd * factor.get(name, 1.0)
     return out
 
 
@@ -248,8 +252,9 @@ def add_parser(sub):
                    help=f"a per-voxel map of any parameter in SI units ({', '.join(PARAMETERS)}; omega0 in "
                         "rad/s); repeatable")
     g.add_argument("--fixed-se", action="append", metavar="NAME=VALUE",
-                   help="standard deviation of a fixed map's error (SI units, omega0 in rad/s), e.g. B1=0.03: the "
-                        "standard-error maps then include it (first order); repeatable. Default: maps are exact")
+                   help="standard deviation of a fixed map's error in the unit of that map (omega0 from --b0-map: "
+                        "--b0-unit), e.g. B1=0.03: the standard-error maps then include it (first order); "
+                        "repeatable. Default: maps are exact")
     p.add_argument("--times", action="store_true",
                    help="also write relaxation-time maps T1f (s), T2f (ms) (and T1s untied) with their standard errors")
     p.add_argument("--tied-R1", action="store_true", help="NLLS: R1s = R1f")
