@@ -258,3 +258,51 @@ def test_fit_se_crb_maps_are_the_crb_at_the_estimate(pipeline):
     se = np.stack([load(p + "_se", "crb").ravel()[vox] for p in PARAMETERS], 1)
     np.testing.assert_allclose(se, np.sqrt(crb), rtol=2e-4)  # maps are stored as float32
     assert not np.allclose(load("m0s_se", "delta").ravel()[vox], se[:, 0], rtol=1e-2)
+
+
+def test_fit_nlls_from_a_network_start_and_the_fast_schedules(pipeline, capsys, monkeypatch):
+    """--nlls-init starts NLLS from a saved network and --fast takes the measured fast schedules (from the
+    network, or cold from a dictionary start): the fitter gets exactly those options, the fits run end to end
+    and the summary records them; misuse is refused before any work. (The schedules' accuracy is tested in
+    test_nlls.py and measured in benchmarks/bench_nlls.py: on this 120-pulse phantom m0s is not identified.)"""
+    import sklearn_crb.cli.fit as cli_fit
+
+    d, ph = pipeline
+    base = ["fit", "--nlls", "--tied-R1", "--n-pulses", "120", "--basis", str(d / "model" / "basis.npy"),
+            "--coefficients", str(d / "coef.nii.gz"), "--quiet"]
+    runs = {"default": ([], {}),
+            "init": (["--nlls-init", str(d / "model")], {}),
+            "init_fast": (["--nlls-init", str(d / "model"), "--fast"],
+                          dict(lambda0=1e-3, se_tol=0.7, final_step=True)),
+            "cold_fast": (["--fast"], dict(start="dictionary", n_dictionary=8000, lambda0=1e-2, se_tol=0.05,
+                                           final_step=True))}
+    seen = []
+    real = cli_fit.NLLSFitter
+
+    def spy(*args, **kw):
+        seen.append(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cli_fit, "NLLSFitter", spy)
+    for name, (extra, expected) in runs.items():
+        assert main([*base, *extra, "--out", str(d / f"nlls_{name}")]) == 0, name
+        kw = seen[-1]
+        assert {k: kw[k] for k in expected} == expected, name
+        assert ("init" in kw) == ("init" in name) and ("lambda0" in kw) == ("fast" in name)
+        if "init" in name:  # the saved network, whose named outputs start the fit
+            assert tuple(kw["init"].target_names_) == tuple(PARAMETERS)
+        summary = json.loads((d / f"nlls_{name}" / "summary.json").read_text())
+        assert summary["nlls_init"] == (str(d / "model") if "init" in name else None)
+        assert summary["nlls_fast"] == ("fast" in name)
+        m0s = nib.load(d / f"nlls_{name}" / "m0s.nii.gz").get_fdata()[..., 0]
+        assert np.all(np.isfinite(m0s[ph.mask]))
+    for bad, msg in ((["--nlls-init", str(d / "model")], "--nlls"), (["--fast"], "--nlls")):
+        assert main(["fit", "--model", str(d / "model"), "--coefficients", str(d / "coef.nii.gz"), "--quiet",
+                     "--out", str(d / "never"), *bad]) == 2
+        assert msg in capsys.readouterr().err
+    U = np.load(d / "model" / "basis.npy")
+    np.save(d / "other_basis.npy", np.roll(U, 1, axis=1))
+    assert main(["fit", "--nlls", "--n-pulses", "120", "--basis", str(d / "other_basis.npy"), "--coefficients",
+                 str(d / "coef.nii.gz"), "--quiet", "--nlls-init", str(d / "model"), "--out", str(d / "never")]) == 2
+    assert "--nlls-init" in capsys.readouterr().err
+    assert not (d / "never").exists()

@@ -446,3 +446,25 @@ def test_final_step_takes_the_remaining_distance(short_sequence, warm_problem):
     np.testing.assert_allclose(final["crb"][extra == 1], crb[extra == 1], rtol=1e-6)
     # and nowhere off by much: without that Jacobian one m0s entry here was off 4x (measured 0.11 at most)
     assert np.abs(final["crb"] / crb - 1).max() < 0.25
+
+
+def test_init_start_values_names_times_and_generic_outputs():
+    """A network's target_names_ name its columns (times in s start their rates); generic names (y0, ...) fall
+    back to the fitter's estimate, by position; a column count that does not match is refused."""
+    from types import SimpleNamespace
+
+    from sklearn_crb.estimators._base import init_start_values
+
+    X = np.zeros((3, 4))
+    vals = np.array([[0.1, 1.25, 0.08]] * 3)
+    net = SimpleNamespace(target_names_=("m0s", "T1f", "T2f"), predict=lambda X: vals)
+    got = init_start_values(net, X, ("m0s", "R1f", "R2f"))
+    assert set(got) == {"m0s", "R1f", "R2f"}
+    np.testing.assert_allclose(got["R1f"], 0.8)
+    np.testing.assert_allclose(got["R2f"], 12.5)
+    generic = SimpleNamespace(target_names_=("y0", "y1", "y2"), predict=lambda X: vals)
+    np.testing.assert_allclose(init_start_values(generic, X, ("m0s", "R1f", "R2f"))["R1f"], 1.25)
+    with pytest.raises(ValueError, match="init.predict returned 3 columns"):
+        init_start_values(SimpleNamespace(estimate_=("m0s", "R1f"), predict=lambda X: vals), X, ("m0s",))
+    with pytest.raises(ValueError, match="not model parameters"):
+        init_start_values(SimpleNamespace(estimate_=("m0s", "R1f", "bogus"), predict=lambda X: vals), X, ())

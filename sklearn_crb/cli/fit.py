@@ -153,10 +153,32 @@ def _load_fixed(specs, img, fit_mask, estimate, tied_R1):
     return fixed, files
 
 
+def _nlls_schedule(args, seq, basis, rank):
+    """NLLSFitter options of --nlls-init and --fast (checked before any fit)."""
+    kw = {}
+    if args.nlls_init:
+        init = load_model(args.nlls_init, device="cpu")
+        try:
+            check_compatible(init, sequence=seq, basis=basis, rank=rank)
+        except ValueError as e:
+            raise CLIError(f"--nlls-init {args.nlls_init}: {e}") from None
+        if getattr(init, "measured_", ()):
+            raise CLIError(f"--nlls-init {args.nlls_init}: the network takes measured {list(init.measured_)} as "
+                           "inputs and cannot start NLLS; give a network without measured inputs")
+        kw["init"] = init
+        if args.fast:
+            kw.update(lambda0=1e-3, se_tol=0.7, final_step=True)
+    elif args.fast:
+        kw.update(start="dictionary", n_dictionary=8000, random_state=0, lambda0=1e-2, se_tol=0.05, final_step=True)
+    return kw
+
+
 def cmd_fit(args):
     # ---- all checks first
     if not args.model and not args.nlls:
         raise CLIError("give --model DIR (a saved network) or --nlls")
+    if (args.nlls_init or args.fast) and not args.nlls:
+        raise CLIError("--nlls-init and --fast set up an NLLS fit: give --nlls (and --model for a network fit alone)")
     out = Path(os.path.abspath(args.out))
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
@@ -195,7 +217,8 @@ def cmd_fit(args):
     else:
         estimator = NLLSFitter(seq, basis=basis, estimate=estimate, tied_R1=args.tied_R1,
                                device=args.device if args.device != "auto" else "cpu", n_jobs=args.n_jobs,
-                               progress=not args.quiet, chunk_size=args.chunk_size).fit()
+                               progress=not args.quiet, chunk_size=args.chunk_size,
+                               **_nlls_schedule(args, seq, basis, img.rank)).fit()
 
     # ---- work
     t0 = time.perf_counter()
@@ -214,6 +237,7 @@ def cmd_fit(args):
                "seconds": elapsed, "sigma": maps["sigma"], "units": maps["units"],
                "flag_counts": {int(k): int(v) for k, v in zip(*np.unique(arrays["flags"], return_counts=True))},
                "input": str(args.coefficients), "estimator": kind, "spatial_shape": list(img.spatial_shape),
+               **({"nlls_init": args.nlls_init, "nlls_fast": bool(args.fast)} if model is None else {}),
                "fixed_maps": fixed_files, "fixed_map_errors": fixed_se, "standard_error": args.se if model is not None else "crb",
                "files": [map_files[k] for k in arrays] + [png]}
     written = [map_files[k] for k in arrays] + [png, summary_name]
@@ -239,6 +263,15 @@ def add_parser(sub):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", help="saved network directory (from `sklearn-crb train`)")
     g.add_argument("--nlls", action="store_true", help="fit with NLLS instead of a network")
+    g = p.add_argument_group("NLLS start and schedule")
+    g.add_argument("--nlls-init", metavar="DIR",
+                   help="NLLS: start every voxel from a saved network's estimates (its sequence and basis must be "
+                        "the data's; a network with measured inputs cannot start it)")
+    g.add_argument("--fast", action="store_true",
+                   help="NLLS: the measured fast schedule (README, NLLS speed). With --nlls-init: lambda0=1e-3, "
+                        "se_tol=0.7 and the final Gauss-Newton step; else a dictionary start (8,000 prior atoms), "
+                        "lambda0=1e-2, se_tol=0.05 and the final step. Default: converge to 1e-2 standard errors "
+                        "from the default start")
     _add_sequence_args(p)
     p.add_argument("--mask", help="mask image (non-zero = fit); default: automatic")
     p.add_argument("--estimate", nargs="+", default=["m0s", "R1f", "R2f"], help="NLLS: parameters to report")

@@ -12,7 +12,8 @@
 * :data:`DEFAULT_BOUNDS`, :func:`r2sl_range`, :func:`fit_box`: the box of
   fitted parameters (``parameters.BOUNDS`` with the documented overrides,
   cut to the range the R2sl table of a sequence covers), and
-  :data:`DEFAULT_START`, :func:`start_values`: the starts of a fit;
+  :data:`DEFAULT_START`, :func:`start_values`: the starts of a fit, and
+  :func:`init_start_values`: the starts an ``init`` estimator predicts;
 * :data:`MODEL_PARAMETER_CONSTRAINTS`: the declared validation
   (``sklearn.utils._param_validation``) of the constructor arguments the
   estimators share.
@@ -28,7 +29,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import validate_data
 
 from sklearn_crb._validation import check_parameter_dict
-from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, validate_theta
+from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, TIMES, validate_theta
 from sklearn_crb.physics.priors import ParameterPrior
 from sklearn_crb.physics.r2sl.table import PHI_MAX, TAU_MAX, TAU_MIN
 from sklearn_crb.physics.sequence import Sequence
@@ -37,6 +38,7 @@ __all__ = [
     "DEFAULT_BOUNDS",
     "DEFAULT_START",
     "start_values",
+    "init_start_values",
     "fit_box",
     "r2sl_range",
     "MODEL_PARAMETER_CONSTRAINTS",
@@ -277,3 +279,27 @@ def start_values(start, fixed, tied_R1):
     if tied_R1:
         starts[:, INDEX["R1s"]] = starts[:, INDEX["R1f"]]
     return starts
+
+
+def init_start_values(init, X, default_names):
+    """``{parameter: (n,) values}`` (SI rates) that a fitted ``init`` estimator predicts for ``X``.
+
+    The columns of ``init.predict(X)`` are named by ``init.estimate_``, else by ``init.target_names_`` (a
+    network) where those are parameter names, else by ``default_names``. Relaxation-time targets (``T1f``,
+    ``T2f``, ... in s) are inverted to their rates; other names must be ``PARAMETERS``.
+    """
+    def known(names):
+        return all(q in INDEX or q in TIMES for q in names)
+
+    names = tuple(getattr(init, "estimate_", None) or ())
+    if not names:
+        targets = tuple(getattr(init, "target_names_", None) or ())
+        names = targets if targets and known(targets) else tuple(default_names)
+    pred = np.asarray(init.predict(X), dtype=float).reshape(np.shape(X)[0], -1)
+    if pred.shape[1] != len(names):
+        raise ValueError(f"init.predict returned {pred.shape[1]} columns but init names {names}")
+    if not known(names):
+        bad = [q for q in names if q not in INDEX and q not in TIMES]
+        raise ValueError(f"init names outputs {bad} that are not model parameters {PARAMETERS} or times {tuple(TIMES)}")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {TIMES.get(q, q): (1.0 / pred[:, k] if q in TIMES else pred[:, k]) for k, q in enumerate(names)}

@@ -32,7 +32,7 @@ from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
 from sklearn_crb.estimators import _lm
 from sklearn_crb.estimators._base import (DEFAULT_BOUNDS, DEFAULT_START, MODEL_PARAMETER_CONSTRAINTS, POSITIVE_INT,
                                           POSITIVE_REAL, as_complex_data, fit_box, model_estimator_tags, r2sl_range,
-                                          resolve_fixed, robust_norm, start_values, _IntInterval)
+                                          resolve_fixed, robust_norm, start_values, init_start_values, _IntInterval)
 from sklearn_crb.estimators._fixed_error import model_sensitivity
 from sklearn_crb.estimators.dictionary import DictionaryMatcher
 from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, SCALE, free_parameters, resolve_estimate, validate_theta
@@ -81,9 +81,10 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         match (built in ``fit`` from ``n_dictionary`` prior draws).
     init : estimator, optional
         A fitted estimator whose ``predict(X)`` seeds the fit (e.g. a
-        ``CRBNetRegressor``). Its outputs are taken to be the parameters named
-        by its ``estimate_`` attribute (or, failing that, ``estimate``); the
-        other parameters start from ``start``. Overrides ``start``.
+        ``CRBNetRegressor``). Its outputs are the parameters named by its
+        ``estimate_`` (else a network's ``target_names_``, else ``estimate``;
+        times such as T1f in s start their rates); the other parameters start
+        from ``start``. Overrides ``start``.
     prior : ParameterPrior, "parenchyma", "paper2022" or None
         Prior for the dictionary start (``None``: parenchyma, tied if
         ``tied_R1``).
@@ -288,13 +289,9 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         idx = [INDEX[q] for q in free]
         if self.init is not None:
             th = np.repeat(self.starts_[:1], n, axis=0)
-            pred = np.asarray(self.init.predict(X), dtype=float).reshape(n, -1)
-            names = tuple(getattr(self.init, "estimate_", self.estimate_))
-            if pred.shape[1] != len(names):
-                raise ValueError(f"init.predict returned {pred.shape[1]} columns but init names {names}")
-            for k, q in enumerate(names):
+            for q, v in init_start_values(self.init, X, self.estimate_).items():
                 if q in free:
-                    th[:, INDEX[q]] = np.where(np.isfinite(pred[:, k]), pred[:, k], th[:, INDEX[q]])
+                    th[:, INDEX[q]] = np.where(np.isfinite(v), v, th[:, INDEX[q]])
             th = th[:, None, :]
         elif self.dictionary_ is not None:
             det = self.dictionary_.predict_details(y, n_best=int(self.n_starts), compute_crb=False)
