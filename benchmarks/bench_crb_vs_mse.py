@@ -79,7 +79,12 @@ def parse_args(argv=None):
     p.add_argument("--estimate", nargs="+", default=list(EST),
                    help="targets the networks learn (default m0s R1f R2f; e.g. all free parameters of the tied "
                         "model: m0s R1f R2f Rex T2s omega0 B1); the report is on m0s, R1f, R2f")
-    p.add_argument("--jobs", type=int, default=1, help="train the CRB net and its MSE twin in parallel processes")
+    p.add_argument("--twin", choices=("mse", "bias_reduced"), default="mse",
+                   help="the loss of the CRB net's twin (default mse; bias_reduced: Mao et al.'s loss after "
+                        "--pretrain-epochs CRB-loss epochs)")
+    p.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="bias_reduced twin: CRB-loss epochs before the bias-reduced ones (default: all but 5 %%)")
+    p.add_argument("--jobs", type=int, default=1, help="train the CRB net and its twin in parallel processes")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--device", default=None, help="network device (default: the package default)")
     p.add_argument("--seed", type=int, default=0)
@@ -156,6 +161,9 @@ def train_net(sim, data, loss, args, log):
     kw = {"simulator": sim, "loss": loss, "random_state": args.seed}
     if args.epochs is not None:
         kw["max_epochs"] = args.epochs
+    if loss == "bias_reduced":
+        epochs = kw.get("max_epochs", CRBNetRegressor().max_epochs)
+        kw["pretrain_epochs"] = args.pretrain_epochs if args.pretrain_epochs is not None else int(0.95 * epochs)
     if args.device is not None:
         kw["device"] = args.device
     if "n_threads" in CRBNetRegressor().get_params(deep=False):
@@ -366,8 +374,9 @@ def main(argv=None):
     estimators, results = {}, {}
     from joblib import Parallel, delayed
 
-    trained = Parallel(n_jobs=args.jobs)(delayed(train_net)(sim, train, loss, args, print) for loss in ("crb", "mse"))
-    for loss, (net, meta) in zip(("crb", "mse"), trained):
+    losses = ("crb", args.twin)
+    trained = Parallel(n_jobs=args.jobs)(delayed(train_net)(sim, train, loss, args, print) for loss in losses)
+    for loss, (net, meta) in zip(losses, trained):
         estimators[f"{loss}-net"] = net
         results[f"{loss}-net"] = meta
     cols = [est.index(p) for p in EST]  # the report is on m0s, R1f, R2f whatever else the nets learn
