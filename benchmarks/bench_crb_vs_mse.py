@@ -81,6 +81,9 @@ def parse_args(argv=None):
                         "model: m0s R1f R2f Rex T2s omega0 B1); the report is on m0s, R1f, R2f")
     p.add_argument("--hidden", type=int, nargs="+", default=None,
                    help="hidden widths of both nets' MLP (default: the package default)")
+    p.add_argument("--train-flat", nargs="+", default=(), metavar="NAME",
+                   help="train on a prior whose NAME distributions are uniform on their support (e.g. T2s B1); "
+                        "the held-out draws and the strata keep --prior")
     p.add_argument("--twin", choices=("mse", "bias_reduced"), default="mse",
                    help="the loss of the CRB net's twin (default mse; bias_reduced: Mao et al.'s loss after "
                         "--pretrain-epochs CRB-loss epochs)")
@@ -365,7 +368,18 @@ def main(argv=None):
     p_mean, p_var = prior_moments(sim.prior_, EST, random_state=args.seed + 7)
     seconds = {}
     t = time.perf_counter()
-    train = cached_dataset(sim, args.n_train, args.seed, cache, f"train_{dtag}", log)
+    sim_train = sim
+    if args.train_flat:  # a flatter training prior: the named distributions uniform on their support
+        from sklearn_crb.physics.priors import ParameterPrior, Uniform
+
+        dists = dict(sim.prior_.distributions)
+        for name in args.train_flat:
+            dists[name] = Uniform(*dists[name].support)
+        flat = ParameterPrior(dists, tied_R1=True)
+        sim_train = MTFingerprintSimulator(seq, basis=basis, estimate=est, snr=tuple(args.train_snr), tied_R1=True,
+                                           prior=flat, random_state=args.seed).fit()
+    ftag = f"_flat-{'-'.join(args.train_flat)}" if args.train_flat else ""
+    train = cached_dataset(sim_train, args.n_train, args.seed, cache, f"train_{dtag}{ftag}", log)
     theta_ev = sim.prior_.sample(args.n_eval_theta, args.seed + 1000)
     ev = cached_dataset(sim, args.n_eval_theta, args.seed + 1000, cache, f"eval_{dtag}", log, theta=theta_ev)
     seconds["datasets"] = time.perf_counter() - t
@@ -379,7 +393,7 @@ def main(argv=None):
     from joblib import Parallel, delayed
 
     losses = ("crb", args.twin)
-    trained = Parallel(n_jobs=args.jobs)(delayed(train_net)(sim, train, loss, args, print) for loss in losses)
+    trained = Parallel(n_jobs=args.jobs)(delayed(train_net)(sim_train, train, loss, args, print) for loss in losses)
     for loss, (net, meta) in zip(losses, trained):
         estimators[f"{loss}-net"] = net
         results[f"{loss}-net"] = meta

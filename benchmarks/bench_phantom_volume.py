@@ -1,7 +1,7 @@
 """NLLS reference maps through the CLI on a whole phantom slice and a 3-slice volume, with a measured B1 map.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_phantom_volume.py [--slice 48 48] [--volume 48 48 3]
-        [--snr 300] [--rank 13] [--compare-free] [--out DIR]
+        [--snr 300] [--rank 13] [--compare-free] [--fast] [--out DIR]
 
 The tied-model brain phantom (``sklearn_crb.phantom``) simulated with the
 reference v3.2 sequence (``SKLEARN_CRB_DATA``, default ``../shared/data``)
@@ -90,11 +90,13 @@ def _recovery(ph, out, shape, b1_known):
     return res
 
 
-def _fit(work, seq_file, out, b1):
+def _fit(work, seq_file, out, b1, fast=False):
     argv = ["fit", "--nlls", "--tied-R1", "--sequence", seq_file, "--basis", work / "U.npy", "--coefficients",
             work / "coef.nii.gz", "--mask", work / "head.nii.gz", "--out", out, "--quiet", "--overwrite"]
     if b1:
         argv += ["--b1-map", work / "B1.nii.gz"]
+    if fast:
+        argv += ["--fast"]
     t0 = time.perf_counter()
     if main([str(a) for a in argv]) != 0:
         raise SystemExit("sklearn-crb fit failed")
@@ -107,12 +109,13 @@ def _fit(work, seq_file, out, b1):
             "fixed_maps": s["fixed_maps"]}
 
 
-def run(slice_shape=(48, 48), volume_shape=(48, 48, 3), snr=300.0, rank=13, compare_free=False, out=None, seed=0):
+def run(slice_shape=(48, 48), volume_shape=(48, 48, 3), snr=300.0, rank=13, compare_free=False, out=None, seed=0,
+        fast=False):
     seq_file = _data_file()
     seq = Sequence.from_mat(seq_file, TR=3.5e-3)
     sim = MTFingerprintSimulator(seq, n_components=rank, prior="brain", tied_R1=True, n_basis_samples=1000,
                                  random_state=seed).fit()
-    results = {"snr": snr, "rank": rank, "sequence": V32, "model": "tied (R1s = R1f)",
+    results = {"snr": snr, "rank": rank, "sequence": V32, "model": "tied (R1s = R1f)", "fast": bool(fast),
                "cpu_count": os.cpu_count(), "load_average_at_start": list(os.getloadavg()), "images": {}}
     for label, shape in (("slice", tuple(slice_shape)), ("volume", tuple(volume_shape))):
         ph = make_phantom(shape, seq, basis=sim, snr=snr, tied_R1=True, random_state=seed + 1)
@@ -121,7 +124,7 @@ def run(slice_shape=(48, 48), volume_shape=(48, 48, 3), snr=300.0, rank=13, comp
         entry = {"shape": list(shape), "nifti_shape": list(nifti_shape), "n_head_voxels": int(ph.mask.sum())}
         for mode in ("fixed_B1",) + (("free_B1",) if compare_free else ()):
             b1 = mode == "fixed_B1"
-            entry[mode] = _fit(work, seq_file, work / mode, b1)
+            entry[mode] = _fit(work, seq_file, work / mode, b1, fast)
             entry[mode]["recovery"] = _recovery(ph, work / mode, nifti_shape, b1)
             print(f"{label} {shape} {mode}: {entry[mode]['n_voxels']} voxels in {entry[mode]['fit_seconds']:.1f} s "
                   f"= {entry[mode]['voxels_per_s']:.1f} voxels/s", flush=True)
@@ -189,6 +192,7 @@ if __name__ == "__main__":
     ap.add_argument("--snr", type=float, default=300.0)
     ap.add_argument("--rank", type=int, default=13)
     ap.add_argument("--compare-free", action="store_true", help="also fit with B1 estimated (no --b1-map)")
+    ap.add_argument("--fast", action="store_true", help="fit with `sklearn-crb fit --fast` (the cold fast schedule)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    run(a.slice, a.volume, a.snr, a.rank, a.compare_free, a.out)
+    run(a.slice, a.volume, a.snr, a.rank, a.compare_free, a.out, fast=a.fast)
