@@ -84,9 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--train-flat", nargs="+", default=(), metavar="NAME",
                    help="train on a prior whose NAME distributions are uniform on their support (e.g. T2s B1); "
                         "the held-out draws and the strata keep --prior")
-    p.add_argument("--twin", choices=("mse", "bias_reduced"), default="mse",
+    p.add_argument("--twin", choices=("mse", "bias_reduced", "none"), default="mse",
                    help="the loss of the CRB net's twin (default mse; bias_reduced: Mao et al.'s loss after "
-                        "--pretrain-epochs CRB-loss epochs)")
+                        "--pretrain-epochs CRB-loss epochs; none: the CRB net alone)")
     p.add_argument("--pretrain-epochs", type=int, default=None,
                    help="bias_reduced twin: CRB-loss epochs before the bias-reduced ones (default: all but 5 %%)")
     p.add_argument("--jobs", type=int, default=1, help="train the CRB net and its twin in parallel processes")
@@ -392,7 +392,7 @@ def main(argv=None):
     estimators, results = {}, {}
     from joblib import Parallel, delayed
 
-    losses = ("crb", args.twin)
+    losses = ("crb",) if args.twin == "none" else ("crb", args.twin)
     trained = Parallel(n_jobs=args.jobs)(delayed(train_net)(sim_train, train, loss, args, print) for loss in losses)
     for loss, (net, meta) in zip(losses, trained):
         estimators[f"{loss}-net"] = net
