@@ -79,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--estimate", nargs="+", default=list(EST),
                    help="targets the networks learn (default m0s R1f R2f; e.g. all free parameters of the tied "
                         "model: m0s R1f R2f Rex T2s omega0 B1); the report is on m0s, R1f, R2f")
+    p.add_argument("--crb-at", choices=("auto", "truth", "estimate"), default=None,
+                   help="the CRB net's crb_at (default: the package default)")
     p.add_argument("--hidden", type=int, nargs="+", default=None,
                    help="hidden widths of both nets' MLP (default: the package default)")
     p.add_argument("--train-flat", nargs="+", default=(), metavar="NAME",
@@ -168,6 +170,8 @@ def train_net(sim, data, loss, args, log):
         kw["max_epochs"] = args.epochs
     if args.hidden:
         kw["module__hidden"] = tuple(args.hidden)
+    if args.crb_at is not None and loss == "crb":
+        kw["crb_at"] = args.crb_at
     if loss == "bias_reduced":
         epochs = kw.get("max_epochs", CRBNetRegressor().max_epochs)
         kw["pretrain_epochs"] = args.pretrain_epochs if args.pretrain_epochs is not None else int(0.95 * epochs)
