@@ -377,6 +377,9 @@ def main(argv=None):
         from sklearn_crb.physics.priors import ParameterPrior, Uniform
 
         dists = dict(sim.prior_.distributions)
+        bad = [name for name in args.train_flat if name not in dists or name == "R1s"]
+        if bad:
+            raise SystemExit(f"--train-flat {bad}: not a drawn parameter of the tied prior {sorted(set(dists) - {'R1s'})}")
         for name in args.train_flat:
             dists[name] = Uniform(*dists[name].support)
         flat = ParameterPrior(dists, tied_R1=True)

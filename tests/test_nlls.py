@@ -419,10 +419,10 @@ def test_schedule_options_validated(short_sequence, kw, match):
 
 
 def test_final_step_takes_the_remaining_distance(short_sequence, warm_problem):
-    """With a loose statistical stop, the final Gauss-Newton step (one simulation, no Jacobian) brings the
-    estimates closer to the fully converged optimum at the same number of Jacobians, never raises the cost,
-    and leaves the CRB of the median voxel within a few per cent of the one at the returned point (exactly
-    it where the step is longer than se_tol standard errors, for one more Jacobian)."""
+    """With a loose statistical stop, the final Gauss-Newton step (one simulation) brings the estimates
+    closer to the fully converged optimum, never raises the cost, and costs one more Jacobian only where it
+    moved a parameter beyond se_tol standard errors: there the CRB is the returned point's own, elsewhere
+    the stop point's, within a few per cent in the median voxel."""
     s, theta, kw, full = warm_problem
     names = kw["estimate"]
     rng = np.random.default_rng(12)
@@ -433,14 +433,13 @@ def test_final_step_takes_the_remaining_distance(short_sequence, warm_problem):
     assert final["converged"].all()
     # one more Jacobian exactly where the final step moved a parameter beyond se_tol standard errors
     extra = final["n_jacobian"] - plain["n_jacobian"]
-    assert set(np.unique(extra)) <= {0, 1} and extra.sum() <= len(extra) // 2, extra
+    assert set(np.unique(extra)) <= {0, 1} and 1 <= extra.sum() <= len(extra) // 2, extra
     dev = {f: np.abs(d["prediction"] - full["prediction"]) / full["std_error"] for f, d in fits.items()}
     assert np.median(dev[True]) < 0.85 * np.median(dev[False]), dev
     assert np.all(final["residual_norm"] <= plain["residual_norm"] * (1 + 1e-12))
     crb = cramer_rao_bound(short_sequence, final["theta"], estimate=names, nuisance=None, M0=final["M0"],
                            sigma=final["sigma"])
-    # the CRB is the stop point's: close to the returned point's in the median voxel (on this short,
-    # weakly identified 120-pulse problem a few voxels differ by more: the README says so)
+    # elsewhere the CRB is the stop point's: close to the returned point's in the median voxel
     assert np.median(np.abs(final["crb"] / crb - 1)) < 0.05
     # where the step went farther, the CRB is the returned point's own
     np.testing.assert_allclose(final["crb"][extra == 1], crb[extra == 1], rtol=1e-6)
