@@ -83,6 +83,8 @@ def parse_args(argv=None):
                    help="the CRB net's crb_at (default: the package default)")
     p.add_argument("--hidden", type=int, nargs="+", default=None,
                    help="hidden widths of both nets' MLP (default: the package default)")
+    p.add_argument("--standardize", action="store_true",
+                   help="both nets' MLP standardises its normalised inputs (MLP(standardize=True))")
     p.add_argument("--train-flat", nargs="+", default=(), metavar="NAME",
                    help="train on a prior whose NAME distributions are uniform on their support (e.g. T2s B1); "
                         "the held-out draws and the strata keep --prior")
@@ -170,6 +172,8 @@ def train_net(sim, data, loss, args, log):
         kw["max_epochs"] = args.epochs
     if args.hidden:
         kw["module__hidden"] = tuple(args.hidden)
+    if args.standardize:
+        kw["module__standardize"] = True
     if args.crb_at is not None and loss == "crb":
         kw["crb_at"] = args.crb_at
     if loss == "bias_reduced":

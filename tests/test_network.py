@@ -104,6 +104,40 @@ def test_phase_l2_removes_complex_m0_and_is_bounded():
     assert torch.all(a[:, 0] > 0) and torch.allclose(a[:, 5], torch.zeros(6, dtype=torch.float64))
 
 
+def test_input_standardisation_takes_the_first_training_batch_and_then_holds():
+    rng = np.random.default_rng(2)
+    c = (rng.standard_normal((64, 5)) + 1j * rng.standard_normal((64, 5))) * np.array([10, 1, 0.3, 0.05, 0.01])
+    X = torch.as_tensor(np.hstack([c.real, c.imag]))
+    norm = InputNormalization("phase-l2", n_standardized=10).double()
+    ref = InputNormalization("phase-l2")(X)
+    assert torch.equal(norm.eval()(X), ref)  # before any training batch: the identity
+    z = norm.train()(X)
+    keep = torch.ones(10, dtype=torch.bool)
+    keep[5] = False  # Im of the rotated first coefficient is 0: no spread, scale stays 1, loc 0
+    assert torch.allclose(z[:, keep].mean(0), torch.zeros(9, dtype=z.dtype), atol=1e-10)
+    assert torch.allclose(z[:, keep].std(0, unbiased=False), torch.ones(9, dtype=z.dtype))
+    assert torch.allclose(z[:, 5], torch.zeros(64, dtype=z.dtype)) and float(norm.feat_scale[5]) == 1.0
+    assert torch.allclose(norm.feat_scale[keep], ref[:, keep].std(0, unbiased=False))
+    loc, scale = norm.feat_loc.clone(), norm.feat_scale.clone()
+    norm(3.0 * X[:7] + 1.0)  # a later training batch does not move them
+    assert torch.equal(norm.feat_loc, loc) and torch.equal(norm.feat_scale, scale)
+    assert torch.allclose(norm.eval()(X[:5]), z[:5])
+    with pytest.raises(ValueError, match="coefficient features"):
+        norm(X[:, :8])
+    with pytest.raises(ValueError, match="n_standardized"):
+        InputNormalization("phase-l2", n_standardized=-1)
+
+
+def test_mlp_standardize_flag_sizes_the_buffers_and_skips_measured_columns():
+    assert MLP(12, 2).normalize.n_standardized == 0  # off by default
+    m = MLP(12, 2, hidden=(8,), n_conditioning=2, standardize=True)
+    assert m.normalize.n_standardized == 10 and m.normalize.feat_loc.shape == (10,)
+    m(torch.randn(16, 12))  # training mode: the first batch sets them; the measured columns are not standardised
+    assert bool(m.normalize.feat_ready)
+    off = MLP(12, 2, hidden=(8,))
+    assert not any("feat_" in k for k in off.state_dict())
+
+
 def test_private_generator_init_is_reproducible_and_ignores_the_global_rng():
     from sklearn_crb.estimators.network import reset_parameters_with
 

@@ -280,3 +280,21 @@ def test_short_fit_on_all_seven_tied_targets_predicts_finite_values(tied7):
     tol = 1e-5 * np.maximum(np.abs(net.target_low_), np.abs(net.target_high_))  # float32 network
     assert np.all(pred >= net.target_low_ - tol) and np.all(pred <= net.target_high_ + tol)
     assert net.target_log_.tolist() == [False, True, True, False, False, False, False]
+
+
+def test_input_standardisation_comes_from_the_first_training_batch_and_survives_refit():
+    """MLP(standardize=True) inside the regressor: the statistics are those of the first (shuffled, packed)
+    batch's normalised features, are fixed through the rest of training, and a new fit takes new ones."""
+    X, y, crb = toy(300)
+    X = X * np.r_[np.full(6, 5.0), np.full(6, 0.01)]  # features of very different scales
+    net = small_net(module=MLP, module__normalization=None, module__standardize=True, max_epochs=3,
+                    batch_size=300, lr_schedule=None)
+    net.fit(X, y, crb=crb)
+    norm = net.module_.module.normalize
+    assert bool(norm.feat_ready)
+    # one batch of all rows (the shuffled order changes neither mean nor std)
+    np.testing.assert_allclose(norm.feat_loc.numpy(), X.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(norm.feat_scale.numpy(), X.std(0), rtol=1e-4)
+    first = norm.feat_scale.clone()
+    net.fit(2.0 * X, y, crb=crb)  # fit re-initialises the module: the scales follow the new data
+    np.testing.assert_allclose(net.module_.module.normalize.feat_scale.numpy(), 2.0 * first.numpy(), rtol=1e-4)

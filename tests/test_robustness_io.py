@@ -32,6 +32,18 @@ def model_dir(trained, tmp_path):
     return save_model(net, tmp_path / "model", simulator=sim)
 
 
+@pytest.fixture(scope="module")
+def trained_std(short_sequence):
+    """A net with the input standardisation (format 4 on)."""
+    return train_small_model(short_sequence, module__standardize=True)
+
+
+@pytest.fixture
+def std_dir(trained_std, tmp_path):
+    sim, net, _ = trained_std
+    return save_model(net, tmp_path / "std", simulator=sim)
+
+
 def _edit(path, fn):
     meta = json.loads((path / "model.json").read_text())
     meta = fn(meta)
@@ -74,6 +86,7 @@ def test_models_of_format_1_still_load(trained, model_dir, legacy):
 
     def v1(m):
         m.pop("params_sha256")
+        m["module_kwargs"].pop("standardize")  # format 1 knew no such argument
         return dict(m, format_version=1, module_class=legacy)
 
     _edit(model_dir, v1)
@@ -81,15 +94,55 @@ def test_models_of_format_1_still_load(trained, model_dir, legacy):
 
 
 def test_saved_model_records_every_constructor_argument(trained, model_dir):
-    """Format 3: module_kwargs are complete, so a later change of a default cannot change the loaded net."""
+    """Format 3 on: module_kwargs are complete, so a later change of a default cannot change the loaded net."""
     import inspect
 
     sim, net, X = trained
     meta = json.loads((model_dir / "model.json").read_text())
-    assert meta["format_version"] == 3
+    assert meta["format_version"] == 4
     want = {k for k, p in inspect.signature(net.module).parameters.items()} - {"n_features", "n_outputs"}
     assert set(meta["module_kwargs"]) == want
     assert meta["module_kwargs"]["hidden"] == [16, 8]
+    assert meta["module_kwargs"]["standardize"] is False
+
+
+def test_format_3_models_load_without_the_input_standardisation(trained, model_dir, std_dir):
+    """A version-3 model.json has no 'standardize' key: it means False (the nets of that time). Such a
+    plain net loads and predicts as saved; a standardised net relabelled as version 3 is refused by name."""
+    def v3(m):
+        m["module_kwargs"].pop("standardize")
+        return dict(m, format_version=3)
+
+    _edit(model_dir, v3)
+    loaded = load_model(model_dir, device="cpu")
+    assert loaded.module_.module.normalize.n_standardized == 0
+    X = trained[2][:10]
+    np.testing.assert_array_equal(loaded.predict(X), trained[1].predict(X))
+    _edit(std_dir, v3)
+    with pytest.raises(ValueError, match="does not fit the network.*feat_"):
+        load_model(std_dir, device="cpu")
+
+
+def test_a_standardised_model_round_trips_its_statistics(trained_std, std_dir):
+    sim, net, X = trained_std
+    loaded = load_model(std_dir, device="cpu")
+    a, b = net.module_.module.normalize, loaded.module_.module.normalize
+    assert bool(b.feat_ready) and torch.equal(a.feat_loc, b.feat_loc) and torch.equal(a.feat_scale, b.feat_scale)
+    np.testing.assert_array_equal(loaded.predict(X[:10]), net.predict(X[:10]))
+
+
+@pytest.mark.parametrize("bad", ["zero", "dtype"])
+def test_input_standardisation_buffers_are_checked(std_dir, bad):
+    model_dir = std_dir
+    state = torch.load(model_dir / "params.pt", weights_only=True)
+    if bad == "zero":
+        state["module.normalize.feat_scale"] = torch.zeros_like(state["module.normalize.feat_scale"])
+    else:
+        state["module.normalize.feat_ready"] = torch.ones((), dtype=torch.float32)
+    torch.save(state, model_dir / "params.pt")
+    _edit(model_dir, lambda m: dict(m, params_sha256=file_sha256(model_dir / "params.pt")))
+    with pytest.raises(ValueError, match="feat_scale' must be positive|feat_ready' must be a boolean"):
+        load_model(model_dir, device="cpu")
 
 
 def test_format_2_models_omitting_keys_get_the_defaults_of_that_time(trained, model_dir):

@@ -30,7 +30,7 @@ _LEGACY_NAMES = {f"{mod}:{cls}": cls for mod in ("sklearn_crb.network", "sklearn
 #: JSON type of every constructor argument (checked against the signatures in the tests).
 SCHEMAS = {
     "MLP": {"n_features": "size", "n_outputs": "size", "hidden": "widths", "normalization": "str|null",
-            "batch_norm": "bool", "activation": "str", "n_conditioning": "count"},
+            "batch_norm": "bool", "activation": "str", "n_conditioning": "count", "standardize": "bool"},
     "ResidualMLP": {"n_features": "size", "n_outputs": "size", "hidden": "widths|null", "skips": "skips",
                     "normalization": "str|null", "batch_norm": "bool", "n_conditioning": "count"},
 }
@@ -128,6 +128,8 @@ def parse_module_kwargs(file, name, kwargs, version):
     checked = {k: _check_kwarg(file, k, schema[k], v) for k, v in kwargs.items()}
     if version <= 2:
         checked = {**_V2_DEFAULTS.get(name, {}), **checked}
+    if version <= 3 and name == "MLP":  # the input standardisation came with format version 4
+        checked.setdefault("standardize", False)
     return name, checked
 
 
@@ -164,9 +166,13 @@ def check_state_values(state, params):
         ok = ~torch.isnan(v) if k in BOUND_KEYS else torch.isfinite(v)
         if not bool(torch.all(ok)):
             raise ValueError(f"model: {params} holds non-finite values in {k!r}")
-    scale = state.get("module.normalize.cond_scale")  # the measured inputs' standardisation divides by it
-    if scale is not None and not bool(torch.all(scale > 0)):
-        raise ValueError(f"model: {params}: 'module.normalize.cond_scale' must be positive")
+    for key in ("module.normalize.cond_scale", "module.normalize.feat_scale"):  # the standardisations divide by it
+        scale = state.get(key)
+        if scale is not None and not bool(torch.all(scale > 0)):
+            raise ValueError(f"model: {params}: {key!r} must be positive")
+    ready = state.get("module.normalize.feat_ready")
+    if ready is not None and ready.dtype != torch.bool:
+        raise ValueError(f"model: {params}: 'module.normalize.feat_ready' must be a boolean tensor, got {ready.dtype}")
     if all(k in state for k in BOUND_KEYS) and not bool(torch.all(state["low"] < state["high"])):
         raise ValueError(f"model: {params}: the output bounds must satisfy low < high")
     if LOG_KEY in state:

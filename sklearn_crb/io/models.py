@@ -57,7 +57,7 @@ FORMAT = "sklearn-crb-network"
 #: 3: ``module_kwargs`` records every constructor argument, so a later change of
 #: a network's defaults cannot change what a saved model loads as. ``output_head`` (the per-output head kind,
 #: checked against the ``log_head``/``low``/``high`` buffers of ``params.pt``) is optional: older files lack it.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: The files of a model folder; a folder holding anything else is never replaced.
 MODEL_FILES = ("params.pt", "model.json", "basis.npy")
 
