@@ -138,6 +138,20 @@ def test_mlp_standardize_flag_sizes_the_buffers_and_skips_measured_columns():
     assert not any("feat_" in k for k in off.state_dict())
 
 
+def test_modules_pickled_before_the_standardisation_still_run():
+    """A pickle of an older release has no ``n_standardized``/``standardize`` attributes: the class defaults
+    (off) apply, and the output is the plain normalisation's."""
+    import pickle
+
+    m = MLP(6, 2, hidden=(4,))
+    x = torch.randn(5, 6)
+    want = m(x)
+    del m.normalize.__dict__["n_standardized"], m.__dict__["standardize"]
+    old = pickle.loads(pickle.dumps(m))
+    assert old.normalize.n_standardized == 0 and old.standardize is False
+    assert torch.equal(old(x), want)
+
+
 def test_private_generator_init_is_reproducible_and_ignores_the_global_rng():
     from sklearn_crb.estimators.network import reset_parameters_with
 

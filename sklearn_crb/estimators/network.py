@@ -78,6 +78,9 @@ class InputNormalization(nn.Module):
     before prediction.
     """
 
+    #: class-level default: modules pickled before the input standardisation existed lack the attribute
+    n_standardized = 0
+
     def __init__(self, mode="l2", n_conditioning=0, n_standardized=0):
         super().__init__()
         if mode not in _NORMALIZATIONS:
@@ -291,6 +294,8 @@ class MLP(nn.Module):
         and generalises no better (with 12,000 draws, m0s's held-out nMSE
         rises from 4.5 to 11.9 between 300 and 1,200 epochs).
     """
+
+    standardize = False  # class-level default for nets pickled before the option existed
 
     def __init__(self, n_features=26, n_outputs=3, hidden=(256, 256, 256), normalization="phase-l2",
                  batch_norm=False, activation="silu", n_conditioning=0, standardize=False):
