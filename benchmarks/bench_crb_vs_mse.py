@@ -83,6 +83,8 @@ def parse_args(argv=None):
                    help="the CRB net's crb_at (default: the package default)")
     p.add_argument("--hidden", type=int, nargs="+", default=None,
                    help="hidden widths of both nets' MLP (default: the package default)")
+    p.add_argument("--save-nets", default=None, metavar="DIR",
+                   help="also save the trained nets as model folders DIR/<loss>-net (for bench_data_following.py)")
     p.add_argument("--standardize", action="store_true",
                    help="both nets' MLP standardises its normalised inputs (MLP(standardize=True))")
     p.add_argument("--train-flat", nargs="+", default=(), metavar="NAME",
@@ -410,6 +412,11 @@ def main(argv=None):
         results[f"{loss}-net"] = meta
     cols = [est.index(p) for p in EST]  # the report is on m0s, R1f, R2f whatever else the nets learn
     rows["y"], rows["crb"] = rows["y"][:, cols], rows["crb"][:, cols]
+    if args.save_nets:
+        from sklearn_crb.io.models import save_model
+
+        for name, net in estimators.items():
+            log(f"saved {save_model(net, Path(args.save_nets) / name, simulator=sim_train)}")
     preds = {}
     for name, net in estimators.items():
         pred, sec = timed_predict(net, rows["X"])
