@@ -5,6 +5,7 @@ import os
 
 import nibabel as nib
 import numpy as np
+import torch
 import pytest
 
 from sklearn_crb.cli import main
@@ -163,6 +164,21 @@ def test_train_options_not_given_are_the_estimators_defaults(pipeline):
     assert paper.module is not net["module"]  # --paper is another network
     over = make_network("crb", None, epochs=3, hidden=[8], lr=0.5, progress=False)
     assert (over.max_epochs, over.lr, over.get_params()["module__hidden"]) == (3, 0.5, (8,))
+
+
+def test_train_standardize_inputs_is_saved_and_refused_with_paper(pipeline):
+    d, _ = pipeline
+    assert main(["train", "--data", str(d / "train.h5"), "--out", str(d / "model_std"), "--epochs", "2",
+                 "--hidden", "16", "--device", "cpu", "--quiet", "--standardize-inputs"]) == 0
+    meta = json.loads((d / "model_std" / "model.json").read_text())
+    assert meta["module_kwargs"]["standardize"] is True
+    from sklearn_crb.io.models import load_model
+
+    norm = load_model(d / "model_std", device="cpu").module_.module.normalize
+    assert bool(norm.feat_ready) and float(norm.feat_scale.min()) > 0 and not torch.all(norm.feat_scale == 1)
+    assert main(["train", "--data", str(d / "train.h5"), "--out", str(d / "never_std"), "--paper",
+                 "--standardize-inputs", "--quiet"]) == 2
+    assert not (d / "never_std").exists()
 
 
 def test_fit_times_writes_relaxation_time_maps(pipeline):

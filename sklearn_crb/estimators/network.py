@@ -282,17 +282,12 @@ class MLP(nn.Module):
     standardize : bool, default False
         Standardise the normalised coefficient features per feature, from the
         first training batch (``InputNormalization(n_standardized=...)``).
-        It speeds up training, but has not (yet) given a better converged
-        network. Measured on v3.2, rank 13, tied, all 7 free parameters,
-        48,000 draws, SNR 10-100, one thread: the final training loss is
-        0.74 against 1.25 without it after 150 epochs, 0.66 against 0.92
-        after 300 and 0.68 against 0.84 after 600. On held-out informative
-        draws at SNR 100 the nMSE of m0s / R1f / R2f is 1.44 / 0.85 / 0.87
-        against 1.98 / 1.14 / 1.01 after 300 epochs, but 1.12 / 0.92 / 1.11
-        against 1.11 / 0.87 / 0.78 after 600 (``bench_crb_vs_mse.py``): the
-        better-conditioned net fits the 48,000 training draws more closely
-        and generalises no better (with 12,000 draws, m0s's held-out nMSE
-        rises from 4.5 to 11.9 between 300 and 1,200 epochs).
+        It speeds training up (v3.2, rank 13, tied, 7 outputs, 48,000 draws:
+        final training loss 0.74 against 1.25 after 150 epochs) but, after
+        the default 600 epochs on 48,000 draws, the net fits those draws more
+        closely and generalises no better. With 96,000 draws and 150 epochs
+        it was the best recipe measured (README, efficiency benchmark); not
+        yet the default.
     """
 
     standardize = False  # class-level default for nets pickled before the option existed
