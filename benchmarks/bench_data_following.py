@@ -33,7 +33,6 @@ prior is ``--prior`` (the one the net was trained on). Outputs
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -142,7 +141,7 @@ def main(argv=None):
              "| | " + " | ".join(est) + " |", "|---|" + "---|" * len(est)]
     lines += [f"| beta* ± bootstrap SE, {k} | " + " | ".join(f"{v:+.2f} ± {e:.2f}" for v, e in zip(
         vals, res["beta_star_se"][k])) + " |" for k, vals in res["beta_star"].items()]
-    lines += [f"| n informative | " + " | ".join(str(v) for v in res["n_informative"]) + " |", ""]
+    lines += ["| n informative | " + " | ".join(str(v) for v in res["n_informative"]) + " |", ""]
     lines += ["CRB-normalised MSE of theta_net + beta * step:", "", "| draws | beta | " + " | ".join(est) + " |",
               "|---|---|" + "---|" * len(est)]
     for lab, rows in res["nmse"].items():
