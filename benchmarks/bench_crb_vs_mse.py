@@ -43,7 +43,7 @@ the machine is shared, and 2 threads on 2 loaded cores degrade badly).
 Usage::
 
     python benchmarks/bench_crb_vs_mse.py --quick
-    python benchmarks/bench_crb_vs_mse.py --n-train 48000
+    python benchmarks/bench_crb_vs_mse.py --estimate m0s R1f R2f Rex T2s omega0 B1 --train-snr 10 100 --jobs 2
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ STRATA = ("informative", "prior-dominated", "all")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--n-train", type=int, default=48000, help="training parameter draws (default 48000)")
+    p.add_argument("--n-train", type=int, default=96000, help="training parameter draws (default 96000, the recipe's)")
     p.add_argument("--epochs", type=int, default=None, help="override max_epochs (default: the package default)")
     p.add_argument("--train-snr", type=float, nargs=2, default=(10.0, 100.0), help="training |M0|/sigma range")
     p.add_argument("--eval-snr", type=float, nargs="+", default=(30.0, 100.0, 300.0))
@@ -85,8 +85,9 @@ def parse_args(argv=None):
                    help="hidden widths of both nets' MLP (default: the package default)")
     p.add_argument("--save-nets", default=None, metavar="DIR",
                    help="also save the trained nets as model folders DIR/<loss>-net (for bench_data_following.py)")
-    p.add_argument("--standardize", action="store_true",
-                   help="both nets' MLP standardises its normalised inputs (MLP(standardize=True))")
+    p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
+                   help="whether both nets' MLP standardises its normalised inputs (MLP(standardize=...); "
+                        "default: the package default, on)")
     p.add_argument("--train-flat", nargs="+", default=(), metavar="NAME",
                    help="train on a prior whose NAME distributions are uniform on their support (e.g. T2s B1); "
                         "the held-out draws and the strata keep --prior")
@@ -174,8 +175,8 @@ def train_net(sim, data, loss, args, log):
         kw["max_epochs"] = args.epochs
     if args.hidden:
         kw["module__hidden"] = tuple(args.hidden)
-    if args.standardize:
-        kw["module__standardize"] = True
+    if args.standardize is not None:
+        kw["module__standardize"] = args.standardize
     if args.crb_at is not None and loss == "crb":
         kw["crb_at"] = args.crb_at
     if loss == "bias_reduced":

@@ -50,7 +50,7 @@ def _medians(ph, m0s, R1f, ok):
 
 
 def run(n_samples=None, epochs=None, out=None, n_nlls=100, n_draws=5, shape=(48, 48), sequence=None,
-        standardize_inputs=False):
+        standardize_inputs=None):
     work = Path(tempfile.mkdtemp(prefix="bench_phantom_"))
     seconds = {}
     seq_args = ["--sequence", sequence] if sequence else []
@@ -59,7 +59,8 @@ def run(n_samples=None, epochs=None, out=None, n_nlls=100, n_draws=5, shape=(48,
     seconds["simulate"] = _cli(*sim_args)
     seconds["train"] = _cli("train", "--data", work / "train.npz", "--out", work / "model",
                             *(["--epochs", epochs] if epochs else []),
-                            *(["--standardize-inputs"] if standardize_inputs else []))
+                            *([] if standardize_inputs is None else
+                              ["--standardize-inputs" if standardize_inputs else "--no-standardize-inputs"]))
     U = load_dataset(work / "train.npz")["basis"]
     np.save(work / "U.npy", U)
     seq = Sequence.from_mat(sequence, TR=3.5e-3) if sequence else Sequence.default()
@@ -131,6 +132,7 @@ if __name__ == "__main__":
                                                      "in-vivo data are v3.2: $SKLEARN_CRB_DATA/control_MT_v3p2_TR3p5ms_discretized.mat")
     ap.add_argument("--n-nlls", type=int, default=100, help="NLLS voxels per tissue (the median's noise: GM m0s "
                                                              "scatters 0.05 per voxel at this SNR)")
-    ap.add_argument("--standardize-inputs", action="store_true", help="train --standardize-inputs")
+    ap.add_argument("--standardize-inputs", action=argparse.BooleanOptionalAction, default=None,
+                    help="train --[no-]standardize-inputs (default: the CLI's, on)")
     a = ap.parse_args()
     run(a.n_samples, a.epochs, a.out, n_nlls=a.n_nlls, sequence=a.sequence, standardize_inputs=a.standardize_inputs)

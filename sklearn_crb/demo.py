@@ -82,10 +82,10 @@ def make_network(loss, simulator, *, paper=False, device="auto", seed=0, progres
     return net.set_params(callbacks=callbacks)
 
 
-#: Sizes of the demo (full: the default recipe's 48,000 draws x 600 epochs, about 15 minutes on a 2-core
+#: Sizes of the demo (full: the default recipe's 96,000 draws x 150 epochs, about 15 minutes on a 2-core
 #: CPU with the two networks trained side by side; quick: CI, a much smaller budget).
 DEMO_SIZES = {
-    False: {"n_train": 48000, "epochs": 600, "shape": (48, 48), "n_nlls": 60, "n_basis": 500},
+    False: {"n_train": 96000, "epochs": 150, "shape": (48, 48), "n_nlls": 60, "n_basis": 500},
     True: {"n_train": 1500, "epochs": 30, "shape": (32, 32), "n_nlls": 18, "n_basis": 300},
 }
 DEMO_SNR = 116.0  # phantom: 1/sigma; WM voxels have |M0|/sigma = 0.69 * 116 = 80 (in vivo)

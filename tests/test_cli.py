@@ -166,19 +166,25 @@ def test_train_options_not_given_are_the_estimators_defaults(pipeline):
     assert (over.max_epochs, over.lr, over.get_params()["module__hidden"]) == (3, 0.5, (8,))
 
 
-def test_train_standardize_inputs_is_saved_and_refused_with_paper(pipeline):
+def test_train_standardize_inputs_is_on_by_default_saved_and_refused_with_paper(pipeline):
     d, _ = pipeline
-    assert main(["train", "--data", str(d / "train.h5"), "--out", str(d / "model_std"), "--epochs", "2",
-                 "--hidden", "16", "--device", "cpu", "--quiet", "--standardize-inputs"]) == 0
-    meta = json.loads((d / "model_std" / "model.json").read_text())
-    assert meta["module_kwargs"]["standardize"] is True
     from sklearn_crb.io.models import load_model
 
-    norm = load_model(d / "model_std", device="cpu").module_.module.normalize
-    assert bool(norm.feat_ready) and float(norm.feat_scale.min()) > 0 and not torch.all(norm.feat_scale == 1)
-    assert main(["train", "--data", str(d / "train.h5"), "--out", str(d / "never_std"), "--paper",
-                 "--standardize-inputs", "--quiet"]) == 2
-    assert not (d / "never_std").exists()
+    for flag, want in ((None, True), ("--no-standardize-inputs", False)):
+        out = d / f"model_std_{want}"
+        argv = ["train", "--data", str(d / "train.h5"), "--out", str(out), "--epochs", "2", "--hidden", "16",
+                "--device", "cpu", "--quiet"] + ([flag] if flag else [])
+        assert main(argv) == 0
+        assert json.loads((out / "model.json").read_text())["module_kwargs"]["standardize"] is want
+        norm = load_model(out, device="cpu").module_.module.normalize
+        assert norm.n_standardized == (norm.feat_scale.numel() if want else 0)
+        if want:  # statistics taken from the first training batch, saved and loaded
+            assert bool(norm.feat_ready) and float(norm.feat_scale.min()) > 0
+            assert not torch.all(norm.feat_scale == 1)
+    for flag in ("--standardize-inputs", "--no-standardize-inputs"):
+        assert main(["train", "--data", str(d / "train.h5"), "--out", str(d / "never_std"), "--paper",
+                     flag, "--quiet"]) == 2
+        assert not (d / "never_std").exists()
 
 
 def test_fit_times_writes_relaxation_time_maps(pipeline):

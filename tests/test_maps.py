@@ -34,8 +34,10 @@ def test_maps_names_and_independent_residual_and_se(setup):
     vox = np.flatnonzero(sel)[:5]
     iy, ix = np.unravel_index(vox, sel.shape)
     # theta the estimator's model fingerprint used (its nuisance values included), from the protocol
-    th = net.predict_details(np.hstack([ph.coefficients[sel].real, ph.coefficients[sel].imag])[:5],
-                             compute_crb=False)["theta"]
+    # (all masked voxels in one pass, as fit_maps's one chunk: a float32 forward pass of another batch size
+    # rounds differently, and the nuisance polish can amplify that)
+    th = net.predict_details(np.hstack([ph.coefficients[sel].real, ph.coefficients[sel].imag]),
+                             compute_crb=False)["theta"][:5]
     np.testing.assert_allclose(th[:, [INDEX[p] for p in NAMES]], pred[:5], rtol=1e-6)
     u = simulate(ph.sequence, th) @ sim.basis_.conj()
     c = ph.coefficients[iy, ix]
@@ -122,8 +124,10 @@ def test_chunking_does_not_change_results(setup):
     sim, net, ph = setup
     a = fit_maps(net, ph.coefficients, chunk_size=7, compute_se=False, sigma=0.02)
     b = fit_maps(net, ph.coefficients, chunk_size=4096, compute_se=False, sigma=0.02)
+    # float32 forward passes of other batch sizes round differently (~1e-7), which the nuisance polish
+    # of a poorly fitting voxel amplifies (~2e-6 in its residual)
     for k in ("m0s", "R2f", "relative_residual", "M0_phase"):
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-12)
 
 
 def test_sigma_estimate_tracks_the_noise(setup):
@@ -196,8 +200,8 @@ def test_fit_maps_se_choice(setup):
     c = fit_maps(net, ph.coefficients, sel, sigma=ph.sigma, se="delta")
     np.testing.assert_array_equal(b["m0s_se"], c["m0s_se"])
     ok = sel & (a["flags"] == 0)
-    X = np.hstack([ph.coefficients[ok].real, ph.coefficients[ok].imag])[:4]
-    th = net.predict_details(X, compute_crb=False)["theta"]
+    X = np.hstack([ph.coefficients[sel].real, ph.coefficients[sel].imag])  # one pass, as fit_maps's chunk
+    th = net.predict_details(X, compute_crb=False)["theta"][ok[sel]][:4]
     crb = cramer_rao_bound(ph.sequence, th, estimate=NAMES, basis=sim.basis_, M0=a["M0_abs"][ok][:4],
                            sigma=ph.sigma)
     np.testing.assert_allclose(np.stack([a[p + "_se"][ok][:4] for p in NAMES], 1), np.sqrt(crb), rtol=1e-6)

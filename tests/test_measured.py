@@ -233,13 +233,10 @@ def test_cli_simulate_train_fit_with_a_b1_map(tmp_path, short_sequence, monkeypa
 
 def test_fixed_se_of_a_b0_map_is_in_its_unit():
     """--fixed-se omega0=VALUE is in the unit of --b0-map: Hz is converted to rad/s like the map itself."""
-    import argparse
+    from sklearn_crb.cli import build_parser
+    from sklearn_crb.cli.fit import _fixed_errors
 
-    from sklearn_crb.cli.fit import _fixed_errors, add_parser
-
-    sub = argparse.ArgumentParser().add_subparsers()
-    add_parser(sub)
     base = ["fit", "--coefficients", "c.nii.gz", "--out", "o", "--b0-map", "b0.nii.gz", "--fixed-se", "omega0=2"]
     for unit, factor in (("Hz", 2 * np.pi), ("rad/s", 1.0)):
-        args = sub._name_parser_map["fit"].parse_args(base[1:] + ["--b0-unit", unit])
+        args = build_parser().parse_args(base + ["--b0-unit", unit])
         assert _fixed_errors(args, {"omega0": np.zeros(3)}) == {"omega0": pytest.approx(2 * factor)}

@@ -129,12 +129,12 @@ def test_input_standardisation_takes_the_first_training_batch_and_then_holds():
 
 
 def test_mlp_standardize_flag_sizes_the_buffers_and_skips_measured_columns():
-    assert MLP(12, 2).normalize.n_standardized == 0  # off by default
-    m = MLP(12, 2, hidden=(8,), n_conditioning=2, standardize=True)
+    assert MLP(12, 2).normalize.n_standardized == 12  # on by default
+    m = MLP(12, 2, hidden=(8,), n_conditioning=2)
     assert m.normalize.n_standardized == 10 and m.normalize.feat_loc.shape == (10,)
     m(torch.randn(16, 12))  # training mode: the first batch sets them; the measured columns are not standardised
     assert bool(m.normalize.feat_ready)
-    off = MLP(12, 2, hidden=(8,))
+    off = MLP(12, 2, hidden=(8,), standardize=False)
     assert not any("feat_" in k for k in off.state_dict())
 
 
@@ -143,7 +143,7 @@ def test_modules_pickled_before_the_standardisation_still_run():
     (off) apply, and the output is the plain normalisation's."""
     import pickle
 
-    m = MLP(6, 2, hidden=(4,))
+    m = MLP(6, 2, hidden=(4,), standardize=False)  # as an older release built it
     x = torch.randn(5, 6)
     want = m(x)
     del m.normalize.__dict__["n_standardized"], m.__dict__["standardize"]

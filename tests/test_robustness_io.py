@@ -23,7 +23,8 @@ NAMES = ("m0s", "R1f", "R2f")
 
 @pytest.fixture(scope="module")
 def trained(short_sequence):
-    return train_small_model(short_sequence)
+    """A net without the input standardisation (as every net before format 4)."""
+    return train_small_model(short_sequence, module__standardize=False)
 
 
 @pytest.fixture
@@ -34,8 +35,8 @@ def model_dir(trained, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_std(short_sequence):
-    """A net with the input standardisation (format 4 on)."""
-    return train_small_model(short_sequence, module__standardize=True)
+    """A net with the input standardisation (format 4 on), the MLP default."""
+    return train_small_model(short_sequence)
 
 
 @pytest.fixture

@@ -25,8 +25,8 @@ SCHEDULER_TIMEOUT = "5s"
 #: ``simulate`` defaults: the brain prior (parenchyma, CSF and partial volume) and an SNR range with in-vivo values.
 DEFAULT_PRIOR = "brain"
 DEFAULT_SNR = (10.0, 300.0)
-#: Training-set size of the measured default recipe (48,000 parameter draws).
-DEFAULT_N_SAMPLES = 48000
+#: Training-set size of the measured default recipe (96,000 parameter draws).
+DEFAULT_N_SAMPLES = 96000
 #: Rank of the learnt SVD basis when no ``--basis`` is given.
 DEFAULT_RANK = 13
 

@@ -8,6 +8,7 @@ noise-free features (``X_clean``/``crb_unit`` of ``sklearn-crb simulate``) and r
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -45,8 +46,9 @@ BIAS_REDUCED_OPTIONS = ("n_realizations", "bias_lambda", "var_delta", "pretrain_
 
 
 def cmd_train(args):
-    if args.standardize_inputs and args.paper:
-        raise CLIError("--standardize-inputs applies to the default MLP; --paper's residual network has no such option")
+    if args.standardize_inputs is not None and args.paper:
+        raise CLIError("--[no-]standardize-inputs applies to the default MLP; --paper's residual network has no "
+                       "such option")
     out = check_output_folder(args.out, overwrite=args.overwrite, owned_names=MODEL_FILES, marker="model.json",
                               argname="--out")
     rows = None
@@ -70,8 +72,8 @@ def cmd_train(args):
     net = make_network(args.loss, sim, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet,
                        paper=args.paper, normalization=args.normalization)
-    if args.standardize_inputs:
-        net.set_params(module__standardize=True)
+    if args.standardize_inputs is not None:
+        net.set_params(module__standardize=args.standardize_inputs)
     net.set_params(augment=augment, measured=measured or None,
                    **{k: getattr(args, k) for k in (*BIAS_REDUCED_OPTIONS, "crb_at") if getattr(args, k) is not None})
     t0 = time.perf_counter()
@@ -106,9 +108,9 @@ def add_parser(sub):
     g.add_argument("--hidden", nargs="+", type=_positive_int, default=None, help="hidden layer widths")
     g.add_argument("--normalization", type=_normalization, default=None,
                    help="input normalisation (l2, first-coefficient, phase-l2, ...; see InputNormalization)")
-    g.add_argument("--standardize-inputs", action="store_true",
-                   help="standardise the normalised inputs per feature (MLP(standardize=True)); with "
-                        "`simulate --n-samples 96000` and --epochs 150 the best recipe measured (README)")
+    g.add_argument("--standardize-inputs", action=argparse.BooleanOptionalAction, default=None,
+                   help="standardise the normalised inputs per feature (MLP(standardize=...); default on, "
+                        "part of the default recipe; not with --paper)")
     g.add_argument("--lr", type=_positive_float, default=None, help="learning rate")
     g.add_argument("--batch-size", type=_positive_int, default=None)
     g.add_argument("--crb-at", choices=["auto", "truth", "estimate"], default=None,

@@ -279,21 +279,19 @@ class MLP(nn.Module):
     activation : {"relu", "silu", "gelu", "tanh"}, default "silu"
     n_conditioning : int, default 0
         Trailing measured-parameter input columns (see :class:`InputNormalization`).
-    standardize : bool, default False
+    standardize : bool, default True
         Standardise the normalised coefficient features per feature, from the
         first training batch (``InputNormalization(n_standardized=...)``).
-        It speeds training up (v3.2, rank 13, tied, 7 outputs, 48,000 draws:
-        final training loss 0.74 against 1.25 after 150 epochs) but, after
-        the default 600 epochs on 48,000 draws, the net fits those draws more
-        closely and generalises no better. With 96,000 draws and 150 epochs
-        it was the best recipe measured (README, efficiency benchmark); not
-        yet the default.
+        Part of the default recipe: with it the default budget (96,000 draws,
+        150 epochs) trains a better net in about half the time of the earlier
+        default (48,000 draws, 600 epochs, not standardised); see the README's
+        efficiency benchmark. With few draws (12,000) it overfits them.
     """
 
     standardize = False  # class-level default for nets pickled before the option existed
 
     def __init__(self, n_features=26, n_outputs=3, hidden=(256, 256, 256), normalization="phase-l2",
-                 batch_norm=False, activation="silu", n_conditioning=0, standardize=False):
+                 batch_norm=False, activation="silu", n_conditioning=0, standardize=True):
         super().__init__()
         n_features, n_outputs = _check_dims(n_features, n_outputs, normalization, n_conditioning)
         hidden = _check_hidden(hidden)

@@ -52,10 +52,10 @@ class CRBNetRegressor(NeuralNetRegressor):
     grid searches.
 
     The defaults are the measured default recipe (v3.2 sequence, rank 13,
-    tied model, brain prior, 48,000 samples, one CPU thread): MLP
-    256-256-256, SiLU, ``"phase-l2"`` input, log-space head for relaxation
-    targets, AdamW (lr 2e-3, weight decay 1e-4), one-cycle schedule per
-    batch, batch 512, 600 epochs; its measured efficiency is in the README
+    tied model, brain prior, 96,000 samples, one CPU thread): MLP
+    256-256-256, SiLU, ``"phase-l2"`` input standardised per feature, log-space head for
+    relaxation targets, AdamW (lr 2e-3, weight decay 1e-4), one-cycle schedule per
+    batch, batch 512, 150 epochs; its measured efficiency is in the README
     (``benchmarks/bench_crb_vs_mse.py``). :meth:`paper` builds the recipe of Zhang et al.
 
     Parameters
@@ -69,9 +69,8 @@ class CRBNetRegressor(NeuralNetRegressor):
     optimizer : type, default ``torch.optim.AdamW``
     lr : float, default 2e-3
         Learning rate; with ``lr_schedule="onecycle"`` the peak of the cycle.
-    max_epochs : int, default 600
-        The one-cycle schedule anneals over all of them: fewer epochs train a worse but complete
-        net (m0s/R1f/R2f, SNR 10-100, sigmoid head: 80 epochs nMSE 8.0 / 3.3 / 3.3; 600: 1.4 / 1.2 / 1.1).
+    max_epochs : int, default 150
+        The one-cycle schedule anneals over all of them; chosen for about 96,000 samples (README).
     batch_size : int, default 512
     train_split : float, None or callable, default None
         Fraction of the data held out for validation (a
@@ -210,7 +209,7 @@ class CRBNetRegressor(NeuralNetRegressor):
     """
 
     def __init__(self, module=MLP, *args, criterion=WeightedMSELoss, optimizer=torch.optim.AdamW, lr=2e-3,
-                 max_epochs=600, batch_size=512, train_split=None, weight_decay=1e-4, lr_schedule="onecycle",
+                 max_epochs=150, batch_size=512, train_split=None, weight_decay=1e-4, lr_schedule="onecycle",
                  head="auto", target_bounds=None, head_margin=0.05, nuisance_weight_cap=400.0, n_threads="auto",
                  loss="crb", crb_at="auto", n_realizations=16, bias_lambda=1.0, var_delta=1.0, pretrain_epochs=0,
                  simulator=None, measured=None, augment="auto", snr=None, sigma=None, target_names=None,
@@ -343,6 +342,7 @@ class CRBNetRegressor(NeuralNetRegressor):
         Parameters
         ----------
         n_samples : int
+            Parameter draws; the default recipe's ``max_epochs`` is chosen for 96,000.
         random_state : int or None
             Seed of the parameter draws (default: ``self.random_state``).
 
