@@ -82,7 +82,7 @@ def make_network(loss, simulator, *, paper=False, device="auto", seed=0, progres
     return net.set_params(callbacks=callbacks)
 
 
-#: Sizes of the demo (full: the default recipe's 96,000 draws x 150 epochs, about 15 minutes on a 2-core
+#: Sizes of the demo (full: the default recipe's 96,000 draws x 150 epochs, about 10 minutes on a 2-core
 #: CPU with the two networks trained side by side; quick: CI, a much smaller budget).
 DEMO_SIZES = {
     False: {"n_train": 96000, "epochs": 150, "shape": (48, 48), "n_nlls": 60, "n_basis": 500},
