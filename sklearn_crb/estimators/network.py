@@ -285,7 +285,7 @@ class MLP(nn.Module):
         Part of the default recipe: with it the default budget (96,000 draws,
         150 epochs) trains a better net in about half the time of the earlier
         default (48,000 draws, 600 epochs, not standardised); see the README's
-        efficiency benchmark. With few draws (12,000) it overfits them.
+        efficiency benchmark. With 12,000 draws and 300+ epochs it overfits them.
     """
 
     standardize = False  # class-level default for nets pickled before the option existed
