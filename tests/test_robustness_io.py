@@ -124,6 +124,14 @@ def test_format_3_models_load_without_the_input_standardisation(trained, model_d
         load_model(std_dir, device="cpu")
 
 
+def test_format_4_models_must_record_the_input_standardisation(model_dir):
+    """From format 4 on, 'standardize' is recorded; a file without it is refused by name (the constructor's
+    default, now True, is not what a missing key meant in format 3)."""
+    _edit(model_dir, lambda m: (m["module_kwargs"].pop("standardize"), m)[1])
+    with pytest.raises(ValueError, match="module_kwargs.standardize.*missing"):
+        load_model(model_dir, device="cpu")
+
+
 def test_a_standardised_model_round_trips_its_statistics(trained_std, std_dir):
     sim, net, X = trained_std
     loaded = load_model(std_dir, device="cpu")

@@ -130,6 +130,8 @@ def parse_module_kwargs(file, name, kwargs, version):
         checked = {**_V2_DEFAULTS.get(name, {}), **checked}
     if version <= 3 and name == "MLP":  # the input standardisation came with format version 4
         checked.setdefault("standardize", False)
+    elif name == "MLP" and "standardize" not in checked:  # format 4 records it; its default is not what old files meant
+        fail(file, "module_kwargs.standardize", "is missing (format 4 and later record it: true or false)")
     return name, checked
 
 
