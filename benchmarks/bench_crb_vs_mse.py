@@ -15,7 +15,11 @@ Estimators, all judged on the same held-out draws:
 * ``prior-mean``: the constant prior mean (it ignores the data);
 * ``nlls``: the package's tied ``NLLSFitter`` on the first ``--nlls-theta``
   thetas and ``--nlls-draws`` noise draws of each (its rows are over that
-  subset; a second table scores every estimator on that subset).
+  subset; a second table scores every estimator on that subset);
+* ``nlls-from-net`` (``--nlls-from-net``): the same NLLS started at the CRB
+  net's estimate (``NLLSFitter(init=net)``), on the same subset;
+* ``dictionary`` (``--dictionary N``): ``DictionaryMatcher`` with ``N``
+  atoms drawn from the prior, on every draw.
 
 Evaluation: ``--n-eval-theta`` held-out prior draws, each with ``--n-draws``
 noise draws at every SNR of ``--eval-snr`` (uniform phase of M0,
@@ -75,6 +79,10 @@ def parse_args(argv=None):
     p.add_argument("--n-draws", type=int, default=100, help="noise draws per theta and SNR")
     p.add_argument("--nlls-theta", type=int, default=20, help="thetas fitted by NLLS (0: skip NLLS)")
     p.add_argument("--nlls-draws", type=int, default=20, help="noise draws per theta and SNR fitted by NLLS")
+    p.add_argument("--nlls-from-net", action="store_true",
+                   help="also score NLLS started at the CRB net's estimate, on the NLLS subset")
+    p.add_argument("--dictionary", type=int, default=0, metavar="N_ATOMS",
+                   help="also score dictionary matching with N_ATOMS prior draws as atoms (default 0: skip)")
     p.add_argument("--prior", default="brain", help="simulator prior name (default 'brain')")
     p.add_argument("--estimate", nargs="+", default=list(EST),
                    help="targets the networks learn (default m0s R1f R2f; e.g. all free parameters of the tied "
@@ -430,10 +438,27 @@ def main(argv=None):
         preds["nlls"] = pred
         results["nlls"] = {"predict_ms_per_voxel": 1e3 * sec / subset.sum(), "predict_seconds": sec}
         log(f"nlls: {subset.sum()} fits in {sec:.0f} s")
+        if args.nlls_from_net:
+            warm = NLLSFitter(seq, basis=sim.basis_, estimate=EST, tied_R1=True, init=estimators["crb-net"]).fit()
+            pred = np.full_like(rows["y"], np.nan)
+            pred[subset], sec = timed_predict(warm, rows["X"][subset])
+            preds["nlls-from-net"] = pred
+            results["nlls-from-net"] = {"predict_ms_per_voxel": 1e3 * sec / subset.sum(), "predict_seconds": sec}
+            log(f"nlls-from-net: {subset.sum()} fits in {sec:.0f} s")
+    if args.dictionary > 0:
+        from sklearn_crb.estimators.dictionary import DictionaryMatcher
+
+        t = time.perf_counter()
+        dico = DictionaryMatcher(seq, basis=sim.basis_, estimate=EST, tied_R1=True, prior=sim.prior_,
+                                 n_atoms=args.dictionary, random_state=args.seed).fit()
+        fit_s = time.perf_counter() - t
+        preds["dictionary"], sec = timed_predict(dico, rows["X"])
+        results["dictionary"] = {"predict_ms_per_voxel": 1e3 * sec / rows["X"].shape[0], "fit_seconds": fit_s}
+        log(f"dictionary: {args.dictionary} atoms in {fit_s:.0f} s, {rows['X'].shape[0]} matches in {sec:.0f} s")
 
     strata_all, strata_sub = {}, {}
     for name, pred in preds.items():
-        mask = subset if name == "nlls" else everything
+        mask = subset if name.startswith("nlls") else everything
         rep, dropped = report(rows, pred, mask, p_var)
         strata_all[name] = rep.strata
         results[name]["dropped_non_finite_rows"] = dropped
