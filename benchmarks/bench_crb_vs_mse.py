@@ -115,6 +115,10 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.n_train, a.epochs, a.n_eval_theta, a.n_draws, a.nlls_theta, a.nlls_draws = 2000, 5, 20, 20, 4, 10
+    if a.dictionary < 0:
+        p.error(f"--dictionary must be 0 (skip) or a number of atoms, got {a.dictionary}")
+    if a.nlls_from_net and a.nlls_theta <= 0:
+        p.error("--nlls-from-net needs NLLS thetas (--nlls-theta > 0)")
     a.nlls_theta = min(a.nlls_theta, a.n_eval_theta)
     a.nlls_draws = max(2, min(a.nlls_draws, a.n_draws))
     return a
