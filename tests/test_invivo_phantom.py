@@ -10,7 +10,10 @@ a subset of voxels of each tissue of the same image:
 * its WM-GM m0s contrast within 15 % of NLLS's;
 * CSF m0s <= 0.03;
 * its standard-error maps within 25 % of the empirical spread over noise
-  draws (Python API: ``load_model`` + ``fit_maps`` on repeated draws).
+  draws (Python API: ``load_model`` + ``fit_maps`` on repeated draws);
+* on a phantom simulated with the unconstrained two-pool model, which the
+  tied model misspecifies as it does real tissue, the same medians and
+  contrast against tied NLLS on the same image.
 
 Reduced budget, to stay within about 4 minutes on 2 cores: ``--n-samples``
 ``N_TRAIN`` instead of the default 96,000 (everything else, the 150 epochs
@@ -145,3 +148,50 @@ def test_standard_error_maps_match_the_spread_over_noise_draws(run):
 def test_outputs_are_the_cli_files(run):
     d, _, _ = run
     assert {"m0s.nii.gz", "m0s_se.nii.gz", "summary.json"} <= set(os.listdir(d / "net"))
+
+
+def _tissue_medians(maps, ph, sel):
+    out = {}
+    for t in ("WM", "GM"):
+        m = ph.tissue_mask(t) & sel & np.isfinite(maps["m0s"]) & ((maps["flags"] & 3) == 0)
+        out[t] = {"m0s": float(np.median(maps["m0s"][m])), "T1": float(np.median(1 / maps["R1f"][m])),
+                  "n": int(m.sum())}
+    return out
+
+
+def test_misspecified_tissue_lands_where_tied_nlls_does(run):
+    """Real tissue does not obey the tied model (the fast semi-solid T1: T1s 0.34 s against T1f 1.9 s).
+    On the phantom simulated with the unconstrained model (``TISSUES``: WM m0s 0.20, T1f 1.92 s), tied
+    NLLS absorbs that into a smaller m0s and a shorter T1; the tied network sees fingerprints off its
+    training manifold and must land where NLLS does. Measured (2 cores, this module's 24,000-draw net):
+    WM m0s 0.139 / T1 1.57 s against NLLS's 0.141 / 1.56 s, GM 0.085 / 2.20 s against 0.085 / 2.19 s,
+    contrast -2 %."""
+    from sklearn_crb import NLLSFitter
+    from sklearn_crb.io.models import load_model
+    from sklearn_crb.maps import fit_maps
+    from sklearn_crb.phantom import TISSUES, make_phantom
+    from sklearn_crb.physics.parameters import free_parameters
+
+    d, ph_tied, _ = run
+    ph = make_phantom(ph_tied.labels.shape, ph_tied.sequence, basis=ph_tied.basis, snr=SNR, tied_R1=False,
+                      random_state=2)
+    assert ph.parameter_map("R1s")[ph.tissue_mask("WM")][0] > 5 * ph.parameter_map("R1f")[ph.tissue_mask("WM")][0]
+    rng = np.random.default_rng(2)
+    sub = np.zeros(ph.labels.shape, dtype=bool)
+    for t in ("WM", "GM"):
+        sub.flat[rng.choice(np.flatnonzero(ph.tissue_mask(t)), N_NLLS, replace=False)] = True
+    net = load_model(d / "model", device="cpu")
+    nlls = NLLSFitter(ph.sequence, basis=ph.basis, estimate=free_parameters(True), tied_R1=True).fit()
+    med_net = _tissue_medians(fit_maps(net, ph.coefficients, ph.mask, compute_se=False), ph, ph.mask)
+    med_nlls = _tissue_medians(fit_maps(nlls, ph.coefficients, sub, compute_se=False), ph, sub)
+    print(json.dumps({"net": med_net, "nlls": med_nlls}))
+    # the misspecification is real: the tied fit is far from the unconstrained truth
+    assert med_nlls["WM"]["m0s"] < 0.85 * TISSUES["WM"]["m0s"]
+    for t in ("WM", "GM"):
+        assert med_nlls[t]["n"] >= N_NLLS // 2
+        for p in ("m0s", "T1"):
+            rel = med_net[t][p] / med_nlls[t][p] - 1
+            assert abs(rel) <= 0.10, (t, p, med_net[t][p], med_nlls[t][p])
+    net_c = med_net["WM"]["m0s"] - med_net["GM"]["m0s"]
+    nlls_c = med_nlls["WM"]["m0s"] - med_nlls["GM"]["m0s"]
+    assert nlls_c > 0.03 and abs(net_c / nlls_c - 1) <= 0.15, (net_c, nlls_c)
