@@ -402,6 +402,10 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
     with np.errstate(invalid="ignore"):
         flags |= np.where(_out_of_range(theta) & ~failed, FLAGS["out_of_range"], 0).astype(np.int16)
     ok = flags == 0
+    if sigma is None and n_vox == 0:
+        raise ValueError(f"coefficients: no voxel to fit ({int(invalid.sum())} of {invalid.size} are non-finite or "
+                         "all zero, and the mask selects no other), so sigma cannot be estimated; check the image "
+                         "and the mask")
     if sigma is None:
         # the misfit-free residuals where the estimator gives them (networks), else the residuals
         pool = noise_sq if np.isfinite(noise_sq[ok]).any() else res_sq

@@ -120,6 +120,16 @@ def test_nan_and_zero_voxels_are_masked_and_flagged(setup):
     assert all(np.all(np.isfinite(maps[k][inside])) for k in ("m0s", "R1f", "R2f", "relative_residual"))
 
 
+def test_an_image_with_nothing_to_fit_is_refused_by_name(setup):
+    sim, net, ph = setup
+    with pytest.raises(ValueError, match=r"no voxel to fit \(256 of 256 are non-finite or all zero"):
+        fit_maps(net, np.full_like(ph.coefficients, np.nan))
+    with pytest.raises(ValueError, match="no voxel to fit"):  # a mask that selects only invalid voxels
+        fit_maps(net, ph.coefficients, mask=~ph.mask)
+    empty = fit_maps(net, np.zeros_like(ph.coefficients), sigma=ph.sigma)  # with sigma: empty maps, all flagged
+    assert not empty["mask"].any() and np.all(empty["flags"] & FLAGS["invalid_input"])
+
+
 def test_chunking_does_not_change_results(setup):
     sim, net, ph = setup
     a = fit_maps(net, ph.coefficients, chunk_size=7, compute_se=False, sigma=0.02)
