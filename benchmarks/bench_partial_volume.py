@@ -82,7 +82,7 @@ def run(model, snr=116.0, n_draws=40, fractions=None, out=None, seed=0):
 
     lines = []
     for pair, r in res.items():
-        lines.append(f"{pair}: f = signal-weighted fraction of {pair.split('-')[1]}")
+        lines.append(f"{pair}: f = volume fraction of {pair.split('-')[1]} (each tissue at its proton density)")
         lines.append(f"{'f':>5} {'net m0s':>9} {'NLLS m0s':>9} {'net T1/s':>9} {'NLLS T1/s':>9}")
         for i, f in enumerate(r["fraction"]):
             lines.append(f"{f:5.2f} {r['net']['m0s'][i]:9.4f} {r['nlls']['m0s'][i]:9.4f} "
