@@ -26,7 +26,10 @@ T1, the ``brain`` prior, informative draws as in the efficiency benchmark
 (CRB < 0.1 x prior variance). Usage::
 
     python benchmarks/bench_posterior_mean.py [--n-theta 40] [--n-noise 16] [--n-burn 2000] [--n-keep 4000]
-                                              [--snr 100] [--out results/posterior_mean.json]
+                                              [--snr 100] [--model DIR ...] [--out results/posterior_mean.json]
+
+``--model`` scores saved networks on the same draws (same theta, same noise), so
+that their spread is compared with the posterior mean's where both are measured.
 """
 
 from __future__ import annotations
@@ -134,6 +137,31 @@ def sample_posterior_means(seq, basis, prior, start, chol, x, sigma, free, n_bur
     return 0.5 * (m1 + m2), (m1 - m2) ** 2 / 4
 
 
+def _network_cells(model, basis, theta, x, crb, pv, free, n, m):
+    """A saved network's median std/sqrt(CRB), bias/sqrt(CRB) and nMSE on the informative draws, per target."""
+    from sklearn_crb.io.models import load_model
+
+    net = load_model(model, device="cpu")
+    U = np.asarray(net.crb_metadata_.get("basis"))
+    if U.shape != basis.shape or not np.allclose(U, basis, atol=1e-8):
+        raise SystemExit(f"--model {model}: its basis is not this script's rank-13 SVD basis (seed --seed)")
+    pred = np.asarray(net.predict(np.column_stack([x.real, x.imag])), dtype=float).reshape(n, m, -1)
+    cells = {}
+    for j, p in enumerate(net.target_names_):
+        if p not in free:
+            continue
+        k = free.index(p)
+        inf = crb[:, k] < 0.1 * pv[k]
+        if not inf.any():
+            continue
+        e = pred[:, :, j] - theta[:, INDEX[p], None]
+        cells[p] = {"n_informative": int(inf.sum()),
+                    "std_over_sqrt_crb": float(np.median(np.sqrt(pred[inf, :, j].var(1, ddof=1) / crb[inf, k]))),
+                    "median_bias_over_sqrt_crb": float(np.median(e[inf].mean(1) / np.sqrt(crb[inf, k]))),
+                    "nmse": float(np.mean(np.mean(e[inf] ** 2, 1) / crb[inf, k]))}
+    return cells
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-theta", type=int, default=40)
@@ -145,6 +173,9 @@ def main(argv=None):
                          "depends on it means the chains have not forgotten their start")
     ap.add_argument("--snr", type=float, default=100.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", nargs="+", default=(), metavar="DIR",
+                    help="saved networks (tied, this script's sequence and SVD basis, e.g. from bench_crb_vs_mse.py "
+                         "--save-nets) to score on the same draws, beside the posterior mean")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "posterior_mean.json"))
     args = ap.parse_args(argv)
     data = Path(os.environ.get("SKLEARN_CRB_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -179,6 +210,7 @@ def main(argv=None):
     ok[ok] = np.isfinite(log_prior(prior, fit["theta"][ok]))  # a fit outside the prior's support starts at theta
     if args.start == "fit":
         start[ok] = fit["theta"][ok]
+    nets = {d: _network_cells(d, basis, theta, x, crb, pv, free, n, m) for d in args.model}
     covm = np.repeat(cov, m, axis=0)
     jitter = 1e-10 * np.diagonal(covm, axis1=1, axis2=2).max(1)[:, None, None] * np.eye(len(free))
     L = np.linalg.cholesky(covm + jitter)
@@ -199,7 +231,7 @@ def main(argv=None):
                    "linearized_reference": med(lin)}
     result = {"sequence": seq.name, "rank": 13, "snr": args.snr, "prior": "brain (tied)", "n_theta": n,
               "n_noise": m, "n_burn": args.n_burn, "n_keep": args.n_keep, "start": args.start, "seconds": seconds,
-              "parameters": rows}
+              "parameters": rows, "networks_on_the_same_draws": nets}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result, indent=2)
@@ -212,6 +244,11 @@ def main(argv=None):
         print(f"{p:<10}{r['n_informative']:>12}{f(r['posterior_mean_std_over_sqrt_crb']):>24}"
               f"{f(r['posterior_mean_median_bias_over_sqrt_crb']):>14}{f(r['mc_error_over_sqrt_crb']):>10}"
               f"{f(r['linearized_reference']):>16}")
+    for d, cells in nets.items():
+        print(f"network {d} on the same draws (informative: nMSE / median bias / median std, in sqrt(CRB)):")
+        for p, c in cells.items():
+            print(f"  {p:<8} {c['nmse']:.2f} / {c['median_bias_over_sqrt_crb']:+.2f} / {c['std_over_sqrt_crb']:.2f} "
+                  f"(n={c['n_informative']})")
 
     import matplotlib  # optional: only for the figure
 
