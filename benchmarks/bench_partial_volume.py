@@ -49,7 +49,13 @@ def run(model, snr=116.0, n_draws=40, fractions=None, out=None, seed=0):
     from sklearn_crb.physics.signal import simulate
 
     torch.set_num_threads(1)
-    net = load_model(model, device="cpu")
+    try:
+        net = load_model(model, device="cpu")
+    except (OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"--model {model}: {e}") from None
+    if getattr(net, "measured_", ()):
+        raise SystemExit(f"--model {model}: the network takes measured {list(net.measured_)} as inputs; "
+                         "this benchmark gives it fingerprints only")
     md = net.crb_metadata_
     if not md.get("tied_R1", False):
         raise SystemExit(f"--model {model}: a tied network (sklearn-crb simulate --tied-R1) is needed")

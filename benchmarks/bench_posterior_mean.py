@@ -141,7 +141,12 @@ def _network_cells(model, basis, theta, x, crb, pv, free, n, m):
     """A saved network's median std/sqrt(CRB), bias/sqrt(CRB) and nMSE on the informative draws, per target."""
     from sklearn_crb.io.models import load_model
 
-    net = load_model(model, device="cpu")
+    try:
+        net = load_model(model, device="cpu")
+    except (OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"--model {model}: {e}") from None
+    if getattr(net, "measured_", ()) or not net.crb_metadata_.get("tied_R1", False):
+        raise SystemExit(f"--model {model}: a tied network without measured inputs is needed")
     U = np.asarray(net.crb_metadata_.get("basis"))
     if U.shape != basis.shape or not np.allclose(U, basis, atol=1e-8):
         raise SystemExit(f"--model {model}: its basis is not this script's rank-13 SVD basis (seed --seed)")
