@@ -199,3 +199,11 @@ def test_get_params_and_clone(sim_crb):
     assert MTFingerprintSimulator().get_params()["basis_method"] == "svd"
     c.set_params(basis_method="svd")
     assert c.basis_method == "svd"
+
+
+def test_fewer_crb_draws_than_the_rank_are_refused_by_name(seq200):
+    """Release 0.1 returned a basis of rank min(n_components, n_crb_samples) without a word."""
+    sim = MTFingerprintSimulator(seq200, n_components=6, n_crb_samples=3, basis_method="crb", basis_max_iter=1,
+                                 estimate=EST, tied_R1=True, n_basis_samples=50, random_state=0)
+    with pytest.raises(ValueError, match=r"n_crb_samples \(--n-crb-samples\).*--rank\) = 6"):
+        sim.fit()

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import train_small_model
+
 from sklearn_crb.io.models import FORMAT_VERSION, load_model, migrate_model, save_model
 
 DATA = Path(__file__).resolve().parent / "data" / "models_v0.1"
@@ -167,3 +167,25 @@ def test_migrate_model_writes_a_hashed_copy_and_leaves_the_source(tmp_path, one_
     with pytest.raises((ValueError, FileExistsError)):
         migrate_model(src, tmp_path / "mine", overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+# ---------------------------------------------------------------- values refused
+@pytest.mark.parametrize("snr", [(1e300, 1e301), (10.0, 1e40), (1e-40, 10.0)])
+def test_snr_whose_crb_underflows_or_overflows_is_refused(snr, short_sequence):
+    from sklearn_crb._validation import check_snr_range
+    from sklearn_crb.simulator import MTFingerprintSimulator
+
+    with pytest.raises(ValueError, match=r"^snr: an SNR of .* 1/SNR\^2"):
+        check_snr_range(snr)
+    with pytest.raises(ValueError, match="1/SNR"):
+        MTFingerprintSimulator(short_sequence, n_components=4, snr=snr, n_basis_samples=20).fit()
+
+
+def test_crbs_at_the_snr_limits_stay_normal_floats(short_sequence):
+    from sklearn_crb._validation import SNR_LIMITS
+    from sklearn_crb.simulator import MTFingerprintSimulator
+
+    sim = MTFingerprintSimulator(short_sequence, n_components=6, snr=(SNR_LIMITS[1], SNR_LIMITS[1]),
+                                 n_basis_samples=20, estimate=("m0s", "R1f", "R2f"), random_state=0).fit()
+    _, _, crb = sim.make_dataset(20, 0)
+    assert np.all(np.isfinite(crb)) and np.all(crb >= np.finfo(np.float64).tiny)
