@@ -6,8 +6,7 @@ import torch
 from sklearn.base import clone
 
 from sklearn_crb import MTFingerprintSimulator, Sequence, physics
-from sklearn_crb.basis import (crb_inflation_objective, crb_optimized_basis, objective_and_gradient,
-                               prepare_information)
+from sklearn_crb.basis import crb_inflation_objective, crb_optimized_basis, objective_and_gradient, prepare_information
 from sklearn_crb.crb import crb_from_jacobian
 
 EST = ("m0s", "R1f", "R2f")

@@ -189,3 +189,17 @@ def test_crbs_at_the_snr_limits_stay_normal_floats(short_sequence):
                                  n_basis_samples=20, estimate=("m0s", "R1f", "R2f"), random_state=0).fit()
     _, _, crb = sim.make_dataset(20, 0)
     assert np.all(np.isfinite(crb)) and np.all(crb >= np.finfo(np.float64).tiny)
+
+
+def test_cli_migrate_model(tmp_path, capsys, one_torch_thread):
+    from sklearn_crb.cli import main
+
+    old = shutil.copytree(DATA / "plain", tmp_path / "old")
+    assert main(["migrate-model", str(old), "--out", str(tmp_path / "new")]) == 0
+    expected = np.load(DATA / "expected.npz")
+    np.testing.assert_array_equal(load_model(tmp_path / "new", device="cpu").predict(expected["X"]),
+                                  expected["plain"])
+    assert main(["migrate-model", str(old), "--out", str(tmp_path / "new")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["migrate-model", str(old), "--out", str(old)]) == 2
+    assert sorted(os.listdir(old)) == ["basis.npy", "model.json", "params.pt"]

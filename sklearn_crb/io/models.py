@@ -490,7 +490,7 @@ def load_model(path, *, device="auto", sequence=None, basis=None, trust_unhashed
     return net
 
 
-def migrate_model(path, out, *, overwrite=False):
+def migrate_model(path, out, *, overwrite=False, argname="out"):
     """Convert a model folder of an older format into the current, hashed one (a new folder).
 
     For folders written before ``model.json`` was hashed (format version 4
@@ -510,6 +510,8 @@ def migrate_model(path, out, *, overwrite=False):
         The new folder (written atomically). An existing ``out`` is replaced
         only with ``overwrite=True`` and only if it is itself a saved model.
     overwrite : bool
+    argname : str
+        The name of ``out`` in messages (``"--out"`` from the CLI).
 
     Returns
     -------
@@ -520,8 +522,8 @@ def migrate_model(path, out, *, overwrite=False):
     if old >= HASHED_SINCE:
         raise ValueError(f"model: {path} already has format version {old} (hashed); there is nothing to migrate")
     if Path(os.path.abspath(out)) == Path(os.path.abspath(path)):
-        raise ValueError("out: the migrated model goes to a new folder; pass another --out than the model folder")
-    out = check_output_folder(out, overwrite=overwrite, owned_names=MODEL_FILES, marker="model.json", argname="out")
+        raise ValueError(f"{argname}: the migrated model goes to a new folder, not to the old one")
+    out = check_output_folder(out, overwrite=overwrite, owned_names=MODEL_FILES, marker="model.json", argname=argname)
     kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()
               if k not in ("n_features", "n_outputs")}
     kwargs = {k: [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, list) else v
