@@ -126,3 +126,14 @@ def test_npz_sets_get_the_same_manifest(sim, tmp_path):
         verify_dataset(path)
     new = migrate_dataset(path, tmp_path / "m.npz")
     assert verify_dataset(new)["rows_sha256"] == verify_dataset(new)["rows_sha256"]
+
+
+def test_cli_migrate_data(h5set, tmp_path, capsys):
+    from sklearn_crb.cli import main
+
+    with h5py.File(h5set, "r+") as f:
+        del f["manifest"]
+    assert main(["migrate-data", str(h5set), "--out", str(tmp_path / "new.npz")]) == 2
+    assert "--out must have the suffix" in capsys.readouterr().err
+    assert main(["migrate-data", str(h5set), "--out", str(tmp_path / "new.h5"), "--quiet"]) == 0
+    open_dataset(tmp_path / "new.h5")

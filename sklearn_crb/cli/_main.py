@@ -28,7 +28,7 @@ def build_parser():
         description="Cramér–Rao-bound-informed neural networks and NLLS for quantitative MT MRI "
                     "(Zhang et al., MRM 2022).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,simulate,train,fit,migrate-model}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,simulate,train,fit,migrate-model,migrate-data}")
     sub.required = True
 
     p = sub.add_parser("demo", help="end-to-end demo on a simulated brain phantom (no downloads)", epilog=EPILOG,
