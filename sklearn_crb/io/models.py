@@ -240,7 +240,7 @@ def content_sha256(meta):
     (``estimate``, ``tied_R1``, ``fill_values``, ``module_kwargs``, units,
     normalisation, sequence...).
     """
-    body = {k: v for k, v in meta.items() if k != "content_sha256" and not k.startswith("_")}
+    body = {k: v for k, v in meta.items() if k != "content_sha256"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
@@ -276,18 +276,27 @@ def _check_version(meta, file, trust_unhashed):
     return version
 
 
-def _check_hashes(meta, files, file, version):
-    """``params_sha256`` and ``content_sha256`` against the bytes read (each required where the format has it)."""
+def _check_params_hash(meta, files, file, version):
+    """``params_sha256`` against the bytes read (required from format version 2)."""
     if version >= 2:
         require(meta, file, "params_sha256", str, "a SHA-256 hex string")
     if "params_sha256" in meta and hashlib.sha256(files["params.pt"]).hexdigest() != meta["params_sha256"]:
         raise ValueError(f"model: {file.parent / 'params.pt'} does not match 'params_sha256' in model.json (corrupt "
                          "or altered weights, or files of two models); refusing to load it")
-    if version >= HASHED_SINCE:
-        require(meta, file, "content_sha256", str, "a SHA-256 hex string")
-        if content_sha256(meta) != meta["content_sha256"]:
-            raise ValueError(f"model: {file} does not match its 'content_sha256': a field of model.json was changed "
-                             "after saving (estimate, tied_R1, fill_values, units...); refusing to load it")
+
+
+def _check_content_hash(meta, file):
+    """``content_sha256`` against the meaning of the file as read (``meta["_content"]``; from format version 5).
+
+    Checked after every other check, so that a malformed key is named as such; the digest itself was taken
+    before the checks normalised anything.
+    """
+    if meta["format_version"] < HASHED_SINCE:
+        return
+    require(meta, file, "content_sha256", str, "a SHA-256 hex string")
+    if meta["_content"] != meta["content_sha256"]:
+        raise ValueError(f"model: {file} does not match its 'content_sha256': a field of model.json was changed "
+                         "after saving (estimate, tied_R1, fill_values, units...); refusing to load it")
 
 
 def _check_estimate(meta, file):
@@ -340,15 +349,18 @@ def _read_meta(path, files=None, *, trust_unhashed=False):
     """Read and validate ``model.json``: one ``ValueError`` naming the file and the key.
 
     Phases: the bytes (read once, :func:`_read_files`), the JSON, the
-    format version, the hashes of the weights and of the meaning, the typed
-    keys, then their agreement with each other.
+    format version, the hash of the weights, the typed keys, then their
+    agreement with each other. The digest of the meaning is taken here
+    (``meta["_content"]``) and compared once everything else has been
+    checked (:func:`_check_content_hash`).
     """
     path = Path(path)
     files = _read_files(path) if files is None else files
     file = path / "model.json"
     meta = _parse_json(files["model.json"], file)
     version = _check_version(meta, file, trust_unhashed)
-    _check_hashes(meta, files, file, version)
+    _check_params_hash(meta, files, file, version)
+    meta["_content"] = content_sha256(meta)  # before any check normalises a value
     for key, types, what in _TYPED_KEYS:
         require(meta, file, key, types, what)
     _check_estimate(meta, file)
@@ -432,6 +444,8 @@ def _read_checked(path, trust_unhashed):
     U = _load_basis(files["basis.npy"], path, meta, seq)
     state = _load_state(files["params.pt"], path / "params.pt")
     _check_state(state, meta, name, kwargs, path)
+    _check_content_hash(meta, path / "model.json")
+    del meta["_content"]
     return meta, name, kwargs, U, files, state
 
 
