@@ -13,8 +13,17 @@ A model is a directory::
                     input normalisation, parameter names and units, which are
                     estimated, the tied-R1 model, the values assumed for the
                     parameters that are not estimated, the sequence (full
-                    description and SHA-256) and the basis SHA-256
+                    description and SHA-256), the basis SHA-256, and
+                    ``content_sha256``: the SHA-256 of all of the above
+                    (canonical JSON), which binds what a prediction means
+                    to the weights and the basis (format version 5)
       basis.npy     the compression basis (complex128, ``allow_pickle=False``)
+
+Loading reads each file once and uses only the bytes it verified. Folders
+written before format version 5 (sklearn-crb 0.1) load only with
+``load_model(..., trust_unhashed=True)`` or after the one-time conversion
+:func:`migrate_model` (``sklearn-crb migrate-model``), which writes a new
+folder; a format number the package never wrote is refused.
 
 No pickle is involved: JSON, ``.npy`` and a tensor-only state dict, and a
 model folder is treated as untrusted input: ``model.json`` can name only the
