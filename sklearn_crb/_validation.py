@@ -16,6 +16,7 @@ __all__ = [
     "check_basis",
     "check_parameter_dict",
     "check_snr_range",
+    "SNR_LIMITS",
     "chunk_slices",
     "resolve_device",
     "features_from_complex",
@@ -67,14 +68,33 @@ def check_parameter_dict(d, argname):
     return dict(d)
 
 
+#: The SNR range accepted. A CRB scales as ``1 / SNR**2`` times a unit-SNR bound; within these limits that
+#: factor stays within 1e+-60 of 1, so the bound stays a normal float64 (no underflow to 0, no overflow to inf)
+#: for any unit-SNR bound within 1e+-240. Measured SNRs are between about 1 and 1e4.
+SNR_LIMITS = (1e-30, 1e30)
+
+
 def check_snr_range(snr, argname="snr"):
-    """``(low, high)`` floats with ``0 < low <= high < inf`` (SNR = |M0| / sigma)."""
+    """``(low, high)`` floats with ``0 < low <= high < inf`` (SNR = |M0| / sigma), within :data:`SNR_LIMITS`.
+
+    Raises
+    ------
+    TypeError
+        Not a pair of numbers.
+    ValueError
+        Out of order, not positive, or beyond :data:`SNR_LIMITS` (where the
+        CRBs, which scale as ``1 / SNR**2``, underflow to 0 or overflow).
+    """
     try:
         lo, hi = (float(v) for v in snr)
     except (TypeError, ValueError):
         raise TypeError(f"{argname} must be a (low, high) pair, got {snr!r}") from None
     if not (0 < lo <= hi < np.inf):
         raise ValueError(f"{argname} must satisfy 0 < low <= high < inf, got {snr!r}")
+    if hi > SNR_LIMITS[1] or lo < SNR_LIMITS[0]:
+        bad, what = (hi, "underflow to 0") if hi > SNR_LIMITS[1] else (lo, "overflow")
+        raise ValueError(f"{argname}: an SNR of {bad:g} is outside [{SNR_LIMITS[0]:g}, {SNR_LIMITS[1]:g}]: the CRBs "
+                         f"scale as 1/SNR^2 and would {what} (SNR = |M0|/sigma; measured values are about 1 to 1e4)")
     return lo, hi
 
 

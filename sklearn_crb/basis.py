@@ -237,7 +237,8 @@ def fit_crb_basis(sequence, theta, U0, *, estimate, nuisance="all", tied_R1=Fals
     ----------
     sequence : Sequence
     theta : ndarray, shape (n_draws, 8)
-        Prior draws (with ``tied_R1``, already tied).
+        Prior draws (with ``tied_R1``, already tied); at least ``rank`` of
+        them (fewer are refused: the result would lose rank).
     U0 : ndarray, complex, shape (n_pulses, rank)
         Orthonormal start (the SVD basis).
     estimate, nuisance, tied_R1
@@ -261,6 +262,13 @@ def fit_crb_basis(sequence, theta, U0, *, estimate, nuisance="all", tied_R1=Fals
         See :func:`crb_optimized_basis`.
     """
     th = np.array(theta, dtype=float)
+    rank = np.shape(U0)[1]
+    if th.ndim != 2 or th.shape[0] < rank:
+        # the final rotation orders the columns by the draws' coefficient energy: fewer draws than columns
+        # would silently return a basis of lower rank than asked for
+        raise ValueError(f"theta: a rank-{rank} CRB basis needs at least {rank} prior draws, got "
+                         f"{th.shape[0] if th.ndim == 2 else th.shape}; raise n_crb_samples (--n-crb-samples) "
+                         f"to at least n_components (--rank) = {rank}")
     th[:, INDEX["m0s"]] = np.maximum(th[:, INDEX["m0s"]], m0s_floor)
     parts = []
     for sl in chunk_slices(th.shape[0], chunk_size):

@@ -28,8 +28,8 @@ from sklearn_crb._report import snr_per_group, stratified_report
 from sklearn_crb.physics.parameters import INDEX
 from sklearn_crb.simulator import unpack_targets
 
-__all__ = ["crb_normalized_mse", "crb_efficiency_score", "make_crb_scorer", "bias_variance_report",
-           "constant_predictor_report", "prior_moments"]
+__all__ = ["crb_normalized_mse", "crb_efficiency_score", "make_crb_scorer", "MissingCRBError",
+           "bias_variance_report", "constant_predictor_report", "prior_moments"]
 
 _MULTI = ("raw_values", "uniform_average")
 
@@ -126,14 +126,26 @@ def crb_efficiency_score(y_true, y_pred, *, crb, multioutput="uniform_average"):
     return 1.0 / max(_aggregate(nmse, multioutput), tiny)
 
 
+class MissingCRBError(BaseException):
+    """A CRB scorer was called without the per-sample CRB of the test samples.
+
+    It derives from ``BaseException``, not ``Exception``, on purpose:
+    scikit-learn's searches and ``cross_validate`` turn every ``Exception`` a
+    scorer raises into a NaN score with only a warning (their default
+    ``error_score=np.nan``), and a search whose every candidate scores NaN
+    picks one arbitrarily. A missing CRB is a mistake in the call, never a
+    property of one candidate, so it stops the search.
+    """
+
+
 def _crb_score(y_true, y_pred, crb=None, *, metric, multioutput):
     y_true, packed = unpack_targets(np.asarray(y_true))
     crb = packed if crb is None else crb
     if crb is None:
-        raise ValueError("the CRB scorer sees no per-sample CRB: pack it with the targets "
+        raise MissingCRBError("the CRB scorer sees no per-sample CRB: pack it with the targets "
                          "(y = sklearn_crb.simulator.pack_targets(y, crb), which every CV fold slices), or enable "
-                         "metadata routing and pass crb= (the scorer requests it). Use GridSearchCV(..., "
-                         "error_score='raise') so that a scorer error cannot turn into a NaN candidate")
+                         "metadata routing (sklearn.set_config(enable_metadata_routing=True)) and pass crb= (the "
+                         "scorer requests it). Without routing, fit(X, y, crb=crb) gives the CRB to the fit only")
     func = crb_normalized_mse if metric == "normalized_mse" else crb_efficiency_score
     return func(y_true, y_pred, crb=crb, multioutput=multioutput)
 

@@ -6,8 +6,7 @@ import torch
 from sklearn.base import clone
 
 from sklearn_crb import MTFingerprintSimulator, Sequence, physics
-from sklearn_crb.basis import (crb_inflation_objective, crb_optimized_basis, objective_and_gradient,
-                               prepare_information)
+from sklearn_crb.basis import crb_inflation_objective, crb_optimized_basis, objective_and_gradient, prepare_information
 from sklearn_crb.crb import crb_from_jacobian
 
 EST = ("m0s", "R1f", "R2f")
@@ -199,3 +198,11 @@ def test_get_params_and_clone(sim_crb):
     assert MTFingerprintSimulator().get_params()["basis_method"] == "svd"
     c.set_params(basis_method="svd")
     assert c.basis_method == "svd"
+
+
+def test_fewer_crb_draws_than_the_rank_are_refused_by_name(seq200):
+    """Release 0.1 returned a basis of rank min(n_components, n_crb_samples) without a word."""
+    sim = MTFingerprintSimulator(seq200, n_components=6, n_crb_samples=3, basis_method="crb", basis_max_iter=1,
+                                 estimate=EST, tied_R1=True, n_basis_samples=50, random_state=0)
+    with pytest.raises(ValueError, match=r"n_crb_samples \(--n-crb-samples\).*--rank\) = 6"):
+        sim.fit()

@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from sklearn_crb.metrics import (bias_variance_report, constant_predictor_report, crb_efficiency_score,
-                                crb_normalized_mse, make_crb_scorer, prior_moments)
+from sklearn_crb.metrics import (
+    MissingCRBError,
+    bias_variance_report,
+    constant_predictor_report,
+    crb_efficiency_score,
+    crb_normalized_mse,
+    make_crb_scorer,
+    prior_moments,
+)
 
 
 def test_normalized_mse_hand_computation():
@@ -71,7 +78,7 @@ def test_scorer_signs_and_errors():
     with sklearn.config_context(enable_metadata_routing=True):
         assert make_crb_scorer("normalized_mse")(est, None, yt, crb=crb) == pytest.approx(-0.5)
         assert make_crb_scorer()(est, None, yt, crb=crb) == pytest.approx(2.0)
-    with pytest.raises(ValueError, match="crb"):
+    with pytest.raises(MissingCRBError, match="no per-sample CRB"):
         make_crb_scorer(request_crb=False)(est, None, yt)
     with pytest.raises(ValueError, match="metric"):
         make_crb_scorer("r2")
@@ -177,3 +184,18 @@ def test_prior_moments_uniform_marginal():
     assert var[1] > 0
     with pytest.raises(ValueError, match="unknown"):
         prior_moments(ParameterPrior.brain(), ["T1"])
+
+
+def test_a_search_without_crb_stops_instead_of_scoring_nan():
+    """GridSearchCV(scoring=make_crb_scorer()).fit(X, y, crb=crb) without routing: the fit gets the CRB, the
+    scorer does not. With sklearn's default error_score=nan an ordinary scorer error became a NaN per candidate
+    and the search picked one arbitrarily; the scorer's error stops it instead."""
+    from conftest import small_crb_net, toy_problem
+    from sklearn.model_selection import GridSearchCV, cross_validate
+
+    X, y, crb = toy_problem(120)
+    search = GridSearchCV(small_crb_net(max_epochs=1), {"lr": [1e-2, 1e-3]}, cv=2, scoring=make_crb_scorer())
+    with pytest.raises(MissingCRBError, match="pack_targets"):
+        search.fit(X, y, crb=crb)
+    with pytest.raises(MissingCRBError, match="no per-sample CRB"):
+        cross_validate(small_crb_net(max_epochs=1), X, y, cv=2, scoring=make_crb_scorer(), params={"crb": crb})

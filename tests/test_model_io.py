@@ -6,11 +6,11 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from conftest import train_small_model
+
 from sklearn_crb import Sequence
-from sklearn_crb.maps import fit_maps
 from sklearn_crb.io.models import check_compatible, load_model, save_model
+from sklearn_crb.maps import fit_maps
 
 NAMES = ("m0s", "R1f", "R2f")
 

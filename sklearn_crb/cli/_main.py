@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
-from sklearn_crb._version import __version__
 import sklearn_crb.cli.fit as fit
+import sklearn_crb.cli.migrate as migrate
 import sklearn_crb.cli.simulate as simulate
 import sklearn_crb.cli.train as train
+from sklearn_crb._version import __version__
 from sklearn_crb.cli._common import EPILOG, CLIError, _common, _Parser
 from sklearn_crb.demo import run_demo
 
@@ -27,7 +28,7 @@ def build_parser():
         description="Cramér–Rao-bound-informed neural networks and NLLS for quantitative MT MRI "
                     "(Zhang et al., MRM 2022).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,simulate,train,fit}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,simulate,train,fit,migrate-model,migrate-data}")
     sub.required = True
 
     p = sub.add_parser("demo", help="end-to-end demo on a simulated brain phantom (no downloads)", epilog=EPILOG,
@@ -42,6 +43,7 @@ def build_parser():
     simulate.add_parser(sub)
     train.add_parser(sub)
     fit.add_parser(sub)
+    migrate.add_parser(sub)
     return parser
 
 

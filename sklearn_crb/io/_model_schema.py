@@ -17,7 +17,8 @@ import torch
 from sklearn_crb.estimators.network import MLP, ResidualMLP
 
 __all__ = ["NETWORKS", "SCHEMAS", "BOUND_KEYS", "LOG_KEY", "head_kinds", "jsonable", "registry_name",
-           "constructor_kwargs", "fail", "is_int", "parse_module_kwargs", "require", "expected_state", "check_state_values"]
+           "constructor_kwargs", "fail", "is_int", "parse_module_kwargs", "require", "expected_state",
+           "check_state_values"]
 
 _JSON_TYPES = (str, int, float, bool, type(None))
 
@@ -40,7 +41,8 @@ _V2_DEFAULTS = {
     "MLP": {"hidden": (256, 256, 128), "normalization": "l2", "batch_norm": True, "activation": "relu"},
     "ResidualMLP": {"hidden": None, "skips": "auto", "normalization": "l2", "batch_norm": True},
 }
-_KIND_TEXT = {"size": "an integer in [1, 65536]", "count": "an integer in [0, 8]", "widths": "a list of integers in [1, 65536]",
+_KIND_TEXT = {"size": "an integer in [1, 65536]", "count": "an integer in [0, 8]",
+              "widths": "a list of integers in [1, 65536]",
               "widths|null": "null or a list of integers in [1, 65536]", "str|null": "a string or null",
               "str": "a string", "bool": "true or false",
               "skips": '"auto", null or a list of [source, target] integer pairs'}
@@ -145,6 +147,7 @@ def require(meta, file, key, types, what):
         fail(file, key, f"must be {what}, got {type(v).__name__}")
     return v
 
+
 def expected_state(cls, kwargs, n_outputs):
     """Shapes of the state dict of the wrapped network, built without memory (meta device)."""
     with torch.device("meta"):
@@ -175,18 +178,24 @@ def check_state_values(state, params):
     ready = state.get("module.normalize.feat_ready")
     if ready is not None and ready.dtype != torch.bool:
         raise ValueError(f"model: {params}: 'module.normalize.feat_ready' must be a boolean tensor, got {ready.dtype}")
+    _check_head_buffers(state, params)
+
+
+def _check_head_buffers(state, params):
+    """The output bounds (low < high) and the log-space flags (boolean, with finite positive bounds)."""
     if all(k in state for k in BOUND_KEYS) and not bool(torch.all(state["low"] < state["high"])):
         raise ValueError(f"model: {params}: the output bounds must satisfy low < high")
-    if LOG_KEY in state:
-        log = state[LOG_KEY]
-        if log.dtype != torch.bool:
-            raise ValueError(f"model: {params}: {LOG_KEY!r} must be a boolean tensor, got {log.dtype}")
-        if bool(log.any()):
-            if not all(k in state for k in BOUND_KEYS):
-                raise ValueError(f"model: {params}: {LOG_KEY!r} marks log-space outputs but there are no bounds")
-            lo, hi = state["low"][log], state["high"][log]
-            if not bool(torch.all((lo > 0) & torch.isfinite(hi))):
-                raise ValueError(f"model: {params}: log-space outputs need finite positive bounds")
+    if LOG_KEY not in state:
+        return
+    log = state[LOG_KEY]
+    if log.dtype != torch.bool:
+        raise ValueError(f"model: {params}: {LOG_KEY!r} must be a boolean tensor, got {log.dtype}")
+    if bool(log.any()):
+        if not all(k in state for k in BOUND_KEYS):
+            raise ValueError(f"model: {params}: {LOG_KEY!r} marks log-space outputs but there are no bounds")
+        lo, hi = state["low"][log], state["high"][log]
+        if not bool(torch.all((lo > 0) & torch.isfinite(hi))):
+            raise ValueError(f"model: {params}: log-space outputs need finite positive bounds")
 
 
 def head_kinds(low, high, log):

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sklearn_crb.io.manifest import RowHasher, make_manifest, verify_dataset
+
 __all__ = ["write_h5_chunks", "H5Rows"]
 
 
@@ -42,7 +44,10 @@ def write_h5_chunks(path, n_samples, chunks, static):
         Rows ``slice`` of every row array, in any order, covering
         ``range(n_samples)`` exactly once.
     static : dict of ndarray
-        Entries written once (basis, meta).
+        Entries written once (basis, meta). With both ``basis`` and
+        ``meta`` the file is a training set and gets its ``manifest``
+        (:mod:`sklearn_crb.io.manifest`): the rows are hashed as they arrive
+        (read back only if the chunks came out of order).
 
     Returns
     -------
@@ -52,23 +57,50 @@ def write_h5_chunks(path, n_samples, chunks, static):
     import h5py  # optional container; imported only when HDF5 is asked for
 
     n_samples = int(n_samples)
-    written = 0
     with h5py.File(path, "w") as f:
         for k, v in static.items():
             f.create_dataset(k, data=v)
-        dsets = None
-        for sl, part in chunks:
-            if dsets is None:
-                dsets = {k: f.create_dataset(k, shape=(n_samples,) + np.shape(v)[1:], dtype=np.asarray(v).dtype)
-                         for k, v in part.items()}
-            if set(part) != set(dsets):
-                raise ValueError(f"chunk {sl} has the entries {sorted(part)}, expected {sorted(dsets)}")
-            for k, v in part.items():
-                dsets[k][sl] = v
-            written += sl.stop - sl.start
-    if written != n_samples:
-        raise ValueError(f"the chunks held {written} rows, expected {n_samples}")
+        dsets, hashers, written = _write_chunks(f, n_samples, chunks)
+        if written != n_samples:
+            raise ValueError(f"the chunks held {written} rows, expected {n_samples}")
+        if "basis" in static and "meta" in static:  # a training set: bind its basis and meta to its rows
+            f.create_dataset("manifest", data=make_manifest(static["basis"], static["meta"], n_samples,
+                                                            _row_hashes(dsets, hashers, n_samples)))
     return written
+
+
+def _write_chunks(f, n_samples, chunks):
+    """Write the chunks into pre-sized datasets, hashing the rows while they arrive in order."""
+    dsets, hashers, written = None, {}, 0
+    for sl, part in chunks:
+        if dsets is None:
+            dsets = {k: f.create_dataset(k, shape=(n_samples,) + np.shape(v)[1:], dtype=np.asarray(v).dtype)
+                     for k, v in part.items()}
+            hashers = {k: RowHasher(d.dtype, d.shape[1:]) for k, d in dsets.items()}
+        if set(part) != set(dsets):
+            raise ValueError(f"chunk {sl} has the entries {sorted(part)}, expected {sorted(dsets)}")
+        for k, v in part.items():
+            dsets[k][sl] = v
+            h = hashers.get(k)
+            if h is not None and h.rows == sl.start:
+                h.update(v)
+            else:  # out of order: hashed from the file at the end
+                hashers.pop(k, None)
+        written += sl.stop - sl.start
+    return dsets or {}, hashers, written
+
+
+def _row_hashes(dsets, hashers, n_samples):
+    """SHA-256 per row dataset: streamed where the chunks came in order, else read back block by block."""
+    out = {}
+    for k, d in dsets.items():
+        h = hashers.get(k)
+        if h is None or h.rows != n_samples:
+            h = RowHasher(d.dtype, d.shape[1:])
+            for start in range(0, n_samples, 65536):
+                h.update(d[start:start + 65536])
+        out[k] = h.hexdigest()
+    return out
 
 
 class H5Rows:
@@ -85,6 +117,12 @@ class H5Rows:
         of ``X``).
     argname : str
         Name used in error messages.
+    verify_rows : bool, default False
+        For a training set (a file with ``basis`` and ``meta``), also hash
+        every row against the manifest (one pass over the file). The basis,
+        the meta and the size are always checked against it
+        (:func:`sklearn_crb.io.manifest.verify_dataset`), and a set without a
+        manifest is refused with a message naming ``sklearn-crb migrate-data``.
 
     Notes
     -----
@@ -93,7 +131,7 @@ class H5Rows:
     file is executed: only numeric datasets are read.
     """
 
-    def __init__(self, path, keys=None, argname="data"):
+    def __init__(self, path, keys=None, argname="data", verify_rows=False):
         import h5py  # optional container
 
         self.path = Path(os.path.abspath(os.fspath(path)))
@@ -112,11 +150,14 @@ class H5Rows:
                 if missing:
                     raise ValueError(f"it has no per-sample numeric arrays {missing} (found {found})")
                 self.shapes = {k: f[k].shape[1:] for k in keys}
+                is_set = "basis" in f and "meta" in f
                 self.dtypes = {k: f[k].dtype for k in keys}
         except ValueError as exc:
             raise ValueError(f"{argname}: {self.path}: {exc}") from exc
         except OSError as exc:
             raise ValueError(f"{argname}: {self.path} is truncated or not HDF5 ({exc})") from exc
+        if is_set:  # a training set: its basis and meta must be the ones its rows were simulated with
+            verify_dataset(self.path, verify_rows=verify_rows, argname=argname)
         self.keys = tuple(keys)
         self.n = int(n)
         self._file = None

@@ -36,6 +36,9 @@ __all__ = [
     "load_array",
     "make_mask",
     "check_rank",
+    "check_same_grid",
+    "load_mask",
+    "AFFINE_TOL",
     "save_nifti",
     "save_maps",
     "features_from_coefficients",
@@ -102,7 +105,9 @@ def _pick(variables, key, preferred, path, argname):
     for k in preferred:
         if k in variables:
             return variables[k]
-    raise ValueError(f"{argname}: {path} holds several arrays {sorted(variables)}; say which with key=")
+    raise ValueError(f"{argname}: {path} holds several arrays {sorted(variables)} and none has a name this input "
+                     f"looks for {list(preferred)}: save the array to use under one of those names, or alone in "
+                     "its file (Python: pass key=)")
 
 
 def _h5_to_numpy(ds):
@@ -151,8 +156,11 @@ def load_array(path, key=None, argname="path", preferred=_COEF_KEYS):
             import nibabel as nib  # heavy; only NIfTI input needs it
 
             img = nib.load(str(path))
-            arr = np.asanyarray(img.dataobj)
             affine, header = np.asarray(img.affine, dtype=float), img.header
+            if not np.all(np.isfinite(affine)):  # refused here, not when the maps are written after the fit
+                raise ValueError(f"{argname}: {path} has a non-finite affine (voxel-to-world transform) "
+                                 f"{np.round(affine, 4).tolist()}; fix its qform/sform")
+            arr = np.asanyarray(img.dataobj)
         elif name.endswith(".npy"):
             arr = np.load(path, allow_pickle=False)
         elif name.endswith(".npz"):
@@ -284,6 +292,40 @@ def load_basis(path, *, n_pulses=None, rank=None, key=None, check_orthonormal=Tr
 
 
 # ---------------------------------------------------------------------- masks
+#: Largest difference (mm) between the affine of a mask or map and that of the coefficient image.
+AFFINE_TOL = 1e-4
+
+
+def check_same_grid(affine, header, image, argname, path=None):
+    """Refuse an input on another voxel grid than the coefficient image's (both NIfTI: affines within AFFINE_TOL).
+
+    Inputs without a header (MATLAB, NumPy) carry no affine and are taken
+    on the image grid; their shape is checked by the caller.
+
+    Raises
+    ------
+    ValueError
+        Naming ``argname`` and both affines.
+    """
+    if header is None or not isinstance(image, CoefficientImage) or image.header is None:
+        return
+    if not np.allclose(np.asarray(affine, dtype=float), image.affine, rtol=0, atol=AFFINE_TOL):
+        raise ValueError(f"{argname}: the affine of {path if path is not None else 'the input'} "
+                         f"{np.round(affine, 4).tolist()} differs from the coefficient image's "
+                         f"{np.round(image.affine, 4).tolist()} (tolerance {AFFINE_TOL} mm): resample it onto the "
+                         "image grid first")
+
+
+def load_mask(path, image, argname="mask"):
+    """Read a mask file for ``image``: numeric, and on its grid (:func:`check_same_grid`).
+
+    Returns the array (non-zero = fit); its shape is checked by :func:`make_mask`.
+    """
+    arr, affine, header = load_array(path, None, argname, preferred=("mask",))
+    check_same_grid(affine, header, image, argname, path)
+    return arr
+
+
 def make_mask(coefficients, mask=None, *, threshold=0.05):
     """Voxels to fit: a given mask, or an automatic one.
 
@@ -291,7 +333,8 @@ def make_mask(coefficients, mask=None, *, threshold=0.05):
     ----------
     coefficients : ndarray, complex, shape (*spatial, r), or CoefficientImage
     mask : None, array_like of shape ``spatial`` or path
-        A given mask (non-zero = fit); it is still intersected with the
+        A given mask (non-zero = fit); a NIfTI mask of a NIfTI image must
+        have its affine (:func:`check_same_grid`). It is still intersected with the
         voxels whose coefficients are finite and not all zero.
     threshold : float
         Automatic mask: keep voxels whose coefficient norm ``||c||`` is at
@@ -311,7 +354,7 @@ def make_mask(coefficients, mask=None, *, threshold=0.05):
     invalid = ~finite | (norm == 0)
     if mask is not None:
         if isinstance(mask, (str, os.PathLike)):
-            mask, _, _ = load_array(mask, None, "mask", preferred=("mask",))
+            mask = load_mask(mask, coefficients)
         m = np.asarray(mask)
         if m.ndim == len(spatial) + 1 and m.shape[-1] == 1:
             m = m[..., 0]

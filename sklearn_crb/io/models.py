@@ -13,8 +13,17 @@ A model is a directory::
                     input normalisation, parameter names and units, which are
                     estimated, the tied-R1 model, the values assumed for the
                     parameters that are not estimated, the sequence (full
-                    description and SHA-256) and the basis SHA-256
+                    description and SHA-256), the basis SHA-256, and
+                    ``content_sha256``: the SHA-256 of all of the above
+                    (canonical JSON), which binds what a prediction means
+                    to the weights and the basis (format version 5)
       basis.npy     the compression basis (complex128, ``allow_pickle=False``)
+
+Loading reads each file once and uses only the bytes it verified. Folders
+written before format version 5 (sklearn-crb 0.1) load only with
+``load_model(..., trust_unhashed=True)`` or after the one-time conversion
+:func:`migrate_model` (``sklearn-crb migrate-model``), which writes a new
+folder; a format number the package never wrote is refused.
 
 No pickle is involved: JSON, ``.npy`` and a tensor-only state dict, and a
 model folder is treated as untrusted input: ``model.json`` can name only the
@@ -29,45 +38,41 @@ basis returns plausible-looking nonsense on another.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
-import torch
-
 from sklearn.utils.validation import check_is_fitted
 
+from sklearn_crb._atomic import atomic_dir
 from sklearn_crb._validation import check_basis
 from sklearn_crb._version import __version__
-from sklearn_crb.estimators._measured import resolve_measured
 from sklearn_crb.estimators.regressor import CRBNetRegressor
-from sklearn_crb._atomic import atomic_dir
 from sklearn_crb.io._files import check_output_folder
-from sklearn_crb.io._model_schema import (BOUND_KEYS, LOG_KEY, NETWORKS, check_state_values, constructor_kwargs,
-                                         expected_state, fail, head_kinds, is_int, jsonable, parse_module_kwargs,
-                                         registry_name, require)
+from sklearn_crb.io._model_reader import (
+    FORMAT,
+    FORMAT_VERSION,
+    HASHED_SINCE,
+    MODEL_FILES,
+    basis_sha256,
+    content_sha256,
+    read_checked,
+    state_head,
+)
+from sklearn_crb.io._model_schema import (
+    NETWORKS,
+    constructor_kwargs,
+    head_kinds,
+    jsonable,
+    registry_name,
+)
 from sklearn_crb.physics.parameters import PARAMETERS, UNITS, resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
 
-__all__ = ["save_model", "load_model", "check_compatible", "basis_sha256", "file_sha256", "NETWORKS", "FORMAT",
-           "FORMAT_VERSION", "MODEL_FILES"]
-
-FORMAT = "sklearn-crb-network"
-#: 2: ``module_class`` is a registry name and ``params_sha256`` is recorded.
-#: 3: ``module_kwargs`` records every constructor argument, so a later change of
-#: a network's defaults cannot change what a saved model loads as. ``output_head`` (the per-output head kind,
-#: checked against the ``log_head``/``low``/``high`` buffers of ``params.pt``) is optional: older files lack it.
-FORMAT_VERSION = 4
-#: The files of a model folder; a folder holding anything else is never replaced.
-MODEL_FILES = ("params.pt", "model.json", "basis.npy")
-
-
-def basis_sha256(basis):
-    """SHA-256 of a basis as little-endian complex128 (shape included)."""
-    U = np.ascontiguousarray(np.asarray(basis), dtype="<c16")
-    h = hashlib.sha256(str(U.shape).encode())
-    h.update(U.tobytes())
-    return h.hexdigest()
+__all__ = ["save_model", "load_model", "migrate_model", "check_compatible", "basis_sha256", "file_sha256",
+           "content_sha256", "NETWORKS", "FORMAT", "FORMAT_VERSION", "HASHED_SINCE", "MODEL_FILES"]
 
 
 def file_sha256(path):
@@ -174,90 +179,22 @@ def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_val
     with atomic_dir(path) as tmp:
         net.save_params(f_params=str(tmp / "params.pt"))
         meta["params_sha256"] = file_sha256(tmp / "params.pt")
+        meta["content_sha256"] = content_sha256(meta)
         np.save(tmp / "basis.npy", U, allow_pickle=False)
         (tmp / "model.json").write_text(json.dumps(meta, indent=1))
     return Path(path)
 
 
-def _read_meta(path):
-    """Read and validate ``model.json``: one ``ValueError`` naming the file and the key."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model: {path} is not a model directory (expected params.pt, model.json, basis.npy)")
-    missing = [f for f in MODEL_FILES if not (path / f).is_file()]
-    if missing:
-        raise ValueError(f"model: {path} is incomplete, missing {missing}")
-    file = path / "model.json"
-    try:
-        meta = json.loads(file.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ValueError(f"model: {file} is not valid JSON ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(meta, dict):
-        raise ValueError(f"model: {file} must hold a JSON object, got {type(meta).__name__}")
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"model: {path} is not a {FORMAT} model (format={meta.get('format')!r:.60})")
-    version = require(meta, file, "format_version", int, "an integer")
-    if version > FORMAT_VERSION:
-        raise ValueError(f"model: {file}: format version {version} is newer than this package supports "
-                         f"({FORMAT_VERSION}); upgrade sklearn-crb")
-    if version >= 2:
-        require(meta, file, "params_sha256", str, "a SHA-256 hex string")
-    require(meta, file, "module_class", str, "a string")
-    require(meta, file, "module_kwargs", dict, "a JSON object")
-    n_features = require(meta, file, "n_features", int, "an integer")
-    n_outputs = require(meta, file, "n_outputs", int, "an integer")
-    rank = require(meta, file, "rank", int, "an integer")
-    est = require(meta, file, "estimate", list, "a list of parameter names")
-    tied = require(meta, file, "tied_R1", bool, "true or false")
-    fill = require(meta, file, "fill_values", list, "a list of 8 numbers")
-    for key in ("basis_sha256", "sequence_sha256"):
-        require(meta, file, key, str, "a SHA-256 hex string")
-    require(meta, file, "sequence", dict, "a JSON object")
-    if not all(isinstance(p, str) for p in est):
-        fail(file, "estimate", "must be a list of parameter names")
-    try:
-        meta["estimate"] = list(resolve_estimate(tuple(est), tied))
-    except (ValueError, TypeError) as exc:
-        fail(file, "estimate", f"is invalid ({exc})")
-    if len(est) != n_outputs:
-        fail(file, "n_outputs", f"is {n_outputs} but 'estimate' names {len(est)} parameters")
-    measured = meta.setdefault("measured", [])
-    if not (isinstance(measured, list) and all(isinstance(p, str) for p in measured)):
-        fail(file, "measured", "must be a list of parameter names")
-    try:
-        meta["measured"] = list(resolve_measured(tuple(measured), meta["estimate"], tied))
-    except (ValueError, TypeError) as exc:
-        fail(file, "measured", f"is invalid ({exc})")
-    if n_features != 2 * rank + len(measured) or rank < 1:
-        fail(file, "n_features", f"is {n_features} but 'rank' is {rank} and {len(measured)} parameters are "
-                                 "measured (expected 2 * rank real features, then the measured columns)")
-    if len(fill) != len(PARAMETERS) or not all(is_int(v) or isinstance(v, float) for v in fill) or not np.all(
-            np.isfinite(np.asarray(fill, dtype=float))):
-        fail(file, "fill_values", "must be 8 finite numbers in PARAMETERS order")
-    for key in ("loss", "crb_at"):
-        if meta.get(key) is not None and not isinstance(meta[key], str):
-            fail(file, key, "must be a string or null")
-    nuis = meta.get("nuisance", "all")
-    if not (nuis is None or isinstance(nuis, str) or (isinstance(nuis, list) and all(isinstance(p, str)
-                                                                                    for p in nuis))):
-        fail(file, "nuisance", "must be a string, a list of parameter names or null")
-    meta["_module"] = parse_module_kwargs(file, meta["module_class"], meta["module_kwargs"], version)
-    try:
-        meta["_sequence"] = Sequence.from_dict(meta["sequence"])
-    except Exception as exc:  # noqa: BLE001 - an arbitrary JSON object: any failure is a bad file
-        fail(file, "sequence", f"is not a valid sequence ({type(exc).__name__}: {exc})")
-    if meta["_sequence"].sha256() != meta["sequence_sha256"]:
-        fail(file, "sequence", "does not match 'sequence_sha256' (corrupt model)")
-    return meta
-
-
-def load_model(path, *, device="auto", sequence=None, basis=None):
+def load_model(path, *, device="auto", sequence=None, basis=None, trust_unhashed=False):
     """Load a model saved by :func:`save_model`; the folder is untrusted input.
 
-    Only the registered networks (``NETWORKS``) are built, with the
-    constructor arguments of ``model.json`` checked against their schema;
-    ``params.pt`` must match its recorded SHA-256, loads with
-    ``torch.load(weights_only=True)`` and must fit the network exactly.
+    Every file is read once; those bytes are checked and used. Only the
+    registered networks (``NETWORKS``) are built, with the constructor
+    arguments of ``model.json`` checked against their schema; ``params.pt``
+    must match its recorded SHA-256, ``model.json`` its ``content_sha256``
+    (which binds its meaning fields to the weights and the basis), and the
+    weights load with ``torch.load(weights_only=True)`` and must fit the
+    network exactly.
 
     Parameters
     ----------
@@ -267,6 +204,12 @@ def load_model(path, *, device="auto", sequence=None, basis=None):
         Where the network runs (``"auto"``, ``"cpu"``, ``"cuda"``).
     sequence, basis : optional
         If given, checked against the model (:func:`check_compatible`).
+    trust_unhashed : bool, default False
+        Load a folder written before ``model.json`` was hashed (format
+        version 4 and older, sklearn-crb 0.1): nothing then shows that its
+        meaning fields belong to its weights. Only for folders you trust;
+        :func:`migrate_model` (``sklearn-crb migrate-model``) converts such a
+        folder once into a hashed one.
 
     Returns
     -------
@@ -281,69 +224,71 @@ def load_model(path, *, device="auto", sequence=None, basis=None):
     ValueError
         Anything wrong with the folder, naming the file and the key.
     """
-    path = Path(path)
-    meta = _read_meta(path)
-    name, kwargs = meta.pop("_module")
-    seq = meta.pop("_sequence")
-    try:
-        U = np.load(path / "basis.npy", allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - truncated or corrupt file
-        raise ValueError(f"model: {path / 'basis.npy'} is not a readable .npy file ({exc})") from exc
-    if basis_sha256(U) != meta["basis_sha256"]:
-        raise ValueError(f"model: {path / 'basis.npy'} does not match the basis hash in model.json (corrupt model)")
-    if U.shape != (seq.n_pulses, meta["rank"]):
-        fail(path / "model.json", "rank", f"is {meta['rank']} but basis.npy has shape {U.shape}")
-    params = path / "params.pt"
-    if "params_sha256" in meta and file_sha256(params) != meta["params_sha256"]:
-        raise ValueError(f"model: {params} does not match 'params_sha256' in model.json (corrupt or altered "
-                         "weights); refusing to load it")
-    try:
-        state = torch.load(params, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"model: {params} cannot be loaded safely ({type(exc).__name__}: {exc})") from exc
-    kwargs.setdefault("n_features", meta["n_features"])
-    kwargs.setdefault("n_outputs", meta["n_outputs"])
-    if kwargs.setdefault("n_conditioning", len(meta["measured"])) != len(meta["measured"]):
-        fail(path / "model.json", "module_kwargs.n_conditioning", f"is {kwargs['n_conditioning']} but "
-                                                                   f"'measured' names {meta['measured']}")
-    cls = NETWORKS[name]
-    try:
-        expected = expected_state(cls, kwargs, meta["n_outputs"])
-    except (ValueError, TypeError) as exc:
-        fail(path / "model.json", "module_kwargs", f"is rejected by {name} ({exc})")
-    got = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) and all(
-        isinstance(v, torch.Tensor) for v in state.values()) else None
-    if got is None:
-        raise ValueError(f"model: {params} is not a state dict of tensors")
-    if set(BOUND_KEYS) <= set(got) or not set(got) & set(BOUND_KEYS):  # both bounds, or neither (older)
-        expected.update({k: got[k] for k in BOUND_KEYS if k in got and got[k] == (meta["n_outputs"],)})
-    if got.get(LOG_KEY) == (meta["n_outputs"],):  # absent in models saved before the log-space head
-        expected[LOG_KEY] = got[LOG_KEY]
-    if got != expected:
-        diff = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
-        raise ValueError(f"model: {params} does not fit the network described by model.json "
-                         f"('module_class' {name}, 'module_kwargs'): mismatch at {diff[:4]}")
-    check_state_values(state, params)
-    if "output_head" in meta:
-        n = meta["n_outputs"]
-        low, high = (state.get(k, torch.full((n,), float(s) * torch.inf)) for k, s in zip(BOUND_KEYS, (-1, 1)))
-        kinds = head_kinds(low, high, state.get(LOG_KEY, torch.zeros(n, dtype=torch.bool)))
-        if meta["output_head"] != kinds:
-            fail(path / "model.json", "output_head", f"is {meta['output_head']!r:.120} but params.pt holds the "
-                                                     f"head {kinds}")
-    del state  # checked; skorch loads the file into the module
-    net = CRBNetRegressor(module=cls, loss=meta.get("loss") or "crb", target_names=tuple(meta["estimate"]),
+    meta, name, kwargs, U, files, state = read_checked(path, trust_unhashed)
+    del state  # checked; the net loads the same verified bytes
+    net = CRBNetRegressor(module=NETWORKS[name], loss=meta.get("loss") or "crb", target_names=tuple(meta["estimate"]),
                           measured=tuple(meta["measured"]) or None, device=device,
                           **{f"module__{k}": v for k, v in kwargs.items()})
     net.n_features_in_ = int(meta["n_features"])
     net.n_outputs_ = int(meta["n_outputs"])
     net.initialize()
-    net.load_params(f_params=str(params))
+    net.load_params(f_params=io.BytesIO(files["params.pt"]))  # the verified bytes; the path is not reopened
     net.target_names_ = tuple(meta["estimate"])
     net.crb_metadata_ = dict(meta, basis=U)
     if sequence is not None or basis is not None:
         check_compatible(net, sequence=sequence, basis=basis)
     return net
+
+
+def migrate_model(path, out, *, overwrite=False, argname="out"):
+    """Convert a model folder of an older format into the current, hashed one (a new folder).
+
+    For folders written before ``model.json`` was hashed (format version 4
+    and older, sklearn-crb 0.1), by someone you trust: the folder is loaded
+    with every check of :func:`load_model` (``trust_unhashed=True``), and
+    ``out`` gets the same weights and basis, byte for byte, and a
+    ``model.json`` in the current format (the network's constructor
+    arguments written out in full, the output head recorded) with
+    ``params_sha256`` and ``content_sha256``; ``migrated_from`` records the
+    old format version and package version. ``path`` is not changed.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The old model folder.
+    out : str or path-like
+        The new folder (written atomically). An existing ``out`` is replaced
+        only with ``overwrite=True`` and only if it is itself a saved model.
+    overwrite : bool
+    argname : str
+        The name of ``out`` in messages (``"--out"`` from the CLI).
+
+    Returns
+    -------
+    Path
+    """
+    meta, name, kwargs, U, files, state = read_checked(path, trust_unhashed=True)
+    old = meta["format_version"]
+    if old >= HASHED_SINCE:
+        raise ValueError(f"model: {path} already has format version {old} (hashed); there is nothing to migrate")
+    if Path(os.path.abspath(out)) == Path(os.path.abspath(path)):
+        raise ValueError(f"{argname}: the migrated model goes to a new folder, not to the old one")
+    out = check_output_folder(out, overwrite=overwrite, owned_names=MODEL_FILES, marker="model.json", argname=argname)
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()
+              if k not in ("n_features", "n_outputs")}
+    kwargs = {k: [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, list) else v
+              for k, v in kwargs.items()}
+    new = dict(meta, format_version=FORMAT_VERSION, module_class=name, module_kwargs=kwargs,
+               output_head=state_head(state, meta["n_outputs"]),
+               params_sha256=hashlib.sha256(files["params.pt"]).hexdigest(),
+               migrated_from={"format_version": old, "sklearn_crb_version": meta.get("sklearn_crb_version")})
+    new.pop("content_sha256", None)
+    new["content_sha256"] = content_sha256(new)
+    with atomic_dir(out) as tmp:
+        (tmp / "params.pt").write_bytes(files["params.pt"])
+        (tmp / "basis.npy").write_bytes(files["basis.npy"])
+        (tmp / "model.json").write_text(json.dumps(new, indent=1))
+    return Path(out)
 
 
 def check_compatible(model, *, sequence=None, basis=None, rank=None):
