@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,33 @@ def test_missing_key_is_refused(tmp_path):
     write(tmp_path, "nomachine.json", bad)
     with pytest.raises(ValueError, match="nomachine.json: missing key 'machine'"):
         gen.load_results(tmp_path)
+
+
+def _github_slug(heading):
+    """The anchor GitHub (and MyST) gives a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_readme_is_a_short_guide_with_the_two_commands_in_order():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 220
+    first = 'pip install -e ".[examples]" && sklearn-crb demo'
+    second = 'pip install -e ".[test]" && pytest'
+    assert first in text and second in text and text.index(first) < text.index(second)
+    assert "10.1002/mrm.29206" in text
+
+
+def test_readme_links_resolve():
+    """Every relative link of the README names a file of the repository, and every anchor a heading in it."""
+    text = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    relative = [link for link in links if not re.match(r"[a-z]+:", link)]
+    assert relative, "the README links to the documentation"
+    for link in relative:
+        path, _, anchor = link.partition("#")
+        target = ROOT / path
+        assert target.exists(), f"README links to a missing file: {link}"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", target.read_text(), flags=re.M)
+            assert anchor in {_github_slug(h) for h in headings}, f"README links to a missing heading: {link}"
