@@ -4,8 +4,9 @@ Parameter, standard-error and residual maps of a brain phantom
 
 Simulate the 2-D brain phantom through the built-in sequence and a rank-13
 basis, train a small CRB-loss network, and turn the coefficient image into
-maps with :func:`sklearn_crb.maps.fit_maps`: the estimates, their standard
-errors sqrt(CRB) at the estimate, the relative residual and the flag map.
+maps with :func:`sklearn_crb.fit_maps`: the estimates, their standard
+errors (the network's own, by the delta method; ``se="crb"`` gives sqrt(CRB)
+at the estimate), the relative residual and the flag map.
 """
 
 import matplotlib.pyplot as plt
