@@ -54,7 +54,7 @@ from sklearn.base import BaseEstimator
 from sklearn_crb._atomic import atomic_path
 
 __all__ = ["RESULTS", "V32", "parser", "start", "Run", "table", "validate", "machine", "git_state", "sequence",
-           "cached_dataset", "eval_draws", "save_npz", "GivenStart", "crb_covariance", "step_fractions",
+           "v32_path", "cached_dataset", "eval_draws", "save_npz", "GivenStart", "crb_covariance", "step_fractions",
            "bootstrap_se", "quick_model"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,12 +269,17 @@ def start(benchmark, title, args, argv=None, variant=None):
 
 
 # ------------------------------------------------------ shared by scripts
+def v32_path():
+    """Where the v3.2 sequence file should be: ``$SKLEARN_CRB_DATA`` (default ``../shared/data``)."""
+    return Path(os.environ.get("SKLEARN_CRB_DATA", ROOT.parent / "shared" / "data")) / V32
+
+
 def sequence(required=False):
-    """``(Sequence, name)``: v3.2 from ``SKLEARN_CRB_DATA`` (default ``../shared/data``), else the built-in
-    sequence (the same 1142 pulses), unless ``required``."""
+    """``(Sequence, name)``: v3.2 from :func:`v32_path`, else the built-in sequence (the same 1142 pulses),
+    unless ``required``."""
     from sklearn_crb import Sequence
 
-    path = Path(os.environ.get("SKLEARN_CRB_DATA", ROOT.parent / "shared" / "data")) / V32
+    path = v32_path()
     if path.is_file():
         return Sequence.from_mat(path, TR=3.5e-3), V32
     if required:
