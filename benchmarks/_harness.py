@@ -75,29 +75,37 @@ def _folder(value):
 def parser(doc, *, seed=0, threads=1):
     """An ``ArgumentParser`` described by the module docstring ``doc``, with the harness's options.
 
-    ``--out DIR`` (default ``benchmarks/results/``), ``--seed`` (default ``seed``), ``--threads`` (torch
-    and numba CPU threads, default ``threads``; ``None``: the libraries' defaults) and ``--quick``.
+    ``--out DIR`` (default ``benchmarks/results/``), ``--seed`` (default ``seed``), ``--threads`` and
+    ``--quick``. ``--threads N`` sets torch's and numba's CPU threads; without it torch gets ``threads``
+    (``None``: its default) and numba keeps its default (all CPUs), as the scripts always ran.
     """
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("harness")
     g.add_argument("--out", type=_folder, default=RESULTS, metavar="DIR",
                    help="folder of the results (default benchmarks/results/)")
     g.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
-    g.add_argument("--threads", type=int, default=threads, help=f"torch and numba CPU threads (default {threads})")
+    g.add_argument("--threads", type=int, default=None,
+                   help=f"torch and numba CPU threads (default: torch {threads or 'default'}, numba all CPUs)")
     g.add_argument("--quick", action="store_true", help="a smoke run of a few seconds: tiny sizes, written as "
                                                         "<benchmark>-quick.json")
-    return argparse.ArgumentParser(description=doc.split("\n\n")[0], parents=[common],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], parents=[common],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(torch_threads=threads)
+    return p
 
 
-def _set_threads(n):
+def _set_threads(args):
+    import torch
+
+    n = args.threads
     if n is None:
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
         return
     if n < 1:
         raise SystemExit(f"--threads must be at least 1, got {n}")
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
     import numba
-    import torch
 
     torch.set_num_threads(n)
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
@@ -263,7 +271,7 @@ class Run:
 
 def start(benchmark, title, args, argv=None, variant=None):
     """Begin a run: set the thread counts, create ``--out`` and return the :class:`Run`."""
-    _set_threads(args.threads)
+    _set_threads(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     return Run(benchmark, title, args, argv, variant)
 

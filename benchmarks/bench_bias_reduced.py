@@ -79,7 +79,7 @@ def train(sim, data, loss, args, log):
     from sklearn_crb import CRBNetRegressor
 
     kw = dict(simulator=sim, loss=loss, random_state=args.seed, max_epochs=args.epochs, augment=True,
-              n_threads=args.threads)
+              n_threads=args.threads or args.torch_threads)
     if loss == "bias_reduced":
         kw.update(pretrain_epochs=args.pretrain_epochs, n_realizations=args.n_realizations, bias_lambda=1.0,
                   var_delta=1.0)

@@ -104,7 +104,7 @@ def train_net(sim, data, loss, args, log):
     from sklearn_crb import CRBNetRegressor
 
     # the benchmark's thread setting, not the package's automatic one
-    kw = {"simulator": sim, "loss": loss, "random_state": args.seed, "n_threads": args.threads}
+    kw = {"simulator": sim, "loss": loss, "random_state": args.seed, "n_threads": args.threads or args.torch_threads}
     if args.epochs is not None:
         kw["max_epochs"] = args.epochs
     net = CRBNetRegressor(**kw)

@@ -25,7 +25,7 @@ from sklearn_crb.physics.parameters import free_parameters
 
 
 def parse_args(argv=None):
-    p = parser(__doc__)
+    p = parser(__doc__, threads=None)
     p.add_argument("--voxels", type=int, default=19000, help="masked voxels (default 19000)")
     a = p.parse_args(argv)
     if a.quick:

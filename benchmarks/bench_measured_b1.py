@@ -37,7 +37,7 @@ MEASURED = {"estimated B1": None, "measured B1": ("B1",)}
 
 
 def parse_args(argv=None):
-    p = parser(__doc__)
+    p = parser(__doc__, threads=None)
     p.add_argument("--n-train", type=int, default=12000, help="training draws (default 12000)")
     p.add_argument("--epochs", type=int, default=150, help="max_epochs (default 150)")
     p.add_argument("--train-snr", type=float, nargs=2, default=(10.0, 300.0), help="training |M0|/sigma range")

@@ -128,7 +128,7 @@ def rates(seq, theta):
 
 
 def parse_args(argv=None):
-    ap = parser(__doc__)
+    ap = parser(__doc__, threads=None)
     ap.add_argument("--n", type=int, default=300, help="voxels of (a) and (b) (default 300)")
     ap.add_argument("--n-scipy", type=int, default=8, help="voxels of the scipy loop (c) (default 8)")
     ap.add_argument("--snr", type=float, default=100.0, help="|M0|/sigma (default 100)")

@@ -101,7 +101,7 @@ def report(med, calib, sigma_ratio, seconds):
 
 
 def main(argv=None):
-    p = parser(__doc__)
+    p = parser(__doc__, threads=None)
     p.add_argument("--n-samples", type=int, default=None, help="simulate --n-samples (default: the CLI's)")
     p.add_argument("--epochs", type=int, default=None, help="train --epochs (default: the recipe's)")
     p.add_argument("--sequence", default=None, help="a .mat pulse train (default: the built-in sequence); the "

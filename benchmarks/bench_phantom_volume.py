@@ -130,7 +130,7 @@ def tables(results):
 
 
 def main(argv=None):
-    p = parser(__doc__)
+    p = parser(__doc__, threads=None)
     p.add_argument("--snr", type=float, default=300.0, help="1/sigma of the phantom (default 300)")
     p.add_argument("--fast", action="store_true", help="fit with `sklearn-crb fit --fast` (the cold fast schedule)")
     a = p.parse_args(argv)

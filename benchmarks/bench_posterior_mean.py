@@ -159,7 +159,7 @@ def _network_cells(model, basis, theta, x, crb, pv, free, n, m):
 
 
 def parse_args(argv=None):
-    ap = parser(__doc__)
+    ap = parser(__doc__, threads=None)
     ap.add_argument("--n-theta", type=int, default=40, help="prior draws (default 40)")
     ap.add_argument("--n-noise", type=int, default=16, help="noise draws per prior draw (default 16)")
     ap.add_argument("--n-burn", type=int, default=2000, help="Metropolis burn-in (adaptation) steps per chain")

@@ -28,7 +28,7 @@ SNR = 116.0
 
 
 def parse_args(argv=None):
-    p = parser(__doc__)
+    p = parser(__doc__, threads=None)
     p.add_argument("--model", default=None, help="model folder (required unless --quick)")
     p.add_argument("--draws", type=int, default=4, help="phantom noise draws (default 4)")
     p.add_argument("--voxels", type=int, default=40, help="voxels per tissue, WM and GM (default 40)")

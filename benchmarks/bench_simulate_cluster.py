@@ -85,7 +85,7 @@ def cluster(n_workers):
 
 
 def parse_args(argv=None):
-    ap = parser(__doc__)
+    ap = parser(__doc__, threads=None)
     ap.add_argument("--n-samples", type=int, default=1_000_000, help="samples on 2 workers (default 1,000,000)")
     ap.add_argument("--check-samples", type=int, default=5000, help="samples on 1 worker, compared bitwise")
     ap.add_argument("--chunk", type=int, default=500, help="samples per task (default 500)")
