@@ -39,38 +39,34 @@ squared-error-trained network approaches the posterior mean, so a spread
 near this reference (not near 1) is what leaning on the prior as a Bayes
 estimator does; much below it is over-smoothing.
 
-Outputs under ``benchmarks/results/`` (ignored by git): ``crb_vs_mse.json``,
-``crb_vs_mse.md`` (the tables), ``crb_vs_mse.png``; datasets are cached in
-``benchmarks/results/cache/``. torch runs with ``--threads`` (default 1:
-the machine is shared, and 2 threads on 2 loaded cores degrade badly).
+Outputs under ``--out`` (default ``benchmarks/results/``): ``crb_vs_mse.json``
+and ``crb_vs_mse.png``; datasets are cached in ``<out>/cache/``. torch runs
+with ``--threads`` (default 1: the machine is shared, and 2 threads on 2
+loaded cores degrade badly). ``--save-nets DIR`` also saves both nets as
+model folders (inputs of ``bench_data_following.py`` and
+``bench_posterior_mean.py --model``).
 
 Usage::
 
-    python benchmarks/bench_crb_vs_mse.py --quick
     python benchmarks/bench_crb_vs_mse.py --estimate m0s R1f R2f Rex T2s omega0 B1 --train-snr 10 100 --jobs 2
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import sys
 import time
 import warnings
 from pathlib import Path
-from _results import save_figure, write_text
 
-ROOT = Path(__file__).resolve().parents[1]
-SEQ_NAME = "control_MT_v3p2_TR3p5ms_discretized.mat"
+import numpy as np
+from _harness import cached_dataset, eval_draws, parser, save_npz, sequence, start, table
+
 EST = ("m0s", "R1f", "R2f")
-CHUNK = 2000
 STRATA = ("informative", "prior-dominated", "all")
+PRIOR = "brain"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--n-train", type=int, default=96000, help="training parameter draws (default 96000, the recipe's)")
     p.add_argument("--epochs", type=int, default=None, help="override max_epochs (default: the package default)")
     p.add_argument("--train-snr", type=float, nargs=2, default=(10.0, 100.0), help="training |M0|/sigma range")
@@ -83,121 +79,34 @@ def parse_args(argv=None):
                    help="also score NLLS started at the CRB net's estimate, on the NLLS subset")
     p.add_argument("--dictionary", type=int, default=0, metavar="N_ATOMS",
                    help="also score dictionary matching with N_ATOMS prior draws as atoms (default 0: skip)")
-    p.add_argument("--prior", default="brain", help="simulator prior name (default 'brain')")
     p.add_argument("--estimate", nargs="+", default=list(EST),
                    help="targets the networks learn (default m0s R1f R2f; e.g. all free parameters of the tied "
                         "model: m0s R1f R2f Rex T2s omega0 B1); the report is on m0s, R1f, R2f")
-    p.add_argument("--crb-at", choices=("auto", "truth", "estimate"), default=None,
-                   help="the CRB net's crb_at (default: the package default)")
-    p.add_argument("--hidden", type=int, nargs="+", default=None,
-                   help="hidden widths of both nets' MLP (default: the package default)")
     p.add_argument("--save-nets", default=None, metavar="DIR",
-                   help="also save the trained nets as model folders DIR/<loss>-net (for bench_data_following.py)")
-    p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
-                   help="whether both nets' MLP standardises its normalised inputs (MLP(standardize=...); "
-                        "default: the package default, on)")
-    p.add_argument("--train-flat", nargs="+", default=(), metavar="NAME",
-                   help="train on a prior whose NAME distributions are uniform on their support (e.g. T2s B1); "
-                        "the held-out draws and the strata keep --prior")
-    p.add_argument("--twin", choices=("mse", "bias_reduced", "none"), default="mse",
-                   help="the loss of the CRB net's twin (default mse; bias_reduced: Mao et al.'s loss after "
-                        "--pretrain-epochs CRB-loss epochs; none: the CRB net alone)")
-    p.add_argument("--pretrain-epochs", type=int, default=None,
-                   help="bias_reduced twin: CRB-loss epochs before the bias-reduced ones (default: all but 5 %%)")
+                   help="also save the trained nets as model folders DIR/<loss>-net")
     p.add_argument("--jobs", type=int, default=1, help="train the CRB net and its twin in parallel processes")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--device", default=None, help="network device (default: the package default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=os.environ.get("SKLEARN_CRB_DATA", str(ROOT.parent / "shared" / "data")))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--quick", action="store_true", help="smoke run: 2000 draws, 5 epochs, 20 thetas x 20 draws, "
-                                                        "NLLS on 4 thetas")
     a = p.parse_args(argv)
     if a.quick:
-        a.n_train, a.epochs, a.n_eval_theta, a.n_draws, a.nlls_theta, a.nlls_draws = 2000, 5, 20, 20, 4, 10
+        a.n_train, a.epochs, a.n_eval_theta, a.n_draws, a.nlls_theta, a.nlls_draws = 300, 1, 6, 4, 2, 2
     if a.dictionary < 0:
         p.error(f"--dictionary must be 0 (skip) or a number of atoms, got {a.dictionary}")
     if a.nlls_from_net and a.nlls_theta <= 0:
         p.error("--nlls-from-net needs NLLS thetas (--nlls-theta > 0)")
+    if not set(EST) <= set(a.estimate):
+        p.error(f"--estimate must include {EST}")
     a.nlls_theta = min(a.nlls_theta, a.n_eval_theta)
     a.nlls_draws = max(2, min(a.nlls_draws, a.n_draws))
     return a
 
 
-# ------------------------------------------------------------------ data
-def _save_npz(path, **arrays):
-    import numpy as np
-
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # never a partly written cache file
-
-
-def cached_dataset(sim, n, seed, cache, tag, log, theta=None):
-    """Noise-free features, targets, unit CRBs and theta of ``n`` draws, cached per chunk."""
-    import numpy as np
-
-    parts = []
-    for k in range(-(-n // CHUNK)):
-        m = min(CHUNK, n - k * CHUNK)
-        f = cache / f"{tag}_seed{seed}_n{m}_chunk{k}.npz"
-        if f.is_file():
-            d = np.load(f)
-            parts.append({key: d[key] for key in d.files})
-            continue
-        t = time.perf_counter()
-        th = None if theta is None else theta[k * CHUNK:k * CHUNK + m]
-        _, y, _, det = sim.make_dataset(m, [seed, k], theta=th, return_details=True)
-        d = {"X_clean": det["X_clean"], "y": y, "crb_unit": det["crb_unit"], "theta": det["theta"]}
-        _save_npz(f, **d)
-        parts.append(d)
-        log(f"  {tag} chunk {k}: {m} Jacobians in {time.perf_counter() - t:.1f} s")
-    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-
-
-def eval_draws(ev, snrs, n_draws, sigma, seed):
-    """Noisy features at exactly each SNR (uniform M0 phase), with groups, SNR and CRB per row."""
-    import numpy as np
-
-    from sklearn_crb.simulator import apply_m0_and_noise
-
-    rng = np.random.default_rng(seed)
-    n_theta, f = ev["X_clean"].shape
-    rows = {k: [] for k in ("X", "y", "crb", "group", "snr", "theta_index", "draw_index")}
-    for i, s in enumerate(snrs):
-        idx = np.repeat(np.arange(n_theta), n_draws)
-        M0 = sigma * s * np.exp(2j * np.pi * rng.uniform(0, 1, idx.size))
-        eps = sigma * (rng.standard_normal((idx.size, f // 2)) + 1j * rng.standard_normal((idx.size, f // 2)))
-        rows["X"].append(apply_m0_and_noise(ev["X_clean"][idx], M0, eps))
-        rows["y"].append(ev["y"][idx])
-        rows["crb"].append(ev["crb_unit"][idx] / s**2)  # CRB at |M0| = s * sigma: unit CRB * sigma^2/|M0|^2
-        rows["group"].append(idx + i * n_theta)
-        rows["snr"].append(np.full(idx.size, float(s)))
-        rows["theta_index"].append(idx)
-        rows["draw_index"].append(np.tile(np.arange(n_draws), n_theta))
-    return {k: np.concatenate(v) for k, v in rows.items()}
-
-
 # ----------------------------------------------------------- estimators
 def train_net(sim, data, loss, args, log):
-    from sklearn_crb.estimators.regressor import CRBNetRegressor
+    from sklearn_crb import CRBNetRegressor
 
-    kw = {"simulator": sim, "loss": loss, "random_state": args.seed}
+    # the benchmark's thread setting, not the package's automatic one
+    kw = {"simulator": sim, "loss": loss, "random_state": args.seed, "n_threads": args.threads or args.torch_threads}
     if args.epochs is not None:
         kw["max_epochs"] = args.epochs
-    if args.hidden:
-        kw["module__hidden"] = tuple(args.hidden)
-    if args.standardize is not None:
-        kw["module__standardize"] = args.standardize
-    if args.crb_at is not None and loss == "crb":
-        kw["crb_at"] = args.crb_at
-    if loss == "bias_reduced":
-        epochs = kw.get("max_epochs", CRBNetRegressor().max_epochs)
-        kw["pretrain_epochs"] = args.pretrain_epochs if args.pretrain_epochs is not None else int(0.95 * epochs)
-    if args.device is not None:
-        kw["device"] = args.device
-    if "n_threads" in CRBNetRegressor().get_params(deep=False):
-        kw["n_threads"] = args.threads  # the benchmark's thread setting, not the package's automatic one
     net = CRBNetRegressor(**kw)
     if net.augment == "auto":  # what fit_simulated resolves it to
         net.set_params(augment=True)
@@ -214,8 +123,6 @@ def train_net(sim, data, loss, args, log):
 
 
 def timed_predict(est, X, warm=True):
-    import numpy as np
-
     if warm:
         est.predict(X[:16])  # time the steady state, not first-call set-up
     t = time.perf_counter()
@@ -226,8 +133,6 @@ def timed_predict(est, X, warm=True):
 
 
 def report(ev_rows, pred, mask, pvar):
-    import numpy as np
-
     from sklearn_crb.metrics import bias_variance_report
 
     ok = mask & np.all(np.isfinite(pred), axis=1)
@@ -239,8 +144,6 @@ def report(ev_rows, pred, mask, pvar):
 
 
 def constant_report(ev_rows, mean, mask, pvar):
-    import numpy as np
-
     from sklearn_crb.metrics import constant_predictor_report
 
     first = mask & (np.r_[True, np.diff(ev_rows["group"]) != 0])  # one row per group
@@ -251,8 +154,6 @@ def constant_report(ev_rows, mean, mask, pvar):
 # --------------------------------------------------------------- output
 def bayes_reference(sim, ev, snrs, p_var, seed):
     """``{snr: {parameter: (median linearised-Bayes std/sqrt(CRB), n informative)}}`` on the held-out thetas."""
-    import numpy as np
-
     from sklearn_crb.crb import linearized_bayes_spread
     from sklearn_crb.metrics import prior_moments
     from sklearn_crb.physics.signal import jacobian
@@ -283,18 +184,22 @@ def _cell(r):
             f"{r['median_bias_over_sqrt_crb']:+.2f} / {r['median_std_over_sqrt_crb']:.2f} (n={r['n_theta']})")
 
 
-def markdown(strata_by_est, snrs):
-    head = ("| SNR | stratum | estimator | " + " | ".join(EST) + " |\n|---|---|---|" + "---|" * len(EST))
-    lines = [head]
+def strata_table(title, strata_by_est, snrs, ref=None):
+    rows = []
     for s in [f"{v:g}" for v in snrs]:
         for st in STRATA:
             for name, strata in strata_by_est.items():
                 rec = {r["parameter"]: r for r in strata if r["snr"] == s and r["identifiability"] == st}
-                lines.append(f"| {s} | {st} | {name} | " + " | ".join(_cell(rec[p]) for p in EST) + " |")
-    return "\n".join(lines)
+                rows.append([s, st, name, *(_cell(rec[p]) for p in EST)])
+    for snr, cell in (ref or {}).items():
+        rows.append([snr, "informative", "linearised Bayes (std/√CRB)",
+                     *(f"{v:.2f} (n={n})" for v, n in (cell[p] for p in EST))])
+    return table(title, ["SNR", "stratum", "estimator", *EST], rows,
+                 "Cells: nMSE / median |bias|/√CRB / median bias/√CRB / median std/√CRB (n = thetas in the "
+                 "stratum). informative: CRB < 0.1 × prior variance.")
 
 
-def figure(path, strata_by_est, snrs, title):
+def figure(run, strata_by_est, snrs, title):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,141 +230,98 @@ def figure(path, strata_by_est, snrs, title):
         axes[2, j].axhline(1, color="k", lw=0.6)
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(title + " (informative draws: CRB < 0.1 x prior variance)", fontsize=10)
-    save_figure(fig, path, dpi=90)
-    plt.close(fig)
-
-
-def machine(threads):
-    import torch
-
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": threads, "cuda": torch.cuda.is_available()}
-    if hasattr(os, "getloadavg"):
-        info["load_average_start"] = os.getloadavg()
-    return info
+    run.save_figure(fig, dpi=90)
 
 
 # ------------------------------------------------------------------ main
-def run_setup(args):
-    """(out folder, its cache folder, a timestamped logger, machine facts, the v3.2 sequence, start time)."""
-    from sklearn_crb.physics.sequence import Sequence
-
-    out = Path(args.out)
-    cache = out / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
-
-    info = machine(args.threads)
-    seq_path = Path(args.data) / SEQ_NAME
-    if not seq_path.is_file():
-        raise SystemExit(f"{SEQ_NAME} not found in {args.data} (set --data or SKLEARN_CRB_DATA)")
-    return out, cache, log, info, Sequence.from_mat(seq_path, TR=3.5e-3), t0
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    import numpy as np
-    import torch
-
-    torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT))
-    from sklearn_crb.estimators.nlls import NLLSFitter
+def datasets(args, run, seq):
+    """The simulator, the prior's moments, the training set and the held-out set (both cached)."""
+    from sklearn_crb import MTFingerprintSimulator
     from sklearn_crb.metrics import prior_moments
-    from sklearn_crb.simulator import MTFingerprintSimulator
 
-    out, cache, log, info, seq, t0 = run_setup(args)
+    cache = Path(args.out) / "cache"
     est = tuple(args.estimate)
-    if not set(EST) <= set(est):
-        raise SystemExit(f"--estimate must include {EST}")
-    tag = f"{seq.sha256()[:10]}_r13_{args.prior}_tied"
+    tag = f"{seq.sha256()[:10]}_r13_{PRIOR}_tied"
     dtag = tag if est == EST else f"{tag}_{'-'.join(est)}"
-    fb = cache / f"basis_{tag}_seed{args.seed}.npz"
+    fb = cache / f"basis_{tag}_seed{args.seed}{'_quick' if args.quick else ''}.npz"  # a quick basis is not shared
     if fb.is_file():
         basis = np.load(fb)["basis"]
     else:
-        basis = MTFingerprintSimulator(seq, n_components=13, tied_R1=True, prior=args.prior,
-                                       random_state=args.seed).fit().basis_
-        _save_npz(fb, basis=basis)
+        basis = MTFingerprintSimulator(seq, n_components=13, tied_R1=True, prior=PRIOR,
+                                       n_basis_samples=100 if args.quick else 1000, random_state=args.seed).fit().basis_
+        save_npz(fb, basis=basis)
     sim = MTFingerprintSimulator(seq, basis=basis, estimate=est, snr=tuple(args.train_snr), tied_R1=True,
-                                 prior=args.prior, random_state=args.seed).fit()
-    sigma = float(sim.sigma)
+                                 prior=PRIOR, random_state=args.seed).fit()
     p_mean, p_var = prior_moments(sim.prior_, EST, random_state=args.seed + 7)
-    seconds = {}
-    t = time.perf_counter()
-    sim_train = sim
-    if args.train_flat:  # a flatter training prior: the named distributions uniform on their support
-        from sklearn_crb.physics.priors import ParameterPrior, Uniform
-
-        dists = dict(sim.prior_.distributions)
-        bad = [name for name in args.train_flat if name not in dists or name == "R1s"]
-        if bad:
-            raise SystemExit(f"--train-flat {bad}: not a drawn parameter of the tied prior {sorted(set(dists) - {'R1s'})}")
-        for name in args.train_flat:
-            dists[name] = Uniform(*dists[name].support)
-        flat = ParameterPrior(dists, tied_R1=True)
-        sim_train = MTFingerprintSimulator(seq, basis=basis, estimate=est, snr=tuple(args.train_snr), tied_R1=True,
-                                           prior=flat, random_state=args.seed).fit()
-    ftag = f"_flat-{'-'.join(args.train_flat)}" if args.train_flat else ""
-    train = cached_dataset(sim_train, args.n_train, args.seed, cache, f"train_{dtag}{ftag}", log)
+    train = cached_dataset(sim, args.n_train, args.seed, cache, f"train_{dtag}", run.log)
     theta_ev = sim.prior_.sample(args.n_eval_theta, args.seed + 1000)
-    ev = cached_dataset(sim, args.n_eval_theta, args.seed + 1000, cache, f"eval_{dtag}", log, theta=theta_ev)
-    seconds["datasets"] = time.perf_counter() - t
-    log(f"datasets: {args.n_train} training and {args.n_eval_theta} held-out draws ({seconds['datasets']:.0f} s, "
-        "0 when cached)")
-    rows = eval_draws(ev, args.eval_snr, args.n_draws, sigma, args.seed + 2000)
-    everything = np.ones(rows["y"].shape[0], bool)
-    subset = (rows["theta_index"] < args.nlls_theta) & (rows["draw_index"] < args.nlls_draws)
+    ev = cached_dataset(sim, args.n_eval_theta, args.seed + 1000, cache, f"eval_{dtag}", run.log, theta=theta_ev)
+    return sim, p_mean, p_var, train, ev
 
-    estimators, results = {}, {}
+
+def train_nets(args, run, sim, train):
     from joblib import Parallel, delayed
 
-    losses = ("crb",) if args.twin == "none" else ("crb", args.twin)
-    trained = Parallel(n_jobs=args.jobs)(delayed(train_net)(sim_train, train, loss, args, print) for loss in losses)
-    for loss, (net, meta) in zip(losses, trained):
-        estimators[f"{loss}-net"] = net
-        results[f"{loss}-net"] = meta
-    cols = [est.index(p) for p in EST]  # the report is on m0s, R1f, R2f whatever else the nets learn
-    rows["y"], rows["crb"] = rows["y"][:, cols], rows["crb"][:, cols]
+    losses = ("crb", "mse")
+    trained = Parallel(n_jobs=args.jobs)(delayed(train_net)(sim, train, loss, args, print) for loss in losses)
+    nets = {f"{loss}-net": net for loss, (net, _) in zip(losses, trained)}
+    results = {f"{loss}-net": meta for loss, (_, meta) in zip(losses, trained)}
     if args.save_nets:
-        from sklearn_crb.io.models import save_model
+        from sklearn_crb import save_model
 
-        for name, net in estimators.items():
-            log(f"saved {save_model(net, Path(args.save_nets) / name, simulator=sim_train)}")
+        for name, net in nets.items():
+            run.log(f"saved {save_model(net, Path(args.save_nets) / name, simulator=sim)}")
+    return nets, results
+
+
+def nlls_predictions(args, run, seq, sim, rows, subset, crb_net):
+    """NLLS (and, with --nlls-from-net, NLLS started at the CRB net) on the subset; NaN elsewhere."""
+    from sklearn_crb import NLLSFitter
+
+    preds, results = {}, {}
+    starts = {"nlls": None, "nlls-from-net": crb_net} if args.nlls_from_net else {"nlls": None}
+    for name, init in starts.items():
+        fitter = NLLSFitter(seq, basis=sim.basis_, estimate=EST, tied_R1=True, init=init).fit()
+        pred = np.full_like(rows["y"], np.nan)
+        pred[subset], sec = timed_predict(fitter, rows["X"][subset])
+        preds[name] = pred
+        results[name] = {"predict_ms_per_voxel": 1e3 * sec / subset.sum(), "predict_seconds": sec}
+        run.log(f"{name}: {subset.sum()} fits in {sec:.0f} s")
+    return preds, results
+
+
+def dictionary_predictions(args, run, seq, sim, rows):
+    from sklearn_crb import DictionaryMatcher
+
+    t = time.perf_counter()
+    dico = DictionaryMatcher(seq, basis=sim.basis_, estimate=EST, tied_R1=True, prior=sim.prior_,
+                             n_atoms=args.dictionary, random_state=args.seed).fit()
+    fit_s = time.perf_counter() - t
+    pred, sec = timed_predict(dico, rows["X"])
+    run.log(f"dictionary: {args.dictionary} atoms in {fit_s:.0f} s, {rows['X'].shape[0]} matches in {sec:.0f} s")
+    return pred, {"predict_ms_per_voxel": 1e3 * sec / rows["X"].shape[0], "fit_seconds": fit_s}
+
+
+def predictions(args, run, seq, sim, rows, subset, nets, results):
+    cols = [list(args.estimate).index(p) for p in EST]  # the report is on m0s, R1f, R2f whatever else the nets learn
+    rows["y"], rows["crb"] = rows["y"][:, cols], rows["crb"][:, cols]
     preds = {}
-    for name, net in estimators.items():
+    for name, net in nets.items():
         pred, sec = timed_predict(net, rows["X"])
         preds[name] = pred[:, cols]
         results[name]["predict_ms_per_voxel"] = 1e3 * sec / rows["X"].shape[0]
     if args.nlls_theta > 0:
-        nlls = NLLSFitter(seq, basis=sim.basis_, estimate=EST, tied_R1=True).fit()
-        pred = np.full_like(rows["y"], np.nan)
-        pred[subset], sec = timed_predict(nlls, rows["X"][subset])
-        preds["nlls"] = pred
-        results["nlls"] = {"predict_ms_per_voxel": 1e3 * sec / subset.sum(), "predict_seconds": sec}
-        log(f"nlls: {subset.sum()} fits in {sec:.0f} s")
-        if args.nlls_from_net:
-            warm = NLLSFitter(seq, basis=sim.basis_, estimate=EST, tied_R1=True, init=estimators["crb-net"]).fit()
-            pred = np.full_like(rows["y"], np.nan)
-            pred[subset], sec = timed_predict(warm, rows["X"][subset])
-            preds["nlls-from-net"] = pred
-            results["nlls-from-net"] = {"predict_ms_per_voxel": 1e3 * sec / subset.sum(), "predict_seconds": sec}
-            log(f"nlls-from-net: {subset.sum()} fits in {sec:.0f} s")
+        p, r = nlls_predictions(args, run, seq, sim, rows, subset, nets["crb-net"])
+        preds.update(p)
+        results.update(r)
     if args.dictionary > 0:
-        from sklearn_crb.estimators.dictionary import DictionaryMatcher
+        preds["dictionary"], results["dictionary"] = dictionary_predictions(args, run, seq, sim, rows)
+    return preds
 
-        t = time.perf_counter()
-        dico = DictionaryMatcher(seq, basis=sim.basis_, estimate=EST, tied_R1=True, prior=sim.prior_,
-                                 n_atoms=args.dictionary, random_state=args.seed).fit()
-        fit_s = time.perf_counter() - t
-        preds["dictionary"], sec = timed_predict(dico, rows["X"])
-        results["dictionary"] = {"predict_ms_per_voxel": 1e3 * sec / rows["X"].shape[0], "fit_seconds": fit_s}
-        log(f"dictionary: {args.dictionary} atoms in {fit_s:.0f} s, {rows['X'].shape[0]} matches in {sec:.0f} s")
 
+def score(rows, preds, subset, p_mean, p_var, results):
+    """Strata of every estimator on every draw (NLLS: its subset) and, on the NLLS subset, of every estimator."""
+    everything = np.ones(rows["y"].shape[0], bool)
     strata_all, strata_sub = {}, {}
     for name, pred in preds.items():
         mask = subset if name.startswith("nlls") else everything
@@ -472,37 +334,37 @@ def main(argv=None):
     if subset.any():
         strata_sub["prior-mean"] = constant_report(rows, p_mean, subset, p_var).strata
     results["prior-mean"] = {"constant": dict(zip(EST, map(float, p_mean)))}
-    seconds["total"] = time.perf_counter() - t0
-    if hasattr(os, "getloadavg"):
-        info["load_average_end"] = os.getloadavg()
+    return strata_all, strata_sub
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = start("crb_vs_mse", "Efficiency: CRB-loss network against its MSE twin, the prior mean and NLLS", args,
+                argv)
+    seq = sequence(required=True)[0]
+    sim, p_mean, p_var, train, ev = datasets(args, run, seq)
+    rows = eval_draws(ev, args.eval_snr, args.n_draws, float(sim.sigma), args.seed + 2000)
+    subset = (rows["theta_index"] < args.nlls_theta) & (rows["draw_index"] < args.nlls_draws)
+    nets, results = train_nets(args, run, sim, train)
+    preds = predictions(args, run, seq, sim, rows, subset, nets, results)
+    strata_all, strata_sub = score(rows, preds, subset, p_mean, p_var, results)
     ref = bayes_reference(sim, ev, args.eval_snr, p_var, args.seed)
-    table = markdown(strata_all, args.eval_snr) + "\n" + "\n".join(
-        f"| {snr} | informative | linearised Bayes (std/√CRB) | "
-        + " | ".join(f"{v:.2f} (n={n})" for v, n in (cell[p] for p in EST)) + " |" for snr, cell in ref.items())
-    table_sub = markdown(strata_sub, args.eval_snr) if strata_sub else "(no NLLS subset: --nlls-theta 0)"
-    legend = ("Cells: nMSE / median |bias|/√CRB / median bias/√CRB / median std/√CRB (n = thetas in the stratum); "
-              f"each theta has {args.n_draws} noise draws per SNR. informative: CRB < 0.1 × prior variance.")
-    cmd = "python benchmarks/bench_crb_vs_mse.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    doc = (f"# CRB net vs MSE twin vs prior mean vs NLLS\n\n`{cmd}`\n\n{legend}\n\n"
-           f"## All {args.n_eval_theta} held-out thetas (NLLS: first {args.nlls_theta})\n\n{table}\n\n"
-           f"## The NLLS subset ({args.nlls_theta} thetas x {args.nlls_draws} draws), every estimator\n\n{table_sub}\n\n"
-           "## Timings\n\n" + "\n".join(
-               f"- {n}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, (int, float)))
-               for n, r in results.items() if n != "prior-mean") + f"\n- datasets {seconds['datasets']:.0f} s, total "
-           f"{seconds['total']:.0f} s\n- machine: {json.dumps(info)}\n")
-    res = {"command": cmd, "config": vars(args), "estimate": est, "reported": EST, "sequence": SEQ_NAME, "rank": 13, "tied_R1": True,
-           "prior": args.prior, "prior_mean": p_mean.tolist(), "prior_variance": p_var.tolist(),
-           "sigma": sigma, "machine": info, "seconds": seconds, "estimators": results,
-           "strata": strata_all, "strata_nlls_subset": strata_sub, "linearized_bayes_reference": ref}
-    for path, text in ((out / "crb_vs_mse.json", json.dumps(res, indent=1, default=str)),
-                       (out / "crb_vs_mse.md", doc)):
-        write_text(path, text)
-    figure(out / "crb_vs_mse.png", strata_all, args.eval_snr,
+    tables = [strata_table(f"All {args.n_eval_theta} held-out thetas x {args.n_draws} noise draws (NLLS: first "
+                           f"{args.nlls_theta})", strata_all, args.eval_snr, ref)]
+    if strata_sub:
+        tables.append(strata_table(f"The NLLS subset ({args.nlls_theta} thetas x {args.nlls_draws} draws), every "
+                                   "estimator", strata_sub, args.eval_snr))
+    tables.append(table("Timings", ["estimator", "quantity", "value"],
+                        [[n, k, v] for n, r in results.items() if n != "prior-mean" for k, v in r.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)]))
+    data = {"config": vars(args), "estimate": args.estimate, "reported": EST, "rank": 13, "tied_R1": True,
+            "prior": PRIOR, "prior_mean": p_mean, "prior_variance": p_var, "sigma": float(sim.sigma),
+            "estimators": results, "strata": strata_all, "strata_nlls_subset": strata_sub,
+            "linearized_bayes_reference": ref}
+    doc = run.write(tables, data)
+    figure(run, strata_all, args.eval_snr,
            f"n_train={args.n_train}, epochs={results['crb-net']['epochs_run']}, train SNR {args.train_snr}")
-    print("\n" + doc)
-    log(f"wrote {out / 'crb_vs_mse.json'}, .md and .png")
-    return res
+    return doc
 
 
 if __name__ == "__main__":

@@ -16,52 +16,49 @@ noise draws at each ``--eval-snr``: per parameter (m0s, R1f, R2f), the RMSE
 in SI units over every theta (the same set for both), the median of sqrt(CRB) of each model (and their ratio: what
 knowing B1 can buy at most), nMSE against each model's own CRB, median
 |bias|/sqrt(CRB) and median std/sqrt(CRB) on the informative thetas (CRB <
-0.1 x prior variance), beside the constant prior mean scored the same way. Writes ``benchmarks/results/measured_b1.json``,
-``.md`` and ``.png`` and prints the table.
+0.1 x prior variance), beside the constant prior mean scored the same way.
+The two networks train side by side in two processes (one with
+``--quick``). Writes ``measured_b1.json`` and ``.png`` under ``--out``.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_measured_b1.py --n-train 12000 --epochs 150 [--save-models DIR]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from _results import save_figure, write_text
+from _harness import parser, sequence, start, table
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 EST = ("m0s", "R1f", "R2f")
 ALL = ("m0s", "R1f", "R2f", "Rex", "T2s", "omega0", "B1")
+MEASURED = {"estimated B1": None, "measured B1": ("B1",)}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n-train", type=int, default=12000)
-    p.add_argument("--epochs", type=int, default=150)
-    p.add_argument("--train-snr", type=float, nargs=2, default=(10.0, 300.0))
+    p = parser(__doc__, threads=None)
+    p.add_argument("--n-train", type=int, default=12000, help="training draws (default 12000)")
+    p.add_argument("--epochs", type=int, default=150, help="max_epochs (default 150)")
+    p.add_argument("--train-snr", type=float, nargs=2, default=(10.0, 300.0), help="training |M0|/sigma range")
     p.add_argument("--eval-snr", type=float, nargs="+", default=(50.0, 100.0))
-    p.add_argument("--n-eval-theta", type=int, default=200)
-    p.add_argument("--n-draws", type=int, default=20)
-    p.add_argument("--jobs", type=int, default=2, help="networks trained side by side (one thread each)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--n-eval-theta", type=int, default=200, help="held-out prior draws (default 200)")
+    p.add_argument("--n-draws", type=int, default=20, help="noise draws per theta and SNR (default 20)")
     p.add_argument("--load-models", default=None, metavar="DIR",
                    help="evaluate the networks an earlier run saved with --save-models instead of training")
     p.add_argument("--save-models", default=None, metavar="DIR",
                    help="also save both networks (DIR/estimated_b1, DIR/measured_b1), e.g. as NLLS starts for "
                         "bench_nlls.py --start-model")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.n_train, a.epochs, a.n_eval_theta, a.n_draws = 300, 1, 8, 3
+    return a
 
 
 def _train(sim, measured, n, epochs, seed):
     import torch
 
-    from sklearn_crb.estimators.regressor import CRBNetRegressor
+    from sklearn_crb import CRBNetRegressor
 
     torch.set_num_threads(1)
     t = time.perf_counter()
@@ -88,58 +85,60 @@ def _stats(pred, y, crb, groups, pvar):
     return out
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def networks(args, seq):
+    """The two simulators (B1 estimated, B1 measured) on one basis, and their networks (trained or loaded)."""
     from joblib import Parallel, delayed
 
-    from bench_simulate_cluster import sequence
+    from sklearn_crb import MTFingerprintSimulator
     from sklearn_crb.estimators._measured import measured_nuisance
-    from sklearn_crb.metrics import prior_moments
-    from sklearn_crb.physics.parameters import INDEX
-    from sklearn_crb.simulator import MTFingerprintSimulator, apply_m0_and_noise
 
-    t0 = time.perf_counter()
-    seq, seq_name = sequence()
     common = dict(tied_R1=True, prior="brain", snr=tuple(args.train_snr), random_state=args.seed)
-    basis = MTFingerprintSimulator(seq, n_components=13, **common).fit().basis_
+    basis = MTFingerprintSimulator(seq, n_components=13, n_basis_samples=100 if args.quick else 1000,
+                                   **common).fit().basis_
     known = tuple(p for p in ALL if p != "B1")
     sims = {"estimated B1": MTFingerprintSimulator(seq, basis=basis, estimate=ALL, **common).fit(),
             "measured B1": MTFingerprintSimulator(seq, basis=basis, estimate=known,
                                                   nuisance=measured_nuisance(known, ("B1",), True), **common).fit()}
-    measured = {"estimated B1": None, "measured B1": ("B1",)}
     if args.load_models:  # evaluate networks saved by an earlier run (--save-models), no training
-        from sklearn_crb.io.models import load_model
+        from sklearn_crb import load_model
 
         nets = {k: (load_model(Path(args.load_models) / k.replace(" ", "_").lower(), device="cpu"), float("nan"))
                 for k in sims}
         for k, (net, _) in nets.items():
-            if tuple(net.crb_metadata_["estimate"]) != sims[k].estimate_ or net.measured_ != (measured[k] or ()):
+            if tuple(net.crb_metadata_["estimate"]) != sims[k].estimate_ or net.measured_ != (MEASURED[k] or ()):
                 raise SystemExit(f"--load-models: {k} does not match this benchmark's setting")
     else:
-        trained = Parallel(n_jobs=args.jobs)(delayed(_train)(sims[k], measured[k], args.n_train, args.epochs,
-                                                             args.seed) for k in sims)
+        trained = Parallel(n_jobs=1 if args.quick else 2)(
+            delayed(_train)(sims[k], MEASURED[k], args.n_train, args.epochs, args.seed) for k in sims)
         nets = dict(zip(sims, trained))
     if args.save_models:
-        from sklearn_crb.io.models import save_model
+        from sklearn_crb import save_model
 
         for name, (net, _) in nets.items():
             save_model(net, Path(args.save_models) / name.replace(" ", "_").lower(), simulator=sims[name])
+    return sims, nets
+
+
+def evaluate(args, sims, nets):
+    from sklearn_crb.metrics import prior_moments
+    from sklearn_crb.physics.parameters import INDEX
+    from sklearn_crb.simulator import apply_m0_and_noise
+
     pmean, pvar = prior_moments(sims["estimated B1"].prior_, EST, random_state=args.seed + 7)
     theta = sims["estimated B1"].prior_.sample(args.n_eval_theta, args.seed + 1000)
     rng = np.random.default_rng(args.seed + 2000)
-    results = {"command": "python benchmarks/bench_measured_b1.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "sequence": seq_name, "config": vars(args), "train_seconds": {k: v[1] for k, v in nets.items()},
-               "snr": {}}
+    sigma = sims["estimated B1"].sigma
+    out = {}
     for snr in args.eval_snr:
         idx = np.repeat(np.arange(args.n_eval_theta), args.n_draws)
-        M0 = sims["estimated B1"].sigma * snr * np.exp(2j * np.pi * rng.uniform(0, 1, idx.size))
-        eps = sims["estimated B1"].sigma * (rng.standard_normal((idx.size, 13)) + 1j * rng.standard_normal((idx.size, 13)))
+        M0 = sigma * snr * np.exp(2j * np.pi * rng.uniform(0, 1, idx.size))
+        eps = sigma * (rng.standard_normal((idx.size, 13)) + 1j * rng.standard_normal((idx.size, 13)))
         cell = {}
         for name, sim in sims.items():
             _, y, _, det = sim.make_dataset(args.n_eval_theta, 0, theta=theta, return_details=True, on_singular="inf")
             cols = [sim.estimate_.index(p) for p in EST]
             X = apply_m0_and_noise(det["X_clean"][idx], M0, eps)
-            if measured[name]:
+            if MEASURED[name]:
                 X = np.column_stack([X, det["theta"][idx, INDEX["B1"]]])
             pred = np.asarray(nets[name][0].predict(X))[:, cols]
             crb = det["crb_unit"][idx][:, cols] / snr**2
@@ -148,33 +147,42 @@ def main(argv=None):
             cell[name]["prior_mean"] = _stats(np.broadcast_to(pmean, pred.shape), y[idx][:, cols], crb, idx, pvar)
             cell[name]["median_sqrt_crb"] = {p: float(np.median(np.sqrt(det["crb_unit"][:, c] / snr**2)))
                                              for p, c in zip(EST, cols)}
-        results["snr"][f"{snr:g}"] = cell
-    results["seconds"] = time.perf_counter() - t0
+        out[f"{snr:g}"] = cell
+    return out
 
-    lines = ["| SNR | network | " + " | ".join(EST) + " |", "|---|---|" + "---|" * len(EST)]
+
+def tables(args, results, seq_name):
+    rows = []
     for snr, cell in results["snr"].items():
         for name, r in cell.items():
             c = r["prior_mean"]
-            lines.append(f"| {snr} | prior mean (vs {name}'s CRB) | " + " | ".join(
-                f"RMSE {c[p]['rmse']:.3g}; nMSE {c[p]['nmse']:.3g}" for p in EST) + " |")
-            lines.append(f"| {snr} | {name} | " + " | ".join(
+            rows.append([snr, f"prior mean (vs {name}'s CRB)", *(f"RMSE {c[p]['rmse']:.3g}; nMSE {c[p]['nmse']:.3g}"
+                                                                 for p in EST)])
+            rows.append([snr, name, *(
                 f"RMSE {r[p]['rmse']:.3g}, median √CRB {r['median_sqrt_crb'][p]:.3g}; nMSE {r[p]['nmse']:.2f} / "
                 f"{r[p]['median_abs_bias_over_sqrt_crb']:.2f} / {r[p]['median_std_over_sqrt_crb']:.2f} "
-                f"(n={r[p]['n_theta']})" for p in EST) + " |")
-    doc = (f"# A measured B1 map as a network input\n\n`{results['command']}`\n\n{seq_name}, rank 13, tied, brain "
-           f"prior; {args.n_train} draws x {args.epochs} epochs; training {nets['estimated B1'][1]:.0f} s / "
-           f"{nets['measured B1'][1]:.0f} s. Cells: RMSE over every theta (SI), median √CRB of that model; over the "
-           "informative thetas "
-           "of that model: nMSE / median |bias|/√CRB / median std/√CRB.\n\n" + "\n".join(lines) + "\n")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out / "measured_b1.json", json.dumps(results, indent=1)), (out / "measured_b1.md", doc)):
-        write_text(path, text)
-    _figure(out / "measured_b1.png", results)
-    print(doc)
+                f"(n={r[p]['n_theta']})" for p in EST)])
+    ts = results["train_seconds"]
+    return [table(f"A measured B1 map as a network input ({seq_name}, rank 13, tied, brain prior; {args.n_train} "
+                  f"draws x {args.epochs} epochs)", ["SNR", "network", *EST], rows,
+                  f"training {ts['estimated B1']:.0f} s / {ts['measured B1']:.0f} s. Cells: RMSE over every theta "
+                  "(SI), median √CRB of that model; over the informative thetas of that model: nMSE / median "
+                  "|bias|/√CRB / median std/√CRB.")]
 
 
-def _figure(path, results):
+def main(argv=None):
+    args = parse_args(argv)
+    run = start("measured_b1", "A measured B1 map as a network input: what conditioning on B1 buys", args, argv)
+    seq, seq_name = sequence()
+    sims, nets = networks(args, seq)
+    results = {"sequence": seq_name, "config": vars(args), "train_seconds": {k: v[1] for k, v in nets.items()},
+               "snr": evaluate(args, sims, nets)}
+    doc = run.write(tables(args, results, seq_name), results)
+    _figure(run, results)
+    return doc
+
+
+def _figure(run, results):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,8 +199,7 @@ def _figure(path, results):
         axes[j].set_xticks(np.arange(len(snrs)) + 0.175, [f"SNR {s}" for s in snrs])
         axes[j].set_title(p)
     axes[0].legend(fontsize=7)
-    save_figure(fig, path, dpi=90)
-    plt.close(fig)
+    run.save_figure(fig, dpi=90)
 
 
 if __name__ == "__main__":

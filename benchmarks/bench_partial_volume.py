@@ -1,7 +1,6 @@
 """Partial volume: a saved tied network against tied NLLS on two-tissue mixtures.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_partial_volume.py --model DIR [--snr 116] [--n-draws 40]
-                                                                [--out DIR]
+    OMP_NUM_THREADS=1 python benchmarks/bench_partial_volume.py --model DIR [--snr 116] [--n-draws 40] [--out DIR]
 
 Real voxels at tissue borders hold two tissues, and no single two-pool model
 describes their sum. Per mixture fraction ``f`` the fingerprint is
@@ -14,18 +13,18 @@ basis, with a uniform random M0 phase and complex noise of std
 free parameter of the tied model) fit the same draws; the table gives
 their medians of m0s and T1 = 1/R1f per ``f`` for WM-GM and WM-CSF.
 Writes ``partial_volume.json`` and ``partial_volume.png`` under ``--out``
-(default ``benchmarks/results``).
+(default ``benchmarks/results``). ``--quick`` without ``--model`` trains a
+tiny stand-in network.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
+import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
-from _results import save_figure, write_json
+from _harness import parser, quick_model, start, table
 
 PAIRS = (("WM", "GM"), ("WM", "CSF"))
 
@@ -38,17 +37,10 @@ def _theta(name):
     return np.array([v[p] for p in PARAMETERS])
 
 
-def run(model, snr=116.0, n_draws=40, fractions=None, out=None, seed=0):
-    import torch
+def load_network(model):
+    """The saved network, refused in one line unless it is tied, takes fingerprints only and estimates m0s, R1f."""
+    from sklearn_crb import load_model
 
-    from sklearn_crb import NLLSFitter, Sequence
-    from sklearn_crb.io.images import features_from_coefficients
-    from sklearn_crb.io.models import load_model
-    from sklearn_crb.phantom import PROTON_DENSITY
-    from sklearn_crb.physics.parameters import free_parameters
-    from sklearn_crb.physics.signal import simulate
-
-    torch.set_num_threads(1)
     try:
         net = load_model(model, device="cpu")
     except (OSError, ValueError, TypeError) as e:
@@ -62,18 +54,28 @@ def run(model, snr=116.0, n_draws=40, fractions=None, out=None, seed=0):
     names = list(net.target_names_)
     if "m0s" not in names or "R1f" not in names:
         raise SystemExit(f"--model {model}: the network must estimate m0s and R1f, it estimates {names}")
+    return net
+
+
+def mixtures(net, snr, n_draws, fractions, seed):
+    from sklearn_crb import NLLSFitter, Sequence
+    from sklearn_crb.phantom import PROTON_DENSITY
+    from sklearn_crb.physics.parameters import free_parameters
+    from sklearn_crb.physics.signal import simulate
+
+    md, names = net.crb_metadata_, list(net.target_names_)
     seq, U = Sequence.from_dict(md["sequence"]), np.asarray(md["basis"])
-    fractions = np.linspace(0, 1, 11) if fractions is None else np.asarray(fractions, float)
     rng = np.random.default_rng(seed)
     nlls = NLLSFitter(seq, basis=U, estimate=free_parameters(True), tied_R1=True).fit()
     sig = {t: PROTON_DENSITY[t] * (simulate(seq, _theta(t)[None]) @ U.conj())[0] for t in ("WM", "GM", "CSF")}
-    res, t0 = {}, time.perf_counter()
+    res = {}
     for a, b in PAIRS:
         c = np.stack([(1 - f) * sig[a] + f * sig[b] for f in fractions])
         phase = np.exp(2j * np.pi * rng.uniform(size=(len(fractions), n_draws, 1)))
         noise = (rng.standard_normal((len(fractions), n_draws, U.shape[1]))
                  + 1j * rng.standard_normal((len(fractions), n_draws, U.shape[1]))) / snr
-        X = features_from_coefficients((c[:, None, :] * phase + noise).reshape(-1, U.shape[1]))
+        coef = (c[:, None, :] * phase + noise).reshape(-1, U.shape[1])
+        X = np.hstack([coef.real, coef.imag])  # the features [Re c, Im c]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             p_net = np.asarray(net.predict(X), float).reshape(len(fractions), n_draws, -1)
@@ -84,23 +86,20 @@ def run(model, snr=116.0, n_draws=40, fractions=None, out=None, seed=0):
             "net": {"m0s": np.median(p_net[..., jm], 1).tolist(), "T1": np.median(1 / p_net[..., jr], 1).tolist()},
             "nlls": {"m0s": np.nanmedian(p_nlls[..., 0], 1).tolist(),
                      "T1": np.nanmedian(1 / p_nlls[..., 1], 1).tolist()}}
-    seconds = time.perf_counter() - t0
+    return res
 
-    lines = []
+
+def tables(res):
+    out = []
     for pair, r in res.items():
-        lines.append(f"{pair}: f = volume fraction of {pair.split('-')[1]} (each tissue at its proton density)")
-        lines.append(f"{'f':>5} {'net m0s':>9} {'NLLS m0s':>9} {'net T1/s':>9} {'NLLS T1/s':>9}")
-        for i, f in enumerate(r["fraction"]):
-            lines.append(f"{f:5.2f} {r['net']['m0s'][i]:9.4f} {r['nlls']['m0s'][i]:9.4f} "
-                         f"{r['net']['T1'][i]:9.3f} {r['nlls']['T1'][i]:9.3f}")
-    table = "\n".join(lines)
-    print(table)
-    print(f"{seconds:.0f} s")
-    out = Path(out or Path(__file__).parent / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "partial_volume.json", {"model": str(model), "snr": snr, "n_draws": n_draws,
-                                             "mixtures": res, "seconds": seconds, "table": table})
+        rows = [[f, r["net"]["m0s"][i], r["nlls"]["m0s"][i], r["net"]["T1"][i], r["nlls"]["T1"][i]]
+                for i, f in enumerate(r["fraction"])]
+        out.append(table(f"{pair}: f = volume fraction of {pair.split('-')[1]} (each tissue at its proton density)",
+                         ["f", "net m0s", "NLLS m0s", "net T1/s", "NLLS T1/s"], rows, "medians over the noise draws"))
+    return out
 
+
+def figure(run, res):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,18 +113,32 @@ def run(model, snr=116.0, n_draws=40, fractions=None, out=None, seed=0):
             axes[i, j].set_title(f"{pair}: median {q}", fontsize=9)
             axes[i, j].set_xlabel(f"fraction of {pair.split('-')[1]}")
     axes[0, 0].legend(fontsize=8)
-    save_figure(fig, out / "partial_volume.png", dpi=90)
-    plt.close(fig)
-    return res
+    run.save_figure(fig, dpi=90)
+
+
+def main(argv=None):
+    ap = parser(__doc__)
+    ap.add_argument("--model", default=None, help="a saved tied network (sklearn-crb train); required unless --quick")
+    ap.add_argument("--snr", type=float, default=116.0, help="1/sigma (WM |M0|/sigma = 0.69 snr)")
+    ap.add_argument("--n-draws", type=int, default=40, help="noise draws per mixture fraction")
+    a = ap.parse_args(argv)
+    if a.model is None and not a.quick:
+        ap.error("--model is required (only --quick trains a stand-in)")
+    if a.quick:
+        a.n_draws = 3
+    if not (np.isfinite(a.snr) and a.snr > 0) or a.n_draws < 1:
+        ap.error(f"--snr must be positive and --n-draws at least 1, got {a.snr} and {a.n_draws}")
+    run = start("partial_volume", "Partial volume: a saved tied network against tied NLLS on two-tissue mixtures",
+                a, argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        net = load_network(a.model or quick_model(Path(tmp) / "model", seed=a.seed))
+    fractions = np.linspace(0, 1, 3 if a.quick else 11)
+    res = mixtures(net, a.snr, a.n_draws, fractions, a.seed)
+    doc = run.write(tables(res), {"model": str(a.model or "quick stand-in"), "snr": a.snr, "n_draws": a.n_draws,
+                                  "mixtures": res})
+    figure(run, res)
+    return doc
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="a saved tied network (sklearn-crb train)")
-    ap.add_argument("--snr", type=float, default=116.0, help="1/sigma (WM |M0|/sigma = 0.69 snr)")
-    ap.add_argument("--n-draws", type=int, default=40, help="noise draws per mixture fraction")
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
-    if not (np.isfinite(a.snr) and a.snr > 0) or a.n_draws < 1:
-        ap.error(f"--snr must be positive and --n-draws at least 1, got {a.snr} and {a.n_draws}")
-    run(a.model, a.snr, a.n_draws, out=a.out)
+    main()

@@ -1,58 +1,45 @@
 """NLLS reference maps through the CLI on a whole phantom slice and a 3-slice volume, with a measured B1 map.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_phantom_volume.py [--slice 48 48] [--volume 48 48 3]
-        [--snr 300] [--rank 13] [--compare-free] [--fast] [--out DIR]
+    OMP_NUM_THREADS=1 python benchmarks/bench_phantom_volume.py [--snr 300] [--fast] [--out DIR]
 
 The tied-model brain phantom (``sklearn_crb.phantom``) simulated with the
 reference v3.2 sequence (``SKLEARN_CRB_DATA``, default ``../shared/data``)
-and a rank-``r`` SVD basis is written as a NIfTI coefficient image (``2 r``
+and a rank-13 SVD basis, on a 48 x 48 slice and a 48 x 48 x 3 volume, is
+written as a NIfTI coefficient image (26
 real channels, a non-trivial affine) with its true B1 map; then
 
     sklearn-crb fit --nlls --tied-R1 --sequence v3.2.mat --basis U.npy \\
         --coefficients coef.nii.gz --mask head.nii.gz --b1-map B1.nii.gz
 
-fits every head voxel (``--compare-free``: also without ``--b1-map``, B1
-estimated as a nuisance parameter). Reported per image: voxels/s (the CLI's
+fits every head voxel (``--fast``: with the CLI's fast schedule, written as
+the variant ``phantom_volume-fast.json``). Reported per image: voxels/s (the CLI's
 own fit time, from its summary.json), and per tissue the median bias and the
 standard deviation of the estimates of m0s, R1f and R2f in units of
-``sqrt(CRB)`` at the *true* parameters (the CRB with B1 known for the fixed
-fit, estimated for the free one): an efficient, unbiased fit gives 0 and 1.
-Writes ``benchmarks/results/bench_phantom_volume.json`` and ``.png`` and
-prints a table. Measured on a shared machine: voxels/s depends on the load.
+``sqrt(CRB)`` at the *true* parameters (the CRB with B1 known): an
+efficient, unbiased fit gives 0 and 1. Writes ``phantom_volume.json`` and
+``.png`` under ``--out``. Measured on a shared machine: voxels/s depends on
+the load.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from _harness import V32, parser, sequence, start, table, v32_path
 
-from sklearn_crb.cli import main
-from sklearn_crb.crb import cramer_rao_bound
-from sklearn_crb.phantom import make_phantom
+from sklearn_crb import MTFingerprintSimulator, cramer_rao_bound, make_phantom
+from sklearn_crb.cli import main as cli_main
 from sklearn_crb.physics.parameters import INDEX
-from sklearn_crb.physics.sequence import Sequence
-from sklearn_crb.simulator import MTFingerprintSimulator
-from _results import save_figure, write_json
 
-V32 = "control_MT_v3p2_TR3p5ms_discretized.mat"
+RANK = 13
 NAMES = ("m0s", "R1f", "R2f")
 TISSUES = ("WM", "GM", "CSF")
 AFFINE = np.array([[-1.0, 0, 0, 90.0], [0, 1.0, 0, -126.0], [0, 0, 2.0, -72.0], [0, 0, 0, 1]])
-
-
-def _data_file():
-    root = Path(os.environ.get("SKLEARN_CRB_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    path = root / V32
-    if not path.is_file():
-        raise SystemExit(f"{V32} not found in SKLEARN_CRB_DATA={root}")
-    return path
 
 
 def _write(work, ph):
@@ -98,7 +85,7 @@ def _fit(work, seq_file, out, b1, fast=False):
     if fast:
         argv += ["--fast"]
     t0 = time.perf_counter()
-    if main([str(a) for a in argv]) != 0:
+    if cli_main([str(a) for a in argv]) != 0:
         raise SystemExit("sklearn-crb fit failed")
     wall = time.perf_counter() - t0
     s = json.loads((out / "summary.json").read_text())
@@ -109,55 +96,54 @@ def _fit(work, seq_file, out, b1, fast=False):
             "fixed_maps": s["fixed_maps"]}
 
 
-def run(slice_shape=(48, 48), volume_shape=(48, 48, 3), snr=300.0, rank=13, compare_free=False, out=None, seed=0,
-        fast=False):
-    seq_file = _data_file()
-    seq = Sequence.from_mat(seq_file, TR=3.5e-3)
-    sim = MTFingerprintSimulator(seq, n_components=rank, prior="brain", tied_R1=True, n_basis_samples=1000,
-                                 random_state=seed).fit()
-    results = {"snr": snr, "rank": rank, "sequence": V32, "model": "tied (R1s = R1f)", "fast": bool(fast),
-               "cpu_count": os.cpu_count(), "load_average_at_start": list(os.getloadavg()), "images": {}}
-    for label, shape in (("slice", tuple(slice_shape)), ("volume", tuple(volume_shape))):
+def run(run_, seq_file, shapes, snr, seed, fast):
+    seq = sequence(required=True)[0]
+    sim = MTFingerprintSimulator(seq, n_components=RANK, prior="brain", tied_R1=True,
+                                 n_basis_samples=100 if run_.args.quick else 1000, random_state=seed).fit()
+    results = {"snr": snr, "rank": RANK, "sequence": V32, "model": "tied (R1s = R1f)", "fast": bool(fast),
+               "images": {}}
+    for label, shape in shapes.items():
         ph = make_phantom(shape, seq, basis=sim, snr=snr, tied_R1=True, random_state=seed + 1)
-        work = Path(tempfile.mkdtemp(prefix=f"bench_volume_{label}_"))
-        nifti_shape = _write(work, ph)
-        entry = {"shape": list(shape), "nifti_shape": list(nifti_shape), "n_head_voxels": int(ph.mask.sum())}
-        for mode in ("fixed_B1",) + (("free_B1",) if compare_free else ()):
-            b1 = mode == "fixed_B1"
-            entry[mode] = _fit(work, seq_file, work / mode, b1, fast)
-            entry[mode]["recovery"] = _recovery(ph, work / mode, nifti_shape, b1)
-            print(f"{label} {shape} {mode}: {entry[mode]['n_voxels']} voxels in {entry[mode]['fit_seconds']:.1f} s "
-                  f"= {entry[mode]['voxels_per_s']:.1f} voxels/s", flush=True)
-        entry["work_dir"] = str(work)
+        with tempfile.TemporaryDirectory(prefix=f"bench_volume_{label}_") as tmp:
+            work = Path(tmp)
+            nifti_shape = _write(work, ph)
+            entry = {"shape": list(shape), "nifti_shape": list(nifti_shape), "n_head_voxels": int(ph.mask.sum())}
+            entry["fixed_B1"] = _fit(work, seq_file, work / "fixed_B1", True, fast)
+            entry["fixed_B1"]["recovery"] = _recovery(ph, work / "fixed_B1", nifti_shape, True)
+        run_.log(f"{label} {shape}: {entry['fixed_B1']['n_voxels']} voxels in {entry['fixed_B1']['fit_seconds']:.1f}"
+                 f" s = {entry['fixed_B1']['voxels_per_s']:.1f} voxels/s")
         results["images"][label] = entry
-    results["load_average_at_end"] = list(os.getloadavg())
-    out = Path(out or Path(__file__).resolve().parent / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "bench_phantom_volume.json", results)
-    _table(results)
-    _figure(results, out / "bench_phantom_volume.png")
     return results
 
 
-def _table(results):
-    print(f"\nNLLS via `sklearn-crb fit` (v3.2, tied, rank {results['rank']}, SNR {results['snr']:g}); "
-          f"bias and std over sqrt(CRB at the true theta); load {results['load_average_at_start'][0]:.1f} on "
-          f"{results['cpu_count']} CPUs")
-    print(f"{'image':8s} {'B1':6s} {'vox/s':>6s} {'tissue':6s} {'n':>5s} {'flag%':>6s} " +
-          " ".join(f"{p + ' bias':>9s} {p + ' std':>8s}" for p in NAMES))
+def tables(results):
+    rows = []
     for label, e in results["images"].items():
-        for mode in ("fixed_B1", "free_B1"):
-            if mode not in e:
-                continue
-            r = e[mode]
-            for t, row in r["recovery"].items():
-                print(f"{label:8s} {mode[:5]:6s} {r['voxels_per_s']:6.1f} {t:6s} {row['n']:5d} "
-                      f"{100 * row['flagged']:6.1f} " +
-                      " ".join(f"{row[p]['median_bias_over_sqrt_crb']:9.2f} {row[p]['std_over_sqrt_crb']:8.2f}"
-                               for p in NAMES))
+        r = e["fixed_B1"]
+        for t, row in r["recovery"].items():
+            rows.append([label, r["voxels_per_s"], t, row["n"], 100 * row["flagged"]]
+                        + [row[p][k] for p in NAMES for k in ("median_bias_over_sqrt_crb", "std_over_sqrt_crb")])
+    return [table(f"NLLS via `sklearn-crb fit --b1-map` (v3.2, tied, rank {results['rank']}, SNR {results['snr']:g})",
+                  ["image", "voxels/s", "tissue", "n", "flagged %"]
+                  + [f"{p} {k}" for p in NAMES for k in ("bias/√CRB", "std/√CRB")], rows,
+                  "bias and std over sqrt(CRB at the true theta, B1 known)")]
 
 
-def _figure(results, path):
+def main(argv=None):
+    p = parser(__doc__, threads=None)
+    p.add_argument("--snr", type=float, default=300.0, help="1/sigma of the phantom (default 300)")
+    p.add_argument("--fast", action="store_true", help="fit with `sklearn-crb fit --fast` (the cold fast schedule)")
+    a = p.parse_args(argv)
+    run_ = start("phantom_volume", "NLLS maps through the CLI on a phantom slice and volume with a measured B1 map",
+                 a, argv, variant="fast" if a.fast else None)
+    shapes = {"slice": (12, 12), "volume": (12, 12, 2)} if a.quick else {"slice": (48, 48), "volume": (48, 48, 3)}
+    results = run(run_, v32_path(), shapes, a.snr, a.seed, a.fast)
+    doc = run_.write(tables(results), results)
+    _figure(results, run_)
+    return doc
+
+
+def _figure(results, run_):
     import matplotlib  # plotting only in the benchmark
 
     matplotlib.use("Agg")
@@ -182,17 +168,8 @@ def _figure(results, path):
         ax.set_title(title)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, path, dpi=90)
+    run_.save_figure(fig, dpi=90)
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--slice", type=int, nargs=2, default=(48, 48))
-    ap.add_argument("--volume", type=int, nargs=3, default=(48, 48, 3))
-    ap.add_argument("--snr", type=float, default=300.0)
-    ap.add_argument("--rank", type=int, default=13)
-    ap.add_argument("--compare-free", action="store_true", help="also fit with B1 estimated (no --b1-map)")
-    ap.add_argument("--fast", action="store_true", help="fit with `sklearn-crb fit --fast` (the cold fast schedule)")
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
-    run(a.slice, a.volume, a.snr, a.rank, a.compare_free, a.out, fast=a.fast)
+    main()

@@ -26,34 +26,27 @@ T1, the ``brain`` prior, informative draws as in the efficiency benchmark
 (CRB < 0.1 x prior variance). Usage::
 
     python benchmarks/bench_posterior_mean.py [--n-theta 40] [--n-noise 16] [--n-burn 2000] [--n-keep 4000]
-                                              [--snr 100] [--model DIR ...] [--out results/posterior_mean.json]
+                                              [--snr 100] [--model DIR ...] [--out DIR]
 
 ``--model`` scores saved networks on the same draws (same theta, same noise), so
 that their spread is compared with the posterior mean's where both are measured.
+Writes ``posterior_mean.json`` and ``.png`` under ``--out``.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import time
 import warnings
-from pathlib import Path
 
 import numpy as np
+from _harness import GivenStart, crb_covariance, parser, sequence, start, table
 
-from sklearn_crb import Sequence
+from sklearn_crb import MTFingerprintSimulator, NLLSFitter, load_model
 from sklearn_crb.crb import linearized_bayes_spread
-from sklearn_crb.estimators.nlls import NLLSFitter, NLLSFitWarning
+from sklearn_crb.estimators.nlls import NLLSFitWarning
 from sklearn_crb.metrics import prior_moments
 from sklearn_crb.physics.parameters import INDEX, free_parameters
 from sklearn_crb.physics.signal import simulate
-from sklearn_crb.simulator import CRB_M0S_FLOOR, MTFingerprintSimulator
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_nlls import GivenStart, crb_covariance  # noqa: E402
-from _results import save_figure, write_json
+from sklearn_crb.simulator import CRB_M0S_FLOOR
 
 REPORT = ("m0s", "R1f", "R2f")
 
@@ -139,8 +132,6 @@ def sample_posterior_means(seq, basis, prior, start, chol, x, sigma, free, n_bur
 
 def _network_cells(model, basis, theta, x, crb, pv, free, n, m):
     """A saved network's median std/sqrt(CRB), bias/sqrt(CRB) and nMSE on the informative draws, per target."""
-    from sklearn_crb.io.models import load_model
-
     try:
         net = load_model(model, device="cpu")
     except (OSError, ValueError, TypeError) as e:
@@ -167,29 +158,30 @@ def _network_cells(model, basis, theta, x, crb, pv, free, n, m):
     return cells
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n-theta", type=int, default=40)
-    ap.add_argument("--n-noise", type=int, default=16)
+def parse_args(argv=None):
+    ap = parser(__doc__, threads=None)
+    ap.add_argument("--n-theta", type=int, default=40, help="prior draws (default 40)")
+    ap.add_argument("--n-noise", type=int, default=16, help="noise draws per prior draw (default 16)")
     ap.add_argument("--n-burn", type=int, default=2000, help="Metropolis burn-in (adaptation) steps per chain")
     ap.add_argument("--n-keep", type=int, default=4000, help="Metropolis steps averaged per chain")
     ap.add_argument("--start", choices=("fit", "truth"), default="fit",
                     help="chain start: the draw's least-squares fit (default) or the true theta; a spread that "
                          "depends on it means the chains have not forgotten their start")
-    ap.add_argument("--snr", type=float, default=100.0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--snr", type=float, default=100.0, help="|M0|/sigma (default 100)")
     ap.add_argument("--model", nargs="+", default=(), metavar="DIR",
                     help="saved networks (tied, this script's sequence and SVD basis, e.g. from bench_crb_vs_mse.py "
                          "--save-nets) to score on the same draws, beside the posterior mean")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "posterior_mean.json"))
-    args = ap.parse_args(argv)
-    data = Path(os.environ.get("SKLEARN_CRB_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    mat = data / "control_MT_v3p2_TR3p5ms_discretized.mat"
-    seq = Sequence.from_mat(mat, TR=3.5e-3) if mat.is_file() else Sequence.default()
-    free = free_parameters(True)
-    idx = [INDEX[p] for p in free]
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.n_theta, a.n_noise, a.n_burn, a.n_keep = 3, 2, 20, 20
+    return a
+
+
+def draws(args, seq, free):
+    """The prior draws, their CRB covariance and linearised reference, and the noisy data ``x`` (n * m, 13)."""
     sim = MTFingerprintSimulator(seq, n_components=13, estimate=free, tied_R1=True, prior="brain",
-                                 snr=(args.snr, args.snr), random_state=args.seed).fit()
+                                 snr=(args.snr, args.snr), n_basis_samples=100 if args.quick else 1000,
+                                 random_state=args.seed).fit()
     prior, basis, sigma = sim.prior_, sim.basis_, float(sim.sigma)
     M0 = args.snr * sigma
     _, pv = prior_moments(prior, free, random_state=args.seed + 7)
@@ -197,36 +189,33 @@ def main(argv=None):
     n, m = args.n_theta, args.n_noise
     theta = prior.sample(n, random_state=args.seed + 2)
     theta[:, 0] = np.maximum(theta[:, 0], CRB_M0S_FLOOR)
-    t0 = time.perf_counter()
     cov, s, J = crb_covariance(seq, basis, theta, M0, sigma, free)
-    crb = np.diagonal(cov, axis1=1, axis2=2)
     lin = linearized_bayes_spread(s, J, pv, estimate=free, tied_R1=True, M0=M0, sigma=sigma, basis=basis)
     g_true = simulate(seq, theta) @ basis.conj()
     phase = np.exp(1j * rng.uniform(0, 2 * np.pi, (n, m)))
     noise = sigma * (rng.standard_normal((n, m, 13)) + 1j * rng.standard_normal((n, m, 13)))
     x = (M0 * phase[:, :, None] * g_true[:, None, :] + noise).reshape(n * m, 13)
-    # each chain starts at its least-squares fit, started at the truth (an integration device, not an estimator)
-    start = np.repeat(theta, m, axis=0)
+    return sim, pv, theta, cov, lin, x, rng
+
+
+def chain_starts(args, seq, sim, theta, x, free):
+    """Each chain starts at its least-squares fit, started at the truth (an integration device, not an
+    estimator), or at the truth where that fit leaves the prior's support (or with --start truth)."""
+    idx = [INDEX[p] for p in free]
+    start_ = np.repeat(theta, args.n_noise, axis=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NLLSFitWarning)
-        fit = NLLSFitter(seq, basis=basis, estimate=free, tied_R1=True, init=GivenStart(start[:, idx], free).fit()
-                         ).fit().predict_details(np.column_stack([x.real, x.imag]))
+        fit = NLLSFitter(seq, basis=sim.basis_, estimate=free, tied_R1=True,
+                         init=GivenStart(start_[:, idx], free).fit()).fit().predict_details(
+                             np.column_stack([x.real, x.imag]))
     ok = np.isfinite(fit["theta"]).all(1)
-    ok[ok] = np.isfinite(log_prior(prior, fit["theta"][ok]))  # a fit outside the prior's support starts at theta
+    ok[ok] = np.isfinite(log_prior(sim.prior_, fit["theta"][ok]))
     if args.start == "fit":
-        start[ok] = fit["theta"][ok]
-    nets = {d: _network_cells(d, basis, theta, x, crb, pv, free, n, m) for d in args.model}
-    covm = np.repeat(cov, m, axis=0)
-    jitter = 1e-10 * np.diagonal(covm, axis1=1, axis2=2).max(1)[:, None, None] * np.eye(len(free))
-    L = np.linalg.cholesky(covm + jitter)
-    pm, mc_var = sample_posterior_means(seq, basis, prior, start, L, x, sigma, free, args.n_burn, args.n_keep, rng)
-    pm, mc_var = pm.reshape(n, m, -1), mc_var.reshape(n, m, -1)
-    truth = theta[:, idx]
-    var_noise = np.clip(pm.var(1, ddof=1) - mc_var.mean(1), 0, None)  # the chains' Monte-Carlo error removed
-    spread = np.sqrt(var_noise / crb)
-    bias = (pm.mean(1) - truth) / np.sqrt(crb)
-    mc_err = np.sqrt(mc_var.mean(1) / crb)  # Monte-Carlo error of one posterior mean, in sqrt(CRB)
-    seconds = time.perf_counter() - t0
+        start_[ok] = fit["theta"][ok]
+    return start_
+
+
+def summary(crb, pv, free, spread, bias, mc_err, lin):
     rows = {}
     for k, p in enumerate(free):
         inf = crb[:, k] < 0.1 * pv[k]
@@ -234,27 +223,27 @@ def main(argv=None):
         rows[p] = {"n_informative": int(inf.sum()), "posterior_mean_std_over_sqrt_crb": med(spread),
                    "posterior_mean_median_bias_over_sqrt_crb": med(bias), "mc_error_over_sqrt_crb": med(mc_err),
                    "linearized_reference": med(lin)}
-    result = {"sequence": seq.name, "rank": 13, "snr": args.snr, "prior": "brain (tied)", "n_theta": n,
-              "n_noise": m, "n_burn": args.n_burn, "n_keep": args.n_keep, "start": args.start, "seconds": seconds,
-              "parameters": rows, "networks_on_the_same_draws": nets}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result, indent=2)
-    print(f"v3.2 rank 13, SNR {args.snr:g}, brain prior (tied), {n} theta x {m} noise draws, "
-          f"{args.n_burn}+{args.n_keep} Metropolis steps per chain from the {args.start}; {seconds:.0f} s")
-    print(f"{'parameter':<10}{'informative':>12}{'post. mean std/sqrtCRB':>24}{'bias/sqrtCRB':>14}"
-          f"{'MC error':>10}{'linearised ref':>16}")
-    f = (lambda v: "—" if v is None else f"{v:.2f}")  # noqa: E731
-    for p, r in rows.items():
-        print(f"{p:<10}{r['n_informative']:>12}{f(r['posterior_mean_std_over_sqrt_crb']):>24}"
-              f"{f(r['posterior_mean_median_bias_over_sqrt_crb']):>14}{f(r['mc_error_over_sqrt_crb']):>10}"
-              f"{f(r['linearized_reference']):>16}")
-    for d, cells in nets.items():
-        print(f"network {d} on the same draws (informative: nMSE / median bias / median std, in sqrt(CRB)):")
-        for p, c in cells.items():
-            print(f"  {p:<8} {c['nmse']:.2f} / {c['median_bias_over_sqrt_crb']:+.2f} / {c['std_over_sqrt_crb']:.2f} "
-                  f"(n={c['n_informative']})")
+    return rows
 
+
+def tables(args, rows, nets):
+    f = (lambda v: "—" if v is None else v)  # noqa: E731
+    out = [table(f"Posterior mean under the brain prior (tied), SNR {args.snr:g}, {args.n_theta} theta x "
+                 f"{args.n_noise} noise draws, {args.n_burn}+{args.n_keep} Metropolis steps from the {args.start}",
+                 ["parameter", "informative", "post. mean std/√CRB", "bias/√CRB", "MC error", "linearised ref"],
+                 [[p, r["n_informative"], f(r["posterior_mean_std_over_sqrt_crb"]),
+                   f(r["posterior_mean_median_bias_over_sqrt_crb"]), f(r["mc_error_over_sqrt_crb"]),
+                   f(r["linearized_reference"])] for p, r in rows.items()], "informative draws: CRB < 0.1 x prior "
+                 "variance; the Monte-Carlo error of the chains is removed from the spread")]
+    for d, cells in nets.items():
+        out.append(table(f"Network {d} on the same draws (informative)", ["parameter", "nMSE", "median bias/√CRB",
+                                                                            "median std/√CRB", "n"],
+                         [[p, c["nmse"], c["median_bias_over_sqrt_crb"], c["std_over_sqrt_crb"], c["n_informative"]]
+                          for p, c in cells.items()]))
+    return out
+
+
+def figure(run, args, rows, free):
     import matplotlib  # optional: only for the figure
 
     matplotlib.use("Agg")
@@ -272,11 +261,39 @@ def main(argv=None):
     ax.set_title(f"Bayes-optimal spread, v3.2 rank 13, SNR {args.snr:g}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    png = out.with_suffix(".png")
-    save_figure(fig, png, dpi=110)
-    print(f"wrote {out} and {png}")
-    return result
+    run.save_figure(fig, dpi=110)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = start("posterior_mean", "The exact posterior mean's spread over noise draws, in sqrt(CRB), on informative "
+                "draws", args, argv)
+    seq = sequence()[0]
+    free = free_parameters(True)
+    idx = [INDEX[p] for p in free]
+    sim, pv, theta, cov, lin, x, rng = draws(args, seq, free)
+    n, m = args.n_theta, args.n_noise
+    crb = np.diagonal(cov, axis1=1, axis2=2)
+    start_ = chain_starts(args, seq, sim, theta, x, free)
+    nets = {d: _network_cells(d, sim.basis_, theta, x, crb, pv, free, n, m) for d in args.model}
+    covm = np.repeat(cov, m, axis=0)
+    jitter = 1e-10 * np.diagonal(covm, axis1=1, axis2=2).max(1)[:, None, None] * np.eye(len(free))
+    L = np.linalg.cholesky(covm + jitter)
+    pm, mc_var = sample_posterior_means(seq, sim.basis_, sim.prior_, start_, L, x, float(sim.sigma), free,
+                                        args.n_burn, args.n_keep, rng)
+    pm, mc_var = pm.reshape(n, m, -1), mc_var.reshape(n, m, -1)
+    var_noise = np.clip(pm.var(1, ddof=1) - mc_var.mean(1), 0, None)  # the chains' Monte-Carlo error removed
+    spread = np.sqrt(var_noise / crb)
+    bias = (pm.mean(1) - theta[:, idx]) / np.sqrt(crb)
+    mc_err = np.sqrt(mc_var.mean(1) / crb)  # Monte-Carlo error of one posterior mean, in sqrt(CRB)
+    rows = summary(crb, pv, free, spread, bias, mc_err, lin)
+    result = {"sequence": seq.name, "rank": 13, "snr": args.snr, "prior": "brain (tied)", "n_theta": n,
+              "n_noise": m, "n_burn": args.n_burn, "n_keep": args.n_keep, "start": args.start,
+              "parameters": rows, "networks_on_the_same_draws": nets}
+    doc = run.write(tables(args, rows, nets), result)
+    figure(run, args, rows, free)
+    return doc
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()

@@ -3,52 +3,55 @@
 For a model folder (``sklearn-crb train`` or the demo's ``crb_model``), the
 tied phantom in the model's own sequence and basis at ``1/sigma = 116`` (WM
 ``|M0|/sigma = 80``) is drawn ``--draws`` times; ``fit_maps`` (estimated
-sigma, the network's default standard error) is run on ``--voxels`` WM and GM
-voxels. Reports the median estimated sigma against the truth and, per tissue
-and parameter, the empirical spread of the estimates over the draws against
-the RMS of the standard-error maps (target: sigma within 20 %, ratio within
-0.75-1.25). Writes ``benchmarks/results/se_calibration.json`` and ``.png``.
+sigma, the network's default standard error, or ``--se``) is run on
+``--voxels`` WM and GM voxels. Reports the median estimated sigma against the
+truth and, per tissue and parameter, the empirical spread of the estimates
+over the draws against the RMS of the standard-error maps (target: sigma
+within 20 %, ratio within 0.75-1.25). Writes ``se_calibration.json`` and
+``.png`` under ``--out``. ``--quick`` without ``--model`` trains a tiny
+stand-in network.
 
     python benchmarks/bench_se_calibration.py --model sklearn_crb_demo/crb_model [--se delta|crb]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import time
+import tempfile
 from pathlib import Path
 
 import numpy as np
+from _harness import parser, quick_model, start, table
 
-from sklearn_crb.io.models import load_model
-from sklearn_crb.maps import fit_maps
-from sklearn_crb.phantom import make_phantom
-from sklearn_crb.physics.sequence import Sequence
-from _results import save_figure, write_json
+from sklearn_crb import Sequence, fit_maps, load_model, make_phantom
 
-OUT = Path(__file__).resolve().parent / "results"
 SNR = 116.0
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--draws", type=int, default=4)
-    ap.add_argument("--voxels", type=int, default=40, help="voxels per tissue (WM, GM)")
-    ap.add_argument("--se", choices=["delta", "crb"], default=None)
-    args = ap.parse_args(argv)
-    net = load_model(args.model, device="cpu")
+def parse_args(argv=None):
+    p = parser(__doc__, threads=None)
+    p.add_argument("--model", default=None, help="model folder (required unless --quick)")
+    p.add_argument("--draws", type=int, default=4, help="phantom noise draws (default 4)")
+    p.add_argument("--voxels", type=int, default=40, help="voxels per tissue, WM and GM (default 40)")
+    p.add_argument("--se", choices=["delta", "crb"], default=None, help="standard-error method (default: the net's)")
+    a = p.parse_args(argv)
+    if a.model is None and not a.quick:
+        p.error("--model is required (only --quick trains a stand-in)")
+    if a.quick:
+        a.draws, a.voxels = 2, 6
+    return a
+
+
+def calibrate(net, args):
     meta = net.crb_metadata_
     seq, U = Sequence.from_dict(meta["sequence"]), meta["basis"]
     names = [p for p in ("m0s", "R1f", "R2f", "T1f", "T2f") if p in meta["estimate"]]
-    ph = make_phantom((40, 40), seq, basis=U, snr=SNR, tied_R1=True, random_state=1)
+    shape = (24, 24) if args.quick else (40, 40)
+    ph = make_phantom(shape, seq, basis=U, snr=SNR, tied_R1=True, random_state=1)
     rng = np.random.default_rng(1)
     sub = np.zeros(ph.labels.shape, bool)
     for t in ("WM", "GM"):
         sub.flat[rng.choice(np.flatnonzero(ph.tissue_mask(t)), args.voxels, replace=False)] = True
     est, se, sigmas = {p: [] for p in names}, {p: [] for p in names}, []
-    t0 = time.perf_counter()
     for k in range(args.draws):
         ph_k = make_phantom(ph.labels.shape, seq, basis=U, snr=SNR, tied_R1=True, random_state=100 + k)
         m = fit_maps(net, ph_k.coefficients, sub, se=args.se)
@@ -65,16 +68,10 @@ def main(argv=None):
             rms = float(np.sqrt(np.mean(np.stack(se[p])[:, sel] ** 2)))
             rows.append({"tissue": t, "param": p, "spread": spread, "rms_se": rms, "ratio": spread / rms,
                          "median": float(np.median(e))})
-    res = {"model": str(args.model), "se": args.se or "default", "draws": args.draws, "sigma_true": 1 / SNR,
-           "sigma_median": float(np.median(sigmas)), "sigma_ratio": float(np.median(sigmas) * SNR), "rows": rows,
-           "seconds": time.perf_counter() - t0, "load_average": os.getloadavg()}
-    OUT.mkdir(exist_ok=True)
-    write_json(OUT / "se_calibration.json", res)
-    print(f"sigma: estimated/true = {res['sigma_ratio']:.3f}")
-    print(f"{'tissue':<6} {'param':<5} {'spread':>10} {'RMS se':>10} {'spread/se':>10} {'median':>9}")
-    for r in rows:
-        print(f"{r['tissue']:<6} {r['param']:<5} {r['spread']:>10.4g} {r['rms_se']:>10.4g} {r['ratio']:>10.3f} "
-              f"{r['median']:>9.4g}")
+    return rows, float(np.median(sigmas))
+
+
+def figure(run, rows):
     import matplotlib  # optional plotting dependency
 
     matplotlib.use("Agg")
@@ -86,7 +83,26 @@ def main(argv=None):
         ax.axhline(y, color="k", ls="--" if y != 1 else "-", lw=0.8)
     ax.set_ylabel("spread / RMS(se)")
     fig.tight_layout()
-    save_figure(fig, OUT / "se_calibration.png", dpi=120)
+    run.save_figure(fig, dpi=120)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = start("se_calibration", "Standard errors and sigma of a network's maps on the tied phantom", args, argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or quick_model(Path(tmp) / "model", seed=args.seed)
+        net = load_model(model, device="cpu")
+    rows, sigma = calibrate(net, args)
+    data = {"model": str(args.model or "quick stand-in"), "se": args.se or "default", "draws": args.draws,
+            "voxels_per_tissue": args.voxels, "sigma_true": 1 / SNR, "sigma_median": sigma,
+            "sigma_ratio": sigma * SNR, "rows": rows}
+    tables = [table(f"Spread over {args.draws} noise draws against the RMS standard error ({data['se']})",
+                    ["tissue", "parameter", "spread", "RMS se", "spread/se", "median"],
+                    [[r["tissue"], r["param"], r["spread"], r["rms_se"], r["ratio"], r["median"]] for r in rows],
+                    f"estimated sigma / true sigma = {sigma * SNR:.3f}; targets: within 20 % and 0.75-1.25")]
+    doc = run.write(tables, data)
+    figure(run, rows)
+    return doc
 
 
 if __name__ == "__main__":

@@ -13,26 +13,23 @@ on the published v3.2 sequence (1142 pulses; ``Sequence.default()`` if the
 data file is missing), and the numba JIT time (loading the on-disk cache, and
 optionally compiling from scratch in a subprocess with an empty cache).
 
-Writes JSON (``benchmarks/results/bench_simulator.json`` by default) and a PNG
-plot next to it, and prints a table. Not a test.
+Writes ``simulator.json`` and ``.png`` under ``--out``. ``--threads`` sets
+the numba threads (default: all CPUs); ``--quick`` skips the torch Jacobian,
+the naive Jacobian and the JIT timings.
 
 Usage::
 
-    python benchmarks/bench_simulator.py            # full run, a few minutes
-    python benchmarks/bench_simulator.py --quick    # ~1 minute
+    python benchmarks/bench_simulator.py [--sequence FILE]   # a few minutes
 
 Throughput on a shared machine depends on what else runs: the JSON records the
-load average before and after, and, for numba, the CPU time per item (which
-other processes affect much less than the wall-clock rate).
+load average and, for numba, the CPU time per item (which other processes
+affect much less than the wall-clock rate).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -40,76 +37,25 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _results import save_figure, write_text
+from _harness import machine, parser, sequence, start, table
 
 REPO = Path(__file__).resolve().parents[1]
-V32_NAME = "control_MT_v3p2_TR3p5ms_discretized.mat"
 # tutorial tissue (MRIgeneralizedBloch.jl) and a spread around it
 THETA0 = np.array([0.15, 0.5, 15.0, 30.0, 3.0, 10e-6, 0.0, 1.0])
 TARGET_FPS, TARGET_JPS = 1000.0, 100.0
+FULL = {"sim": [1, 10, 100, 1000], "jac": [1, 10, 100, 1000], "torch_sim": [1, 10, 100, 1000],
+        "torch_jac": [1, 10, 100], "min_time": 1.0, "budget": 150.0, "naive_signal": 3, "naive_jacobian": 1}
+QUICK = {"sim": [1, 10], "jac": [1, 10], "torch_sim": [1, 10], "torch_jac": [], "min_time": 0.05, "budget": 5.0,
+         "naive_signal": 1, "naive_jacobian": 0}
 
 
 # ----------------------------------------------------------------------------- helpers
-def machine_info():
-    import numba
-    import scipy
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_available": affinity,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "torch": torch.__version__,
-        "numba": numba.__version__,
-        "numba_threads": numba.get_num_threads(),
-        "numba_threading_layer": _threading_layer(),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def _threading_layer():
-    import numba
-
-    try:
-        return numba.threading_layer()
-    except ValueError:  # no parallel region run yet
-        return None
-
-
-def loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def load_sequence(path=None):
     from sklearn_crb import Sequence
 
     if path is None:
-        path = Path(os.environ.get("SKLEARN_CRB_DATA", REPO.parent / "shared" / "data")) / V32_NAME
-    path = Path(path)
-    if path.is_file():
-        return Sequence.from_mat(path, TR=3.5e-3), str(path)
-    print(f"[bench] {path} not found: using Sequence.default()", file=sys.stderr)
-    return Sequence.default(), "Sequence.default()"
+        return sequence()
+    return Sequence.from_mat(path, TR=3.5e-3), str(path)
 
 
 def tissues(n, seed=0):
@@ -338,8 +284,7 @@ def bench_backend(seq, backend, sim_sizes, jac_sizes, min_time, budget_s):
             wall, cpu, reps = timeit(fn, min_time)
             last_rate = n / wall
             rows.append({"backend": backend, "kind": kind, "batch": n, "wall_s": wall, "cpu_s": cpu,
-                         "reps": reps, "per_s": n / wall, "cpu_ms_per_item": 1e3 * cpu / n,
-                         "loadavg": loadavg()})
+                         "reps": reps, "per_s": n / wall, "cpu_ms_per_item": 1e3 * cpu / n})
             print(f"  {backend:6s} {kind:13s} n={n:5d}: {n / wall:10.1f} /s   ({1e3 * wall / n:8.3f} ms/item wall, "
                   f"{1e3 * cpu / n:8.3f} ms/item CPU, {reps} reps)")
     return rows
@@ -373,7 +318,7 @@ def jit_times(fresh):
     return out
 
 
-def plot(results, path):
+def plot(run, results):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -397,80 +342,35 @@ def plot(results, path):
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    m = results["machine"]
+    m = machine()
     fig.suptitle(f"{results['sequence']['n_pulses']}-pulse sequence, {m['cpu']} ({m['cpus_available']} CPUs), "
-                 f"numba {m['numba']}, torch {m['torch']}", fontsize=9)
+                 f"numba {m['versions']['numba']}, torch {m['versions']['torch']}", fontsize=9)
     fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
+    run.save_figure(fig, dpi=120)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="~1 minute: fewer/smaller batches, shorter timing")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_simulator.json",
-                    help="JSON output (the PNG is written next to it)")
-    ap.add_argument("--sequence", type=Path, default=None, help=f"a .mat sequence (default: {V32_NAME})")
-    ap.add_argument("--threads", type=int, default=None, help="numba threads (default: all CPUs)")
-    ap.add_argument("--no-torch", action="store_true", help="skip the torch backend")
-    ap.add_argument("--no-fresh-jit", action="store_true", help="do not time a from-scratch compile")
-    args = ap.parse_args(argv)
-
-    import numba
-    import torch
-
-    if args.threads:
-        numba.set_num_threads(args.threads)
-    # torch and numba never run at the same time here; keep torch at the core count
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
-    seq, seq_src = load_sequence(args.sequence)
-    if args.quick:
-        sim_sizes, jac_sizes = [1, 10, 100], [1, 10, 100]
-        torch_sim, torch_jac = [1, 10, 100], [1]
-        min_time, budget, n_naive_sig, n_naive_jac = 0.3, 20.0, 1, 1
-    else:
-        sim_sizes, jac_sizes = [1, 10, 100, 1000], [1, 10, 100, 1000]
-        torch_sim, torch_jac = [1, 10, 100, 1000], [1, 10, 100]
-        min_time, budget, n_naive_sig, n_naive_jac = 1.0, 150.0, 3, 1
-
-    results = {"command": " ".join([Path(sys.executable).name] + sys.argv), "quick": args.quick,
-               "sequence": {"source": seq_src, "n_pulses": seq.n_pulses, "TR": seq.TR},
-               "loadavg_start": loadavg(), "rows": [], "naive": {}}
-    print(f"sequence: {seq_src} ({seq.n_pulses} pulses); load average {results['loadavg_start']}")
-
-    from sklearn_crb.physics._numba import kernel as K
-
-    t0 = time.perf_counter()
-    K.warmup()
-    results["jit"] = {"first_call_this_process_s": time.perf_counter() - t0}
-    results["machine"] = machine_info()
-    print("machine:", json.dumps(results["machine"]))
-
-    print("numba backend:")
-    results["rows"] += bench_backend(seq, "numba", sim_sizes, jac_sizes, min_time, budget)
-    if not args.no_torch:
-        print("torch backend:")
-        results["rows"] += bench_backend(seq, "torch", torch_sim, torch_jac, min_time, budget)
-
-    print("naive per-sample scipy loop:")
-    th = tissues(max(n_naive_sig, n_naive_jac, 1), seed=1)
+def naive_rates(seq, size, K):
+    """Seconds per sample and agreement with numba of the naive scipy loop (signal, and Jacobian if asked)."""
+    n_sig, n_jac = size["naive_signal"], size["naive_jacobian"]
+    th = tissues(max(n_sig, n_jac, 1), seed=1)
+    out = {}
     t = time.perf_counter()
-    sig = [naive_signal(seq, x) for x in th[:n_naive_sig]]
+    sig = [naive_signal(seq, x) for x in th[:n_sig]]
     dt = time.perf_counter() - t
     ref_s, ref_J = K.jacobian_numba(seq, th)
     err = max(np.abs(a - b).max() / np.abs(b).max() for a, b in zip(sig, ref_s))
-    results["naive"].update(signal_s=dt / n_naive_sig, signal_per_s=n_naive_sig / dt, signal_max_rel_diff=err)
-    print(f"  signal:   {dt / n_naive_sig:.3f} s/sample  (max rel. diff to numba {err:.1e})")
-    if n_naive_jac:
+    out.update(signal_s=dt / n_sig, signal_per_s=n_sig / dt, signal_max_rel_diff=err)
+    if n_jac:
         t = time.perf_counter()
-        Js = [naive_jacobian(seq, x) for x in th[:n_naive_jac]]
+        Js = [naive_jacobian(seq, x) for x in th[:n_jac]]
         dt = time.perf_counter() - t
         errJ = max((np.linalg.norm(a - b, axis=0) / np.linalg.norm(b, axis=0)).max() for a, b in zip(Js, ref_J))
-        results["naive"].update(jacobian_s=dt / n_naive_jac, jacobian_per_s=n_naive_jac / dt,
-                                jacobian_max_rel_diff=errJ)
-        print(f"  jacobian: {dt / n_naive_jac:.3f} s/sample  (max rel. column diff to numba {errJ:.1e})")
+        out.update(jacobian_s=dt / n_jac, jacobian_per_s=n_jac / dt, jacobian_max_rel_diff=errJ)
+    return out
 
+
+def summarise(results):
+    """Per kind: numba's best rate, and its speed-ups over the naive loop and over torch."""
     def best(backend, kind):
         rows = [r for r in results["rows"] if r["backend"] == backend and r["kind"] == kind]
         return max(rows, key=lambda r: r["per_s"]) if rows else None
@@ -478,34 +378,63 @@ def main(argv=None):
     summary = {}
     for kind, key in (("simulate", "signal_per_s"), ("jacobian+crb", "jacobian_per_s")):
         b = best("numba", kind)
-        if b:
-            summary[kind] = {"numba_best_per_s": b["per_s"], "at_batch": b["batch"],
-                             "numba_cpu_ms_per_item": b["cpu_ms_per_item"]}
-            if results["naive"].get(key):
-                summary[kind]["speedup_vs_naive"] = b["per_s"] / results["naive"][key]
-            bt = best("torch", kind)
-            if bt:
-                summary[kind]["torch_best_per_s"] = bt["per_s"]
-                summary[kind]["speedup_vs_torch"] = b["per_s"] / bt["per_s"]
-    results["summary"] = summary
-    results["jit"].update(jit_times(fresh=not args.no_fresh_jit))
-    results["loadavg_end"] = loadavg()
+        if not b:
+            continue
+        summary[kind] = {"numba_best_per_s": b["per_s"], "at_batch": b["batch"],
+                         "numba_cpu_ms_per_item": b["cpu_ms_per_item"]}
+        if results["naive"].get(key):
+            summary[kind]["speedup_vs_naive"] = b["per_s"] / results["naive"][key]
+        bt = best("torch", kind)
+        if bt:
+            summary[kind]["torch_best_per_s"] = bt["per_s"]
+            summary[kind]["speedup_vs_torch"] = b["per_s"] / bt["per_s"]
+    return summary
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(args.out, json.dumps(results, indent=2) + "\n")
-    png = args.out.with_suffix(".png")
-    plot(results, png)
 
-    print("\n{:8s} {:13s} {:>6s} {:>12s} {:>14s}".format("backend", "kind", "batch", "items/s", "CPU ms/item"))
-    for r in results["rows"]:
-        print("{:8s} {:13s} {:6d} {:12.1f} {:14.3f}".format(r["backend"], r["kind"], r["batch"], r["per_s"],
-                                                            r["cpu_ms_per_item"]))
-    print("\nsummary:", json.dumps(summary, indent=1))
-    print("JIT:", json.dumps(results["jit"]))
-    print(f"load average start {results['loadavg_start']}, end {results['loadavg_end']}")
-    print(f"wrote {args.out} and {png}")
-    return 0
+def tables(results):
+    rows = [[r["backend"], r["kind"], r["batch"], r["per_s"], r["cpu_ms_per_item"]] for r in results["rows"]]
+    nv = results["naive"]
+    rows += [["naive scipy loop", "simulate", 1, nv["signal_per_s"], ""]]
+    if "jacobian_per_s" in nv:
+        rows += [["naive scipy loop", "jacobian", 1, nv["jacobian_per_s"], ""]]
+    jit = results["jit"]
+    return [table(f"Throughput, {results['sequence']['n_pulses']}-pulse sequence",
+                  ["backend", "kind", "batch", "items/s", "CPU ms/item"], rows,
+                  f"targets: {TARGET_FPS:g} fingerprints/s and {TARGET_JPS:g} Jacobians (+CRB)/s"),
+            table("numba JIT", ["what", "seconds"], [[k, v] for k, v in jit.items() if isinstance(v, float)])]
+
+
+def main(argv=None):
+    ap = parser(__doc__, threads=None)
+    ap.add_argument("--sequence", type=Path, default=None, help="a .mat sequence (default: v3.2, else built-in)")
+    args = ap.parse_args(argv)
+    run = start("simulator", "Throughput of the fingerprint simulator and its Jacobian (+ CRB)", args, argv)
+    import torch
+
+    # torch and numba never run at the same time here; keep torch at the core count
+    torch.set_num_threads(args.threads or min(torch.get_num_threads(), os.cpu_count() or 1))
+    seq, seq_src = load_sequence(args.sequence)
+    size = QUICK if args.quick else FULL
+    results = {"sequence": {"source": seq_src, "n_pulses": seq.n_pulses, "TR": seq.TR}, "sizes": size, "rows": []}
+    from sklearn_crb.physics._numba import kernel as K
+
+    t0 = time.perf_counter()
+    K.warmup()
+    results["jit"] = {"first_call_this_process_s": time.perf_counter() - t0}
+    run.log("numba backend")
+    results["rows"] += bench_backend(seq, "numba", size["sim"], size["jac"], size["min_time"], size["budget"])
+    run.log("torch backend")
+    results["rows"] += bench_backend(seq, "torch", size["torch_sim"], size["torch_jac"], size["min_time"],
+                                     size["budget"])
+    run.log("naive per-sample scipy loop")
+    results["naive"] = naive_rates(seq, size, K)
+    results["summary"] = summarise(results)
+    if not args.quick:
+        results["jit"].update(jit_times(fresh=True))
+    doc = run.write(tables(results), results)
+    plot(run, results)
+    return doc
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
