@@ -49,6 +49,7 @@ from sklearn_crb.estimators._base import fit_box
 from sklearn_crb.estimators._batches import net_threads, torch_threads
 from sklearn_crb.estimators._fixed_error import model_sensitivity
 from sklearn_crb.estimators._measured import append_measured
+from sklearn_crb.estimators.details import PredictionDetails
 from sklearn_crb.physics.parameters import (BOUNDS, INDEX, PARAMETERS, SCALE, crb_to_targets, nuisance_parameters,
                                             rate_name, resolve_estimate, theta_columns_from_targets, tie_R1)
 from sklearn_crb.physics.sequence import Sequence
@@ -277,8 +278,9 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
     out = {"estimate": est, "n_free": n_free}
     if n == 0:
         empty = np.zeros((0, len(est))) if compute_crb else None
-        return dict(out, theta=np.zeros((0, len(PARAMETERS))), M0=np.zeros(0, complex), residual_norm=np.zeros(0),
-                    converged=np.zeros(0, bool), crb_unit=empty if se == "crb" else None,
+        return PredictionDetails(**out, prediction=np.zeros((0, len(est))), theta=np.zeros((0, len(PARAMETERS))),
+                    M0=np.zeros(0, complex), residual_norm=np.zeros(0),
+                    converged=np.zeros(0, bool), failed=np.zeros(0, bool), crb_unit=empty if se == "crb" else None,
                     var_unit=empty if se == "delta" else None, noise_residual_norm=np.zeros(0),
                     out_of_range=np.zeros(0, bool), fixed_names=tuple(fixed),
                     fixed_sensitivity=np.zeros((0, len(est), len(fixed))) if compute_crb and fixed else None)
@@ -376,6 +378,8 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
         sens[~converged] = np.nan
     M0 = np.where(converged, M0, np.nan + 0j)
     res = np.where(converged, res, np.nan)
-    return dict(out, theta=theta, M0=M0.astype(np.complex128), residual_norm=res.astype(np.float64),
-                converged=converged, crb_unit=crb_unit, var_unit=var_unit, noise_residual_norm=noise_res,
+    order = [names.index(p) for p in est]  # the network's output order -> the estimate's
+    prediction = np.where(converged[:, None], pred[:, order], np.nan)
+    return PredictionDetails(**out, prediction=prediction, theta=theta, M0=M0.astype(np.complex128),
+                residual_norm=res.astype(np.float64), converged=converged, failed=~converged, crb_unit=crb_unit, var_unit=var_unit, noise_residual_norm=noise_res,
                 out_of_range=out_of_range, fixed_names=fnames, fixed_sensitivity=sens)

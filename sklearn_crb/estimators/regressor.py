@@ -433,6 +433,12 @@ class CRBNetRegressor(NeuralNetRegressor):
         delta-method variance ``var_unit``; ``"crb"``: the CRB at the estimate,
         ``crb_unit``. ``sequence``/``basis`` override the model context's; see
         :func:`sklearn_crb.estimators._network_details.network_details`.
+
+        Returns
+        -------
+        PredictionDetails
+            ``prediction``: the network's estimates in target units (NaN where ``failed``); the
+            fields a network does not produce (``crb``, ``status``, ...) are None.
         """
         self.check_is_fitted()
         return network_details(self, X, fixed=fixed, compute_crb=compute_crb, sequence=sequence, basis=basis,
