@@ -10,7 +10,8 @@ from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 
 from sklearn_crb.cli import main
-from sklearn_crb.estimators._training import augment_realizations, bias_reduced_loss
+from sklearn_crb.estimators.net.augmentation import augment_realizations
+from sklearn_crb.estimators.net.losses import bias_reduced_loss
 from sklearn_crb.estimators.network import MLP
 from sklearn_crb.estimators.regressor import CRBNetRegressor
 from sklearn_crb.metrics import make_crb_scorer

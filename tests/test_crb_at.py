@@ -1,6 +1,6 @@
 """``CRBNetRegressor(crb_at=...)``: the CRB loss weight at the truth or at the network's estimate.
 
-The claim under test (see :mod:`sklearn_crb.estimators._crb_surrogate`):
+The claim under test (see :mod:`sklearn_crb.estimators.net.crb_weighting`):
 weights ``1/CRB(theta)`` at the true ``theta`` tilt an uninformed estimate
 towards low-CRB values, weights at the estimate do not. Checked on a toy
 model whose answer is known by symmetry, with a CRB that is not the model's
@@ -13,8 +13,8 @@ import pytest
 import torch
 from sklearn.base import clone
 
-from sklearn_crb.estimators._crb_surrogate import fit_log_weight_surrogate, resolve_crb_at
-from sklearn_crb.estimators._training import WeightedMSELoss
+from sklearn_crb.estimators.net.crb_weighting import fit_log_weight_surrogate, resolve_crb_at
+from sklearn_crb.estimators.net.losses import WeightedMSELoss
 from sklearn_crb.estimators.regressor import CRBNetRegressor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -56,7 +56,7 @@ def test_refused_settings(crb_at, loss, match):
 def test_weights_at_the_estimate_are_the_truths_where_they_coincide():
     """``w_truth * exp(g(theta_hat) - g(theta))``: equal to ``w_truth`` at ``theta_hat = theta`` whatever
     the surrogate; moved by the surrogate's ratio elsewhere, clipped at MAX_LOG_RATIO."""
-    from sklearn_crb.estimators._crb_surrogate import MAX_LOG_RATIO, LogWeightSurrogate, estimate_weights
+    from sklearn_crb.estimators.net.crb_weighting import MAX_LOG_RATIO, LogWeightSurrogate, estimate_weights
 
     torch.manual_seed(0)
     sur = LogWeightSurrogate(2).eval().requires_grad_(False)

@@ -167,8 +167,8 @@ def test_private_generator_init_is_reproducible_and_ignores_the_global_rng():
 
 
 # ---------------------------------------------------------------- bounded output heads
-from sklearn_crb.estimators._prepare import output_bounds  # noqa: E402
-from sklearn_crb.estimators._training import TargetStandardizedModule  # noqa: E402
+from sklearn_crb.estimators.net.targets import output_bounds  # noqa: E402
+from sklearn_crb.estimators.net.modules import TargetStandardizedModule  # noqa: E402
 from sklearn_crb.physics.priors import resolve_prior  # noqa: E402
 
 TIED7 = ("m0s", "R1f", "R2f", "Rex", "T2s", "omega0", "B1")

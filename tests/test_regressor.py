@@ -251,7 +251,7 @@ def tied7(short_sequence):
 
 
 def test_nuisance_weight_cap_changes_only_nuisance_weights(tied7):
-    from sklearn_crb.estimators._training import batch_weights
+    from sklearn_crb.estimators.net.losses import batch_weights
 
     sim, X, y, crb = tied7
     ws = {}
