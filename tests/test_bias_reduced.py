@@ -156,11 +156,12 @@ def test_gridsearch_over_lambda_with_the_crb_scorer(sim):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"n_realizations": 1}, "n_realizations must be an int >= 2"),
-    ({"n_realizations": 2.5}, "n_realizations must be an int >= 2"),
-    ({"bias_lambda": -0.1}, "bias_lambda must be a finite float >= 0"),
-    ({"var_delta": float("nan")}, "var_delta must be a finite float >= 0"),
-    ({"pretrain_epochs": -1}, "pretrain_epochs must be an int >= 0"),
+    ({"n_realizations": 1}, r"'n_realizations' parameter of CRBNetRegressor must be an int in the range \[2, inf\)"),
+    ({"n_realizations": 2.5}, r"'n_realizations' parameter of CRBNetRegressor must be an int in the range \[2"),
+    ({"bias_lambda": -0.1}, r"'bias_lambda' parameter of CRBNetRegressor must be a float in the range \[0.0, inf\)"),
+    ({"bias_lambda": float("inf")}, "bias_lambda must be a finite float >= 0"),
+    ({"var_delta": float("nan")}, r"'var_delta' parameter of CRBNetRegressor must be a float in the range \[0.0"),
+    ({"pretrain_epochs": -1}, r"'pretrain_epochs' parameter of CRBNetRegressor must be an int in the range \[0"),
     ({"pretrain_epochs": 5, "max_epochs": 4}, r"pretrain_epochs \(5\) must not exceed max_epochs \(4\)"),
     ({"augment": False}, "needs augment=True"),
 ])

@@ -42,14 +42,15 @@ def test_resolution(crb_at, loss, want):
     assert resolve_crb_at(crb_at, loss) == want
 
 
-@pytest.mark.parametrize("crb_at, loss, match", [
-    ("at-truth", "crb", "crb_at must be one of"), ("estimate", "mse", "loss='crb' only"),
-    ("estimate", "bias_reduced", "loss='crb' only"),
+@pytest.mark.parametrize("crb_at, loss, match, net_match", [
+    ("at-truth", "crb", "crb_at must be one of", "'crb_at' parameter of CRBNetRegressor must be a str among"),
+    ("estimate", "mse", "loss='crb' only", "loss='crb' only"),
+    ("estimate", "bias_reduced", "loss='crb' only", "loss='crb' only"),
 ])
-def test_refused_settings(crb_at, loss, match):
+def test_refused_settings(crb_at, loss, match, net_match):
     with pytest.raises(ValueError, match=match):
         resolve_crb_at(crb_at, loss)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=net_match):
         _net(crb_at).set_params(loss=loss, max_epochs=1).fit(*_toy(64, 0)[:2], crb=_toy(64, 0)[2])
 
 

@@ -9,8 +9,8 @@ import torch
 
 from sklearn_crb.cli import main
 from sklearn_crb.crb import cramer_rao_bound
-from sklearn_crb.estimators.net.measured import measured_nuisance, resolve_measured
 from sklearn_crb.estimators.net.augmentation import augment_batch, augment_realizations
+from sklearn_crb.estimators.net.measured import measured_nuisance, resolve_measured
 from sklearn_crb.estimators.network import MLP, ResidualMLP
 from sklearn_crb.estimators.regressor import CRBNetRegressor
 from sklearn_crb.io.datasets import load_dataset

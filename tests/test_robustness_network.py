@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import sklearn
 import torch
+from conftest import small_crb_net, toy_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -15,10 +16,9 @@ from scipy.stats import kstest
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, KFold, cross_validate
 
-from conftest import small_crb_net, toy_problem
 from sklearn_crb.crb import crb_from_jacobian
-from sklearn_crb.estimators.net.details import network_details
 from sklearn_crb.estimators.net.augmentation import augment_batch
+from sklearn_crb.estimators.net.details import network_details
 from sklearn_crb.estimators.network import MLP
 from sklearn_crb.estimators.regressor import CRBNetRegressor
 from sklearn_crb.metrics import crb_efficiency_score, crb_normalized_mse, make_crb_scorer
