@@ -17,6 +17,7 @@ from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, KFold, cross_validate
 
 from sklearn_crb.crb import crb_from_jacobian
+from sklearn_crb.estimators.details import PredictionDetails
 from sklearn_crb.estimators.net.augmentation import augment_batch
 from sklearn_crb.estimators.net.details import network_details
 from sklearn_crb.estimators.network import MLP
@@ -288,7 +289,7 @@ def test_predict_details_protocol(sim):
     X, y, crb, d = sim.make_dataset(20, random_state=4, return_details=True)
     det = net.predict_details(X, fixed={"B1": np.full(20, 0.9)})
     est = ("m0s", "R1f", "R2f")
-    assert det.estimate == est
+    assert isinstance(det, PredictionDetails) and det.estimate == est
     free = 7  # tied model: m0s, R1f, R2f, Rex, T2s, omega0, B1
     assert det.n_free == len(est) + (free - len(est) - 1) + 2  # B1 is fixed, not nuisance
     th = det.theta
