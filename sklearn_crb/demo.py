@@ -6,7 +6,7 @@ informed training of neural networks for quantitative MRI", MRM 2022;
 MT fingerprints (Assländer et al., MRM 2022) of the built-in sequence, one
 with the CRB-normalised loss and one with the MSE, and NLLS, applied to the
 2-D brain phantom (:mod:`sklearn_crb.phantom`) and compared with the CRB at
-the true parameters. Also home of the network factory the CLI uses.
+the true parameters. The networks are :func:`sklearn_crb.recipes.make_network`'s, as the CLI's.
 """
 
 from __future__ import annotations
@@ -19,12 +19,9 @@ import time
 import joblib
 import numpy as np
 import torch
-from skorch.callbacks import Callback
-from tqdm.auto import tqdm
 
 from sklearn_crb.crb import cramer_rao_bound
 from sklearn_crb.estimators.nlls import NLLSFitter
-from sklearn_crb.estimators.regressor import CRBNetRegressor
 from sklearn_crb._atomic import atomic_dir
 from sklearn_crb.io._files import check_output_folder
 from sklearn_crb.io.datasets import simulate_dataset
@@ -35,51 +32,11 @@ from sklearn_crb.metrics import bias_variance_report, crb_normalized_mse
 from sklearn_crb.phantom import LABELS, make_phantom
 from sklearn_crb.physics.parameters import INDEX, free_parameters
 from sklearn_crb.physics.sequence import Sequence
+from sklearn_crb.recipes import make_network
 from sklearn_crb.simulator import MTFingerprintSimulator
 from sklearn_crb.viz import demo_figures
 
 __all__ = ["run_demo", "make_network", "DEMO_SIZES", "DEMO_SNR", "DEMO_TRAIN_SNR", "DEMO_FILES"]
-
-
-class EpochBar(Callback):
-    """A skorch callback showing one tqdm step per epoch."""
-
-    def __init__(self, total, desc, disable=False):
-        self.total, self.desc, self.disable = total, desc, disable
-
-    def on_train_begin(self, net, **kw):
-        self.bar = tqdm(total=self.total, desc=self.desc, unit="epoch", disable=self.disable)
-
-    def on_epoch_end(self, net, **kw):
-        h = net.history[-1]
-        self.bar.set_postfix(train=f"{h['train_loss']:.3g}" if "train_loss" in h else "-",
-                             valid=f"{h['valid_loss']:.3g}" if "valid_loss" in h else "-")
-        self.bar.update(1)
-
-    def on_train_end(self, net, **kw):
-        self.bar.close()
-        self.bar = None  # the fitted net stays picklable (joblib, save)
-
-
-def make_network(loss, simulator, *, paper=False, device="auto", seed=0, progress=True, hidden=None, epochs=None,
-                 lr=None, batch_size=None, normalization=None):
-    """A ``CRBNetRegressor`` as the CLI and the demo build it.
-
-    Everything not given (None) is the estimator's own default, i.e. the
-    package's measured training recipe; ``paper=True`` starts from the
-    paper's residual network and recipe instead (``CRBNetRegressor.paper``).
-    ``hidden`` (widths), ``epochs``, ``lr``, ``batch_size`` and
-    ``normalization`` override single settings; one tqdm step per epoch
-    is shown when ``progress``.
-    """
-    overrides = {"module__hidden": None if hidden is None else tuple(int(h) for h in hidden), "max_epochs": epochs,
-                 "lr": lr, "batch_size": batch_size, "module__normalization": normalization}
-    params = {k: v for k, v in overrides.items() if v is not None}
-    factory = CRBNetRegressor.paper if paper else CRBNetRegressor
-    net = factory(loss=loss, simulator=simulator, device=device, random_state=seed, **params)
-    callbacks = list(net.callbacks or [])  # keep the estimator's own default callbacks (e.g. its LR schedule)
-    callbacks.append(("epochs", EpochBar(net.max_epochs, f"train ({loss})", not progress)))
-    return net.set_params(callbacks=callbacks)
 
 
 #: Sizes of the demo (full: the default recipe's 96,000 draws x 150 epochs, about 10 minutes on a 2-core

@@ -77,8 +77,8 @@ def small_crb_net(**kw):
     params = dict(module=MLP, module__hidden=(32, 32), module__normalization=None, max_epochs=5, batch_size=64,
                   lr=1e-2, random_state=0, train_split=None,
                   # the pre-issue-9 recipe these tests were written for (set explicitly)
-                  module__batch_norm=True, module__activation="relu", optimizer=torch.optim.Adam, weight_decay=None,
-                  lr_schedule=None, head=None)
+                  module__batch_norm=True, module__activation="relu", optimizer=torch.optim.Adam,
+                  optimizer__weight_decay=0.0, lr_schedule=None, head=None)
     params.update(kw)
     return CRBNetRegressor(**params)
 

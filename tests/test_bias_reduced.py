@@ -10,7 +10,8 @@ from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 
 from sklearn_crb.cli import main
-from sklearn_crb.estimators._training import augment_realizations, bias_reduced_loss
+from sklearn_crb.estimators.net.augmentation import augment_realizations
+from sklearn_crb.estimators.net.losses import bias_reduced_loss
 from sklearn_crb.estimators.network import MLP
 from sklearn_crb.estimators.regressor import CRBNetRegressor
 from sklearn_crb.metrics import make_crb_scorer
@@ -120,7 +121,7 @@ def test_fit_simulated_pretrains_then_fine_tunes_and_keeps_the_schedule(sim):
     assert net.rows_ == {1: [50] * 4, 2: [50] * 4, 3: [150] * 4, 4: [150] * 4}
     h = net.history
     assert np.all(np.isfinite(h[:, "train_loss"])) and np.all(np.isfinite(h[:, "valid_crb"]))
-    sched = dict(net.callbacks_)["onecycle"].scheduler_
+    sched = dict(net.callbacks_)["onecycle"].lr_scheduler_
     assert sched.last_epoch == 4 * 4  # one step per batch, also in the fine-tuning epochs
     assert net.optimizer_.param_groups[0]["lr"] < 0.1 * net.lr  # annealing on through the fine-tuning epochs
     X, y, crb = sim.make_dataset(40, 5)
@@ -155,11 +156,12 @@ def test_gridsearch_over_lambda_with_the_crb_scorer(sim):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"n_realizations": 1}, "n_realizations must be an int >= 2"),
-    ({"n_realizations": 2.5}, "n_realizations must be an int >= 2"),
-    ({"bias_lambda": -0.1}, "bias_lambda must be a finite float >= 0"),
-    ({"var_delta": float("nan")}, "var_delta must be a finite float >= 0"),
-    ({"pretrain_epochs": -1}, "pretrain_epochs must be an int >= 0"),
+    ({"n_realizations": 1}, r"'n_realizations' parameter of CRBNetRegressor must be an int in the range \[2, inf\)"),
+    ({"n_realizations": 2.5}, r"'n_realizations' parameter of CRBNetRegressor must be an int in the range \[2"),
+    ({"bias_lambda": -0.1}, r"'bias_lambda' parameter of CRBNetRegressor must be a float in the range \[0.0, inf\)"),
+    ({"bias_lambda": float("inf")}, r"'bias_lambda' parameter of CRBNetRegressor .* Got inf instead"),
+    ({"var_delta": float("nan")}, r"'var_delta' parameter of CRBNetRegressor must be a float in the range \[0.0"),
+    ({"pretrain_epochs": -1}, r"'pretrain_epochs' parameter of CRBNetRegressor must be an int in the range \[0"),
     ({"pretrain_epochs": 5, "max_epochs": 4}, r"pretrain_epochs \(5\) must not exceed max_epochs \(4\)"),
     ({"augment": False}, "needs augment=True"),
 ])

@@ -149,7 +149,7 @@ def test_estimate_names_are_checked_before_work(tmp_path, capsys):
 
 def test_train_options_not_given_are_the_estimators_defaults(pipeline):
     """`train` without options builds CRBNetRegressor's own recipe: nothing is restated by the CLI."""
-    from sklearn_crb.demo import make_network
+    from sklearn_crb.recipes import make_network
     from sklearn_crb.estimators.regressor import CRBNetRegressor
 
     ref = CRBNetRegressor().get_params(deep=False)

@@ -1,6 +1,6 @@
 """``CRBNetRegressor(crb_at=...)``: the CRB loss weight at the truth or at the network's estimate.
 
-The claim under test (see :mod:`sklearn_crb.estimators._crb_surrogate`):
+The claim under test (see :mod:`sklearn_crb.estimators.net.crb_weighting`):
 weights ``1/CRB(theta)`` at the true ``theta`` tilt an uninformed estimate
 towards low-CRB values, weights at the estimate do not. Checked on a toy
 model whose answer is known by symmetry, with a CRB that is not the model's
@@ -13,8 +13,8 @@ import pytest
 import torch
 from sklearn.base import clone
 
-from sklearn_crb.estimators._crb_surrogate import fit_log_weight_surrogate, resolve_crb_at
-from sklearn_crb.estimators._training import WeightedMSELoss
+from sklearn_crb.estimators.net.crb_weighting import fit_log_weight_surrogate, resolve_crb_at
+from sklearn_crb.estimators.net.losses import WeightedMSELoss
 from sklearn_crb.estimators.regressor import CRBNetRegressor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -42,21 +42,22 @@ def test_resolution(crb_at, loss, want):
     assert resolve_crb_at(crb_at, loss) == want
 
 
-@pytest.mark.parametrize("crb_at, loss, match", [
-    ("at-truth", "crb", "crb_at must be one of"), ("estimate", "mse", "loss='crb' only"),
-    ("estimate", "bias_reduced", "loss='crb' only"),
+@pytest.mark.parametrize("crb_at, loss, match, net_match", [
+    ("at-truth", "crb", "crb_at must be one of", "'crb_at' parameter of CRBNetRegressor must be a str among"),
+    ("estimate", "mse", "loss='crb' only", "loss='crb' only"),
+    ("estimate", "bias_reduced", "loss='crb' only", "loss='crb' only"),
 ])
-def test_refused_settings(crb_at, loss, match):
+def test_refused_settings(crb_at, loss, match, net_match):
     with pytest.raises(ValueError, match=match):
         resolve_crb_at(crb_at, loss)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=net_match):
         _net(crb_at).set_params(loss=loss, max_epochs=1).fit(*_toy(64, 0)[:2], crb=_toy(64, 0)[2])
 
 
 def test_weights_at_the_estimate_are_the_truths_where_they_coincide():
     """``w_truth * exp(g(theta_hat) - g(theta))``: equal to ``w_truth`` at ``theta_hat = theta`` whatever
     the surrogate; moved by the surrogate's ratio elsewhere, clipped at MAX_LOG_RATIO."""
-    from sklearn_crb.estimators._crb_surrogate import MAX_LOG_RATIO, LogWeightSurrogate, estimate_weights
+    from sklearn_crb.estimators.net.crb_weighting import MAX_LOG_RATIO, LogWeightSurrogate, estimate_weights
 
     torch.manual_seed(0)
     sur = LogWeightSurrogate(2).eval().requires_grad_(False)

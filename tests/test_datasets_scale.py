@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sklearn_crb.cli import main
-from sklearn_crb.estimators._batches import PackedRows, RowBatches, TensorBatches, row_batches_or_none
+from sklearn_crb.estimators.net.loaders import PackedRows, RowBatches, TensorBatches, row_batches_or_none
 from sklearn_crb.io.datasets import (iter_dataset_chunks, load_dataset, open_dataset, simulate_dataset,
                                      simulate_to_file)
 from sklearn_crb.io.h5 import H5Rows

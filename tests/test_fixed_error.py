@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sklearn_crb.estimators._fixed_error import fixed_variance, model_sensitivity
-from sklearn_crb.estimators._measured import measured_nuisance
+from sklearn_crb.estimators.net.measured import measured_nuisance
 from sklearn_crb.estimators.dictionary import DictionaryMatcher
 from sklearn_crb.estimators.nlls import NLLSFitter, NLLSFitWarning
 from sklearn_crb.estimators.regressor import CRBNetRegressor

@@ -60,7 +60,7 @@ def test_maps_names_and_independent_residual_and_se(setup):
 
 
 def test_network_crb_standard_errors_are_the_crb_at_the_estimate(setup):
-    from sklearn_crb.estimators._network_details import network_details
+    from sklearn_crb.estimators.net.details import network_details
 
     sim, net, ph = setup
     sel = ph.mask
@@ -76,7 +76,7 @@ def test_network_crb_standard_errors_are_the_crb_at_the_estimate(setup):
 def test_linearised_residual_removes_the_misfit_of_an_offset_estimate(short_sequence):
     """Noise-free data and an estimate off the truth: the residual is the misfit, its part orthogonal to the
     tangent space is second order; pure noise orthogonal to the tangent space is kept whole."""
-    from sklearn_crb.estimators._network_details import linearised_residual
+    from sklearn_crb.estimators.net.details import linearised_residual
     from sklearn_crb.physics.signal import jacobian
     from sklearn_crb.simulator import MTFingerprintSimulator
 

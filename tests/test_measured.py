@@ -9,8 +9,8 @@ import torch
 
 from sklearn_crb.cli import main
 from sklearn_crb.crb import cramer_rao_bound
-from sklearn_crb.estimators._measured import measured_nuisance, resolve_measured
-from sklearn_crb.estimators._training import augment_batch, augment_realizations
+from sklearn_crb.estimators.net.augmentation import augment_batch, augment_realizations
+from sklearn_crb.estimators.net.measured import measured_nuisance, resolve_measured
 from sklearn_crb.estimators.network import MLP, ResidualMLP
 from sklearn_crb.estimators.regressor import CRBNetRegressor
 from sklearn_crb.io.datasets import load_dataset
@@ -115,12 +115,12 @@ def test_predict_details_takes_the_measured_map_as_fixed(b1_sim, b1_net):
     X, _, _, det = b1_sim.make_dataset(40, 4, return_details=True)
     b1 = det["theta"][:, INDEX["B1"]]
     out = b1_net.predict_details(X, fixed={"B1": b1})
-    np.testing.assert_array_equal(out["theta"][:, INDEX["B1"]], b1)
-    np.testing.assert_allclose(out["theta"][:, :3], b1_net.predict(np.column_stack([X, b1])), rtol=1e-12)
-    assert np.all(np.isfinite(out["var_unit"][out["converged"]]))
+    np.testing.assert_array_equal(out.theta[:, INDEX["B1"]], b1)
+    np.testing.assert_allclose(out.theta[:, :3], b1_net.predict(np.column_stack([X, b1])), rtol=1e-12)
+    assert np.all(np.isfinite(out.var_unit[out.converged]))
     # another B1 map gives other estimates: the map conditions the network
-    other = b1_net.predict_details(X, fixed={"B1": np.full(40, 0.7)})["theta"][:, :3]
-    assert np.abs(other - out["theta"][:, :3]).max() > 1e-6
+    other = b1_net.predict_details(X, fixed={"B1": np.full(40, 0.7)}).theta[:, :3]
+    assert np.abs(other - out.theta[:, :3]).max() > 1e-6
     with pytest.raises(ValueError, match="measured inputs"):
         b1_net.predict_details(X)
 

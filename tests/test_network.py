@@ -6,7 +6,6 @@ import torch
 
 from sklearn_crb.estimators.network import MLP, InputNormalization, ResidualMLP, paper_hidden
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -167,8 +166,8 @@ def test_private_generator_init_is_reproducible_and_ignores_the_global_rng():
 
 
 # ---------------------------------------------------------------- bounded output heads
-from sklearn_crb.estimators._prepare import output_bounds  # noqa: E402
-from sklearn_crb.estimators._training import TargetStandardizedModule  # noqa: E402
+from sklearn_crb.estimators.net.modules import TargetStandardizedModule  # noqa: E402
+from sklearn_crb.estimators.net.targets import output_bounds  # noqa: E402
 from sklearn_crb.physics.priors import resolve_prior  # noqa: E402
 
 TIED7 = ("m0s", "R1f", "R2f", "Rex", "T2s", "omega0", "B1")
@@ -212,8 +211,8 @@ def test_log_head_mapping_stays_in_support_with_finite_gradients():
     # lo + (hi - lo) sigmoid(z) for the others, returned in standardised units
     zz = torch.tensor([[-2.0, 0.0, 1.5, -0.3, 0.7, 3.0, -1.0]])
     sig = 1 / (1 + np.exp(-zz.numpy()[0].astype(np.float64)))
-    expect = np.where(log, np.exp(np.log(np.where(log, lo, 1)) + np.log(np.where(log, hi, 1) / np.where(log, lo, 1)) * sig),
-                      lo + (hi - lo) * sig)
+    log_lo, log_span = np.log(np.where(log, lo, 1)), np.log(np.where(log, hi, 1) / np.where(log, lo, 1))
+    expect = np.where(log, np.exp(log_lo + log_span * sig), lo + (hi - lo) * sig)
     np.testing.assert_allclose(m.to_physical(m(zz)).detach().numpy()[0], expect, rtol=2e-6)
     np.testing.assert_allclose(np.exp(np.log(lo[1:3]) + np.log(hi[1:3] / lo[1:3]) * 0.5), np.sqrt(lo[1:3] * hi[1:3]))
 

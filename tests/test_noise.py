@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import kstest
 
-from sklearn_crb.estimators._training import augment_batch
+from sklearn_crb.estimators.net.augmentation import augment_batch
 from sklearn_crb.noise import crb_gain, draw_m0_and_noise
 
 

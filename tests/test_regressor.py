@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import sklearn
 import torch
+from conftest import small_crb_net as small_net
+from conftest import toy_problem as toy
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, PredefinedSplit
@@ -14,11 +16,9 @@ from sklearn.preprocessing import StandardScaler
 from skorch.callbacks import Checkpoint, EarlyStopping, ProgressBar
 from skorch.dataset import ValidSplit
 
-from conftest import small_crb_net as small_net, toy_problem as toy
-from sklearn_crb.metrics import crb_normalized_mse, make_crb_scorer
 from sklearn_crb.estimators.network import MLP, ResidualMLP
 from sklearn_crb.estimators.regressor import CRBNetRegressor, paper_lr_scheduler
-
+from sklearn_crb.metrics import crb_normalized_mse, make_crb_scorer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -110,8 +110,8 @@ def test_gridsearch_routing_sequential_and_dask():
         net = small_net(max_epochs=8).set_fit_request(crb=True)
         scorer = make_crb_scorer("efficiency")
         seq = GridSearchCV(net, grid, cv=2, scoring=scorer).fit(X, y, crb=crb)
-        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
-                                      dashboard_address=None) as cluster, distributed.Client(cluster):
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp",
+                                      host="127.0.0.1", dashboard_address=None) as cluster, distributed.Client(cluster):
             with joblib.parallel_config(backend="dask"):
                 par = GridSearchCV(net, grid, cv=2, scoring=scorer, n_jobs=2).fit(X, y, crb=crb)
     assert seq.best_params_ == par.best_params_ == {"module__hidden": (32, 32)}
@@ -171,8 +171,8 @@ def test_augmentation_redraws_noise_and_keeps_validation_fixed():
             return super().get_loss(y_pred, y_true, X=X, training=training)
 
     Xc = X / np.linalg.norm(X, axis=1, keepdims=True)  # noise-free features with |c| = 1
-    net = Spy(module=MLP, module__hidden=(8,), module__batch_norm=False, max_epochs=3, lr=0.0, augment=True, snr=(10, 100), sigma=0.01,
-              batch_size=64, train_split=0.25, random_state=0)
+    net = Spy(module=MLP, module__hidden=(8,), module__batch_norm=False, max_epochs=3, lr=0.0, augment=True,
+              snr=(10, 100), sigma=0.01, batch_size=64, train_split=0.25, random_state=0)
     net.fit(Xc, y, crb=crb)
     xb, wb = seen[0]
     gain = wb / (net.y_scale_**2 / crb.max(0))  # |M0|^2 / sigma^2 >= (10 ... 100)^2 / max ratio
@@ -251,7 +251,7 @@ def tied7(short_sequence):
 
 
 def test_nuisance_weight_cap_changes_only_nuisance_weights(tied7):
-    from sklearn_crb.estimators._training import batch_weights
+    from sklearn_crb.estimators.net.losses import batch_weights
 
     sim, X, y, crb = tied7
     ws = {}
@@ -298,3 +298,99 @@ def test_input_standardisation_comes_from_the_first_training_batch_and_survives_
     first = norm.feat_scale.clone()
     net.fit(2.0 * X, y, crb=crb)  # fit re-initialises the module: the scales follow the new data
     np.testing.assert_allclose(net.module_.module.normalize.feat_scale.numpy(), 2.0 * first.numpy(), rtol=1e-4)
+
+
+# ---------------------------------------------------------------- 0.2: declared parameters, the one-cycle callback
+@pytest.mark.parametrize("kw", [{"max_epochs": 0}, {"batch_size": 0}, {"batch_size": -5}])
+def test_epochs_and_batch_size_below_one_are_refused_before_training(kw):
+    """Issue 29: max_epochs=0 returned an untrained net, batch_size=-5 trained with batches of 1, 0 divided by 0."""
+    X, y, crb = toy(64)
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=rf"'{name}' parameter of CRBNetRegressor must be an int in the range \[1"):
+        small_net(**kw).fit(X, y, crb=crb)
+    whole = small_net(batch_size=-1, max_epochs=1).fit(X, y, crb=crb)  # skorch's -1: one batch of all rows
+    assert len(whole.history[-1]["batches"]) == 1
+
+
+def test_one_cycle_is_an_lr_scheduler_callback_with_the_0_1_rates():
+    """The rate of every training batch is recorded and equals the 0.1 schedule (torch's OneCycleLR, peak lr,
+    10 % warm-up, max_epochs x batches + 1 steps, at least 20); callbacks__onecycle=None switches it off."""
+    from skorch.callbacks import LRScheduler
+
+    X, y, crb = toy(300)
+    net = small_net(lr_schedule="onecycle", lr=1e-2, max_epochs=3, batch_size=64).fit(X, y, crb=crb)
+    cb = dict(net.callbacks_)["onecycle"]
+    assert isinstance(cb, LRScheduler) and cb.step_every == "batch"
+    lrs = [b["event_lr"] for h in net.history for b in h["batches"]]
+    for epochs, n in ((3, 300), (40, 300)):  # 20 steps (the floor), then 201 steps
+        total = max(epochs * -(-n // 64) + 1, 20)
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-2)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=total, pct_start=0.1)
+        want = []
+        for _ in range(epochs * -(-n // 64)):
+            want.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        if epochs == 3:
+            assert len(lrs) == 15
+            np.testing.assert_array_equal(lrs, want)
+    long = small_net(lr_schedule="onecycle", lr=1e-2, max_epochs=40, batch_size=64).fit(X, y, crb=crb)
+    np.testing.assert_array_equal([b["event_lr"] for h in long.history for b in h["batches"]], want)
+    off = small_net(lr_schedule="onecycle", callbacks__onecycle=None, lr=1e-2, max_epochs=2).fit(X, y, crb=crb)
+    assert all("event_lr" not in b for h in off.history for b in h["batches"])
+    assert off.optimizer_.param_groups[0]["lr"] == 1e-2
+
+
+def test_weight_decay_is_the_optimizers_parameter_and_the_old_name_an_alias():
+    X, y, crb = toy(128)
+    base = dict(module__hidden=(8,), max_epochs=2, batch_size=64, random_state=0, device="cpu", loss="mse")
+    net = CRBNetRegressor(**base).fit(X, y)
+    assert net.get_params()["optimizer__weight_decay"] == 1e-4
+    assert net.optimizer_.param_groups[0]["weight_decay"] == 1e-4
+    assert clone(net).get_params()["optimizer__weight_decay"] == 1e-4
+    with pytest.warns(FutureWarning, match="optimizer__weight_decay"):
+        old = CRBNetRegressor(weight_decay=1e-4, optimizer__weight_decay=0.5, **base).fit(X, y)
+    np.testing.assert_array_equal(old.predict(X), net.predict(X))  # the 0.1 spelling trains the same net
+    other = CRBNetRegressor(optimizer__weight_decay=0.5, **base).fit(X, y)
+    assert other.optimizer_.param_groups[0]["weight_decay"] == 0.5
+    assert not np.array_equal(other.predict(X), net.predict(X))
+
+
+def test_only_the_regressor_sets_a_nets_attributes():
+    """Helpers return values: no module of the estimators but the regressor assigns an attribute of ``net``."""
+    import ast
+    from pathlib import Path
+
+    import sklearn_crb.estimators as est
+
+    offenders = []
+    for path in Path(est.__file__).parent.rglob("*.py"):
+        if path.name == "regressor.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+            for t in targets:
+                for e in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                    if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and e.value.id == "net":
+                        offenders.append(f"{path.name}:{e.lineno} net.{e.attr}")
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and node.args
+                    and getattr(node.args[0], "id", None) == "net"):
+                offenders.append(f"{path.name}:{node.lineno} setattr(net, ...)")
+    assert not offenders, offenders
+
+
+def test_every_random_stream_is_registered():
+    """Every seed comes from one registry: each `_seed(...)` names a stream of SEED_STREAMS, all are used."""
+    import re
+    from pathlib import Path
+
+    import sklearn_crb.estimators.net.regressor as reg
+
+    used = set(re.findall(r'_seed\("(\w+)"\)', Path(reg.__file__).read_text()))
+    assert used == set(reg.SEED_STREAMS)
+    net = CRBNetRegressor(random_state=5)
+    assert len({net._seed(s) for s in reg.SEED_STREAMS}) == len(reg.SEED_STREAMS)
+    assert CRBNetRegressor()._seed("init") is None
+    with pytest.raises(TypeError, match="random_state"):
+        CRBNetRegressor(random_state=True)._seed("init")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import sklearn
 import torch
+from conftest import small_crb_net, toy_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -15,10 +16,10 @@ from scipy.stats import kstest
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, KFold, cross_validate
 
-from conftest import small_crb_net, toy_problem
 from sklearn_crb.crb import crb_from_jacobian
-from sklearn_crb.estimators._network_details import network_details
-from sklearn_crb.estimators._training import augment_batch
+from sklearn_crb.estimators.details import PredictionDetails
+from sklearn_crb.estimators.net.augmentation import augment_batch
+from sklearn_crb.estimators.net.details import network_details
 from sklearn_crb.estimators.network import MLP
 from sklearn_crb.estimators.regressor import CRBNetRegressor
 from sklearn_crb.metrics import crb_efficiency_score, crb_normalized_mse, make_crb_scorer
@@ -288,51 +289,55 @@ def test_predict_details_protocol(sim):
     X, y, crb, d = sim.make_dataset(20, random_state=4, return_details=True)
     det = net.predict_details(X, fixed={"B1": np.full(20, 0.9)})
     est = ("m0s", "R1f", "R2f")
-    assert det["estimate"] == est
+    assert isinstance(det, PredictionDetails) and det.estimate == est
     free = 7  # tied model: m0s, R1f, R2f, Rex, T2s, omega0, B1
-    assert det["n_free"] == len(est) + (free - len(est) - 1) + 2  # B1 is fixed, not nuisance
-    th = det["theta"]
-    assert th.shape == (20, 8) and det["M0"].dtype == np.complex128
+    assert det.n_free == len(est) + (free - len(est) - 1) + 2  # B1 is fixed, not nuisance
+    th = det.theta
+    assert th.shape == (20, 8) and det.M0.dtype == np.complex128
     np.testing.assert_allclose(th[:, :3], net.predict(X), rtol=1e-12)
     assert np.all(th[:, INDEX["B1"]] == 0.9) and np.all(th[:, INDEX["R1s"]] == th[:, INDEX["R1f"]])
     center = sim.prior_.center()
     # polish_iter=0: the nuisance at the fill values (prior centre); the polish moves them and never
     # increases the residual (LM steps are accepted only when the cost decreases)
     det0 = net.predict_details(X, fixed={"B1": np.full(20, 0.9)}, polish_iter=0)
-    np.testing.assert_array_equal(det0["theta"][:, INDEX["Rex"]], center[INDEX["Rex"]])
+    np.testing.assert_array_equal(det0.theta[:, INDEX["Rex"]], center[INDEX["Rex"]])
     assert np.any(th[:, INDEX["Rex"]] != center[INDEX["Rex"]])
-    assert np.all(det["residual_norm"] <= det0["residual_norm"] * (1 + 1e-9))
-    np.testing.assert_array_equal(th[:, :3], det0["theta"][:, :3])
-    assert det["converged"].all()
+    assert np.all(det.residual_norm <= det0.residual_norm * (1 + 1e-9))
+    np.testing.assert_array_equal(th[:, :3], det0.theta[:, :3])
+    assert det.converged.all() and not det.failed.any()
+    np.testing.assert_allclose(det.prediction, net.predict(X), rtol=1e-12)
+    assert det.crb is None and det.status is None and det.index is None  # fields a network does not produce
     # M0 is the least-squares scale: the residual is orthogonal to the model fingerprint
-    ok = ~det["out_of_range"]
+    ok = ~det.out_of_range
     s, J = jacobian(sim.sequence_, th[ok])
     u = s @ sim.basis_.conj()
     c = X[ok, :6] + 1j * X[ok, 6:]
-    r = c - det["M0"][ok, None] * u
+    r = c - det.M0[ok, None] * u
     assert np.max(np.abs(np.sum(u.conj() * r, 1))) < 1e-10 * np.max(np.linalg.norm(c, axis=1)) ** 2
-    np.testing.assert_allclose(det["residual_norm"][ok], np.linalg.norm(r, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(det.residual_norm[ok], np.linalg.norm(r, axis=1), rtol=1e-12)
     ref = crb_from_jacobian(s, J, estimate=est, nuisance=("Rex", "T2s", "omega0"), tied_R1=True,
                             basis=sim.basis_, on_singular="inf")
     det_crb = network_details(net, X, fixed={"B1": np.full(20, 0.9)}, se="crb")
-    np.testing.assert_allclose(det_crb["crb_unit"][ok], ref, rtol=1e-10)
-    np.testing.assert_array_equal(det_crb["theta"], th)
+    np.testing.assert_allclose(det_crb.crb_unit[ok], ref, rtol=1e-10)
+    np.testing.assert_array_equal(det_crb.theta, th)
     # the default standard error is the network's own (delta method): finite, positive, not the CRB
-    assert det["crb_unit"] is None and np.all(det["var_unit"][ok] > 0)
-    assert np.all(np.isfinite(det["noise_residual_norm"][ok]))
-    assert np.all(det["noise_residual_norm"][ok] <= det["residual_norm"][ok] * (1 + 1e-9))
-    assert net.predict_details(X, compute_crb=False)["crb_unit"] is None
+    assert det.crb_unit is None and np.all(det.var_unit[ok] > 0)
+    assert np.all(np.isfinite(det.noise_residual_norm[ok]))
+    assert np.all(det.noise_residual_norm[ok] <= det.residual_norm[ok] * (1 + 1e-9))
+    assert net.predict_details(X, compute_crb=False).crb_unit is None
     # non-finite rows are flagged, not raised; an empty batch answers the names
     Xb = X.copy()
     Xb[3, 0] = np.nan
     detb = net.predict_details(Xb, compute_crb=False)
-    assert not detb["converged"][3] and detb["converged"][np.arange(20) != 3].all()
-    assert net.predict_details(X[:0])["estimate"] == est
+    assert not detb.converged[3] and detb.converged[np.arange(20) != 3].all()
+    np.testing.assert_array_equal(detb.failed, ~detb.converged)
+    assert np.isnan(detb.prediction[3]).all() and np.isfinite(detb.prediction[np.arange(20) != 3]).all()
+    assert net.predict_details(X[:0]).estimate == est
     # a loaded model's context (crb_metadata_) takes precedence
     net.crb_metadata_ = {"sequence": sim.sequence_.to_dict(), "basis": sim.basis_, "estimate": list(est),
                          "tied_R1": True, "nuisance": "all", "fill_values": list(center)}
     det2 = net.predict_details(X, polish_iter=0)
-    np.testing.assert_allclose(det2["theta"][:, INDEX["B1"]], center[INDEX["B1"]])
-    assert det2["n_free"] == 7 + 2
+    np.testing.assert_allclose(det2.theta[:, INDEX["B1"]], center[INDEX["B1"]])
+    assert det2.n_free == 7 + 2
     with pytest.raises(ValueError, match="estimated"):
         net.predict_details(X, fixed={"m0s": 0.1})

@@ -22,7 +22,7 @@ One module per command (:mod:`~sklearn_crb.cli.simulate`, :mod:`~sklearn_crb.cli
 
 from sklearn_crb.cli._common import CLIError
 from sklearn_crb.cli._main import build_parser, main
-from sklearn_crb.demo import make_network
 from sklearn_crb.io.datasets import load_dataset, simulate_dataset
+from sklearn_crb.recipes import make_network
 
 __all__ = ["main", "build_parser", "CLIError", "load_dataset", "make_network", "simulate_dataset"]

@@ -11,7 +11,7 @@ import joblib
 import numpy as np
 import torch
 
-from sklearn_crb.estimators.network import InputNormalization
+from sklearn_crb.estimators.net.modules import InputNormalization
 from sklearn_crb.io._files import check_file_name
 from sklearn_crb.physics.sequence import Sequence
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from sklearn_crb.cli._common import (DEFAULT_N_SAMPLES, DEFAULT_PRIOR, DEFAULT_RANK, DEFAULT_SNR, EPILOG,
                                      SCHEDULER_TIMEOUT, CLIError, _add_sequence_args, _common, _dask_context, _number,
                                      _positive_float, _positive_int, _sequence)
-from sklearn_crb.estimators._measured import measured_nuisance, resolve_measured
+from sklearn_crb.estimators.net.measured import measured_nuisance, resolve_measured
 from sklearn_crb.io._files import check_output_file
 from sklearn_crb.io.datasets import SUFFIXES, is_dataset, simulate_to_file
 from sklearn_crb.io.images import load_basis

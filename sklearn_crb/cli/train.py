@@ -14,13 +14,21 @@ import time
 
 import numpy as np
 
-from sklearn_crb.cli._common import (EPILOG, CLIError, _common, _interrupt_guard, _normalization, _positive_float,
-                                     _number, _positive_int)
-from sklearn_crb.demo import make_network
+from sklearn_crb.cli._common import (
+    EPILOG,
+    CLIError,
+    _common,
+    _interrupt_guard,
+    _normalization,
+    _number,
+    _positive_float,
+    _positive_int,
+)
+from sklearn_crb.estimators.net.measured import append_measured
 from sklearn_crb.io._files import check_output_folder
-from sklearn_crb.estimators._measured import append_measured
 from sklearn_crb.io.datasets import dataset_measured, load_dataset, open_dataset, simulator_from_dataset
 from sklearn_crb.io.models import MODEL_FILES, save_model
+from sklearn_crb.recipes import make_network
 
 __all__ = ["cmd_train", "add_parser", "BIAS_REDUCED_OPTIONS", "LAZY_BYTES"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sklearn_crb.estimators._measured import resolve_measured
+from sklearn_crb.estimators.net.measured import resolve_measured
 from sklearn_crb.io._model_schema import (
     BOUND_KEYS,
     LOG_KEY,

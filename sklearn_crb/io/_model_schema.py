@@ -14,7 +14,7 @@ import inspect
 
 import torch
 
-from sklearn_crb.estimators.network import MLP, ResidualMLP
+from sklearn_crb.estimators.net.modules import MLP, ResidualMLP
 
 __all__ = ["NETWORKS", "SCHEMAS", "BOUND_KEYS", "LOG_KEY", "head_kinds", "jsonable", "registry_name",
            "constructor_kwargs", "fail", "is_int", "parse_module_kwargs", "require", "expected_state",

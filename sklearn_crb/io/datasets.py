@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from sklearn_crb._atomic import atomic_path
 from sklearn_crb.io._files import check_output_file
 from sklearn_crb.io.h5 import H5Rows, write_h5_chunks
-from sklearn_crb.estimators._measured import resolve_measured
+from sklearn_crb.estimators.net.measured import resolve_measured
 from sklearn_crb.physics.parameters import resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.simulator import MTFingerprintSimulator

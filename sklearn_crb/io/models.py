@@ -49,7 +49,7 @@ from sklearn.utils.validation import check_is_fitted
 from sklearn_crb._atomic import atomic_dir
 from sklearn_crb._validation import check_basis
 from sklearn_crb._version import __version__
-from sklearn_crb.estimators.regressor import CRBNetRegressor
+from sklearn_crb.estimators.net.regressor import CRBNetRegressor
 from sklearn_crb.io._files import check_output_folder
 from sklearn_crb.io._model_reader import (
     FORMAT,

@@ -1,4 +1,4 @@
-"""Batch-level data loading and thread settings for ``CRBNetRegressor``.
+"""The batch loaders of ``CRBNetRegressor``, its batched forward pass and its torch thread settings.
 
 skorch's default iterator builds every batch sample by sample
 (``Dataset.__getitem__`` per sample, then ``default_collate``): for a dict of
@@ -191,13 +191,13 @@ def tensor_batches_or_none(dataset, kwargs, device, generator):
                          drop_last=kwargs.get("drop_last", False), generator=gen, device=device)
 
 
-def make_iterator(net, dataset, training=False):
+def make_iterator(net, dataset, training=False, seed=None):
     """The batch iterator of ``CRBNetRegressor.get_iterator``.
 
     :class:`TensorBatches` for the packed data, :class:`RowBatches` for a lazy
     :class:`PackedRows` set, skorch's DataLoader for other
     datasets or options that need it (workers, samplers, ...). Training
-    batches are shuffled by a generator seeded from ``random_state``, and a
+    batches are shuffled by a generator seeded by ``seed`` (None: torch's global RNG), and a
     last batch of one sample is dropped (BatchNorm cannot train on it).
     """
     kwargs = net.get_params_for("iterator_train" if training else "iterator_valid")
@@ -208,7 +208,6 @@ def make_iterator(net, dataset, training=False):
         if len(dataset) > 1 and len(dataset) % bs == 1 and "drop_last" not in kwargs:
             kwargs["drop_last"] = True
         kwargs.setdefault("shuffle", True)
-        seed = net._seed(4)
         if seed is not None and "generator" not in kwargs:
             kwargs["generator"] = torch.Generator().manual_seed(seed)
     fast = tensor_batches_or_none(dataset, kwargs, net.device_, kwargs.get("generator"))

@@ -11,18 +11,20 @@ unknowns (``MTFingerprintSimulator(nuisance=...)`` without it;
 The measured columns bypass the input normalisation (they are not scaled by
 M0 and get no noise in the per-batch augmentation); the network
 standardises them with the training set's mean and standard deviation,
-kept in its state dict (:class:`~sklearn_crb.estimators.network.InputNormalization`).
+kept in its state dict (:class:`~sklearn_crb.estimators.net.modules.InputNormalization`).
+
+Public: the CLI, the model folders and the maps use :func:`resolve_measured`,
+:func:`measured_nuisance` and :func:`append_measured`.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from sklearn_crb.physics.parameters import BOUNDS, INDEX, TIMES, free_parameters, nuisance_parameters
 
-__all__ = ["resolve_measured", "measured_nuisance", "split_measured", "measured_columns", "fitted_measured", "set_conditioning", "load_conditioning",
-           "restore_conditioning", "simulated_inputs", "check_simulator_measured", "append_measured"]
+__all__ = ["resolve_measured", "measured_nuisance", "check_simulator_measured", "split_measured", "append_measured",
+           "conditioning_scale"]
 
 
 def resolve_measured(measured, targets=(), tied_R1=False, argname="measured"):
@@ -68,16 +70,19 @@ def check_simulator_measured(sim, measured, argname="simulator"):
                          f"inputs; use MTFingerprintSimulator(nuisance={nuis!r})")
 
 
-def split_measured(net, X, action="fit"):
-    """``(coefficient features, measured columns)`` of ``X`` for a net with ``measured_``."""
-    k = len(net.measured_)
+def split_measured(X, measured, action="fit"):
+    """``(coefficient features, measured columns or None)`` of ``X`` whose last columns are ``measured``.
+
+    The measured values must lie in their physical range (``BOUNDS``).
+    """
+    k = len(measured)
     if not k:
         return X, None
     if X.shape[1] <= k:
-        raise ValueError(f"X has {X.shape[1]} columns; a network with measured={net.measured_} takes the "
+        raise ValueError(f"X has {X.shape[1]} columns; a network with measured={measured} takes the "
                          f"coefficient features followed by {k} measured-parameter column(s)")
     cond = X[:, -k:]
-    for j, p in enumerate(net.measured_):
+    for j, p in enumerate(measured):
         lo, hi = BOUNDS[p]
         out = (cond[:, j] < lo) | (cond[:, j] > hi)
         if out.any():
@@ -89,64 +94,9 @@ def split_measured(net, X, action="fit"):
     return X[:, :-k], cond
 
 
-def measured_columns(net, X, targets, reset):
-    """Split off ``X``'s measured columns (``measured``); set ``measured_`` and, on ``reset``, their scaling."""
-    sim = getattr(net, "simulator_", None)
-    measured = resolve_measured(net.measured, targets, bool(getattr(sim, "tied_R1", False)))
-    if not reset and tuple(getattr(net, "measured_", ())) != measured:
-        raise ValueError(f"measured={net.measured!r} differs from the fitted network's {net.measured_}: refit it")
-    if measured and sim is not None:
-        check_simulator_measured(sim, measured)
-    net.measured_ = measured
-    feats, cond = split_measured(net, X)
-    if reset or not hasattr(net, "measured_loc_"):
-        set_conditioning(net, cond)
-    return feats, cond
-
-
-def fitted_measured(net):
-    """``measured_`` of a fitted net, else its ``measured`` (e.g. ``initialize()`` before ``load_params``)."""
-    return getattr(net, "measured_", None) or resolve_measured(net.measured)
-
-
-def set_conditioning(net, cond):
-    """The standardisation of the measured inputs (``measured_loc_``, ``measured_scale_``) from training data."""
-    if cond is None:
-        net.measured_loc_, net.measured_scale_ = np.zeros(0), np.ones(0)
-        return
-    loc, scale = cond.mean(axis=0), cond.std(axis=0)
-    net.measured_loc_ = loc
-    net.measured_scale_ = np.where(scale > 1e-12 * (1.0 + np.abs(loc)), scale, 1.0)  # constant column: unscaled
-
-
-def _normalizer(net):
-    norm = getattr(getattr(net.module_, "module", None), "normalize", None)
-    return norm if getattr(norm, "n_conditioning", 0) else None
-
-
-def load_conditioning(net):
-    """Copy ``measured_loc_``/``measured_scale_`` into the network's buffers (saved in its state dict)."""
-    norm = _normalizer(net)
-    if norm is not None:
-        norm.cond_loc.copy_(torch.as_tensor(net.measured_loc_))
-        norm.cond_scale.copy_(torch.as_tensor(net.measured_scale_))
-
-
-def restore_conditioning(net):
-    """``measured_loc_``/``measured_scale_`` of a net whose parameters were loaded, from its buffers."""
-    norm = _normalizer(net)
-    if norm is not None:
-        net.measured_loc_ = norm.cond_loc.detach().cpu().numpy().astype(np.float64)
-        net.measured_scale_ = norm.cond_scale.detach().cpu().numpy().astype(np.float64)
-
-
-def simulated_inputs(net, sim, X, theta):
-    """``X`` with the measured parameters of the simulated ``theta`` appended (``fit_simulated``)."""
-    measured = resolve_measured(net.measured, sim.estimate_, sim.tied_R1)
-    if not measured:
-        return X
-    check_simulator_measured(sim, measured)
-    return append_measured(X, theta, measured)
+def conditioning_scale(loc, sd):
+    """The standard deviation of a measured column as its scale; 1 for a constant column (left unscaled)."""
+    return np.where(sd > 1e-12 * (1.0 + np.abs(loc)), sd, 1.0)
 
 
 def append_measured(X, theta, measured):

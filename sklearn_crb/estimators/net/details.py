@@ -1,4 +1,4 @@
-"""``predict_details`` for networks: the model at the network's estimate.
+"""``predict_details`` for networks: the model at the network's estimate (a ``PredictionDetails``).
 
 A network predicts only the parameters it estimates. To report M0, the
 residual and the CRB, the fingerprint model needs every parameter: the
@@ -46,11 +46,22 @@ from sklearn_crb._validation import check_parameter_dict, complex_from_features
 from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
 from sklearn_crb.estimators import _lm
 from sklearn_crb.estimators._base import fit_box
-from sklearn_crb.estimators._batches import net_threads, torch_threads
 from sklearn_crb.estimators._fixed_error import model_sensitivity
-from sklearn_crb.estimators._measured import append_measured
-from sklearn_crb.physics.parameters import (BOUNDS, INDEX, PARAMETERS, SCALE, crb_to_targets, nuisance_parameters,
-                                            rate_name, resolve_estimate, theta_columns_from_targets, tie_R1)
+from sklearn_crb.estimators.details import PredictionDetails
+from sklearn_crb.estimators.net.loaders import net_threads, torch_threads
+from sklearn_crb.estimators.net.measured import append_measured
+from sklearn_crb.physics.parameters import (
+    BOUNDS,
+    INDEX,
+    PARAMETERS,
+    SCALE,
+    crb_to_targets,
+    nuisance_parameters,
+    rate_name,
+    resolve_estimate,
+    theta_columns_from_targets,
+    tie_R1,
+)
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.physics.signal import jacobian, simulate
 
@@ -250,21 +261,52 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
     its measured inputs (0 for a fixed value it does not read) with
     ``se="delta"``, the least-squares one with ``se="crb"``
     (:mod:`sklearn_crb.estimators._fixed_error`); else None.
+
+    Returns
+    -------
+    PredictionDetails
     """
+    ctx, fixed, X, polish_iter = _check_request(net, X, fixed, sequence, basis, polish_iter, se, sigma_rows)
+    est, nuis = ctx["estimate"], _nuisance_names(ctx, tuple(fixed))
+    head = {"estimate": est, "n_free": len(est) + len(nuis) + 2, "fixed_names": tuple(fixed)}
+    if X.shape[0] == 0:
+        return _empty_details(head, len(est), len(fixed), compute_crb, se)
+    names = tuple(getattr(net, "target_names_", est))
+    if set(names) != set(est):
+        raise ValueError(f"the network predicts {names} but its model context estimates {est}")
+    theta, pred, converged, Xnet = _network_theta(net, X, fixed, ctx, names)
+    c = complex_from_features(X)
+    theta = polish_nuisance(theta, c, ctx, nuis, converged, n_iter=polish_iter, backend=backend)
+    fit = _model_fit(theta, c, converged, ctx, nuis, compute_crb, se, backend, int(sigma_rows))
+    converged = fit["converged"]
+    crb_unit = var_unit = gm = None
+    if compute_crb and se == "crb":
+        crb_unit = _crb_at_estimate(fit, ctx, nuis)
+    elif compute_crb:
+        var_unit, gm = _delta_variance(net, Xnet, fit, names, est)
+    measured = tuple(getattr(net, "measured_", ()))
+    sens = _fixed_sensitivity(fit, ctx, nuis, tuple(fixed), gm, measured, se) if compute_crb and fixed else None
+    order = [names.index(p) for p in est]  # the network's output order -> the estimate's
+    return PredictionDetails(
+        **head, prediction=np.where(converged[:, None], pred[:, order], np.nan), theta=theta,
+        M0=np.where(converged, fit["M0"], np.nan + 0j).astype(np.complex128),
+        residual_norm=np.where(converged, fit["res"], np.nan).astype(np.float64), converged=converged,
+        failed=~converged, crb_unit=crb_unit, var_unit=var_unit, noise_residual_norm=fit["noise_res"],
+        out_of_range=fit["out_of_range"], fixed_sensitivity=sens)
+
+
+def _check_request(net, X, fixed, sequence, basis, polish_iter, se, sigma_rows):
+    """The model context, the checked ``fixed`` values, ``X`` as float64 and ``polish_iter``; clear errors first."""
     if se not in SE_METHODS:
         raise ValueError(f"se must be one of {SE_METHODS}, got {se!r}")
-    sigma_rows = int(sigma_rows)
-    if sigma_rows < 1:
-        raise ValueError(f"sigma_rows must be a positive integer, got {sigma_rows}")
+    if int(sigma_rows) < 1:
+        raise ValueError(f"sigma_rows must be a positive integer, got {int(sigma_rows)}")
     ctx = model_context(net, sequence, basis)
-    est, tied, U = ctx["estimate"], ctx["tied_R1"], ctx["basis"]
     fixed = check_parameter_dict(fixed, "fixed")
-    both = sorted(set(fixed) & {rate_name(p) for p in est})
+    both = sorted(set(fixed) & {rate_name(p) for p in ctx["estimate"]})
     if both:
         raise ValueError(f"fixed: {both} are estimated by the network; fix only parameters it does not estimate")
-    nuis = _nuisance_names(ctx, tuple(fixed))
-    n_free = len(est) + len(nuis) + 2
-    X = np.asarray(X, dtype=np.float64)
+    X, U = np.asarray(X, dtype=np.float64), ctx["basis"]
     if X.ndim != 2 or X.shape[1] != 2 * U.shape[1]:
         raise ValueError(f"X must have shape (n_samples, {2 * U.shape[1]}) ([Re c, Im c] in the model's rank-"
                          f"{U.shape[1]} basis), got {X.shape}")
@@ -273,21 +315,30 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
     if missing:
         raise ValueError(f"fixed: the network takes {measured} as measured inputs; pass fixed= values (maps) for "
                          f"{missing}, e.g. fit --b1-map/--b0-map")
+    if X.shape[0] and int(polish_iter) < 0:
+        raise ValueError(f"polish_iter must be >= 0, got {int(polish_iter)}")
+    return ctx, fixed, X, int(polish_iter)
+
+
+def _empty_details(head, n_est, n_fixed, compute_crb, se):
+    """The details of no voxel: every array with zero rows."""
+    empty = np.zeros((0, n_est)) if compute_crb else None
+    return PredictionDetails(
+        **head, prediction=np.zeros((0, n_est)), theta=np.zeros((0, len(PARAMETERS))), M0=np.zeros(0, complex),
+        residual_norm=np.zeros(0), converged=np.zeros(0, bool), failed=np.zeros(0, bool),
+        crb_unit=empty if se == "crb" else None, var_unit=empty if se == "delta" else None,
+        noise_residual_norm=np.zeros(0), out_of_range=np.zeros(0, bool),
+        fixed_sensitivity=np.zeros((0, n_est, n_fixed)) if compute_crb and n_fixed else None)
+
+
+def _network_theta(net, X, fixed, ctx, names):
+    """``(theta, pred, converged, Xnet)``: the fill values, the fixed values and the network's estimates as rates.
+
+    ``Xnet`` is ``X`` with the measured maps behind the features; rows with
+    non-finite or all-zero input, non-finite outputs or (time targets) a
+    non-positive output are not converged and carry NaN estimates.
+    """
     n = X.shape[0]
-    out = {"estimate": est, "n_free": n_free}
-    if n == 0:
-        empty = np.zeros((0, len(est))) if compute_crb else None
-        return dict(out, theta=np.zeros((0, len(PARAMETERS))), M0=np.zeros(0, complex), residual_norm=np.zeros(0),
-                    converged=np.zeros(0, bool), crb_unit=empty if se == "crb" else None,
-                    var_unit=empty if se == "delta" else None, noise_residual_norm=np.zeros(0),
-                    out_of_range=np.zeros(0, bool), fixed_names=tuple(fixed),
-                    fixed_sensitivity=np.zeros((0, len(est), len(fixed))) if compute_crb and fixed else None)
-    names = tuple(getattr(net, "target_names_", est))
-    polish_iter = int(polish_iter)
-    if polish_iter < 0:
-        raise ValueError(f"polish_iter must be >= 0, got {polish_iter}")
-    if set(names) != set(est):
-        raise ValueError(f"the network predicts {names} but its model context estimates {est}")
     theta = np.tile(ctx["fill"], (n, 1))
     for p, v in fixed.items():
         col = np.broadcast_to(np.asarray(v, dtype=np.float64), (n,))
@@ -295,87 +346,109 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
             raise ValueError(f"fixed[{p!r}] has non-finite values")
         theta[:, INDEX[p]] = col
     finite_in = np.all(np.isfinite(X), axis=1) & np.any(X != 0, axis=1)
-    Xnet = append_measured(X, theta, measured)  # the measured maps behind the features
-    pred = np.full((n, len(est)), np.nan)
+    Xnet = append_measured(X, theta, tuple(getattr(net, "measured_", ())))
+    pred = np.full((n, len(names)), np.nan)
     if finite_in.any():
-        p = np.asarray(net.predict(Xnet[finite_in]), dtype=np.float64).reshape(int(finite_in.sum()), -1)
-        pred[finite_in] = p
+        pred[finite_in] = np.asarray(net.predict(Xnet[finite_in]), dtype=np.float64).reshape(
+            int(finite_in.sum()), -1)
     converged = finite_in & np.all(np.isfinite(pred), axis=1)
     if any(rate_name(p) != p for p in names):  # times -> rates (1/T); failed or non-positive rows flagged
         converged &= np.all(pred > 0, axis=1)
-        safe = np.where(converged[:, None], pred, 1.0)
-        cols = theta_columns_from_targets(safe, names)
+        cols = theta_columns_from_targets(np.where(converged[:, None], pred, 1.0), names)
     else:
         cols = {p: pred[:, j] for j, p in enumerate(names)}
     for p, v in cols.items():
         theta[:, INDEX[p]] = np.where(converged, v, np.nan)
-    if tied:
+    if ctx["tied_R1"]:
         theta = tie_R1(theta)
-    c = complex_from_features(X)
-    theta = polish_nuisance(theta, c, ctx, nuis, converged, n_iter=int(polish_iter), backend=backend)
-    # the model is evaluated strictly inside the bounds; failed rows at the fill values (their outputs are NaN)
+    return theta, pred, converged, Xnet
+
+
+def _model_fit(theta, c, converged, ctx, nuis, compute_crb, se, backend, sigma_rows):
+    """The model at the estimate: fingerprint, Jacobian rows, least-squares ``M0``, residuals.
+
+    The model is evaluated strictly inside the bounds, failed rows at the fill
+    values (their outputs are NaN). With ``se="crb"`` the Jacobian of every row,
+    else of at most ``sigma_rows`` evenly spaced converged rows (for the noise
+    level's residual).
+    """
+    n, tied, seq, U = theta.shape[0], ctx["tied_R1"], ctx["sequence"], ctx["basis"]
     out_of_range = converged & np.any((theta < _LO) | (theta > _HI), axis=1)
     th_model = np.where(converged[:, None], np.clip(theta, _LO + _EPS, _HI), ctx["fill"])
     if tied:
         th_model = tie_R1(th_model)
-    seq = ctx["sequence"]
-    free = tuple(rate_name(p) for p in est) + tuple(nuis)
     if compute_crb and se == "crb":
         s, J = jacobian(seq, th_model, backend=backend)
         jrows = np.arange(n)
     else:
-        s, J = simulate(seq, th_model, backend=backend), None
-        jrows = np.zeros(0, dtype=int)
-        if compute_crb:  # the noise level's residual on a few evenly spaced fitted voxels
-            ok_rows = np.flatnonzero(converged)
-            jrows = ok_rows[np.linspace(0, ok_rows.size - 1, min(sigma_rows, ok_rows.size)).astype(int)] \
-                if ok_rows.size else ok_rows
-            if jrows.size:
-                _, J = jacobian(seq, th_model[jrows], backend=backend)
+        s, J, jrows = simulate(seq, th_model, backend=backend), None, np.zeros(0, dtype=int)
+        ok_rows = np.flatnonzero(converged)
+        if compute_crb and ok_rows.size:  # the noise level's residual on a few evenly spaced fitted voxels
+            jrows = ok_rows[np.linspace(0, ok_rows.size - 1, min(sigma_rows, ok_rows.size)).astype(int)]
+            _, J = jacobian(seq, th_model[jrows], backend=backend)
     u = s @ U.conj()
     M0 = np.einsum("nr,nr->n", u.conj(), c) / np.einsum("nr,nr->n", u.conj(), u).real
     res = np.linalg.norm(c - M0[:, None] * u, axis=1)
     converged = converged & np.isfinite(M0) & np.isfinite(res)
     noise_res = np.full(n, np.nan)
     if compute_crb and jrows.size:
+        free = tuple(rate_name(p) for p in ctx["estimate"]) + tuple(nuis)
         Ju = np.einsum("npk,pr->nrk", J, U.conj())
         with np.errstate(invalid="ignore", divide="ignore"):
             noise_res[jrows] = linearised_residual(c[jrows], M0[jrows], u[jrows], Ju, free, tied)
         noise_res[~converged] = np.nan
-    crb_unit = var_unit = None
-    if compute_crb and se == "crb":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", IllConditionedFisherWarning)  # reported as inf, flagged by the caller
-            crb_unit = crb_from_jacobian(s, J, estimate=tuple(rate_name(p) for p in est), nuisance=nuis or None,
-                                         tied_R1=tied, basis=U, on_singular="inf")
-        crb_unit = np.asarray(crb_unit, dtype=np.float64)
-        if any(rate_name(p) != p for p in est):
-            crb_unit = crb_to_targets(crb_unit, th_model, est)
-        crb_unit[~converged] = np.nan
-    elif compute_crb:
-        var_unit = np.full((n, len(est)), np.nan)
+    return dict(s=s, J=J, th_model=th_model, M0=M0, res=res, converged=converged, noise_res=noise_res,
+                out_of_range=out_of_range)
+
+
+def _crb_at_estimate(fit, ctx, nuis):
+    """The CRB at the estimate, ``M0 = 1``, ``sigma = 1``, in target units (NaN where not converged)."""
+    est = ctx["estimate"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedFisherWarning)  # reported as inf, flagged by the caller
+        crb_unit = crb_from_jacobian(fit["s"], fit["J"], estimate=tuple(rate_name(p) for p in est),
+                                     nuisance=nuis or None, tied_R1=ctx["tied_R1"], basis=ctx["basis"],
+                                     on_singular="inf")
+    crb_unit = np.asarray(crb_unit, dtype=np.float64)
+    if any(rate_name(p) != p for p in est):
+        crb_unit = crb_to_targets(crb_unit, fit["th_model"], est)
+    crb_unit[~fit["converged"]] = np.nan
+    return crb_unit
+
+
+def _delta_variance(net, Xnet, fit, names, est):
+    """``(var_unit, d estimate / d measured input)`` of the converged rows by the delta method (NaN elsewhere)."""
+    converged = fit["converged"]
+    var_unit = np.full((len(converged), len(est)), np.nan)
+    rows = np.flatnonzero(converged)
+    gm = None
+    if rows.size:
+        g2, gm = input_gradient_variance(net, Xnet[rows], return_measured=True)
+        order = [names.index(p) for p in est]  # the network's output order -> the estimate's
+        var_unit[rows] = g2[:, order] * np.abs(fit["M0"][rows, None]) ** 2
+        gm = gm[:, order]
+    return var_unit, gm
+
+
+def _fixed_sensitivity(fit, ctx, nuis, fnames, gm, measured, se):
+    """``d estimate / d fixed value`` (n, len(estimate), len(fixed)); NaN where not converged.
+
+    ``se="crb"``: the least-squares (efficient estimator's) sensitivity, like the CRB itself; else the
+    network's own derivative for its measured inputs (``gm``) and 0 for a fixed value it does not read.
+    """
+    est, converged = ctx["estimate"], fit["converged"]
+    if se == "crb":
+        sens = model_sensitivity(fit["s"], fit["J"], estimate=tuple(rate_name(p) for p in est), nuisance=nuis,
+                                 fixed_names=fnames, tied_R1=ctx["tied_R1"], basis=ctx["basis"])
+        for j, p in enumerate(est):
+            if rate_name(p) != p:  # a time target T = 1/R: dT/db = -T^2 dR/db
+                sens[:, j] = -sens[:, j] / fit["th_model"][:, INDEX[rate_name(p)], None] ** 2
+    else:
+        sens = np.zeros((len(converged), len(est), len(fnames)))
         rows = np.flatnonzero(converged)
-        if rows.size:
-            g2, gm = input_gradient_variance(net, Xnet[rows], return_measured=True)
-            order = [names.index(p) for p in est]  # the network's output order -> the estimate's
-            var_unit[rows] = g2[:, order] * np.abs(M0[rows, None]) ** 2
-    fnames, sens = tuple(fixed), None
-    if compute_crb and fnames:  # d estimate / d fixed value (maps' propagation of a map's error)
-        if se == "crb":  # the least-squares (efficient estimator's) sensitivity, like the CRB itself
-            sens = model_sensitivity(s, J, estimate=tuple(rate_name(p) for p in est), nuisance=nuis,
-                                     fixed_names=fnames, tied_R1=tied, basis=U)
-            for j, p in enumerate(est):
-                if rate_name(p) != p:  # a time target T = 1/R: dT/db = -T^2 dR/db
-                    sens[:, j] = -sens[:, j] / th_model[:, INDEX[rate_name(p)], None] ** 2
-        else:  # the network's own derivative for its measured inputs; 0 for a fixed value it does not read
-            sens = np.zeros((n, len(est), len(fnames)))
-            if rows.size:
-                for b, m in enumerate(fnames):
-                    if m in measured:
-                        sens[rows, :, b] = gm[:, order, measured.index(m)]
-        sens[~converged] = np.nan
-    M0 = np.where(converged, M0, np.nan + 0j)
-    res = np.where(converged, res, np.nan)
-    return dict(out, theta=theta, M0=M0.astype(np.complex128), residual_norm=res.astype(np.float64),
-                converged=converged, crb_unit=crb_unit, var_unit=var_unit, noise_residual_norm=noise_res,
-                out_of_range=out_of_range, fixed_names=fnames, fixed_sensitivity=sens)
+        if rows.size and gm is not None:
+            for b, m in enumerate(fnames):
+                if m in measured:
+                    sens[rows, :, b] = gm[:, :, measured.index(m)]
+    sens[~converged] = np.nan
+    return sens
