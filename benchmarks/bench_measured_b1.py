@@ -90,7 +90,7 @@ def networks(args, seq):
     from joblib import Parallel, delayed
 
     from sklearn_crb import MTFingerprintSimulator
-    from sklearn_crb.estimators._measured import measured_nuisance
+    from sklearn_crb.estimators.net.measured import measured_nuisance
 
     common = dict(tied_R1=True, prior="brain", snr=tuple(args.train_snr), random_state=args.seed)
     basis = MTFingerprintSimulator(seq, n_components=13, n_basis_samples=100 if args.quick else 1000,

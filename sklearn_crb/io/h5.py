@@ -10,7 +10,7 @@ interrupted run leaves no partial file (see
 
 :class:`H5Rows` opens such a file lazily and reads only the rows asked for
 (:meth:`H5Rows.read`, an index set per training batch), which is what
-:class:`sklearn_crb.estimators._batches.PackedRows` needs to train from a set
+:class:`sklearn_crb.estimators.net.loaders.PackedRows` needs to train from a set
 larger than RAM. The row datasets are contiguous (not chunked, not
 compressed): a random batch then costs the bytes of its rows, where a chunked
 layout would read a whole chunk per row.
