@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from sklearn_crb._validation import chunk_slices
 from sklearn_crb.io.images import CoefficientImage, check_rank, features_from_coefficients, make_mask
 from sklearn_crb.io.models import basis_sha256, check_compatible
-from sklearn_crb.estimators._fixed_error import fixed_variance
+from sklearn_crb.estimators.fixed_sensitivity import fixed_variance
 from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, TIMES, UNITS, rate_name
 from sklearn_crb.physics.sequence import Sequence
 
@@ -288,7 +288,7 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
         some ``fixed`` maps, e.g. ``{"B1": 0.03}``: the standard-error maps
         then include them, ``se^2 + sum_b (d theta_hat / d b)^2 sigma_b^2``
         (independent errors, first order; the estimator's own sensitivity,
-        see :mod:`sklearn_crb.estimators._fixed_error`). Default: the fixed
+        see :mod:`sklearn_crb.estimators.fixed_sensitivity`). Default: the fixed
         maps are exact.
     chunk_size : int
         Voxels per chunk.

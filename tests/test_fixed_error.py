@@ -1,12 +1,12 @@
 """Errors of measured (fixed) maps propagated into the estimates and their standard errors
-(``estimators/_fixed_error.py``, ``fit_maps(fixed_se=)``)."""
+(``estimators/fixed_sensitivity.py``, ``fit_maps(fixed_se=)``)."""
 
 import warnings
 
 import numpy as np
 import pytest
 
-from sklearn_crb.estimators._fixed_error import fixed_variance, model_sensitivity
+from sklearn_crb.estimators.fixed_sensitivity import fixed_variance, model_sensitivity
 from sklearn_crb.estimators._measured import measured_nuisance
 from sklearn_crb.estimators.dictionary import DictionaryMatcher
 from sklearn_crb.estimators.nlls import NLLSFitter, NLLSFitWarning

@@ -12,7 +12,7 @@ from scipy.optimize import least_squares
 from conftest import NLLS_THETA
 from sklearn_crb import PARAMETERS, ParameterPrior
 from sklearn_crb.crb import cramer_rao_bound
-from sklearn_crb.estimators._lm import reduced_jacobian, varpro
+from sklearn_crb.estimators.nlls.solver import reduced_jacobian, varpro
 from sklearn_crb.estimators.dictionary import DictionaryMatcher
 from sklearn_crb.estimators.nlls import STATUS, NLLSFitter, NLLSFitWarning
 from sklearn_crb.physics.parameters import INDEX, free_parameters
