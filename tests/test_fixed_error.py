@@ -46,16 +46,16 @@ def test_nlls_sensitivity_matches_refits(short_sequence):
         h = 1e-4
         up = nl.predict_details(y, fixed={"B1": th[:, 7] + h})
         dn = nl.predict_details(y, fixed={"B1": th[:, 7] - h})
-    ok = d0["converged"] & up["converged"] & dn["converged"]
+    ok = d0.converged & up.converged & dn.converged
     assert ok.sum() >= 3
-    fd = (up["prediction"] - dn["prediction"]) / (2 * h)
-    assert d0["fixed_names"] == ("B1",)
-    S = d0["fixed_sensitivity"][:, :, 0]
+    fd = (up.prediction - dn.prediction) / (2 * h)
+    assert d0.fixed_names == ("B1",)
+    S = d0.fixed_sensitivity[:, :, 0]
     np.testing.assert_allclose(S[ok], fd[ok], rtol=3e-2, atol=1e-3 * np.abs(fd).max())
     assert np.median(np.abs(S[ok] - fd[ok]) / np.abs(fd[ok])) < 2e-3
     assert np.all(np.abs(S[ok, 0]) > 0.05)  # m0s does depend on B1: the check can fail
     # the function on its own (full signal, no basis) agrees with what predict_details returned
-    s, J = jacobian(short_sequence, d0["theta"])
+    s, J = jacobian(short_sequence, d0.theta)
     S2 = model_sensitivity(s, J, estimate=EST, nuisance=("Rex", "T2s", "omega0"), fixed_names=("B1",), tied_R1=True)
     np.testing.assert_allclose(S2[ok, :, 0], S[ok], rtol=1e-8)
 
@@ -113,23 +113,23 @@ def test_network_sensitivity_is_its_own_derivative(b1_net):
     X, _, _, det = sim.make_dataset(20, random_state=3, return_details=True)
     b1 = det["theta"][:, INDEX["B1"]]
     d = net.predict_details(X, fixed={"B1": b1})
-    S = d["fixed_sensitivity"][:, :, 0]
+    S = d.fixed_sensitivity[:, :, 0]
     h = 1e-2
-    fd = (net.predict_details(X, fixed={"B1": b1 + h}, compute_crb=False)["theta"]
-          - net.predict_details(X, fixed={"B1": b1 - h}, compute_crb=False)["theta"]) / (2 * h)
+    fd = (net.predict_details(X, fixed={"B1": b1 + h}, compute_crb=False).theta
+          - net.predict_details(X, fixed={"B1": b1 - h}, compute_crb=False).theta) / (2 * h)
     fd = fd[:, [INDEX[p] for p in EST]]
-    ok = d["converged"]
+    ok = d.converged
     assert ok.sum() >= 15 and np.abs(fd[ok]).max() > 0
     scale = np.abs(fd[ok]).max(axis=0)  # per output
     np.testing.assert_allclose(S[ok] / scale, fd[ok] / scale, rtol=0.05, atol=0.02)
     # a fixed value that the network does not read leaves its estimates alone
     d2 = net.predict_details(X, fixed={"B1": b1, "omega0": 10.0})
-    assert np.all(d2["fixed_sensitivity"][ok, :, 1] == 0)
+    assert np.all(d2.fixed_sensitivity[ok, :, 1] == 0)
     crb = net.predict_details(X, fixed={"B1": b1}, se="crb")
-    s, J = jacobian(sim.sequence_, crb["theta"])
+    s, J = jacobian(sim.sequence_, crb.theta)
     ref = model_sensitivity(s, J, estimate=EST, nuisance=("Rex", "R1s", "T2s", "omega0"), fixed_names=("B1",),
                             basis=sim.basis_)
-    np.testing.assert_allclose(crb["fixed_sensitivity"][ok], ref[ok], rtol=1e-6)
+    np.testing.assert_allclose(crb.fixed_sensitivity[ok], ref[ok], rtol=1e-6)
 
 
 def test_fixed_se_is_validated(short_sequence, b1_net):
@@ -164,13 +164,13 @@ def test_time_targets_get_the_reparametrised_sensitivity(short_sequence):
                           device="cpu").fit_simulated(300)
     X = sim.make_dataset(8, random_state=2)[0]
     d = net.predict_details(X, fixed={"B1": 0.9}, se="crb")
-    ok = d["converged"]
+    ok = d.converged
     assert ok.sum() >= 6
-    s, J = jacobian(sim.sequence_, d["theta"][ok])
+    s, J = jacobian(sim.sequence_, d.theta[ok])
     ref = model_sensitivity(s, J, estimate=EST, nuisance=("Rex", "R1s", "T2s", "omega0"), fixed_names=("B1",),
                             basis=sim.basis_)[:, :, 0]
-    R = d["theta"][ok][:, [INDEX["R1f"], INDEX["R2f"]]]
-    got = d["fixed_sensitivity"][ok, :, 0]
+    R = d.theta[ok][:, [INDEX["R1f"], INDEX["R2f"]]]
+    got = d.fixed_sensitivity[ok, :, 0]
     np.testing.assert_allclose(got[:, 0], ref[:, 0], rtol=1e-6)
     np.testing.assert_allclose(got[:, 1:], -ref[:, 1:] / R**2, rtol=1e-6)
-    assert net.predict_details(X, se="crb")["fixed_sensitivity"] is None
+    assert net.predict_details(X, se="crb").fixed_sensitivity is None
