@@ -48,6 +48,10 @@ class FittedModel:
     measured : tuple of str
         Parameters the estimator takes as measured inputs and needs as ``fixed=`` values (a network
         conditioned on a B1 map); empty for estimators that only accept them.
+    se_methods : tuple of str
+        The standard errors ``predict_details`` gives, its default first: ``("crb",)`` (sqrt(CRB) at the
+        estimate: NLLS, dictionary) or ``("delta", "crb")`` (a network); an estimator with several takes
+        ``predict_details(..., se=)``.
     """
 
     sequence: Sequence
@@ -55,6 +59,7 @@ class FittedModel:
     estimate: tuple
     tied_R1: bool = False
     measured: tuple = ()
+    se_methods: tuple = ("crb",)
 
     @property
     def rank(self):
@@ -146,6 +151,10 @@ def fitted_model(estimator, argname="estimator"):
     return _network_model(estimator, argname)
 
 
+#: A network's standard errors: its delta-method spread (default) or sqrt(CRB) at its estimate.
+_NETWORK_SE = ("delta", "crb")
+
+
 def _network_model(net, argname):
     """A fitted or loaded network's model, until the network provides ``fitted_model()`` itself."""
     measured = tuple(getattr(net, "measured_", None) or ())
@@ -154,10 +163,11 @@ def _network_model(net, argname):
         basis = None if meta.get("basis") is None else np.asarray(meta["basis"], dtype=np.complex128)
         return FittedModel(sequence=Sequence.from_dict(meta["sequence"]), basis=basis,
                            estimate=tuple(meta["estimate"]), tied_R1=bool(meta.get("tied_R1", False)),
-                           measured=measured)
+                           measured=measured, se_methods=_NETWORK_SE)
     sim = getattr(net, "simulator_", None)
     if sim is None or getattr(sim, "basis_", None) is None:
         raise ValueError(f"{argname}: the network carries no sequence and compression basis (coefficient images "
                          "are rank-r): train it with simulator= or fit_simulated, or load a saved model")
     return FittedModel(sequence=sim.sequence_, basis=np.asarray(sim.basis_, np.complex128),
-                       estimate=tuple(net.target_names_), tied_R1=bool(sim.tied_R1), measured=measured)
+                       estimate=tuple(net.target_names_), tied_R1=bool(sim.tied_R1), measured=measured,
+                       se_methods=_NETWORK_SE)

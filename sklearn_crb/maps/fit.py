@@ -41,18 +41,17 @@ From these the maps give per voxel
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 from scipy.stats import chi2
 from tqdm.auto import tqdm
 
+from sklearn_crb._model import fitted_model
 from sklearn_crb._validation import chunk_slices
+from sklearn_crb.estimators.fixed_sensitivity import fixed_variance
 from sklearn_crb.io.images import CoefficientImage, check_rank, features_from_coefficients, make_mask
 from sklearn_crb.io.models import basis_sha256, check_compatible
-from sklearn_crb.estimators.fixed_sensitivity import fixed_variance
+from sklearn_crb.maps.result import Maps
 from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, TIMES, UNITS, rate_name
-from sklearn_crb.physics.sequence import Sequence
 
 __all__ = ["fit_maps", "FLAGS", "check_estimator", "estimate_sigma", "map_names", "TIME_UNITS"]
 
@@ -69,56 +68,42 @@ FLAGS = {
 }
 
 
-def _carried(estimator):
-    """The sequence and basis an estimator carries, or None (attributes only, no type checks).
-
-    ``crb_metadata_`` (a model loaded by ``io.models.load_model``), a fitted
-    simulator (``simulator_``/``simulator``), or the estimator's own fitted
-    ``sequence_``/``basis_``.
-    """
-    meta = getattr(estimator, "crb_metadata_", None)
-    if meta is not None:
-        return meta
-    for attr in ("simulator_", "simulator"):
-        sim = getattr(estimator, attr, None)
-        if getattr(sim, "basis_", None) is not None and getattr(sim, "sequence_", None) is not None:
-            return _meta(sim.sequence_, sim.basis_)
-    seq, U = getattr(estimator, "sequence_", None), getattr(estimator, "basis_", None)
-    if isinstance(seq, Sequence) and U is not None:
-        return _meta(seq, U)
-    return None
-
-
-def _meta(sequence, basis):
-    U = np.asarray(basis)
-    return {"sequence": sequence.to_dict(), "sequence_sha256": sequence.sha256(), "rank": int(U.shape[1]),
-            "basis": U, "basis_sha256": basis_sha256(U)}
+def _metadata(model):
+    """The ``io.models.check_compatible`` view of a :class:`~sklearn_crb._model.FittedModel`."""
+    U = model.basis
+    return {"sequence": model.sequence.to_dict(), "sequence_sha256": model.sequence.sha256(), "rank": model.rank,
+            "basis": U, "basis_sha256": None if U is None else basis_sha256(U)}
 
 
 def check_estimator(estimator, rank, sequence=None, basis=None):
-    """Refuse an estimator that cannot be applied to a rank-``rank`` coefficient image.
+    """Refuse an estimator that cannot be applied to a rank-``rank`` coefficient image; return its model.
 
-    The estimator fits with its own sequence and basis (``predict_details``
-    protocol); ``sequence``/``basis``, when given, are the acquisition of the
-    data and must be the estimator's (``io.models.check_compatible``).
+    The estimator fits with its own sequence and basis, which it declares by
+    ``fitted_model()`` (:class:`sklearn_crb._model.FittedModel`);
+    ``sequence``/``basis``, when given, are the acquisition of the data and
+    must be the estimator's (``io.models.check_compatible``).
+
+    Returns
+    -------
+    FittedModel
 
     Raises
     ------
     TypeError
-        The estimator does not implement ``predict_details``.
+        The estimator does not implement ``predict_details`` or declares no model.
     ValueError
         Rank, sequence or basis mismatch, or no basis to work in.
     """
     if not callable(getattr(estimator, "predict_details", None)):
         raise TypeError(f"estimator must implement predict_details(X, fixed=, compute_crb=) (the maps protocol), "
                         f"got {type(estimator).__name__}")
-    meta = _carried(estimator)
-    if meta is None:
-        raise ValueError("the estimator carries no sequence and compression basis (coefficient images are "
-                         "rank-r): fit it with basis= (NLLS, dictionary) or simulator= (network), or load a "
-                         "saved model")
-    check_rank(rank, meta["rank"])
-    check_compatible(meta, sequence=sequence, basis=basis, rank=rank)
+    model = fitted_model(estimator)
+    if model.basis is None:
+        raise ValueError("the estimator carries no compression basis (coefficient images are rank-r): fit it with "
+                         "basis= (NLLS, dictionary) or simulator= (network), or load a saved model")
+    check_rank(rank, model.rank)
+    check_compatible(_metadata(model), sequence=sequence, basis=basis, rank=rank)
+    return model
 
 
 def estimate_sigma(residual_sq, dof):
@@ -189,33 +174,8 @@ def _out_of_range(theta):
     return np.any((theta < lo) | (theta > hi), axis=1)
 
 
-def _se_option(estimator, se):
-    """``predict_details`` keywords for the ``se`` choice of :func:`fit_maps` (checked before any work)."""
-    if se is None:
-        return {}
-    if se not in ("delta", "crb"):
-        raise ValueError(f"se must be None, 'delta' or 'crb', got {se!r}")
-    if "se" in inspect.signature(estimator.predict_details).parameters:
-        return {"se": se}
-    if se == "delta":
-        raise ValueError(f"se='delta' is the delta method of a network; {type(estimator).__name__} gives "
-                         "sqrt(CRB) at its estimate (se='crb' or None)")
-    return {}
-
-
-def _declared_estimate(estimator):
-    """What an estimator estimates, from its attributes where it says (else empty)."""
-    meta = getattr(estimator, "crb_metadata_", None)
-    if meta is not None and "estimate" in meta:
-        return tuple(meta["estimate"])
-    for attr in ("target_names_", "estimate_"):
-        names = getattr(estimator, attr, None)
-        if names is not None and not isinstance(names, str):
-            return tuple(names)
-    return ()
-
-
 def _fixed_columns(fixed, mask, n_vox, argname="fixed"):
+    """``{name: (n_vox,) values}`` of scalars or maps, inside the mask, finite (checked before any work)."""
     if fixed is not None and not isinstance(fixed, dict):
         raise TypeError(f"{argname} must be a dict {{name: scalar or map}}, got {type(fixed).__name__}")
     cols = {}
@@ -237,7 +197,28 @@ def _fixed_columns(fixed, mask, n_vox, argname="fixed"):
     return cols
 
 
-def _fixed_error_columns(fixed_se, fixed_cols, mask, n_vox, estimator, compute_se):
+def _fixed_values(fixed, mask, n_vox, model):
+    """The ``fixed=`` maps inside the mask: not estimated, inside the physical bounds, and covering every
+    measured input of the estimator (all checked before any work, as the CLI checks its maps)."""
+    cols = _fixed_columns(fixed, mask, n_vox)
+    bad = sorted(set(cols) & {rate_name(p) for p in model.estimate})
+    if bad:
+        raise ValueError(f"fixed: {bad} are estimated by the estimator; fix only parameters it does not "
+                         f"estimate (it estimates {tuple(model.estimate)})")
+    for name, col in cols.items():
+        lo, hi = BOUNDS[name]
+        if col.size and (col.min() < lo or col.max() > hi):
+            hint = " (B1 is relative, 1 = nominal, not in percent)" if name == "B1" else ""
+            raise ValueError(f"fixed[{name!r}]: values in the voxels to fit span [{col.min():.4g}, {col.max():.4g}] "
+                             f"{UNITS[name]}, outside the physical bounds [{lo:.4g}, {hi:.4g}]{hint}")
+    need = [p for p in model.measured if p not in cols]
+    if need:  # a network conditioned on measured maps (CRBNetRegressor(measured=...))
+        raise ValueError(f"fixed: the network takes {tuple(model.measured)} as measured inputs; pass maps "
+                         f"of {need} as fixed= (the CLI's --b1-map, --b0-map or --fixed NAME=FILE)")
+    return cols
+
+
+def _fixed_error_columns(fixed_se, fixed_cols, mask, n_vox, compute_se):
     """Map errors ``{name: (n_vox,)}`` of fixed parameters (``fit_maps(fixed_se=)``), checked before any work."""
     cols = _fixed_columns(fixed_se, mask, n_vox, "fixed_se")
     if not cols:
@@ -247,14 +228,41 @@ def _fixed_error_columns(fixed_se, fixed_cols, mask, n_vox, estimator, compute_s
         raise ValueError(f"fixed_se: {extra} are not fixed; give the error only of parameters in fixed= "
                          f"({sorted(fixed_cols)})")
     for name, col in cols.items():
+        lo, hi = BOUNDS[name]
         if np.any(col < 0):
             raise ValueError(f"fixed_se[{name!r}] must be >= 0 (a standard deviation, SI units)")
+        if col.size and col.max() > hi - lo:
+            # a first-order error propagation is meaningless for an error wider than the parameter can range
+            raise ValueError(f"fixed_se[{name!r}] = {col.max():.4g} {UNITS[name]} exceeds the width of {name}'s "
+                             f"physical range [{lo:.4g}, {hi:.4g}]; give the map error's standard deviation")
     if not compute_se:
         raise ValueError("fixed_se needs compute_se=True (it adds to the standard-error maps)")
-    if type(estimator).__name__ == "DictionaryMatcher":
-        raise ValueError("fixed_se: a DictionaryMatcher's match does not depend on the fixed values, so the map "
-                         "error cannot be propagated; use NLLSFitter or a network")
     return cols
+
+
+def _se_keywords(model, se):
+    """``predict_details`` keywords for the ``se`` choice of :func:`fit_maps` (checked before any work)."""
+    if se is None:
+        return {}
+    if se not in ("delta", "crb"):
+        raise ValueError(f"se must be None, 'delta' or 'crb', got {se!r}")
+    if se not in model.se_methods:
+        raise ValueError(f"se={se!r}: the estimator gives {' or '.join(model.se_methods)} standard errors "
+                         "(se='delta' is the delta method of a network; NLLS and dictionary matching give "
+                         "sqrt(CRB) at their estimate: se='crb' or None)")
+    return {"se": se} if len(model.se_methods) > 1 else {}
+
+
+class _Plan:
+    """Everything :func:`fit_maps` checked before any work."""
+
+    __slots__ = ("image", "c", "fit_mask", "invalid", "model", "model_name", "fixed", "fixed_se", "details_kw")
+
+
+class _Voxels:
+    """Per-voxel results of the masked voxels, gathered chunk by chunk from ``predict_details``."""
+
+    __slots__ = ("theta", "M0", "res_sq", "noise_sq", "converged", "var_unit", "var_fixed", "estimate", "n_free")
 
 
 def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, sigma=None, fixed=None,
@@ -279,8 +287,10 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
         Noise standard deviation per real component of the coefficients;
         default: estimated from the residuals (``estimate_sigma``).
     fixed : dict, optional
-        Values (scalars or maps) of parameters the estimator does not give,
-        e.g. a measured ``{"B1": b1_map}``; they are treated as known
+        Values (scalars or maps, SI units) of parameters the estimator does
+        not give, e.g. a measured ``{"B1": b1_map}``, finite and inside the
+        physical bounds (``physics.parameters.BOUNDS``) in every voxel to fit
+        (B1 is relative: 1, not 100, is nominal); they are treated as known
         (passed to ``predict_details`` chunk by chunk). Parameters neither
         estimated nor fixed are the estimator's nuisance parameters.
     fixed_se : dict, optional
@@ -311,112 +321,146 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
 
     Returns
     -------
-    maps : dict of str -> ndarray (spatial)
-        ``<p>`` and ``<p>_se`` for each estimated parameter p (SI units; a
-        time target such as ``T1f`` carries its own name, in s),
+    maps : Maps
+        ``maps.arrays``: ``<p>`` and ``<p>_se`` for each estimated parameter p
+        (SI units; a time target such as ``T1f`` carries its own name, in s),
         ``M0_abs``, ``M0_phase`` (rad), ``relative_residual``, ``flags``
-        (int, see ``FLAGS``) and ``mask`` (bool). Voxels outside the mask are
-        0; voxels without a finite estimate are NaN; all problems are
-        flagged. ``maps["sigma"]`` is not a map but the noise level used (float), and ``maps["units"]`` a
-        dict of units.
+        (int, see ``FLAGS``) and ``mask`` (bool), all of the image's spatial
+        shape. Voxels outside the mask are 0; voxels without a finite
+        estimate are NaN; all problems are flagged. ``maps.units``,
+        ``maps.sigma`` (the noise level used) and ``maps.sigma_method``,
+        ``maps.provenance``; ``maps.to_nifti(folder)`` writes them. The 0.1
+        dict access (``maps["m0s"]``, ``maps["sigma"]``) still works, with a
+        ``DeprecationWarning``.
+
+    Notes
+    -----
+    What ``fit_maps`` needs from an estimator is declared: ``fitted_model()``
+    (its sequence, basis, targets, measured inputs and standard-error
+    methods, :class:`sklearn_crb._model.FittedModel`) and
+    ``predict_details(X, fixed=, compute_crb=)`` (plus ``se=`` where it
+    offers several standard errors) returning
+    :class:`sklearn_crb.estimators.details.PredictionDetails`.
     """
-    # ---- every check before any work
+    plan = _plan(estimator, coefficients, mask, sequence, basis, sigma, fixed, fixed_se, chunk_size, compute_se,
+                 se, threshold)
+    vox = _predict(estimator, plan, chunk_size, compute_se, progress)
+    failed, flags = _flags(vox)
+    sigma, sigma_method = _noise_level(sigma, vox, flags == 0, plan)
+    return _assemble(plan, vox, failed, flags, sigma, sigma_method, compute_se, se, times)
+
+
+def _plan(estimator, coefficients, mask, sequence, basis, sigma, fixed, fixed_se, chunk_size, compute_se, se,
+          threshold):
+    """Every check of :func:`fit_maps`, before any work."""
+    plan = _Plan()
     if isinstance(coefficients, CoefficientImage):
-        c_img = coefficients.data
+        plan.image, c_img = coefficients, coefficients.data
     else:
         c_img = np.asarray(coefficients)
+        plan.image = None
         if not np.iscomplexobj(c_img):
             raise TypeError("coefficients must be complex with the coefficient axis last (or a CoefficientImage)")
     if c_img.ndim < 2:
         raise ValueError(f"coefficients must have shape (*spatial, rank), got {c_img.shape}")
-    check_estimator(estimator, c_img.shape[-1], sequence, basis)
-    details_kw = _se_option(estimator, se)
+    plan.model = check_estimator(estimator, c_img.shape[-1], sequence, basis)
+    plan.model_name = type(estimator).__name__
+    plan.details_kw = _se_keywords(plan.model, se)
     chunk_slices(0, chunk_size)
     if sigma is not None and not (np.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be positive and finite, got {sigma}")
-    fit_mask, invalid = make_mask(c_img, mask, threshold=threshold)
-    spatial = c_img.shape[:-1]
-    n_vox = int(fit_mask.sum())
-    fixed_cols = _fixed_columns(fixed, fit_mask, n_vox)
-    fixed_err = _fixed_error_columns(fixed_se, fixed_cols, fit_mask, n_vox, estimator, compute_se)
-    var_fixed = None
-
-    c = c_img[fit_mask]  # (n, r)
-    theta = np.full((n_vox, len(PARAMETERS)), np.nan)
-    M0 = np.full(n_vox, np.nan + 0j)
-    res_sq = np.full(n_vox, np.nan)
-    noise_sq = np.full(n_vox, np.nan)
-    crb_unit = None
-    converged = np.zeros(n_vox, dtype=bool)
-    declared = _declared_estimate(estimator)
-    bad = sorted(set(fixed_cols) & {rate_name(p) for p in declared})
-    if bad:  # before any work where the estimator says what it estimates; else after the first chunk
-        raise ValueError(f"fixed: {bad} are estimated by the estimator; fix only parameters it does not "
-                         f"estimate (it estimates {tuple(declared)})")
-    need = [p for p in getattr(estimator, "measured_", ()) if p not in fixed_cols]
-    if need:  # a network conditioned on measured maps (CRBNetRegressor(measured=...))
-        raise ValueError(f"fixed: the network takes {tuple(estimator.measured_)} as measured inputs; pass maps "
-                         f"of {need} as fixed= (the CLI's --b1-map, --b0-map or --fixed NAME=FILE)")
-    est, n_free = None, None
-    bar = tqdm(total=n_vox, desc="fit_maps", unit="voxel", disable=not progress)
-    for sl in chunk_slices(n_vox, chunk_size):
-        fx = {p: col[sl] for p, col in fixed_cols.items()} or None
-        det = estimator.predict_details(features_from_coefficients(c[sl]), fixed=fx, compute_crb=compute_se,
-                                        **details_kw)
-        if est is None:
-            est, n_free = tuple(det["estimate"]), int(det["n_free"])
-            bad = sorted(set(fixed_cols) & {rate_name(p) for p in est})
-            if bad:
-                raise ValueError(f"fixed: {bad} are estimated by the estimator; fix only parameters it does not "
-                                 f"estimate (it estimates {est})")
-            crb_unit = np.full((n_vox, len(est)), np.nan)
-        theta[sl] = det["theta"]
-        M0[sl] = det["M0"]
-        res_sq[sl] = np.asarray(det["residual_norm"], dtype=float) ** 2
-        if det.get("noise_residual_norm") is not None:
-            noise_sq[sl] = np.asarray(det["noise_residual_norm"], dtype=float) ** 2
-        converged[sl] = det["converged"]
-        if compute_se:
-            var = det.get("var_unit")
-            crb_unit[sl] = det["crb_unit"] if var is None else var
-        if fixed_err:  # the fixed maps' errors, through the estimator's sensitivity to them
-            S, names = det.get("fixed_sensitivity"), tuple(det.get("fixed_names", ()))
-            if S is None or any(b not in names for b in fixed_err):
-                raise ValueError(f"fixed_se: {type(estimator).__name__}.predict_details does not report "
-                                 f"fixed_sensitivity for {sorted(fixed_err)}")
-            if var_fixed is None:
-                var_fixed = np.zeros((n_vox, len(est)))
-            var_fixed[sl] = fixed_variance(np.asarray(S)[:, :, [names.index(b) for b in fixed_err]],
-                                           np.column_stack([col[sl] for col in fixed_err.values()]))
-        bar.update(sl.stop - sl.start)
-    bar.close()
-    if est is None:  # nothing to fit: ask for the names on an empty batch
-        det = estimator.predict_details(np.zeros((0, 2 * c_img.shape[-1])), fixed=None, compute_crb=False)
-        est, n_free = tuple(det["estimate"]), int(det["n_free"])
-        crb_unit = np.full((0, len(est)), np.nan)
-
-    cols = [INDEX[rate_name(p)] for p in est]
-    # not-converged voxels keep their (flagged) last iterate; only non-finite estimates become NaN
-    failed = ~np.all(np.isfinite(theta[:, cols]), axis=1) | ~np.isfinite(M0)
-    flags = np.where(~converged | failed, FLAGS["estimator_failed"], 0).astype(np.int16)
-    with np.errstate(invalid="ignore"):
-        flags |= np.where(_out_of_range(theta) & ~failed, FLAGS["out_of_range"], 0).astype(np.int16)
-    ok = flags == 0
+    plan.fit_mask, plan.invalid = make_mask(c_img, mask, threshold=threshold)
+    n_vox = int(plan.fit_mask.sum())
     if sigma is None and n_vox == 0:
-        raise ValueError(f"coefficients: no voxel to fit ({int(invalid.sum())} of {invalid.size} are non-finite or "
-                         "all zero, and the mask selects no other), so sigma cannot be estimated; check the image "
-                         "and the mask")
-    if sigma is None:
-        # the misfit-free residuals where the estimator gives them (networks), else the residuals
-        pool = noise_sq if np.isfinite(noise_sq[ok]).any() else res_sq
-        sigma = estimate_sigma(pool[ok] if ok.any() else pool, 2 * c_img.shape[-1] - n_free)
-    sigma = float(sigma)
+        raise ValueError(f"coefficients: no voxel to fit ({int(plan.invalid.sum())} of {plan.invalid.size} are "
+                         "non-finite or all zero, and the mask selects no other), so sigma cannot be estimated; "
+                         "check the image and the mask")
+    plan.fixed = _fixed_values(fixed, plan.fit_mask, n_vox, plan.model)
+    plan.fixed_se = _fixed_error_columns(fixed_se, plan.fixed, plan.fit_mask, n_vox, compute_se)
+    plan.c = c_img[plan.fit_mask]  # (n, r)
+    return plan
+
+
+def _predict(estimator, plan, chunk_size, compute_se, progress):
+    """``predict_details`` of the masked voxels, chunk by chunk (chunks only bound memory)."""
+    n_vox = plan.c.shape[0]
+    vox = _Voxels()
+    vox.theta = np.full((n_vox, len(PARAMETERS)), np.nan)
+    vox.M0 = np.full(n_vox, np.nan + 0j)
+    vox.res_sq, vox.noise_sq = np.full(n_vox, np.nan), np.full(n_vox, np.nan)
+    vox.converged = np.zeros(n_vox, dtype=bool)
+    vox.var_unit = vox.var_fixed = vox.estimate = vox.n_free = None
+    with tqdm(total=n_vox, desc="fit_maps", unit="voxel", disable=not progress) as bar:
+        for sl in chunk_slices(n_vox, chunk_size):
+            fx = {p: col[sl] for p, col in plan.fixed.items()} or None
+            det = estimator.predict_details(features_from_coefficients(plan.c[sl]), fixed=fx, compute_crb=compute_se,
+                                            **plan.details_kw)
+            _gather(vox, sl, det, plan, compute_se)
+            bar.update(sl.stop - sl.start)
+    if vox.estimate is None:  # nothing to fit: ask for the names on an empty batch
+        det = estimator.predict_details(np.zeros((0, 2 * plan.c.shape[1])), fixed=None, compute_crb=False)
+        vox.estimate, vox.n_free = tuple(det.estimate), int(det.n_free)
+        vox.var_unit = np.full((0, len(vox.estimate)), np.nan)
+    return vox
+
+
+def _gather(vox, sl, det, plan, compute_se):
+    """Copy one chunk's :class:`PredictionDetails` into the per-voxel arrays."""
+    if vox.estimate is None:  # the column names of what the estimator returns, from its first chunk
+        n_vox, k = vox.theta.shape[0], len(det.estimate)
+        vox.estimate, vox.n_free = tuple(det.estimate), int(det.n_free)
+        vox.var_unit = np.full((n_vox, k), np.nan)
+        vox.var_fixed = np.zeros((n_vox, k)) if plan.fixed_se else None
+    vox.theta[sl] = det.theta
+    vox.M0[sl] = det.M0
+    vox.res_sq[sl] = np.asarray(det.residual_norm, dtype=float) ** 2
+    if det.noise_residual_norm is not None:
+        vox.noise_sq[sl] = np.asarray(det.noise_residual_norm, dtype=float) ** 2
+    vox.converged[sl] = det.converged
+    if compute_se:
+        vox.var_unit[sl] = det.crb_unit if det.var_unit is None else det.var_unit
+    if plan.fixed_se:  # the fixed maps' errors, through the estimator's sensitivity to them
+        S, names = det.fixed_sensitivity, tuple(det.fixed_names)
+        if S is None or any(b not in names for b in plan.fixed_se):
+            raise ValueError(f"fixed_se: the estimator's predict_details does not report fixed_sensitivity for "
+                             f"{sorted(plan.fixed_se)}")
+        vox.var_fixed[sl] = fixed_variance(np.asarray(S)[:, :, [names.index(b) for b in plan.fixed_se]],
+                                           np.column_stack([col[sl] for col in plan.fixed_se.values()]))
+
+
+def _flags(vox):
+    """Failed voxels (no finite estimate or M0) and the flag bits of the masked voxels."""
+    cols = [INDEX[rate_name(p)] for p in vox.estimate]
+    # not-converged voxels keep their (flagged) last iterate; only non-finite estimates become NaN
+    failed = ~np.all(np.isfinite(vox.theta[:, cols]), axis=1) | ~np.isfinite(vox.M0)
+    flags = np.where(~vox.converged | failed, FLAGS["estimator_failed"], 0).astype(np.int16)
+    with np.errstate(invalid="ignore"):
+        flags |= np.where(_out_of_range(vox.theta) & ~failed, FLAGS["out_of_range"], 0).astype(np.int16)
+    return failed, flags
+
+
+def _noise_level(sigma, vox, ok, plan):
+    """``(sigma, how)``: the given one, else pooled from the residuals of the voxels fitted without problems."""
+    if sigma is not None:
+        return float(sigma), "given"
+    # the misfit-free residuals where the estimator gives them (networks), else the residuals
+    noise = bool(np.isfinite(vox.noise_sq[ok]).any())
+    pool = vox.noise_sq if noise else vox.res_sq
+    sigma = estimate_sigma(pool[ok] if ok.any() else pool, 2 * plan.c.shape[1] - vox.n_free)
+    return float(sigma), "noise_residuals" if noise else "residuals"
+
+
+def _assemble(plan, vox, failed, flags, sigma, sigma_method, compute_se, se_choice, times):
+    """The :class:`Maps` of the fit: estimates, standard errors, M0, residual, flags and mask on the image grid."""
+    est, fit_mask = vox.estimate, plan.fit_mask
+    spatial = fit_mask.shape
+    se = None
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.sqrt(res_sq) / np.linalg.norm(c, axis=1)
+        rel = np.sqrt(vox.res_sq) / np.linalg.norm(plan.c, axis=1)
         if compute_se:
-            se = np.sqrt(crb_unit) * sigma / np.abs(M0)[:, None]
-            if var_fixed is not None:
-                se = np.sqrt(se**2 + var_fixed)
+            se = np.sqrt(vox.var_unit) * sigma / np.abs(vox.M0)[:, None]
+            if vox.var_fixed is not None:  # independent errors: variances add (quadrature)
+                se = np.sqrt(se**2 + vox.var_fixed)
             flags |= np.where(~np.all(np.isfinite(se), axis=1), FLAGS["singular_crb"], 0).astype(np.int16)
 
     def to_map(values, dtype=float):
@@ -424,24 +468,34 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
         out[fit_mask] = values
         return out
 
-    maps = {}
-    for p in est:
-        maps[p] = to_map(np.where(failed, np.nan, _target_values(theta, p)))
-    maps["M0_abs"] = to_map(np.where(failed, np.nan, np.abs(M0)))
-    maps["M0_phase"] = to_map(np.where(failed, np.nan, np.angle(M0)))
-    if compute_se:
-        for k, p in enumerate(est):
-            maps[p + "_se"] = to_map(np.where(np.isfinite(se[:, k]) & ~failed, se[:, k], np.nan))
+    arrays = {p: to_map(np.where(failed, np.nan, _target_values(vox.theta, p))) for p in est}
+    arrays["M0_abs"] = to_map(np.where(failed, np.nan, np.abs(vox.M0)))
+    arrays["M0_phase"] = to_map(np.where(failed, np.nan, np.angle(vox.M0)))
     units = {p: UNITS[p] for p in est}
     if compute_se:
+        for k, p in enumerate(est):
+            arrays[p + "_se"] = to_map(np.where(np.isfinite(se[:, k]) & ~failed, se[:, k], np.nan))
         units.update({p + "_se": UNITS[p] for p in est})
-    _add_time_maps(maps, units, theta, se if compute_se else None, est, times, failed, to_map)
-    maps["relative_residual"] = to_map(np.where(failed, np.nan, rel))
-    all_flags = np.where(invalid, FLAGS["invalid_input"], 0).astype(np.int16)
+    _add_time_maps(arrays, units, vox.theta, se, est, times, failed, to_map)
+    arrays["relative_residual"] = to_map(np.where(failed, np.nan, rel))
+    all_flags = np.where(plan.invalid, FLAGS["invalid_input"], 0).astype(np.int16)
     all_flags[fit_mask] = flags
-    maps["flags"] = all_flags
-    maps["mask"] = fit_mask
-    maps["sigma"] = sigma
+    arrays["flags"] = all_flags
+    arrays["mask"] = fit_mask
     units.update(M0_abs="a.u.", M0_phase="rad", relative_residual="1")
-    maps["units"] = units
-    return maps
+    return Maps(arrays=arrays, units=units, sigma=sigma, sigma_method=sigma_method, estimate=est,
+                provenance=_provenance(plan, compute_se, se_choice), affine=_image_attr(plan, "affine", np.eye(4)),
+                header=_image_attr(plan, "header", None))
+
+
+def _image_attr(plan, name, default):
+    return default if plan.image is None else getattr(plan.image, name)
+
+
+def _provenance(plan, compute_se, se_choice):
+    model = plan.model
+    se_used = None if not compute_se else (se_choice or model.se_methods[0])
+    return {"estimator": plan.model_name, "sequence": model.sequence.name,
+            "sequence_sha256": model.sequence.sha256(), "basis_sha256": basis_sha256(model.basis),
+            "rank": model.rank, "standard_error": se_used, "fixed": sorted(plan.fixed),
+            "fixed_se": sorted(plan.fixed_se)}
