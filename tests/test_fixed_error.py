@@ -150,9 +150,54 @@ def test_fixed_se_is_validated(short_sequence, b1_net):
         fit_maps(net, c, mask, fixed_se=0.1, **kw)
     with pytest.raises(ValueError, match="compute_se=True"):
         fit_maps(net, c, mask, fixed_se={"B1": 0.1}, compute_se=False, **kw)
-    dm = DictionaryMatcher(sim.sequence_, basis=sim.basis_, estimate=EST, n_atoms=50).fit()
-    with pytest.raises(ValueError, match="DictionaryMatcher"):
-        fit_maps(dm, c, mask, fixed_se={"B1": 0.1}, **kw)
+    # a map error wider than the parameter's physical range is no first-order error (issue 29)
+    with pytest.raises(ValueError, match=r"fixed_se\['B1'\] = 1e\+300 .*exceeds the width of B1's physical range"):
+        fit_maps(net, c, mask, fixed_se={"B1": 1e300}, **kw)
+
+
+def _dictionary_image(seq, n=8):
+    """A dictionary matcher, a column image of ``n`` noisy voxels and their true B1."""
+    sim = MTFingerprintSimulator(seq, n_components=8, n_basis_samples=200, random_state=0).fit()
+    dm = DictionaryMatcher(seq, basis=sim.basis_, estimate=EST, n_atoms=400, random_state=0).fit()
+    th = _tissues(n)
+    th[:, INDEX["R1s"]] = 3.0
+    rng = np.random.default_rng(3)
+    c = 0.8 * simulate(seq, th) @ sim.basis_.conj()
+    c = c + 2e-3 * (rng.standard_normal(c.shape) + 1j * rng.standard_normal(c.shape))
+    return sim, dm, c[:, None, :], th[:, INDEX["B1"], None]
+
+
+def test_dictionary_reports_the_least_squares_sensitivity(short_sequence):
+    """DictionaryMatcher.predict_details(fixed=) reports fixed_sensitivity like NLLS: the implicit-function
+    derivative of the least-squares fit at the matched theta."""
+    sim, dm, c, b1 = _dictionary_image(short_sequence)
+    X = np.hstack([c[:, 0].real, c[:, 0].imag])
+    d = dm.predict_details(X, fixed={"B1": b1[:, 0]})
+    assert d.fixed_names == ("B1",) and d.fixed_sensitivity.shape == (8, 3, 1)
+    s, J = jacobian(short_sequence, d.theta)
+    ref = model_sensitivity(s, J, estimate=EST, nuisance=("Rex", "R1s", "T2s", "omega0"), fixed_names=("B1",),
+                            basis=sim.basis_)
+    np.testing.assert_allclose(d.fixed_sensitivity, ref, rtol=1e-8)
+    assert dm.predict_details(X).fixed_sensitivity is None  # nothing fixed: no sensitivity
+
+
+def test_map_errors_add_in_quadrature(short_sequence):
+    """se_total^2 = se^2 + (d m0s / d B1 * sigma_B1)^2 voxel by voxel, on m0s, which depends on B1 strongly;
+    sigma_B1 is chosen so that both terms are of one size, where a linear sum se + |S| sigma_B1 is off by ~40 %."""
+    sim, dm, c, b1 = _dictionary_image(short_sequence)
+    mask, sigma = np.ones(b1.shape, bool), 2e-3
+    plain = fit_maps(dm, c, mask, sigma=sigma, fixed={"B1": b1})
+    S = dm.predict_details(np.hstack([c[:, 0].real, c[:, 0].imag]), fixed={"B1": b1[:, 0]}).fixed_sensitivity
+    S = S[:, 0, 0]  # d m0s / d B1
+    se0 = plain.arrays["m0s_se"][:, 0]
+    ok = np.isfinite(se0) & np.isfinite(S) & (np.abs(S) > 0)
+    assert ok.sum() >= 6
+    sd = float(np.median(se0[ok] / np.abs(S[ok])))
+    both = fit_maps(dm, c, mask, sigma=sigma, fixed={"B1": b1}, fixed_se={"B1": sd})
+    se1 = both.arrays["m0s_se"][:, 0]
+    term = np.abs(S) * sd
+    assert 0.5 < np.median(term[ok] / se0[ok]) < 2  # the map error's term is about as large as the noise's
+    np.testing.assert_allclose(se1[ok], np.sqrt(se0[ok] ** 2 + term[ok] ** 2), rtol=1e-8)
 
 
 def test_time_targets_get_the_reparametrised_sensitivity(short_sequence):
