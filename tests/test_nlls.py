@@ -6,15 +6,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from sklearn.base import BaseEstimator
-from scipy.optimize import least_squares
-
 from conftest import NLLS_THETA
+from scipy.optimize import least_squares
+from sklearn.base import BaseEstimator
+
 from sklearn_crb import PARAMETERS, ParameterPrior
 from sklearn_crb.crb import cramer_rao_bound
-from sklearn_crb.estimators.nlls.solver import reduced_jacobian, varpro
 from sklearn_crb.estimators.dictionary import DictionaryMatcher
 from sklearn_crb.estimators.nlls import STATUS, NLLSFitter, NLLSFitWarning
+from sklearn_crb.estimators.nlls.solver import reduced_jacobian, varpro
 from sklearn_crb.physics.parameters import INDEX, free_parameters
 from sklearn_crb.physics.signal import jacobian, simulate
 from sklearn_crb.simulator import MTFingerprintSimulator
@@ -467,3 +467,26 @@ def test_init_start_values_names_times_and_generic_outputs():
         init_start_values(SimpleNamespace(estimate_=("m0s", "R1f"), predict=lambda X: vals), X, ("m0s",))
     with pytest.raises(ValueError, match="not model parameters"):
         init_start_values(SimpleNamespace(estimate_=("m0s", "R1f", "bogus"), predict=lambda X: vals), X, ())
+
+
+def test_init_of_another_acquisition_is_refused(short_sequence):
+    """NLLSFitter(init=net) refuses, at fit, a network trained in another basis or for another sequence, as
+    ``fit --nlls-init`` does (issue 29: the Python API accepted it); the same basis and sequence pass."""
+    from conftest import train_small_model
+
+    from sklearn_crb.physics.sequence import Sequence
+
+    sim, net, _ = train_small_model(short_sequence)
+    U = sim.basis_
+    NLLSFitter(short_sequence, basis=U, init=net).fit()  # the network's own acquisition
+    Q, _ = np.linalg.qr(U[:, ::-1])  # another orthonormal basis of the same rank
+    with pytest.raises(ValueError, match="init: basis mismatch"):
+        NLLSFitter(short_sequence, basis=Q, init=net).fit()
+    other = Sequence.default(n_pulses=short_sequence.n_pulses + 10)
+    with pytest.raises(ValueError, match="init: sequence mismatch"):
+        NLLSFitter(other, init=net).fit()
+    with pytest.raises(ValueError, match="init: basis mismatch, one works on full signals"):
+        NLLSFitter(short_sequence, init=net).fit()
+    dm = DictionaryMatcher(other, n_atoms=20).fit()  # any estimator that declares its model is checked
+    with pytest.raises(ValueError, match="init: sequence mismatch"):
+        NLLSFitter(short_sequence, basis=U, init=dm).fit()
