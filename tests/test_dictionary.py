@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import NLLS_THETA
+
 from sklearn_crb import ParameterPrior
 from sklearn_crb.estimators.dictionary import DictionaryMatcher
 from sklearn_crb.physics.signal import simulate

@@ -411,7 +411,8 @@ def test_accepted_steps_never_increase_the_cost(short_sequence, warm_problem, sc
 @pytest.mark.parametrize("kw, match", [(dict(jacobian_reuse=-1), "jacobian_reuse"),
                                         (dict(jacobian_reuse=1.5), "jacobian_reuse"),
                                         (dict(jacobian_reuse=True), "jacobian_reuse"),
-                                        (dict(geodesic="yes"), "geodesic"), (dict(secant="yes"), "secant"), (dict(final_step=1), "final_step"),
+                                        (dict(geodesic="yes"), "geodesic"), (dict(secant="yes"), "secant"),
+                                        (dict(final_step=1), "final_step"),
                                         (dict(lambda0=0.0), "lambda0")])
 def test_schedule_options_validated(short_sequence, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -5,9 +5,9 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import NLLS_THETA
 from sklearn.utils.estimator_checks import check_param_validation
 
-from conftest import NLLS_THETA
 from sklearn_crb.crb import cramer_rao_bound
 from sklearn_crb.estimators._base import robust_norm
 from sklearn_crb.estimators.dictionary import DictionaryMatcher

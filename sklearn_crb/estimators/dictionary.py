@@ -18,6 +18,7 @@ import torch
 from sklearn.base import BaseEstimator, RegressorMixin, _fit_context
 from sklearn.utils.validation import check_is_fitted
 
+from sklearn_crb._model import ModelMixin
 from sklearn_crb._validation import chunk_slices
 from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian, project
 from sklearn_crb.estimators._base import (
@@ -28,7 +29,6 @@ from sklearn_crb.estimators._base import (
     resolve_fixed,
     robust_norm,
 )
-from sklearn_crb._model import ModelMixin
 from sklearn_crb.estimators.details import PredictionDetails
 from sklearn_crb.estimators.fixed_sensitivity import model_sensitivity
 from sklearn_crb.physics.parameters import INDEX, free_parameters, tie_R1, validate_theta
