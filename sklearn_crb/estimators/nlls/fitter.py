@@ -27,6 +27,7 @@ from sklearn.base import BaseEstimator, RegressorMixin, _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+import sklearn_crb.estimators.nlls.solver as _lm
 from sklearn_crb._model import ModelMixin, fitted_model
 from sklearn_crb._validation import chunk_slices
 from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
@@ -49,7 +50,6 @@ from sklearn_crb.estimators._base import (
 from sklearn_crb.estimators.details import PredictionDetails
 from sklearn_crb.estimators.dictionary import DictionaryMatcher
 from sklearn_crb.estimators.fixed_sensitivity import model_sensitivity
-from sklearn_crb.estimators.nlls import solver as _lm
 from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, SCALE, free_parameters, validate_theta
 
 __all__ = ["NLLSFitter", "NLLSFitWarning", "STATUS", "DEFAULT_START", "DEFAULT_BOUNDS"]
