@@ -3,16 +3,19 @@
 ``fit_maps`` applies a fitted estimator (``CRBNetRegressor``, ``NLLSFitter``,
 ``DictionaryMatcher`` or a network loaded with
 ``sklearn_crb.io.models.load_model``) to every voxel of a coefficient image,
-in chunks, through one protocol::
+in chunks, through one declared protocol::
 
-    det = estimator.predict_details(X, fixed=None, compute_crb=True)
+    model = estimator.fitted_model()   # sequence, basis, targets, measured inputs, standard errors
+    det = estimator.predict_details(X, fixed=None, compute_crb=True)   # a PredictionDetails
 
-which returns per voxel all eight parameters ``theta`` (the fixed and
-nuisance values the estimator's model fingerprint used included), the
-complex ``M0``, the residual norm, a convergence flag, the CRB at ``M0 = 1,
-sigma = 1`` of the estimated parameters, and the number of real unknowns
-``n_free`` of the fit (optionally ``var_unit``, the estimator's own variance
-at ``M0 = 1, sigma = 1``, used instead of ``crb_unit``, and
+(:class:`sklearn_crb._model.FittedModel`,
+:class:`sklearn_crb.estimators.details.PredictionDetails`), which returns
+per voxel all eight parameters ``theta`` (the fixed and nuisance values
+the estimator's model fingerprint used included), the complex ``M0``, the
+residual norm, a convergence flag, the CRB at ``M0 = 1, sigma = 1`` of the
+estimated parameters, and the number of real unknowns ``n_free`` of the fit
+(optionally ``var_unit``, the estimator's own variance at ``M0 = 1,
+sigma = 1``, used instead of ``crb_unit``, and
 ``noise_residual_norm``, a residual for the noise level with the model
 misfit of an off-optimum estimate projected out, NaN where not computed).
 From these the maps give per voxel
