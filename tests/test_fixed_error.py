@@ -83,12 +83,12 @@ def test_fit_maps_adds_the_map_error_monte_carlo(v32_sequence):
             b1 = th[:, 7] + sd_b1 * rng.standard_normal(n)
             m = fit_maps(nl, y[:, None, :], np.ones((n, 1), bool), sequence=v32_sequence, sigma=sigma,
                          fixed={"B1": b1[:, None], **known}, fixed_se={"B1": sd_b1})
-            est.append([m[p][:, 0] for p in EST])
+            est.append([m.arrays[p][:, 0] for p in EST])
             if k == 0:
-                se_maps = np.array([m[p + "_se"][:, 0] for p in EST])
+                se_maps = np.array([m.arrays[p + "_se"][:, 0] for p in EST])
                 plain = fit_maps(nl, y[:, None, :], np.ones((n, 1), bool), sequence=v32_sequence, sigma=sigma,
                                  fixed={"B1": b1[:, None], **known})
-                se_plain = np.array([plain[p + "_se"][:, 0] for p in EST])
+                se_plain = np.array([plain.arrays[p + "_se"][:, 0] for p in EST])
     spread = np.std(np.array(est), axis=0)  # (3, n)
     assert np.median(se_maps[0] / se_plain[0]) > 1.5  # the B1-map error matters for m0s here
     assert np.median(spread[0] / se_plain[0]) > 1.5  # and the noise-only maps understate the spread
