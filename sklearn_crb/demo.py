@@ -177,11 +177,11 @@ def run_demo(out="sklearn_crb_demo", quick=False, seed=0, progress=True, stream=
             t0 = time.perf_counter()
             est.predict(X)
             seconds[label] = (time.perf_counter() - t0) / X.shape[0]
-            maps_by_est[label] = fit_maps(est, ph.coefficients, mask, sigma=ph.sigma, progress=progress)
+            maps_by_est[label] = fit_maps(est, ph.coefficients, mask, sigma=ph.sigma, progress=progress).arrays
             masks[label] = mask
         nlls = NLLSFitter(seq, basis=sim.basis_, estimate=names, tied_R1=True, progress=progress).fit()
         t0 = time.perf_counter()
-        maps_by_est["NLLS"] = fit_maps(nlls, ph.coefficients, sub, sigma=ph.sigma, progress=False)
+        maps_by_est["NLLS"] = fit_maps(nlls, ph.coefficients, sub, sigma=ph.sigma, progress=False).arrays
         seconds["NLLS"] = (time.perf_counter() - t0) / sub.sum()
         masks["NLLS"] = sub
 

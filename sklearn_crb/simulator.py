@@ -21,16 +21,24 @@ from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from sklearn_crb._validation import check_basis, check_snr_range, chunk_slices
+from sklearn_crb._model import ModelMixin
+from sklearn_crb._validation import check_snr_range, chunk_slices
 from sklearn_crb.basis import fit_crb_basis
 from sklearn_crb.crb import crb_from_jacobian
-from sklearn_crb.noise import (apply_m0_and_noise, check_sigma, crb_gain, draw_m0_and_noise, pack_targets,
-                               unpack_targets)
-from sklearn_crb.physics.parameters import (INDEX, PARAMETERS, crb_to_targets, free_parameters, rate_name,
-                                            resolve_estimate, targets_from_theta, tie_R1, validate_theta)
+from sklearn_crb.noise import apply_m0_and_noise, check_sigma, crb_gain, draw_m0_and_noise, pack_targets, unpack_targets
+from sklearn_crb.physics.parameters import (
+    INDEX,
+    PARAMETERS,
+    crb_to_targets,
+    free_parameters,
+    rate_name,
+    targets_from_theta,
+    tie_R1,
+    validate_theta,
+)
 from sklearn_crb.physics.priors import ParameterPrior, resolve_prior
-from sklearn_crb.physics.signal import jacobian, simulate
 from sklearn_crb.physics.sequence import Sequence
+from sklearn_crb.physics.signal import jacobian, simulate
 
 __all__ = ["MTFingerprintSimulator", "draw_m0_and_noise", "apply_m0_and_noise", "crb_gain", "pack_targets",
            "unpack_targets"]
@@ -44,7 +52,7 @@ _MAX_REDRAWS = 20
 CRB_M0S_FLOOR = 1e-4
 
 
-class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
+class MTFingerprintSimulator(ModelMixin, TransformerMixin, BaseEstimator):
     """Simulate compressed MT fingerprints, noisy training sets and their CRBs.
 
     Parameters
@@ -171,15 +179,13 @@ class MTFingerprintSimulator(TransformerMixin, BaseEstimator):
         -------
         self
         """
-        seq = Sequence.resolve(self.sequence)
+        Sequence.resolve(self.sequence)  # the sequence is checked first, as before
         check_snr_range(self.snr)
         check_sigma(self.sigma)
-        self.sequence_ = seq
-        self.estimate_ = resolve_estimate(self.estimate, self.tied_R1)
+        seq, U = self._resolve_model(with_fixed=False)
         self.prior_ = resolve_prior(self.prior, seq.TR, self.tied_R1)
         self.n_features_in_ = len(PARAMETERS)
-        if self.basis is not None:
-            U = check_basis(self.basis, seq.n_pulses)
+        if U is not None:
             if self.n_components is not None:
                 r = int(self.n_components)
                 if not 1 <= r <= U.shape[1]:

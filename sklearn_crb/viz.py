@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from sklearn_crb._atomic import atomic_path
+from sklearn_crb.maps.result import Maps
 from sklearn_crb.physics.parameters import INDEX
 
 __all__ = ["overview_png", "demo_figures"]
@@ -34,13 +35,14 @@ def overview_png(path, maps, names=None, title=None):
     Parameters
     ----------
     path : str or path-like
-    maps : dict of str -> ndarray
+    maps : Maps or dict of str -> ndarray
         2-D maps, or 3-D volumes (their middle slice is shown).
     names : list of str, optional
         Default: every array of at least two dimensions except ``"mask"``.
     title : str, optional
     """
-    names = names or [k for k, v in maps.items() if isinstance(v, np.ndarray) and v.ndim >= 2 and k != "mask"]
+    maps = maps.arrays if isinstance(maps, Maps) else maps
+    names = names or [k for k, v in maps.items() if np.ndim(v) >= 2 and k != "mask"]
     ncol = min(4, len(names))
     nrow = -(-len(names) // ncol)
     fig = _figure(figsize=(3.2 * ncol, 3.0 * nrow))
@@ -68,7 +70,8 @@ def overview_png(path, maps, names=None, title=None):
 def demo_figures(folder, ph, results, names, maps_by_est):
     """The demo's figures in ``folder``: ``maps.png`` (truth and estimates),
     ``error_maps.png`` (|error| and standard error per estimator) and
-    ``bias_std.png`` (bias and standard deviation over sqrt(CRB) per tissue).
+    ``bias_std.png`` (bias and standard deviation over sqrt(CRB) per tissue); ``maps_by_est`` maps each
+    estimator's label to its ``Maps.arrays``.
     """
     folder = Path(folder)
     disp = {"m0s": ("m0s", 1.0, ""), "R1f": ("T1f", None, "s"), "R2f": ("T2f", None, "ms")}

@@ -84,7 +84,7 @@ def test_python_api_and_cli_agree(pipeline):
     assert main(["fit", "--model", str(d / "model"), "--coefficients", str(d / "coef.nii.gz"),
                  "--out", str(out), "--quiet", "--sigma", "0.02"]) == 0
     maps = fit_maps(load_model(d / "model", device="cpu"), load_coefficients(d / "coef.nii.gz"), sigma=0.02)
-    np.testing.assert_allclose(nib.load(out / "m0s_se.nii.gz").get_fdata(), maps["m0s_se"].astype(np.float32))
+    np.testing.assert_allclose(nib.load(out / "m0s_se.nii.gz").get_fdata(), maps.arrays["m0s_se"].astype(np.float32))
 
 
 def test_bad_inputs_give_errors_and_no_output(pipeline, capsys):

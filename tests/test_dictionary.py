@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import NLLS_THETA
+
 from sklearn_crb import ParameterPrior
 from sklearn_crb.estimators.dictionary import DictionaryMatcher
 from sklearn_crb.physics.signal import simulate
@@ -20,21 +20,21 @@ def test_atom_recovered_exactly_with_complex_M0(matcher, short_sequence):
     M0 = np.array([0.5, 2.0 * np.exp(1.0j), 0.1j])
     s = M0[:, None] * simulate(short_sequence, matcher.theta_[idx])
     d = matcher.predict_details(s)
-    np.testing.assert_array_equal(d["index"], idx)
-    np.testing.assert_allclose(d["theta"], matcher.theta_[idx])
-    np.testing.assert_allclose(d["M0"], M0, rtol=1e-10)
-    np.testing.assert_allclose(d["correlation"], 1.0, rtol=1e-12)
+    np.testing.assert_array_equal(d.index, idx)
+    np.testing.assert_allclose(d.theta, matcher.theta_[idx])
+    np.testing.assert_allclose(d.M0, M0, rtol=1e-10)
+    np.testing.assert_allclose(d.correlation, 1.0, rtol=1e-12)
     np.testing.assert_allclose(matcher.predict(s), matcher.theta_[idx][:, [0, 1, 2, 6]])
 
 
 def test_best_atoms_sorted(matcher, short_sequence):
     s = simulate(short_sequence, matcher.theta_[[5]])
     d = matcher.predict_details(s, n_best=4)
-    assert d["theta_best"].shape == (1, 4, 8)
-    np.testing.assert_allclose(d["theta_best"][0, 0], matcher.theta_[5])
+    assert d.theta_best.shape == (1, 4, 8)
+    np.testing.assert_allclose(d.theta_best[0, 0], matcher.theta_[5])
     C = np.abs(matcher.atoms_ @ (s[0].conj())) / np.linalg.norm(s[0])
     top = np.sort(C)[::-1][:4]
-    got = [C[np.flatnonzero((matcher.theta_ == t).all(1))[0]] for t in d["theta_best"][0]]
+    got = [C[np.flatnonzero((matcher.theta_ == t).all(1))[0]] for t in d.theta_best[0]]
     np.testing.assert_allclose(got, top)
 
 
@@ -48,8 +48,8 @@ def test_compressed_matches_full(short_sequence):
     c = s @ basis.conj()
     a = dm.predict_details(s)
     b = dm.predict_details(np.hstack([c.real, c.imag]))
-    np.testing.assert_array_equal(a["index"], b["index"])
-    assert a["index"][0] == 10
+    np.testing.assert_array_equal(a.index, b.index)
+    assert a.index[0] == 10
     assert dm.n_features_in_ == 20
 
 
@@ -59,8 +59,8 @@ def test_bad_rows_flagged(matcher, short_sequence):
     s[2] = 0
     with pytest.warns(UserWarning, match="2 of 3"):
         d = matcher.predict_details(s)
-    assert d["failed"].tolist() == [False, True, True]
-    assert np.isnan(d["prediction"][1:]).all() and np.isfinite(d["prediction"][0]).all()
+    assert d.failed.tolist() == [False, True, True]
+    assert np.isnan(d.prediction[1:]).all() and np.isfinite(d.prediction[0]).all()
 
 
 def test_fixed_and_tied(short_sequence):

@@ -131,10 +131,10 @@ def test_standard_error_maps_match_the_spread_over_noise_draws(run):
         ph_k = make_phantom(ph.labels.shape, ph.sequence, basis=ph.basis, snr=SNR, tied_R1=True,
                             random_state=100 + k)
         m = fit_maps(net, ph_k.coefficients, sub)
-        sigmas.append(m["sigma"])
+        sigmas.append(m.sigma)
         for p in est:
-            est[p].append(m[p])
-            se[p].append(m[p + "_se"])
+            est[p].append(m.arrays[p])
+            se[p].append(m.arrays[p + "_se"])
     assert np.median(sigmas) == pytest.approx(1 / SNR, rel=0.20)  # sigma within 20 % of the truth
     for t in ("WM", "GM"):
         sel = ph.tissue_mask(t) & sub
@@ -182,8 +182,8 @@ def test_misspecified_tissue_lands_where_tied_nlls_does(run):
         sub.flat[rng.choice(np.flatnonzero(ph.tissue_mask(t)), N_NLLS, replace=False)] = True
     net = load_model(d / "model", device="cpu")
     nlls = NLLSFitter(ph.sequence, basis=ph.basis, estimate=free_parameters(True), tied_R1=True).fit()
-    med_net = _tissue_medians(fit_maps(net, ph.coefficients, ph.mask, compute_se=False), ph, ph.mask)
-    med_nlls = _tissue_medians(fit_maps(nlls, ph.coefficients, sub, compute_se=False), ph, sub)
+    med_net = _tissue_medians(fit_maps(net, ph.coefficients, ph.mask, compute_se=False).arrays, ph, ph.mask)
+    med_nlls = _tissue_medians(fit_maps(nlls, ph.coefficients, sub, compute_se=False).arrays, ph, sub)
     print(json.dumps({"net": med_net, "nlls": med_nlls}))
     # the misspecification is real: the tied fit is far from the unconstrained truth
     assert med_nlls["WM"]["m0s"] < 0.85 * TISSUES["WM"]["m0s"]

@@ -1,4 +1,4 @@
-"""The linear algebra of one LM step (estimators/_lm_steps.py): the box-constrained step against an exact
+"""The linear algebra of one LM step (estimators/nlls/steps.py): the box-constrained step against an exact
 bounded least-squares solver, and the curvature correction of rejected steps."""
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.optimize import lsq_linear
 
-from sklearn_crb.estimators._lm_steps import box_step, curvature_update
+from sklearn_crb.estimators.nlls.steps import box_step, curvature_update
 
 
 def _q(M, g, d):

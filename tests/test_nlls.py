@@ -6,15 +6,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from sklearn.base import BaseEstimator
-from scipy.optimize import least_squares
-
 from conftest import NLLS_THETA
+from scipy.optimize import least_squares
+from sklearn.base import BaseEstimator
+
 from sklearn_crb import PARAMETERS, ParameterPrior
 from sklearn_crb.crb import cramer_rao_bound
-from sklearn_crb.estimators._lm import reduced_jacobian, varpro
 from sklearn_crb.estimators.dictionary import DictionaryMatcher
 from sklearn_crb.estimators.nlls import STATUS, NLLSFitter, NLLSFitWarning
+from sklearn_crb.estimators.nlls.solver import reduced_jacobian, varpro
 from sklearn_crb.physics.parameters import INDEX, free_parameters
 from sklearn_crb.physics.signal import jacobian, simulate
 from sklearn_crb.simulator import MTFingerprintSimulator
@@ -54,9 +54,9 @@ def test_reduced_jacobian_matches_finite_differences(short_sequence):
 
 # --------------------------------------------------------------- noiseless recovery
 def _check_recovery(details, theta, M0, rtol=1e-3):
-    np.testing.assert_allclose(details["theta"], theta, rtol=rtol)
-    np.testing.assert_allclose(details["M0"], M0, rtol=rtol)
-    assert details["converged"].all() and not details["failed"].any()
+    np.testing.assert_allclose(details.theta, theta, rtol=rtol)
+    np.testing.assert_allclose(details.M0, M0, rtol=rtol)
+    assert details.converged.all() and not details.failed.any()
 
 
 @pytest.mark.parametrize("model", ["full", "rank13", "tied"])
@@ -74,7 +74,7 @@ def test_noiseless_recovery_v32(v32_sequence, rank13_basis, model):
     est, d = nl.predict(X, return_details=True)
     _check_recovery(d, theta, [M0])
     np.testing.assert_allclose(est, theta[:, [INDEX[p] for p in free_parameters(tied)]], rtol=1e-3)
-    assert d["residual_norm"][0] < 1e-6 * np.linalg.norm(X)
+    assert d.residual_norm[0] < 1e-6 * np.linalg.norm(X)
 
 
 def test_recovery_from_prior_draws(v32_sequence):
@@ -89,10 +89,10 @@ def test_recovery_from_prior_draws(v32_sequence):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NLLSFitWarning)
         d = nl.predict_details(s)
-    rel = np.abs(d["theta"] / theta - 1).max(1)
-    recovered = (rel < 1e-3) & (np.abs(d["M0"] / M0 - 1) < 1e-3)
-    assert np.all(recovered | d["failed"]), (rel, d["status"])
-    assert recovered.sum() >= 5, (rel, d["status"])
+    rel = np.abs(d.theta / theta - 1).max(1)
+    recovered = (rel < 1e-3) & (np.abs(d.M0 / M0 - 1) < 1e-3)
+    assert np.all(recovered | d.failed), (rel, d.status)
+    assert recovered.sum() >= 5, (rel, d.status)
 
 
 # ------------------------------------------------------------ agreement with scipy
@@ -135,10 +135,10 @@ def test_agrees_with_scipy_least_squares(v32_sequence):
         ref = least_squares(fun, z0, jac=jac, bounds=(np.array(lo) / scale, np.array(hi) / scale), method="trf",
                             x_scale=1.0, xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=200)
         z = ref.x * scale
-        assert d["residual_norm"][i] <= np.linalg.norm(ref.fun) * (1 + 1e-8)
-        assert ref.success and d["converged"][i]
-        np.testing.assert_allclose(d["theta"][i, idx], z[:5], rtol=1e-4)
-        np.testing.assert_allclose(d["M0"][i], z[5] + 1j * z[6], rtol=1e-5)
+        assert d.residual_norm[i] <= np.linalg.norm(ref.fun) * (1 + 1e-8)
+        assert ref.success and d.converged[i]
+        np.testing.assert_allclose(d.theta[i, idx], z[:5], rtol=1e-4)
+        np.testing.assert_allclose(d.M0[i], z[5] + 1j * z[6], rtol=1e-5)
 
 
 # ----------------------------------------------------------- bounds and failures
@@ -150,10 +150,10 @@ def test_bounds_respected(v32_sequence):
     d = nl.predict_details(s)
     for k, p in enumerate(nl.free_parameters_):
         lo, hi = nl.bounds_[p]
-        assert lo <= d["theta"][0, INDEX[p]] <= hi, p
+        assert lo <= d.theta[0, INDEX[p]] <= hi, p
     free = list(nl.free_parameters_)
-    assert d["at_bound"][0, free.index("m0s")] and d["at_bound"][0, free.index("R2f")]
-    assert not d["failed"][0]
+    assert d.at_bound[0, free.index("m0s")] and d.at_bound[0, free.index("R2f")]
+    assert not d.failed[0]
 
 
 def test_bad_voxels_flagged(v32_sequence):
@@ -165,14 +165,14 @@ def test_bad_voxels_flagged(v32_sequence):
     with pytest.warns(NLLSFitWarning, match="2 of 4"):
         est, d = nl.predict(s, return_details=True)
     assert est.shape == (4, 3)
-    assert [STATUS[k] for k in d["status"]] == ["converged", "nonfinite_input", "zero_input", "converged"]
+    assert [STATUS[k] for k in d.status] == ["converged", "nonfinite_input", "zero_input", "converged"]
     assert np.isnan(est[[1, 2]]).all() and np.isfinite(est[[0, 3]]).all()
     np.testing.assert_allclose(est[[0, 3]], theta[[0, 3]][:, :3], rtol=1e-6)
     # no convergence within max_iter: flagged, finite last iterate, never NaN
     nl1 = NLLSFitter(v32_sequence, fixed={"omega0": 100.0, "B1": 0.9}, max_iter=2).fit()
     with pytest.warns(NLLSFitWarning, match="max_iter"):
         d1 = nl1.predict_details(s[[0]])
-    assert d1["failed"][0] and not d1["converged"][0] and np.isfinite(d1["prediction"]).all()
+    assert d1.failed[0] and not d1.converged[0] and np.isfinite(d1.prediction).all()
 
 
 def test_standard_errors_match_crb(v32_sequence):
@@ -183,8 +183,8 @@ def test_standard_errors_match_crb(v32_sequence):
     nuis = ("Rex", "R1s", "T2s")
     crb = cramer_rao_bound(v32_sequence, theta, estimate=("m0s", "R1f", "R2f"), nuisance=nuis, M0=0.85,
                            sigma=sigma)
-    np.testing.assert_allclose(d["crb"], crb, rtol=1e-6)
-    np.testing.assert_allclose(d["std_error"], np.sqrt(crb), rtol=1e-6)
+    np.testing.assert_allclose(d.crb, crb, rtol=1e-6)
+    np.testing.assert_allclose(d.std_error, np.sqrt(crb), rtol=1e-6)
 
 
 def test_init_estimator_seeds_the_fit(v32_sequence):
@@ -196,9 +196,9 @@ def test_init_estimator_seeds_the_fit(v32_sequence):
                            n_atoms=500, random_state=0).fit()
     cold = NLLSFitter(v32_sequence, fixed=fixed).fit().predict_details(s)
     warm = NLLSFitter(v32_sequence, fixed=fixed, init=dm).fit().predict_details(s)
-    np.testing.assert_allclose(warm["theta"], theta, rtol=1e-6)
-    np.testing.assert_allclose(cold["theta"], theta, rtol=1e-6)
-    assert warm["n_iter"].sum() < cold["n_iter"].sum()
+    np.testing.assert_allclose(warm.theta, theta, rtol=1e-6)
+    np.testing.assert_allclose(cold.theta, theta, rtol=1e-6)
+    assert warm.n_iter.sum() < cold.n_iter.sum()
 
 
 def test_input_formats_agree(v32_sequence):
@@ -263,7 +263,7 @@ def test_dask_matches_serial(short_sequence):
             workers = client.run(lambda: 1)
     assert len(workers) == 2
     for key in ("theta", "M0", "residual_norm", "n_iter", "status", "crb"):
-        np.testing.assert_array_equal(par[key], serial[key], err_msg=key)
+        np.testing.assert_array_equal(getattr(par, key), getattr(serial, key), err_msg=key)
 
 
 # ---------------------------------------------------------- Monte-Carlo efficiency
@@ -290,11 +290,11 @@ def test_monte_carlo_efficiency(v32_sequence):
     start = dict(zip(PARAMETERS, WM_THETA))
     nl = NLLSFitter(v32_sequence, estimate=est, tied_R1=True, start=start, chunk_size=n).fit()
     d = nl.predict_details(s)
-    assert d["converged"].all()
-    nmse = ((d["prediction"] - WM_THETA[:3]) ** 2).mean(0) / crb
+    assert d.converged.all()
+    nmse = ((d.prediction - WM_THETA[:3]) ** 2).mean(0) / crb
     assert np.all((nmse > 0.8) & (nmse < 1.3)), nmse
     # standard errors at the estimate (sigma from the residual) agree with the CRB
-    np.testing.assert_allclose(np.median(d["std_error"], 0), np.sqrt(crb), rtol=0.05)
+    np.testing.assert_allclose(np.median(d.std_error, 0), np.sqrt(crb), rtol=0.05)
 
 
 def test_statistical_stop_changes_estimates_by_a_fraction_of_the_noise(v32_sequence, rank13_basis):
@@ -310,11 +310,11 @@ def test_statistical_stop_changes_estimates_by_a_fraction_of_the_noise(v32_seque
     kw = dict(basis=rank13_basis, estimate=PARAMETERS, start=dict(zip(PARAMETERS, NLLS_THETA)))
     stat = NLLSFitter(v32_sequence, **kw).fit().predict_details(y)
     full = NLLSFitter(v32_sequence, se_tol=0.0, **kw).fit().predict_details(y)
-    se = full["std_error"]
-    ok = full["converged"] & stat["converged"]
+    se = full.std_error
+    ok = full.converged & stat.converged
     assert ok.sum() >= 6
-    assert np.all(stat["n_iter"][ok] <= full["n_iter"][ok])
-    dev = np.abs(stat["theta"][ok] - full["theta"][ok]) / se[ok]
+    assert np.all(stat.n_iter[ok] <= full.n_iter[ok])
+    dev = np.abs(stat.theta[ok] - full.theta[ok]) / se[ok]
     assert np.median(dev) < 0.05 and dev.max() < 0.5
 
 
@@ -349,8 +349,8 @@ def warm_problem(short_sequence):
     kw = dict(estimate=("m0s", "R1f", "R2f", "Rex"), fixed=fixed)
     start = dict(zip(PARAMETERS, theta.mean(0)))
     full = NLLSFitter(short_sequence, se_tol=0.0, start=start, **kw).fit().predict_details(s)
-    assert full["converged"].all() and np.isfinite(full["std_error"]).all()
-    assert not full["at_bound"].any()
+    assert full.converged.all() and np.isfinite(full.std_error).all()
+    assert not full.at_bound.any()
     return s, theta, kw, full
 
 
@@ -364,12 +364,12 @@ def test_start_at_the_optimum_stops_at_once(short_sequence, warm_problem, schedu
     one or two exact Jacobians, and the estimates do not move."""
     s, _, kw, full = warm_problem
     names = kw["estimate"]
-    init = _Start(full["prediction"], names).fit()
+    init = _Start(full.prediction, names).fit()
     d = NLLSFitter(short_sequence, init=init, **schedule, **kw).fit().predict_details(s)
-    assert d["converged"].all()
-    assert np.all(d["n_iter"] <= 2), d["n_iter"]
-    assert np.all(d["n_jacobian"] <= 2), d["n_jacobian"]
-    dev = np.abs(d["prediction"] - full["prediction"]) / full["std_error"]
+    assert d.converged.all()
+    assert np.all(d.n_iter <= 2), d.n_iter
+    assert np.all(d.n_jacobian <= 2), d.n_jacobian
+    dev = np.abs(d.prediction - full.prediction) / full.std_error
     assert dev.max() < 0.02, dev
 
 
@@ -381,16 +381,16 @@ def test_good_start_reaches_the_cold_optimum(short_sequence, warm_problem, sched
     names = kw["estimate"]
     rng = np.random.default_rng(11)
     idx = [INDEX[p] for p in names]
-    start = theta[:, idx] + 0.5 * full["std_error"] * rng.standard_normal(full["std_error"].shape)
+    start = theta[:, idx] + 0.5 * full.std_error * rng.standard_normal(full.std_error.shape)
     warm = NLLSFitter(short_sequence, init=_Start(start, names).fit(), **schedule, **kw).fit().predict_details(s)
-    assert warm["converged"].all()
-    dev = np.abs(warm["prediction"] - full["prediction"]) / full["std_error"]
+    assert warm.converged.all()
+    dev = np.abs(warm.prediction - full.prediction) / full.std_error
     assert np.median(dev) < 0.05 and dev.max() < 0.3, dev
-    assert np.all(warm["residual_norm"] <= full["residual_norm"] * (1 + 1e-4))
+    assert np.all(warm.residual_norm <= full.residual_norm * (1 + 1e-4))
     # the returned CRB is the one at the returned theta (exact Jacobian there, even with Broyden updates)
-    crb = cramer_rao_bound(short_sequence, warm["theta"], estimate=names, nuisance=None, M0=warm["M0"],
-                           sigma=warm["sigma"])
-    np.testing.assert_allclose(warm["crb"], crb, rtol=1e-6)
+    crb = cramer_rao_bound(short_sequence, warm.theta, estimate=names, nuisance=None, M0=warm.M0,
+                           sigma=warm.sigma)
+    np.testing.assert_allclose(warm.crb, crb, rtol=1e-6)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES[2:])
@@ -402,7 +402,7 @@ def test_accepted_steps_never_increase_the_cost(short_sequence, warm_problem, sc
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NLLSFitWarning)
             d = NLLSFitter(short_sequence, max_iter=k, se_tol=0.0, **schedule, **kw).fit().predict_details(s)
-        costs.append(d["residual_norm"])
+        costs.append(d.residual_norm)
     costs = np.array(costs)
     assert np.all(np.diff(costs, axis=0) <= 1e-12 * costs[:-1]), costs
     assert np.any(costs[-1] < costs[0])
@@ -411,7 +411,8 @@ def test_accepted_steps_never_increase_the_cost(short_sequence, warm_problem, sc
 @pytest.mark.parametrize("kw, match", [(dict(jacobian_reuse=-1), "jacobian_reuse"),
                                         (dict(jacobian_reuse=1.5), "jacobian_reuse"),
                                         (dict(jacobian_reuse=True), "jacobian_reuse"),
-                                        (dict(geodesic="yes"), "geodesic"), (dict(secant="yes"), "secant"), (dict(final_step=1), "final_step"),
+                                        (dict(geodesic="yes"), "geodesic"), (dict(secant="yes"), "secant"),
+                                        (dict(final_step=1), "final_step"),
                                         (dict(lambda0=0.0), "lambda0")])
 def test_schedule_options_validated(short_sequence, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -426,25 +427,25 @@ def test_final_step_takes_the_remaining_distance(short_sequence, warm_problem):
     s, theta, kw, full = warm_problem
     names = kw["estimate"]
     rng = np.random.default_rng(12)
-    start = theta[:, [INDEX[p] for p in names]] + full["std_error"] * rng.standard_normal(full["std_error"].shape)
+    start = theta[:, [INDEX[p] for p in names]] + full.std_error * rng.standard_normal(full.std_error.shape)
     fits = {f: NLLSFitter(short_sequence, init=_Start(start, names).fit(), lambda0=1e-3, se_tol=1.0, final_step=f,
                           **kw).fit().predict_details(s) for f in (False, True)}
     plain, final = fits[False], fits[True]
-    assert final["converged"].all()
+    assert final.converged.all()
     # one more Jacobian exactly where the final step moved a parameter beyond se_tol standard errors
-    extra = final["n_jacobian"] - plain["n_jacobian"]
+    extra = final.n_jacobian - plain.n_jacobian
     assert set(np.unique(extra)) <= {0, 1} and 1 <= extra.sum() <= len(extra) // 2, extra
-    dev = {f: np.abs(d["prediction"] - full["prediction"]) / full["std_error"] for f, d in fits.items()}
+    dev = {f: np.abs(d.prediction - full.prediction) / full.std_error for f, d in fits.items()}
     assert np.median(dev[True]) < 0.85 * np.median(dev[False]), dev
-    assert np.all(final["residual_norm"] <= plain["residual_norm"] * (1 + 1e-12))
-    crb = cramer_rao_bound(short_sequence, final["theta"], estimate=names, nuisance=None, M0=final["M0"],
-                           sigma=final["sigma"])
+    assert np.all(final.residual_norm <= plain.residual_norm * (1 + 1e-12))
+    crb = cramer_rao_bound(short_sequence, final.theta, estimate=names, nuisance=None, M0=final.M0,
+                           sigma=final.sigma)
     # elsewhere the CRB is the stop point's: close to the returned point's in the median voxel
-    assert np.median(np.abs(final["crb"] / crb - 1)) < 0.05
+    assert np.median(np.abs(final.crb / crb - 1)) < 0.05
     # where the step went farther, the CRB is the returned point's own
-    np.testing.assert_allclose(final["crb"][extra == 1], crb[extra == 1], rtol=1e-6)
+    np.testing.assert_allclose(final.crb[extra == 1], crb[extra == 1], rtol=1e-6)
     # and nowhere off by much: without that Jacobian one m0s entry here was off 4x (measured 0.11 at most)
-    assert np.abs(final["crb"] / crb - 1).max() < 0.25
+    assert np.abs(final.crb / crb - 1).max() < 0.25
 
 
 def test_init_start_values_names_times_and_generic_outputs():
@@ -467,3 +468,26 @@ def test_init_start_values_names_times_and_generic_outputs():
         init_start_values(SimpleNamespace(estimate_=("m0s", "R1f"), predict=lambda X: vals), X, ("m0s",))
     with pytest.raises(ValueError, match="not model parameters"):
         init_start_values(SimpleNamespace(estimate_=("m0s", "R1f", "bogus"), predict=lambda X: vals), X, ())
+
+
+def test_init_of_another_acquisition_is_refused(short_sequence):
+    """NLLSFitter(init=net) refuses, at fit, a network trained in another basis or for another sequence, as
+    ``fit --nlls-init`` does (issue 29: the Python API accepted it); the same basis and sequence pass."""
+    from conftest import train_small_model
+
+    from sklearn_crb.physics.sequence import Sequence
+
+    sim, net, _ = train_small_model(short_sequence)
+    U = sim.basis_
+    NLLSFitter(short_sequence, basis=U, init=net).fit()  # the network's own acquisition
+    Q, _ = np.linalg.qr(U[:, ::-1])  # another orthonormal basis of the same rank
+    with pytest.raises(ValueError, match="init: basis mismatch"):
+        NLLSFitter(short_sequence, basis=Q, init=net).fit()
+    other = Sequence.default(n_pulses=short_sequence.n_pulses + 10)
+    with pytest.raises(ValueError, match="init: sequence mismatch"):
+        NLLSFitter(other, init=net).fit()
+    with pytest.raises(ValueError, match="init: basis mismatch, one works on full signals"):
+        NLLSFitter(short_sequence, init=net).fit()
+    dm = DictionaryMatcher(other, n_atoms=20).fit()  # any estimator that declares its model is checked
+    with pytest.raises(ValueError, match="init: sequence mismatch"):
+        NLLSFitter(short_sequence, basis=U, init=dm).fit()

@@ -13,13 +13,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import V32_NAME, require_data_file
 
 from sklearn_crb.cli import main
 from sklearn_crb.crb import cramer_rao_bound
+from sklearn_crb.phantom import make_phantom
 from sklearn_crb.physics.parameters import INDEX
 from sklearn_crb.physics.sequence import Sequence
-from sklearn_crb.phantom import make_phantom
-from conftest import V32_NAME, require_data_file
 
 AFFINE = np.array([[0.0, -1.5, 0.0, 40.0], [2.0, 0.0, 0.0, -30.0], [0.0, 0.0, 3.0, 12.5], [0, 0, 0, 1]])
 NAMES = ("m0s", "R1f", "R2f")

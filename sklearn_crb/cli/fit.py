@@ -227,14 +227,14 @@ def cmd_fit(args):
                         fixed_se=fixed_se or None, chunk_size=args.chunk_size, times=args.times, progress=not args.quiet,
                         se=args.se if model is not None else None)
     elapsed = time.perf_counter() - t0
-    arrays = {k: v for k, v in maps.items() if isinstance(v, np.ndarray)}
+    arrays = maps.arrays
     if not set(arrays) <= set(map_files):
         raise CLIError(f"the estimator returned maps {sorted(set(arrays) - set(map_files))} not announced by its "
                        "estimate; nothing was written")
     n_fit = int(arrays["mask"].sum())
     kind = "network" if model is not None else "NLLS"
     summary = {"written_by": "sklearn-crb fit", "sklearn_crb_version": __version__, "n_voxels_fitted": n_fit,
-               "seconds": elapsed, "sigma": maps["sigma"], "units": maps["units"],
+               "seconds": elapsed, "sigma": maps.sigma, "sigma_method": maps.sigma_method, "units": maps.units,
                "flag_counts": {int(k): int(v) for k, v in zip(*np.unique(arrays["flags"], return_counts=True))},
                "input": str(args.coefficients), "estimator": kind, "spatial_shape": list(img.spatial_shape),
                **({"nlls_init": args.nlls_init, "nlls_fast": bool(args.fast)} if model is None else {}),
@@ -249,7 +249,7 @@ def cmd_fit(args):
         overview_png(tmp[png], arrays, title=f"{kind}: {Path(args.coefficients).name}")
         tmp[summary_name].write_text(json.dumps(summary, indent=1))
     print(f"fitted {n_fit} voxels in {elapsed:.1f} s ({1e3 * elapsed / max(n_fit, 1):.2f} ms/voxel), "
-          f"sigma = {maps['sigma']:.3g}; wrote {len(written)} files to {out}")
+          f"sigma = {maps.sigma:.3g}; wrote {len(written)} files to {out}")
     return 0
 
 

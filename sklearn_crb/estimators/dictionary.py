@@ -18,13 +18,21 @@ import torch
 from sklearn.base import BaseEstimator, RegressorMixin, _fit_context
 from sklearn.utils.validation import check_is_fitted
 
-from sklearn_crb._validation import check_basis, check_parameter_dict, chunk_slices
+from sklearn_crb._model import ModelMixin
+from sklearn_crb._validation import chunk_slices
 from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian, project
-from sklearn_crb.estimators._base import (MODEL_PARAMETER_CONSTRAINTS, POSITIVE_INT, as_complex_data,
-                                          model_estimator_tags, resolve_fixed, robust_norm)
-from sklearn_crb.physics.parameters import INDEX, free_parameters, resolve_estimate, tie_R1, validate_theta
+from sklearn_crb.estimators._base import (
+    MODEL_PARAMETER_CONSTRAINTS,
+    POSITIVE_INT,
+    as_complex_data,
+    model_estimator_tags,
+    resolve_fixed,
+    robust_norm,
+)
+from sklearn_crb.estimators.details import PredictionDetails
+from sklearn_crb.estimators.fixed_sensitivity import model_sensitivity
+from sklearn_crb.physics.parameters import INDEX, free_parameters, tie_R1, validate_theta
 from sklearn_crb.physics.priors import resolve_prior
-from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.physics.signal import jacobian, simulate
 
 __all__ = ["DictionaryMatcher"]
@@ -32,7 +40,7 @@ __all__ = ["DictionaryMatcher"]
 _SHARED = ("sequence", "basis", "estimate", "tied_R1", "fixed", "prior", "backend", "random_state")
 
 
-class DictionaryMatcher(RegressorMixin, BaseEstimator):
+class DictionaryMatcher(ModelMixin, RegressorMixin, BaseEstimator):
     """Dictionary matching of (compressed) MT fingerprints.
 
     Parameters
@@ -114,11 +122,7 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
         -------
         self
         """
-        seq = Sequence.resolve(self.sequence)
-        self.sequence_ = seq
-        self.basis_ = None if self.basis is None else check_basis(self.basis, seq.n_pulses)
-        self.estimate_ = resolve_estimate(self.estimate, self.tied_R1)
-        self.fixed_ = {k: float(v) for k, v in check_parameter_dict(self.fixed, "fixed").items()}
+        seq, self.basis_ = self._resolve_model()
         if self.theta is not None:
             theta = validate_theta(self.theta, "theta").copy()
         else:
@@ -190,7 +194,7 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
 
         Returns
         -------
-        dict
+        PredictionDetails
             ``theta`` (n, 8) of the best atom (fixed values substituted);
             ``M0`` complex (n,) by linear least squares; ``residual_norm``
             (n,) ``||y - M0 g(theta)||``; ``converged`` (n,) bool (False for
@@ -201,7 +205,14 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
             ``prediction`` (n, len(estimate_)), what ``predict`` returns;
             ``correlation`` (n,) in [0, 1]; ``index`` (n,) atom index (-1 if
             unmatched); ``failed`` = ``~converged``; with ``n_best > 1`` also
-            ``theta_best`` (n, n_best, 8), the best atoms by decreasing match.
+            ``theta_best`` (n, n_best, 8), the best atoms by decreasing match
+            (else None); with ``fixed`` and ``compute_crb``,
+            ``fixed_sensitivity`` (n, len(estimate_), len(fixed_names)): the
+            ``d estimate / d fixed value`` of the least-squares fit the match
+            approximates, at the matched theta (as NLLS reports it; the match
+            itself uses the stored atoms, see
+            :mod:`sklearn_crb.estimators.fixed_sensitivity`). NLLS's and the
+            network's own fields are None.
         """
         if isinstance(n_best, bool) or not isinstance(n_best, (int, np.integer)) or n_best < 1:
             raise ValueError(f"n_best must be a positive integer, got {n_best!r}")
@@ -220,29 +231,7 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
             theta[rows, INDEX[k]] = v[rows]
         if self.tied_R1:
             theta = tie_R1(theta)
-        a = np.full(n, np.nan + 0j)  # M0 of the unit-norm data
-        res = np.full(n, np.nan)
-        crb_unit = np.full((n, len(self.estimate_)), np.nan) if compute_crb else None
-        s = J = None
-        if rows.size and (compute_crb or fixed):
-            s, J = jacobian(self.sequence_, theta[rows], backend=self.backend) if compute_crb else (
-                simulate(self.sequence_, theta[rows], backend=self.backend), None)
-        if rows.size:
-            if fixed:  # the fingerprint at the substituted theta
-                g = s if self.basis_ is None else project(torch.as_tensor(self.basis_), torch.as_tensor(s)).numpy()
-                gg = np.einsum("ij,ij->i", g.conj(), g).real
-                a[rows] = np.einsum("ij,ij->i", g.conj(), yunit[rows]) / gg
-                res[rows] = np.linalg.norm(yunit[rows] - a[rows, None] * g, axis=1)
-            else:
-                d = self.atoms_[idx[rows]]
-                res[rows] = np.linalg.norm(yunit[rows] - ip[rows, None] * d, axis=1)
-                a[rows] = ip[rows] / self.atom_norms_[idx[rows]]
-            if compute_crb:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", IllConditionedFisherWarning)
-                    crb_unit[rows] = crb_from_jacobian(s, J, estimate=self.estimate_,
-                                                       nuisance=self._nuisance(fixed) or None, tied_R1=self.tied_R1,
-                                                       basis=self.basis_, on_singular="inf")
+        a, res, crb_unit, sens = self._fit_at_match(yunit, rows, idx, ip, theta, fixed, compute_crb)
         with np.errstate(over="ignore", invalid="ignore"):
             M0 = a * ynorm
             resid = res * ynorm
@@ -250,23 +239,58 @@ class DictionaryMatcher(RegressorMixin, BaseEstimator):
         corr[rows] = np.abs(ip[rows])
         if (~ok).any():
             warnings.warn(f"DictionaryMatcher: {int((~ok).sum())} of {n} voxels have non-finite or all-zero input "
-                          f"or invalid fixed values and get NaN (see predict_details()['failed'])", UserWarning,
+                          f"or invalid fixed values and get NaN (see predict_details().failed)", UserWarning,
                           stacklevel=2)
-        out = {"theta": theta, "M0": M0, "residual_norm": resid, "converged": ok, "crb_unit": crb_unit,
-               "n_free": len(self.estimate_) + len(self._nuisance(fixed)) + 2, "estimate": tuple(self.estimate_),
-               "prediction": theta[:, [INDEX[p] for p in self.estimate_]], "correlation": corr, "index": idx,
-               "failed": ~ok}
-        if n_best > 1:
-            tb = np.full((n, int(n_best), 8), np.nan)
-            sel = best >= 0
-            tb[sel] = self.theta_[best[sel]]
-            tb = np.where(np.isnan(tb), theta[:, None, :], tb)  # fewer atoms than n_best: repeat the best
-            out["theta_best"] = tb
-        return out
+        return PredictionDetails(
+            estimate=tuple(self.estimate_), prediction=theta[:, [INDEX[p] for p in self.estimate_]], theta=theta,
+            M0=M0, residual_norm=resid, converged=ok, failed=~ok,
+            n_free=len(self.estimate_) + len(self._nuisance(fixed)) + 2, fixed_names=tuple(fixed),
+            crb_unit=crb_unit, fixed_sensitivity=sens, correlation=corr, index=idx,
+            theta_best=self._theta_best(best, theta, int(n_best)) if n_best > 1 else None)
+
+    def _fit_at_match(self, yunit, rows, idx, ip, theta, fixed, compute_crb):
+        """M0 (of the unit data), residual, unit CRB and fixed sensitivity of the matched rows at ``theta``."""
+        n = yunit.shape[0]
+        a = np.full(n, np.nan + 0j)  # M0 of the unit-norm data
+        res = np.full(n, np.nan)
+        crb_unit = np.full((n, len(self.estimate_)), np.nan) if compute_crb else None
+        sens = np.full((n, len(self.estimate_), len(fixed)), np.nan) if compute_crb and fixed else None
+        if not rows.size:
+            return a, res, crb_unit, sens
+        s = J = None
+        if compute_crb or fixed:
+            s, J = jacobian(self.sequence_, theta[rows], backend=self.backend) if compute_crb else (
+                simulate(self.sequence_, theta[rows], backend=self.backend), None)
+        if fixed:  # the fingerprint at the substituted theta
+            g = s if self.basis_ is None else project(torch.as_tensor(self.basis_), torch.as_tensor(s)).numpy()
+            gg = np.einsum("ij,ij->i", g.conj(), g).real
+            a[rows] = np.einsum("ij,ij->i", g.conj(), yunit[rows]) / gg
+            res[rows] = np.linalg.norm(yunit[rows] - a[rows, None] * g, axis=1)
+        else:
+            d = self.atoms_[idx[rows]]
+            res[rows] = np.linalg.norm(yunit[rows] - ip[rows, None] * d, axis=1)
+            a[rows] = ip[rows] / self.atom_norms_[idx[rows]]
+        if compute_crb:
+            nuisance = self._nuisance(fixed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", IllConditionedFisherWarning)
+                crb_unit[rows] = crb_from_jacobian(s, J, estimate=self.estimate_, nuisance=nuisance or None,
+                                                   tied_R1=self.tied_R1, basis=self.basis_, on_singular="inf")
+            if fixed:  # the least-squares fit the match approximates, as NLLS reports it
+                sens[rows] = model_sensitivity(s, J, estimate=self.estimate_, nuisance=nuisance,
+                                               fixed_names=tuple(fixed), tied_R1=self.tied_R1, basis=self.basis_)
+        return a, res, crb_unit, sens
+
+    def _theta_best(self, best, theta, n_best):
+        """(n, n_best, 8) parameters of the best atoms (fewer atoms than n_best: the best repeated)."""
+        tb = np.full((theta.shape[0], n_best, 8), np.nan)
+        sel = best >= 0
+        tb[sel] = self.theta_[best[sel]]
+        return np.where(np.isnan(tb), theta[:, None, :], tb)
 
     def predict(self, X):
         """Matched parameters ``estimate_`` (n, len(estimate_)), SI units (NaN for unusable input, warned)."""
-        return self.predict_details(X, compute_crb=False)["prediction"]
+        return self.predict_details(X, compute_crb=False).prediction
 
     def __sklearn_tags__(self):
         return model_estimator_tags(super().__sklearn_tags__())

@@ -9,7 +9,7 @@ al., MRM 2022),
 (``U = I`` for the full signal), with box bounds on ``theta``, as
 ``fit_gBloch`` of MRIgeneralizedBloch.jl. The complex ``M0`` is projected
 out (variable projection, Golub & Pereyra 1973); the batched solver lives in
-:mod:`sklearn_crb.estimators._lm`. This module is the scikit-learn estimator:
+:mod:`sklearn_crb.estimators.nlls.solver`. This module is the scikit-learn estimator:
 declared parameter validation, bounds and starts, chunking over
 :mod:`joblib` (``joblib.parallel_config(backend="dask")`` spreads a volume over
 a ``dask.distributed`` cluster), and the ``predict_details`` protocol.
@@ -27,27 +27,41 @@ from sklearn.base import BaseEstimator, RegressorMixin, _fit_context
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from sklearn_crb._validation import check_basis, check_parameter_dict, chunk_slices
+import sklearn_crb.estimators.nlls.solver as _lm
+from sklearn_crb._model import ModelMixin, fitted_model
+from sklearn_crb._validation import chunk_slices
 from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
-from sklearn_crb.estimators import _lm
-from sklearn_crb.estimators._base import (DEFAULT_BOUNDS, DEFAULT_START, MODEL_PARAMETER_CONSTRAINTS, POSITIVE_INT,
-                                          POSITIVE_REAL, as_complex_data, fit_box, model_estimator_tags, r2sl_range,
-                                          resolve_fixed, robust_norm, start_values, init_start_values, _IntInterval)
-from sklearn_crb.estimators._fixed_error import model_sensitivity
+from sklearn_crb.estimators._base import (
+    DEFAULT_BOUNDS,
+    DEFAULT_START,
+    MODEL_PARAMETER_CONSTRAINTS,
+    POSITIVE_INT,
+    POSITIVE_REAL,
+    _IntInterval,
+    as_complex_data,
+    fit_box,
+    init_start_values,
+    model_estimator_tags,
+    r2sl_range,
+    resolve_fixed,
+    robust_norm,
+    start_values,
+)
+from sklearn_crb.estimators.details import PredictionDetails
 from sklearn_crb.estimators.dictionary import DictionaryMatcher
-from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, SCALE, free_parameters, resolve_estimate, validate_theta
-from sklearn_crb.physics.sequence import Sequence
+from sklearn_crb.estimators.fixed_sensitivity import model_sensitivity
+from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, SCALE, free_parameters, validate_theta
 
 __all__ = ["NLLSFitter", "NLLSFitWarning", "STATUS", "DEFAULT_START", "DEFAULT_BOUNDS"]
 
-#: Per-voxel status codes of ``predict_details`` (see :mod:`sklearn_crb.estimators._lm`).
+#: Per-voxel status codes of ``predict_details`` (see :mod:`sklearn_crb.estimators.nlls.solver`).
 STATUS = _lm.STATUS
 
 class NLLSFitWarning(UserWarning):
     """Some voxels did not converge or could not be fitted (see ``predict_details``)."""
 
 
-class NLLSFitter(RegressorMixin, BaseEstimator):
+class NLLSFitter(ModelMixin, RegressorMixin, BaseEstimator):
     """Nonlinear least-squares fits of MT fingerprints (bounded LM, variable projection).
 
     The model (sequence, compression basis, free/fixed parameters, bounds,
@@ -84,7 +98,10 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         ``CRBNetRegressor``). Its outputs are the parameters named by its
         ``estimate_`` (else a network's ``target_names_``, else ``estimate``;
         times such as T1f in s start their rates); the other parameters start
-        from ``start``. Overrides ``start``.
+        from ``start``. Overrides ``start``. An ``init`` that declares its model
+        (a network trained with a simulator or loaded, another NLLS or
+        dictionary estimator) must have this fitter's sequence and basis, and
+        take no measured inputs.
     prior : ParameterPrior, "parenchyma", "paper2022" or None
         Prior for the dictionary start (``None``: parenchyma, tied if
         ``tied_R1``).
@@ -163,7 +180,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
     Notes
     -----
     The solver and the variable projection are described in the module
-    docstring of :mod:`sklearn_crb.estimators._lm`. ``predict_details``
+    docstring of :mod:`sklearn_crb.estimators.nlls.solver`. ``predict_details``
     returns per-voxel flags; failed voxels (non-finite or all-zero input,
     invalid fixed values, non-finite model or output, no convergence within
     ``max_iter``) are kept, flagged and warned about with
@@ -240,20 +257,11 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         -------
         self
         """
-        seq = Sequence.resolve(self.sequence)
-        self.sequence_ = seq
-        self.basis_ = None if self.basis is None else check_basis(self.basis, seq.n_pulses)
+        seq, self.basis_ = self._resolve_model()
         K = seq.n_pulses if self.basis_ is None else self.basis_.shape[1]
-        self.fixed_ = {k: float(v) for k, v in check_parameter_dict(self.fixed, "fixed").items()}
-        if self.tied_R1 and "R1s" in self.fixed_:
-            raise ValueError("fixed cannot contain 'R1s' when tied_R1=True (R1s = R1f)")
         free = tuple(p for p in free_parameters(self.tied_R1) if p not in self.fixed_)
         if not free:
             raise ValueError("fixed leaves no parameter to fit")
-        self.estimate_ = resolve_estimate(self.estimate, self.tied_R1)
-        overlap = [p for p in self.estimate_ if p in self.fixed_]
-        if overlap:
-            raise ValueError(f"estimate and fixed overlap: {overlap}")
         if 2 * K < len(free) + 2:
             raise ValueError(f"the model has {len(free)} parameters plus complex M0 but the data only {2 * K} "
                              f"real values (basis rank {K}); fix parameters or use a larger basis")
@@ -270,7 +278,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
             validate_theta(np.array([[v if p == name else DEFAULT_START[p] for p in PARAMETERS]]), "fixed")
         self.starts_ = start_values(self.start, self.fixed_, self.tied_R1)
         if self.init is not None:
-            check_is_fitted(self.init)
+            self._check_init()
         self.dictionary_ = None
         if self.init is None and self.start == "dictionary":
             self.dictionary_ = DictionaryMatcher(
@@ -281,6 +289,18 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
         if X is not None:
             as_complex_data(self, X, seq.n_pulses, self.basis_)
         return self
+
+    def _check_init(self):
+        """Refuse an ``init`` estimator of another sequence or basis, or one that needs measured inputs."""
+        check_is_fitted(self.init)
+        try:
+            theirs = fitted_model(self.init, "init")
+        except (TypeError, ValueError):
+            return  # it declares no model (a plain regressor on the features): nothing to compare
+        if theirs.measured:
+            raise ValueError(f"init: the network takes measured {list(theirs.measured)} as inputs and cannot "
+                             "start NLLS (its predict needs them); give a network without measured inputs")
+        self.fitted_model().check_same_acquisition(theirs, "init")
 
     # ------------------------------------------------------------- predict
     def _initial(self, X, y, free, base):
@@ -295,7 +315,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
             th = th[:, None, :]
         elif self.dictionary_ is not None:
             det = self.dictionary_.predict_details(y, n_best=int(self.n_starts), compute_crb=False)
-            th = det["theta_best"] if self.n_starts > 1 else det["theta"][:, None, :]
+            th = det.theta_best if self.n_starts > 1 else det.theta[:, None, :]
         else:
             th = np.broadcast_to(self.starts_[None], (n,) + self.starts_.shape)
         scale = np.array([SCALE[q] for q in free])
@@ -345,7 +365,7 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
 
         Returns
         -------
-        details : dict, one row per voxel
+        details : PredictionDetails, one row per voxel
             ``theta`` (n, 8) all parameters (fixed ones filled in);
             ``M0`` complex (n,) in data units; ``residual_norm`` (n,)
             ``||y - M0 g(theta)||``; ``converged`` (n,) bool; ``crb_unit``
@@ -362,78 +382,96 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
             and the fitted M0; ``std_error`` = sqrt(crb); ``free_parameters``,
             ``status_names``; ``fixed_sensitivity`` (n, len(estimate_),
             len(fixed_names)) ``d estimate / d fixed value`` (with ``fixed``
-            and ``compute_crb``, else None; see ``estimators._fixed_error``).
+            and ``compute_crb``, else None; see
+            :mod:`sklearn_crb.estimators.fixed_sensitivity`). The network's
+            and the dictionary's fields are None.
         """
-        from tqdm.auto import tqdm  # optional progress bar, imported only when predicting
-
         check_is_fitted(self, "free_parameters_")
         y = as_complex_data(self, X, self.sequence_.n_pulses, self.basis_)
-        n, K = y.shape
+        n = y.shape[0]
         allowed = tuple(q for q in free_parameters(self.tied_R1) if q not in self.estimate_)
         fixed, bad_fixed = resolve_fixed(fixed, n, allowed, {**BOUNDS, **r2sl_range(self.sequence_)})
         free = tuple(q for q in self.free_parameters_ if q not in fixed)
-        p = len(free)
         base = self._base_theta(n, fixed)
         ynorm, yunit = robust_norm(y)
-        nanin = np.isnan(ynorm)
-        zeroin = ynorm == 0
-        status = np.select([nanin, zeroin, bad_fixed], [_lm.NANIN, _lm.ZEROIN, _lm.INVALID_FIXED], _lm.MAXIT)
-        valid = np.flatnonzero(status == _lm.MAXIT)
-        theta = np.full((n, 8), np.nan)
-        a = np.full(n, np.nan + 0j)
-        cost = np.full(n, np.nan)
-        n_iter = np.zeros(n, dtype=np.int64)
-        n_jac = np.zeros(n, dtype=np.int64)
-        g_all = np.zeros((n, K), dtype=np.complex128)
-        dg_all = np.zeros((n, K, 8), dtype=np.complex128)
-        if valid.size:
-            yv = yunit[valid]
-            Xv = None if self.init is None else (X[torch.as_tensor(valid)] if isinstance(X, torch.Tensor)
-                                                 else np.asarray(X)[valid])
-            x0 = np.ascontiguousarray(self._initial(Xv, yv, free, base[valid]))
-            prob = self._problem(free)
-            slices = chunk_slices(valid.size, max(1, int(self.chunk_size) // x0.shape[1]))
-            par = Parallel(n_jobs=self.n_jobs, return_as="generator")
-            gen = par(delayed(_lm.fit_chunk)(prob, yv[sl], x0[sl], base[valid[sl]]) for sl in slices)
-            with tqdm(total=valid.size, disable=not self.progress, unit="voxel", desc="NLLS") as bar:
-                for sl, res in zip(slices, gen):
-                    idx = valid[sl]
-                    theta[idx], a[idx], cost[idx] = res["theta"], res["a"], res["cost"]
-                    n_iter[idx], n_jac[idx], status[idx] = res["n_iter"], res["n_jac"], res["status"]
-                    g_all[idx], dg_all[idx] = res["g"], res["dg"]
-                    bar.update(sl.stop - sl.start)
+        status = np.select([np.isnan(ynorm), ynorm == 0, bad_fixed], [_lm.NANIN, _lm.ZEROIN, _lm.INVALID_FIXED],
+                           _lm.MAXIT)
+        sol = self._solve(X, yunit, status, free, base)
         with np.errstate(over="ignore", invalid="ignore"):
-            M0 = a * ynorm  # back to data units (a is the M0 of the unit-norm data)
-            resid = np.sqrt(cost) * ynorm
+            M0 = sol["a"] * ynorm  # back to data units (a is the M0 of the unit-norm data)
+            resid = np.sqrt(sol["cost"]) * ynorm
+        status = sol["status"]
         lost = (status < _lm.NANIN) & ~(np.isfinite(M0) & np.isfinite(resid))
         status[lost] = _lm.NANOUT  # the data's scale pushes M0 or the residual beyond float64
-        lo = np.array([self.bounds_[q][0] for q in free])
-        hi = np.array([self.bounds_[q][1] for q in free])
-        th_free = theta[:, [INDEX[q] for q in free]]
-        tol = 1e-9 * (hi - lo)
-        at_bound = (th_free <= lo + tol) | (th_free >= hi - tol)
-        dof = 2 * K - p - 2
+        dof = 2 * y.shape[1] - len(free) - 2
         with np.errstate(divide="ignore", invalid="ignore"):
             sigma = resid / np.sqrt(dof) if self.sigma is None else np.full(n, float(self.sigma))
         crb_unit = crb = sens = None
         if compute_crb:
-            crb_unit, crb = self._crb(g_all, dg_all, M0, sigma, status, free)
-            sens = model_sensitivity(g_all, dg_all, estimate=self.estimate_, nuisance=tuple(
-                q for q in free if q not in self.estimate_), fixed_names=tuple(fixed), tied_R1=self.tied_R1) if fixed else None
-        est = theta[:, [INDEX[q] for q in self.estimate_]]
+            crb_unit, crb = self._crb(sol["g"], sol["dg"], M0, sigma, status, free)
+            sens = self._fixed_sensitivity(sol["g"], sol["dg"], free, tuple(fixed))
+        self._warn_failed(status)
+        theta = sol["theta"]
+        return PredictionDetails(
+            estimate=tuple(self.estimate_), prediction=theta[:, [INDEX[q] for q in self.estimate_]], theta=theta,
+            M0=M0, residual_norm=resid, converged=status == _lm.OK, failed=status != _lm.OK, n_free=len(free) + 2,
+            fixed_names=tuple(fixed), crb_unit=crb_unit, crb=crb, std_error=None if crb is None else np.sqrt(crb),
+            sigma=sigma, fixed_sensitivity=sens, at_bound=self._at_bound(theta, free), free_parameters=free,
+            status=status, status_names=dict(STATUS), n_iter=sol["n_iter"], n_jacobian=sol["n_jac"])
+
+    def _solve(self, X, yunit, status, free, base):
+        """Fit the voxels whose ``status`` is still ``MAXIT`` (the others keep theirs), chunk by chunk.
+
+        Returns per voxel ``theta`` (n, 8), ``a`` (complex M0 of the unit-norm data), ``cost``,
+        ``n_iter``, ``n_jac``, ``status`` and the model ``g`` (n, K) and exact Jacobian ``dg`` (n, K, 8)
+        at the estimate (zero where not fitted).
+        """
+        from tqdm.auto import tqdm  # optional progress bar, imported only when predicting
+
+        n, K = yunit.shape
+        out = {"theta": np.full((n, 8), np.nan), "a": np.full(n, np.nan + 0j), "cost": np.full(n, np.nan),
+               "n_iter": np.zeros(n, dtype=np.int64), "n_jac": np.zeros(n, dtype=np.int64), "status": status,
+               "g": np.zeros((n, K), dtype=np.complex128), "dg": np.zeros((n, K, 8), dtype=np.complex128)}
+        valid = np.flatnonzero(status == _lm.MAXIT)
+        if not valid.size:
+            return out
+        yv = yunit[valid]
+        Xv = None if self.init is None else (X[torch.as_tensor(valid)] if isinstance(X, torch.Tensor)
+                                             else np.asarray(X)[valid])
+        x0 = np.ascontiguousarray(self._initial(Xv, yv, free, base[valid]))
+        prob = self._problem(free)
+        slices = chunk_slices(valid.size, max(1, int(self.chunk_size) // x0.shape[1]))
+        par = Parallel(n_jobs=self.n_jobs, return_as="generator")
+        gen = par(delayed(_lm.fit_chunk)(prob, yv[sl], x0[sl], base[valid[sl]]) for sl in slices)
+        with tqdm(total=valid.size, disable=not self.progress, unit="voxel", desc="NLLS") as bar:
+            for sl, res in zip(slices, gen):
+                idx = valid[sl]
+                for key in ("theta", "a", "cost", "n_iter", "n_jac", "status", "g", "dg"):
+                    out[key][idx] = res[key]
+                bar.update(sl.stop - sl.start)
+        return out
+
+    def _at_bound(self, theta, free):
+        """(n, len(free)) bool: fitted parameters within 1e-9 of the box width from a bound."""
+        lo = np.array([self.bounds_[q][0] for q in free])
+        hi = np.array([self.bounds_[q][1] for q in free])
+        th_free = theta[:, [INDEX[q] for q in free]]
+        tol = 1e-9 * (hi - lo)
+        return (th_free <= lo + tol) | (th_free >= hi - tol)
+
+    def _fixed_sensitivity(self, g, dg, free, fixed_names):
+        """d estimate / d fixed value of the per-voxel ``fixed`` parameters (None without any)."""
+        if not fixed_names:
+            return None
+        return model_sensitivity(g, dg, estimate=self.estimate_, nuisance=tuple(q for q in free if q not in
+                                 self.estimate_), fixed_names=fixed_names, tied_R1=self.tied_R1)
+
+    def _warn_failed(self, status):
         failed = status != _lm.OK
         if failed.any():
             counts = {STATUS[s]: int((status == s).sum()) for s in np.unique(status[failed])}
-            warnings.warn(f"NLLSFitter: {int(failed.sum())} of {n} voxels failed or did not converge {counts}; "
-                          f"see predict_details()['status']", NLLSFitWarning, stacklevel=2)
-        return {
-            "theta": theta, "M0": M0, "residual_norm": resid, "converged": status == _lm.OK,
-            "crb_unit": crb_unit, "n_free": p + 2, "estimate": tuple(self.estimate_),
-            "prediction": est, "n_iter": n_iter, "n_jacobian": n_jac, "status": status, "failed": failed,
-            "at_bound": at_bound,
-            "sigma": sigma, "crb": crb, "std_error": None if crb is None else np.sqrt(crb),
-            "free_parameters": free, "status_names": dict(STATUS), "fixed_names": tuple(fixed), "fixed_sensitivity": sens,
-        }
+            warnings.warn(f"NLLSFitter: {int(failed.sum())} of {status.size} voxels failed or did not converge "
+                          f"{counts}; see predict_details().status", NLLSFitWarning, stacklevel=3)
 
     def _crb(self, g, dg, M0, sigma, status, free):
         """CRB at the estimate: for M0 = 1, sigma = 1, and at the fitted M0 and sigma."""
@@ -455,13 +493,13 @@ class NLLSFitter(RegressorMixin, BaseEstimator):
 
         Voxels whose input is non-finite or all zero get NaN; every failed or
         unconverged voxel is reported by an :class:`NLLSFitWarning`. With
-        ``return_details=True`` also returns the dict of
+        ``return_details=True`` also returns the :class:`PredictionDetails` of
         :meth:`predict_details`.
         """
         details = self.predict_details(X)
         if return_details:
-            return details["prediction"], details
-        return details["prediction"]
+            return details.prediction, details
+        return details.prediction
 
     def __sklearn_tags__(self):
         return model_estimator_tags(super().__sklearn_tags__())

@@ -1,4 +1,4 @@
-"""The linear algebra of one batched Levenberg–Marquardt step (used by :mod:`._lm`; no model evaluations here).
+"""The linear algebra of one batched Levenberg–Marquardt step (used by :mod:`.solver`; no model evaluations here).
 
 All functions work on a batch of rows (voxels) with ``p`` scaled free
 parameters: ``M`` (n, p, p) is a (damped) normal matrix, ``grad`` (n, p) the
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["box_step", "se_and_gn_step", "secant_update"]
+__all__ = ["box_step", "se_and_gn_step", "broyden_update", "secant_update", "curvature_update"]
 
 _BOX_PASSES = 8
 
@@ -81,6 +81,18 @@ def se_and_gn_step(JTJ, grad, keep, s2, eye):
     se = (torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0) * s2[:, None]).sqrt() * Dj
     gn = -Dj * (cov @ (Dj * grad * keep)[:, :, None])[..., 0] * keep
     return se, gn, ok
+
+
+def broyden_update(J, delta, r_new, r_old):
+    """Broyden's rank-one update of a Jacobian ``J`` (n, K, p) along accepted steps ``delta`` (n, p).
+
+    ``J + (r_new - r_old - J d) d^T / d^T d`` (Dennis & Schnabel 1983, ch. 8): the least change of ``J``
+    that satisfies the secant condition ``J_new d = r_new - r_old`` of the step just taken.
+    """
+    d = delta.to(J.dtype)
+    resid = r_new - r_old - (J @ d[:, :, None])[..., 0]
+    dd = (delta**2).sum(-1).clamp_min(1e-300)
+    return J + resid[:, :, None] * (d / dd[:, None])[:, None, :]
 
 
 def secant_update(S, use_S, acc, accept, delta, grad_old, J_old, Jr, r, cost_new, pred_aug, pred_gn, exact):

@@ -1,0 +1,13 @@
+"""Parameter maps of coefficient images: :func:`fit_maps` and its result, :class:`Maps`.
+
+* :mod:`.fit`: :func:`fit_maps` (an estimator applied to every voxel, with standard-error,
+  goodness-of-fit and flag maps), the estimator check, the noise level and the map names;
+* :mod:`.result`: :class:`Maps`, the named maps with units, sigma and provenance, which write
+  themselves to NIfTI.
+"""
+
+from sklearn_crb.maps.fit import FLAGS, TIME_UNITS, check_estimator, estimate_sigma, fit_maps, map_names
+from sklearn_crb.maps.result import SIGMA_METHODS, Maps
+
+__all__ = ["fit_maps", "Maps", "FLAGS", "SIGMA_METHODS", "TIME_UNITS", "check_estimator", "estimate_sigma",
+           "map_names"]
