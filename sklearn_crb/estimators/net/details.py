@@ -44,9 +44,9 @@ import torch
 
 from sklearn_crb._validation import check_parameter_dict, complex_from_features
 from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
-from sklearn_crb.estimators import _lm
+from sklearn_crb.estimators.nlls import solver as _lm
 from sklearn_crb.estimators._base import fit_box
-from sklearn_crb.estimators._fixed_error import model_sensitivity
+from sklearn_crb.estimators.fixed_sensitivity import model_sensitivity
 from sklearn_crb.estimators.details import PredictionDetails
 from sklearn_crb.estimators.net.loaders import net_threads, torch_threads
 from sklearn_crb.estimators.net.measured import append_measured
@@ -260,7 +260,7 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
     is ``d estimate / d fixed value``: the network's autograd derivative for
     its measured inputs (0 for a fixed value it does not read) with
     ``se="delta"``, the least-squares one with ``se="crb"``
-    (:mod:`sklearn_crb.estimators._fixed_error`); else None.
+    (:mod:`sklearn_crb.estimators.fixed_sensitivity`); else None.
 
     Returns
     -------
