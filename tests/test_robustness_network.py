@@ -22,7 +22,7 @@ from sklearn_crb.estimators.net.augmentation import augment_batch
 from sklearn_crb.estimators.net.details import network_details
 from sklearn_crb.estimators.network import MLP
 from sklearn_crb.estimators.regressor import CRBNetRegressor
-from sklearn_crb.metrics import crb_efficiency_score, crb_normalized_mse, make_crb_scorer
+from sklearn_crb.metrics import MissingCRBError, crb_efficiency_score, crb_normalized_mse, make_crb_scorer
 from sklearn_crb.physics.parameters import INDEX
 from sklearn_crb.physics.signal import jacobian
 from sklearn_crb.simulator import MTFingerprintSimulator, draw_m0_and_noise, pack_targets
@@ -259,7 +259,7 @@ def test_fold_scores_equal_hand_computed_efficiency(routing):
 
 def test_model_selection_without_crb_fails_loudly():
     X, y, crb = toy(120)
-    with pytest.raises(ValueError, match="pack_targets"):
+    with pytest.raises(MissingCRBError, match="pack_targets"):
         GridSearchCV(small_net(max_epochs=1), {"lr": [1e-2]}, cv=2, scoring=make_crb_scorer(request_crb=False),
                      error_score="raise").fit(X, y, crb=crb)
     net = small_net(max_epochs=1).fit(X, y, crb=crb)
