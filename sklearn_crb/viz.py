@@ -14,6 +14,7 @@ import numpy as np
 
 from sklearn_crb._atomic import atomic_path
 from sklearn_crb.maps.result import Maps
+from sklearn_crb.phantom import LABELS
 from sklearn_crb.physics.parameters import INDEX
 
 __all__ = ["overview_png", "demo_figures"]
@@ -67,36 +68,52 @@ def overview_png(path, maps, names=None, title=None):
     return Path(path)
 
 
+def _display(p, img):
+    """A map as the demo shows it: T1f in s and T2f in ms from the rates; NaN where there is no positive rate."""
+    img = np.asarray(img, dtype=float)
+    if p in ("R1f", "R2f"):
+        scale = 1.0 if p == "R1f" else 1e3
+        return np.where(img > 0, scale / np.where(img > 0, img, 1), np.nan)
+    return img
+
+
+def _tissue_range(ph, p):
+    """A colour range that shows the WM/GM contrast: robust percentiles of the truth inside WM and GM (CSF's
+    long T1 and T2 would squeeze the tissues into one colour), widened by 15 % each side."""
+    tissue = np.isin(ph.labels, [LABELS["WM"], LABELS["GM"]])
+    ref = _display(p, ph.theta[..., INDEX[p]])[tissue & ph.mask]
+    ref = ref[np.isfinite(ref)]
+    lo, hi = np.percentile(ref, [1, 99]) if ref.size else (0.0, 1.0)
+    pad = 0.15 * (hi - lo) if hi > lo else 0.05 * max(abs(hi), 1e-12)
+    return lo - pad, hi + pad
+
+
 def demo_figures(folder, ph, results, names, maps_by_est):
     """The demo's figures in ``folder``: ``maps.png`` (truth and estimates),
     ``error_maps.png`` (|error| and standard error per estimator) and
     ``bias_std.png`` (bias and standard deviation over sqrt(CRB) per tissue); ``maps_by_est`` maps each
     estimator's label to its ``Maps.arrays``.
+
+    Voxels an estimator did not fit (outside its ``mask``, e.g. NLLS's subset, or failed) are blank
+    (NaN, transparent), never zero; the colour scales span the WM and GM values (CSF saturates, the
+    colour bar's arrows say so).
     """
     folder = Path(folder)
-    disp = {"m0s": ("m0s", 1.0, ""), "R1f": ("T1f", None, "s"), "R2f": ("T2f", None, "ms")}
-
-    def show(p, img):
-        if p == "R1f":
-            return np.where(img > 0, 1 / np.where(img > 0, img, 1), 0)
-        if p == "R2f":
-            return np.where(img > 0, 1e3 / np.where(img > 0, img, 1), 0)
-        return img
-
-    head = ph.mask
-    rows = [("truth", {p: ph.theta[..., INDEX[p]] for p in names})] + [(k, m) for k, m in maps_by_est.items()]
+    disp = {"m0s": ("m0s", ""), "R1f": ("T1f", "s"), "R2f": ("T2f", "ms")}
+    rows = [("truth", {p: ph.theta[..., INDEX[p]] for p in names}, ph.mask)]
+    rows += [(k, m, np.asarray(m["mask"], dtype=bool)) for k, m in maps_by_est.items()]
     fig = _figure(figsize=(3.3 * len(names), 2.9 * len(rows)))
     axes = fig.subplots(len(rows), len(names), squeeze=False)
     for j, p in enumerate(names):
-        ref = show(p, ph.theta[..., INDEX[p]])[head]
-        lo, hi = np.percentile(ref, [1, 99])
-        lo, hi = lo - 0.15 * (hi - lo), hi + 0.15 * (hi - lo)
-        for i, (label, m) in enumerate(rows):
-            img = np.where(head, show(p, np.nan_to_num(m[p])), np.nan)
-            im = axes[i, j].imshow(img, vmin=lo, vmax=hi, cmap="viridis")
-            axes[i, j].set_title(f"{label}: {disp[p][0]}" + (f" ({disp[p][2]})" if disp[p][2] else ""), fontsize=9)
-            axes[i, j].axis("off")
-            fig.colorbar(im, ax=axes[i, j], fraction=0.046)
+        lo, hi = _tissue_range(ph, p)
+        for i, (label, m, fitted) in enumerate(rows):
+            img = np.where(fitted & ph.mask, _display(p, m[p]), np.nan)
+            axes[i, j].set_facecolor("0.92")  # blank (not fitted) voxels read as background, not as zero
+            im = axes[i, j].imshow(img, vmin=lo, vmax=hi, cmap="viridis", interpolation="nearest")
+            axes[i, j].set_title(f"{label}: {disp[p][0]}" + (f" ({disp[p][1]})" if disp[p][1] else ""), fontsize=9)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            fig.colorbar(im, ax=axes[i, j], fraction=0.046, extend="both")
     fig.tight_layout()
     fig.savefig(folder / "maps.png", dpi=80)
 
@@ -107,13 +124,14 @@ def demo_figures(folder, ph, results, names, maps_by_est):
     for i, k in enumerate(ests):
         m = maps_by_est[k]
         for j, p in enumerate(names):
-            sel = m["mask"]
-            err = np.where(sel, np.abs(np.nan_to_num(m[p]) - ph.theta[..., INDEX[p]]), np.nan)
-            se = np.where(sel, np.nan_to_num(m[p + "_se"]), np.nan)
-            hi = np.nanpercentile(se[sel], 95) if sel.any() else 1
+            sel = np.asarray(m["mask"], dtype=bool)
+            err = np.where(sel, np.abs(m[p] - ph.theta[..., INDEX[p]]), np.nan)  # unfitted: NaN, blank
+            se = np.where(sel, m[p + "_se"], np.nan)
+            hi = np.nanpercentile(se[sel], 95) if np.isfinite(se[sel]).any() else 1.0
             for r, (img, t) in enumerate(((err, "|error|"), (se, "std. error"))):
                 ax = axes[2 * i + r, j]
-                im = ax.imshow(img, vmin=0, vmax=2 * hi if r == 0 else hi, cmap="magma")
+                ax.set_facecolor("0.92")
+                im = ax.imshow(img, vmin=0, vmax=2 * hi if r == 0 else hi, cmap="magma", interpolation="nearest")
                 ax.set_title(f"{k}: {t} {p}", fontsize=9)
                 ax.axis("off")
                 fig.colorbar(im, ax=ax, fraction=0.046)

@@ -21,7 +21,7 @@ FLOORS = [
     # the CRB metrics are pure functions of (y_true, y_pred, crb); the estimators' score() uses them
     ("sklearn_crb.metrics", "sklearn_crb._report"),
     ("sklearn_crb.estimators", "sklearn_crb.network"),
-    ("sklearn_crb.phantom", "sklearn_crb.io", "sklearn_crb.maps"),
+    ("sklearn_crb.phantom", "sklearn_crb.io", "sklearn_crb.maps", "sklearn_crb.pretrained"),
     ("sklearn_crb.viz",),
     ("sklearn_crb.recipes",),
     ("sklearn_crb.demo",),
