@@ -167,7 +167,7 @@ def build(out, seed=0, quick=False, overwrite=False, argv=(), n_train=None, epoc
                                  "sequence": sim.sequence_.name},
                 "sequence_sha256": sim.sequence_.sha256(), "seed": seed, "quick": bool(quick),
                 "commit": commit, "dirty": dirty, "sklearn_crb_version": __version__,
-                "command": "python scripts/build_pretrained.py " + shlex.join(argv), "date": date,
+                "command": ("python scripts/build_pretrained.py " + shlex.join(argv)).strip(), "date": date,
                 "train_seconds": seconds,
                 "efficiency": {"description": "held-out draws (thetas from the prior, noise draws per theta) at "
                                               "each SNR; rows of the informative stratum (CRB < 0.1 x prior "
