@@ -12,7 +12,7 @@ from sklearn_crb.demo import _medians, _tissue_table, run_demo
 from sklearn_crb.phantom import LABELS, make_phantom
 from sklearn_crb.physics.parameters import INDEX
 from sklearn_crb.physics.sequence import Sequence
-from sklearn_crb.pretrained import PRETRAINED
+from sklearn_crb.pretrained import PRETRAINED, pretrained_provenance
 from sklearn_crb.viz import _tissue_range
 
 
@@ -26,7 +26,9 @@ def _check(summary, text, out):
     for label in ("CRB net", "MSE net", "NLLS", "prior mean", "Per-tissue medians"):
         assert label in text
     assert summary["pretrained"] and summary["networks"]["crb"]["name"] == "demo-crb"
-    assert summary["sizes"]["n_train"] == 96000 and summary["sizes"]["epochs"] == 150
+    prov = pretrained_provenance("demo-crb")
+    assert summary["sizes"]["n_train"] == prov["training_set"]["n_samples"]
+    assert summary["sizes"]["epochs"] == prov["recipe"]["epochs"]
     assert {r["name"] for r in summary["results"]} == {"CRB net", "MSE net", "NLLS"}
     for r in summary["results"]:
         assert r["n_voxels"] > 0 and all(np.isfinite(r["nmse"]))
