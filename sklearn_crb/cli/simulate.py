@@ -4,11 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sklearn_crb.cli._common import (DEFAULT_N_SAMPLES, DEFAULT_PRIOR, DEFAULT_RANK, DEFAULT_SNR, EPILOG,
-                                     SCHEDULER_TIMEOUT, CLIError, _add_sequence_args, _common, _dask_context, _number,
-                                     _positive_float, _positive_int, _sequence)
+from sklearn_crb.cli._common import (
+    DEFAULT_N_SAMPLES,
+    DEFAULT_PRIOR,
+    DEFAULT_RANK,
+    DEFAULT_SNR,
+    EPILOG,
+    SCHEDULER_TIMEOUT,
+    CLIError,
+    _add_sequence_args,
+    _common,
+    _dask_context,
+    _number,
+    _positive_float,
+    _positive_int,
+    _sequence,
+)
 from sklearn_crb.estimators._measured import measured_nuisance, resolve_measured
-from sklearn_crb.io._files import check_output_file
+from sklearn_crb.io._files import check_output_file, claim_output
 from sklearn_crb.io.datasets import SUFFIXES, is_dataset, simulate_to_file
 from sklearn_crb.io.images import load_basis
 from sklearn_crb.physics.parameters import free_parameters, resolve_estimate
@@ -21,7 +34,8 @@ def cmd_simulate(args):
     out = Path(args.out)
     if out.suffix.lower() not in SUFFIXES:
         raise CLIError(f"--out must end in .npz, .h5 or .hdf5, got {out.name}")
-    check_output_file(out, overwrite=args.overwrite, owned=is_dataset, argname="--out")
+    claim = claim_output(out, argname="--out")  # held to the commit: a second command into --out is refused
+    out = check_output_file(claim.path, overwrite=args.overwrite, owned=is_dataset, argname="--out")
     if args.n_jobs == 0:
         raise CLIError("--n-jobs must be a positive number of workers or negative (-1: every core), got 0")
     names = free_parameters(args.tied_R1) if args.estimate is None else tuple(args.estimate)

@@ -6,18 +6,20 @@
   output is replaced only when asked to (``overwrite=True``) *and* when it is
   recognisably one of the package's own outputs (``owned``).
 * Several files written into one folder are staged next to their targets
-  and moved into place only after all of them were written.
+  and moved into place together, under a journal (``atomic_files``).
+* A command claims its output path before any work (``claim_output``): a
+  second command into the same path is refused by name, and the commit
+  re-checks that nothing it replaces changed meanwhile.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
-from sklearn_crb._atomic import atomic_path
+from sklearn_crb._atomic import atomic_files, atomic_path, claim_output
 
-__all__ = ["atomic_files", "check_output_file", "check_output_folder",
+__all__ = ["atomic_files", "atomic_path", "claim_output", "check_output_file", "check_output_folder",
            "check_file_name"]
 
 
@@ -89,24 +91,3 @@ def check_output_folder(path, *, overwrite=False, owned_names=(), marker=None, a
                 raise ValueError(f"{argname}: {path} exists; pass --overwrite to replace it")
     _check_writable_parent(path, argname)
     return path
-
-
-@contextlib.contextmanager
-def atomic_files(folder, names):
-    """Write several files into ``folder``: yields ``{name: temporary path}``.
-
-    Every file is staged next to its target (``atomic_path``) and the
-    targets are replaced only after the block finished, so a failure leaves
-    none of them written or changed.
-    """
-    folder = Path(os.path.abspath(os.fspath(folder)))
-    created = not folder.exists()
-    try:
-        with contextlib.ExitStack() as stack:
-            tmps = {name: stack.enter_context(atomic_path(folder / name)) for name in names}
-            yield tmps
-    except BaseException:
-        if created:  # leave no empty folder behind either
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
