@@ -22,10 +22,10 @@ import torch
 from skorch.callbacks import Callback
 from tqdm.auto import tqdm
 
+from sklearn_crb._atomic import atomic_dir, claim_output
 from sklearn_crb.crb import cramer_rao_bound
 from sklearn_crb.estimators.nlls import NLLSFitter
 from sklearn_crb.estimators.regressor import CRBNetRegressor
-from sklearn_crb._atomic import atomic_dir
 from sklearn_crb.io._files import check_output_folder
 from sklearn_crb.io.datasets import simulate_dataset
 from sklearn_crb.io.images import features_from_coefficients, save_nifti
@@ -179,7 +179,8 @@ def run_demo(out="sklearn_crb_demo", quick=False, seed=0, progress=True, stream=
     cfg = DEMO_SIZES[bool(quick)]
     t_all = time.perf_counter()
     torch.manual_seed(seed)
-    out = check_output_folder(out, overwrite=overwrite, owned_names=DEMO_FILES, marker="results.json")
+    claim = claim_output(out, argname="out")  # held to the commit: a second demo into out is refused
+    out = check_output_folder(claim.path, overwrite, owned_names=DEMO_FILES, marker="results.json")
     names = ("m0s", "R1f", "R2f")  # reported; the networks estimate every free parameter
     with atomic_dir(out) as staging:
         seq = Sequence.default()

@@ -16,7 +16,7 @@ FLOORS = [
     ("sklearn_crb.physics.r2sl", "sklearn_crb.physics._numba", "sklearn_crb.physics.signal", "sklearn_crb.physics"),
     ("sklearn_crb.crb",),
     ("sklearn_crb.basis",),
-    ("sklearn_crb.noise", "sklearn_crb.simulator"),
+    ("sklearn_crb.noise", "sklearn_crb.simulator", "sklearn_crb.parallel_simulation"),
     # the CRB metrics are pure functions of (y_true, y_pred, crb); the estimators' score() uses them
     ("sklearn_crb.metrics", "sklearn_crb._report"),
     ("sklearn_crb.estimators", "sklearn_crb.network"),

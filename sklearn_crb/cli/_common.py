@@ -48,12 +48,24 @@ def _number(kind, low, strict=True):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            v = _integral(text) if kind is int else None  # "1e6" samples: an integer in float notation
+            if v is None:
+                raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                                 f"got {text!r}") from None
         if not np.isfinite(v) or (v <= low if strict else v < low):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
         return v
     parse.__name__ = kind.__name__
     return parse
+
+
+def _integral(text):
+    """``int`` of an integral number written as a float ("1e6", "96000.0"); None otherwise."""
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return int(v) if np.isfinite(v) and v == int(v) else None
 
 
 _positive_int, _positive_float = _number(int, 0), _number(float, 0.0)

@@ -23,7 +23,7 @@ from sklearn_crb._version import __version__
 from sklearn_crb.cli._common import (EPILOG, SCHEDULER_TIMEOUT, CLIError, _add_sequence_args, _common, _dask_context,
                                      _positive_float, _positive_int, _prefix, _sequence)
 from sklearn_crb.estimators.nlls import NLLSFitter
-from sklearn_crb.io._files import atomic_files, check_output_file
+from sklearn_crb.io._files import atomic_files, check_output_file, claim_output
 from sklearn_crb.io.images import load_array, load_basis, load_coefficients, make_mask, save_nifti
 from sklearn_crb.io.models import check_compatible, load_model
 from sklearn_crb.maps import fit_maps, map_names
@@ -182,6 +182,7 @@ def cmd_fit(args):
     out = Path(os.path.abspath(args.out))
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
+    claim = claim_output(out, argname="--out")  # held to the commit: a second command into --out is refused
     if args.model:
         model = load_model(args.model, device=args.device)
         meta = model.crb_metadata_
@@ -241,7 +242,9 @@ def cmd_fit(args):
                "fixed_maps": fixed_files, "fixed_map_errors": fixed_se, "standard_error": args.se if model is not None else "crb",
                "files": [map_files[k] for k in arrays] + [png]}
     written = [map_files[k] for k in arrays] + [png, summary_name]
-    with atomic_files(out, written) as tmp:
+    # the previous run's files (its summary's list) that this run does not write go in the same commit
+    stale = owned - set(written) if args.overwrite else set()
+    with atomic_files(claim.path, written, remove=sorted(stale), argname="--out") as tmp:
         for k, arr in arrays.items():
             dtype = np.uint8 if arr.dtype == bool else (np.int16 if np.issubdtype(arr.dtype, np.integer)
                                                         else np.float32)

@@ -22,7 +22,7 @@ from sklearn_crb.cli._common import (
 )
 from sklearn_crb.estimators._measured import measured_nuisance, resolve_measured
 from sklearn_crb.io._files import check_output_file, claim_output
-from sklearn_crb.io.datasets import SUFFIXES, is_dataset, simulate_to_file
+from sklearn_crb.io.datasets import SUFFIXES, check_dataset_size, is_dataset, simulate_to_file
 from sklearn_crb.io.images import load_basis
 from sklearn_crb.physics.parameters import free_parameters, resolve_estimate
 from sklearn_crb.simulator import MTFingerprintSimulator
@@ -49,6 +49,12 @@ def cmd_simulate(args):
     rank = args.rank if (args.rank is not None or basis is not None) else DEFAULT_RANK
     if basis is not None and args.basis_method == "crb":
         raise CLIError("--basis-method crb learns a basis; it cannot be combined with --basis")
+    n_columns = rank if rank is not None else basis.shape[1]
+    if args.basis_method == "crb" and args.n_crb_samples < n_columns:
+        raise CLIError(f"--basis-method crb: --n-crb-samples {args.n_crb_samples} is below --rank {n_columns}; the "
+                       f"learnt basis would have rank {args.n_crb_samples} only: give --n-crb-samples >= {n_columns}")
+    # before the simulator learns its basis: a set that cannot fit is refused within a second
+    check_dataset_size(out, args.n_samples, n_columns, len(estimate), argname="--out", n_samples_arg="--n-samples")
     measured = resolve_measured(args.measured, estimate, args.tied_R1, argname="--measured")
     nuisance = measured_nuisance(estimate, measured, args.tied_R1) if measured else "all"
     sim = MTFingerprintSimulator(seq, n_components=rank, basis=basis, estimate=estimate, nuisance=nuisance,
@@ -58,6 +64,7 @@ def cmd_simulate(args):
     with _dask_context(args.scheduler):
         simulate_to_file(out, sim, args.n_samples, args.seed, chunk=args.chunk_size, n_jobs=args.n_jobs,
                          prior=args.prior, overwrite=args.overwrite, progress=not args.quiet, argname="--out",
+                         n_samples_arg="--n-samples",
                          measured=measured)
     print(f"wrote {out}: {args.n_samples} samples, {2 * sim.n_components_} features (rank {sim.n_components_}), "
           f"targets {list(sim.estimate_)}")
