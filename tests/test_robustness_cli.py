@@ -50,8 +50,8 @@ def assert_refused(argv, root, capsys, match=None):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A training set, a saved model and a coefficient image in its basis (120 pulses, rank 6)."""
-    from sklearn_crb.physics.sequence import Sequence
     from sklearn_crb.phantom import make_phantom
+    from sklearn_crb.physics.sequence import Sequence
 
     d = tmp_path_factory.mktemp("robust_cli")
     assert main(["simulate", "--out", str(d / "t.npz"), "--n-samples", "200", "--rank", "6",
@@ -273,3 +273,61 @@ def test_sigint_to_a_train_subprocess_keeps_the_old_model(work, tmp_path):
     last = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()][-1]
     assert last.startswith("sklearn-crb train: interrupted")
     assert _snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------ the commit protocol from the commands
+def test_fit_overwrite_with_fewer_outputs_removes_the_previous_runs_extras(work, tmp_path):
+    d = work
+    out = tmp_path / "fit"
+    assert main(_fit(d, "--out", str(out), "--sigma", "0.02", "--times")) == 0
+    with_times = set(os.listdir(out))
+    (out / "mine.txt").write_text("a user's file")
+    assert main(_fit(d, "--out", str(out), "--sigma", "0.02", "--overwrite")) == 0
+    listed = set(json.loads((out / "summary.json").read_text())["files"]) | {"summary.json"}
+    assert set(os.listdir(out)) == listed | {"mine.txt"}  # the summary lists exactly what is there
+    assert {f for f in with_times if f.startswith("T1f")} and not {f for f in listed if f.startswith("T1f")}
+    assert (out / "mine.txt").read_text() == "a user's file"
+
+
+def test_fit_does_not_replace_a_file_that_appears_during_the_work(work, tmp_path, capsys, monkeypatch):
+    import sklearn_crb.cli.fit as cli_fit
+
+    d = work
+    out = tmp_path / "fit"
+    real = cli_fit.fit_maps
+
+    def fit_and_meanwhile(*a, **k):
+        out.mkdir(exist_ok=True)
+        (out / "m0s.nii.gz").write_bytes(b"written by someone else during the fit")
+        return real(*a, **k)
+
+    monkeypatch.setattr(cli_fit, "fit_maps", fit_and_meanwhile)
+    code, err = _run(_fit(d, "--out", str(out), "--sigma", "0.02"), capsys)
+    assert code == 2 and "m0s.nii.gz appeared or changed while this command ran" in err, err
+    assert os.listdir(out) == ["m0s.nii.gz"]
+    assert (out / "m0s.nii.gz").read_bytes() == b"written by someone else during the fit"
+
+
+@pytest.mark.parametrize("command", ["fit", "train", "simulate"])
+def test_a_second_command_into_one_out_is_refused_by_name(work, tmp_path, capsys, command):
+    """While another process holds --out (a command at work), a second one is refused before any work."""
+    import sklearn_crb._atomic as atomic
+
+    d = work
+    out = tmp_path / ("t.npz" if command == "simulate" else "out")
+    hold = ("import importlib.util as u, sys, time; s = u.spec_from_file_location('a', %r); m = u.module_from_spec(s)"
+            "; s.loader.exec_module(m); c = m.OutputClaim(%r); print('held', flush=True); time.sleep(60)"
+            % (atomic.__file__, str(out)))
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = {"fit": _fit(d, "--out", str(out)), "train": _train(d, "--out", str(out)),
+                "simulate": _simulate("--out", str(out))}[command]
+        t0 = time.perf_counter()
+        code, err = _run(argv, capsys)
+        assert code == 2 and "--out" in err and "is being written by another sklearn-crb process" in err, err
+        assert time.perf_counter() - t0 < 5
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
