@@ -175,6 +175,18 @@ def _release(lock_path, fd, made):
     _remove_made(made)
 
 
+def _why_not(path, exc):
+    """Why a file cannot be made at ``path``, in the user's terms."""
+    base = path.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        return f"{base} is not a folder"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return f"{base} is not writable (permission denied)"
+    return exc.strerror or str(exc)
+
+
 #: Claims held by this process, by lock file: a commit inside a claimed command reuses its claim.
 _HELD = weakref.WeakValueDictionary()
 
@@ -201,11 +213,14 @@ class OutputClaim:
         self.committed = False
         # folders made for the lock file; removed again (if still empty) when nothing was committed
         made = [p for p in self.path.parents if not p.exists()][::-1]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.lock_path = _lock_file(self.path)
-        _step("lock")
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.lock_path = _lock_file(self.path)
+            _step("lock")
             fd = _acquire(self.lock_path, self.path, argname) if fcntl is not None else None
+        except OSError as exc:
+            _remove_made(made)
+            raise ValueError(f"{argname}: cannot write {self.path}: {_why_not(self.path, exc)}") from None
         except BaseException:
             _remove_made(made)
             raise

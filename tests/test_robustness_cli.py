@@ -331,3 +331,37 @@ def test_a_second_command_into_one_out_is_refused_by_name(work, tmp_path, capsys
     finally:
         holder.kill()
         holder.wait()
+
+
+# ------------------------------------------------------------------ messages in the user's terms, before any work
+def _message_cases(d):
+    return {
+        "prefix-too-long": (_fit(d, "--out", str(d / "f"), "--prefix", "p" * 240), "--prefix: 240 bytes is too long"),
+        "TR-with-model": (_fit(d, "--out", str(d / "f"), "--TR", "5e-3"), "--TR: --model"),
+        "n-pulses-with-model": (_fit(d, "--out", str(d / "f"), "--n-pulses", "500"), "--n-pulses: --model"),
+        "n-pulses-with-sequence": (_simulate("--out", str(d / "n.npz"), "--sequence", str(d / "seq.mat")),
+                                   "--n-pulses sets the length of the built-in sequence"),
+        "zero-mask": (_fit(d, "--out", str(d / "f"), "--mask", str(d / "zero_mask.npy")), "selects no voxel"),
+        "rank-over-pulses": (_simulate("--out", str(d / "n.npz"), "--rank", "500"), "--rank 500 exceeds the 120"),
+        "rank-over-basis-samples": (_simulate("--out", str(d / "n.npz"), "--rank", "120"),
+                                    "--rank 120 exceeds --n-basis-samples 100"),
+        "crb-samples-below-rank": (_simulate("--out", str(d / "n.npz"), "--basis-method", "crb", "--n-crb-samples",
+                                             "3"), "--n-crb-samples 3 is below --rank 6"),
+        "n-samples-1e12": (["simulate", "--out", str(d / "n.h5"), "--n-samples", "1e12", "--quiet"],
+                           "--n-samples 1000000000000"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_message_cases(Path("/x"))))
+def test_messages_name_the_option_given(work, name, capsys):
+    import scipy.io
+
+    (work / "x.npz").write_bytes(b"not a training set")
+    np.save(work / "zero_mask.npy", np.zeros((8, 8, 1)))
+    scipy.io.savemat(work / "seq.mat", {"alpha": np.full(120, 0.5), "TRF": np.full(120, 3e-4)})
+    try:
+        argv, match = _message_cases(work)[name]
+        assert_refused(argv, work, capsys, match=match)
+    finally:
+        for f in ("x.npz", "zero_mask.npy", "seq.mat"):
+            os.remove(work / f)

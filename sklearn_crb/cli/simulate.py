@@ -50,6 +50,12 @@ def cmd_simulate(args):
     if basis is not None and args.basis_method == "crb":
         raise CLIError("--basis-method crb learns a basis; it cannot be combined with --basis")
     n_columns = rank if rank is not None else basis.shape[1]
+    if basis is None and n_columns > seq.n_pulses:
+        raise CLIError(f"--rank {n_columns} exceeds the {seq.n_pulses} pulses of the sequence (--n-pulses or "
+                       "--sequence): a basis has at most one column per pulse")
+    if basis is None and n_columns > args.n_basis_samples:
+        raise CLIError(f"--rank {n_columns} exceeds --n-basis-samples {args.n_basis_samples}: the learnt basis "
+                       f"needs at least {n_columns} fingerprints")
     if args.basis_method == "crb" and args.n_crb_samples < n_columns:
         raise CLIError(f"--basis-method crb: --n-crb-samples {args.n_crb_samples} is below --rank {n_columns}; the "
                        f"learnt basis would have rank {args.n_crb_samples} only: give --n-crb-samples >= {n_columns}")
