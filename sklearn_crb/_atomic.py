@@ -1,40 +1,24 @@
 """The one commit protocol: every output file or folder appears whole or not at all.
 
-Used by ``fit``, ``train``, ``simulate`` and ``demo``, the image and model
-writers and the R2sl table builder. An output path (a file, a folder written
-as a whole, or several files written into one folder) goes through named
-steps (:data:`STEPS`):
+Used by ``fit``, ``train``, ``simulate``, ``demo`` and every writer of the
+package. An output goes through named steps (:data:`STEPS`):
 
-``lock``
-    An exclusive ``flock`` on ``.<name>.sklearn-crb.lock`` next to the
-    target. A second writer of the same path is refused by name at once
-    (:class:`OutputBusy`); the kernel drops the lock when its process dies,
-    so a killed run leaves no stale lock. The state of the target is recorded
-    (:class:`OutputClaim`); ``sklearn-crb`` commands claim their ``--out``
-    before any work, so nothing they check can change under them unnoticed.
-    Leftovers of a killed run (its staging, its journal) are rolled back here.
-``stage``
-    The writer gets a staging path next to the target (same file system,
-    hidden name ``...sklearn-crb-staging...``).
-``recheck``
-    At commit time, under the lock: every path the commit replaces or
-    removes must be as it was when the output was claimed. A file that
-    appeared or changed meanwhile (another program) is never replaced: the
-    commit is refused and nothing is written.
-``journal``, ``move-old``, ``move-new``, ``commit``, ``cleanup``
-    Several files into one folder (:func:`atomic_files`): a journal listing
-    the moves is written first; the old files are moved into the staging
-    folder, the new ones into place, and the journal's removal is the commit
-    point. A failure before it (an exception, Ctrl-C) rolls every move back at
-    once; after ``kill -9`` the next claim of the folder rolls it back. A
-    folder written as a whole (:func:`atomic_dir`) is swapped in by one
-    ``renameat2(RENAME_EXCHANGE)`` where the file system has it (Linux), else
-    by two renames under the same journal. A single file
-    (:func:`atomic_path`) is one ``os.replace``.
+* ``lock``: an exclusive ``flock`` on ``.<name>.sklearn-crb.lock`` next to the
+  target (:class:`OutputClaim`); a second writer is refused by name
+  (:class:`OutputBusy`), and the kernel drops the lock of a killed process.
+  The claim records the target's state and rolls back a killed run's
+  leftovers. Commands claim their ``--out`` before any work.
+* ``stage``: the writer fills a hidden staging path next to the target.
+* ``recheck``: at commit, under the lock, whatever the commit replaces or
+  removes must be as it was when claimed; else nothing is written.
+* ``journal``, ``move-old``, ``move-new``, ``commit``, ``cleanup``: several
+  files into one folder (:func:`atomic_files`) move under a journal whose
+  removal is the commit point; a failure before it rolls back at once, a
+  ``kill -9`` at the next claim. A whole folder (:func:`atomic_dir`) is
+  swapped in by one ``renameat2(RENAME_EXCHANGE)`` (else two renames under a
+  journal); a file (:func:`atomic_path`) by one ``os.replace``.
 
-So after an interrupt or a failed rename the target holds the old complete
-output or the new complete output and nothing else (after a ``kill -9``:
-from the next claim on, which every ``sklearn-crb`` writer makes).
+So the target holds the old complete output or the new one, nothing else.
 """
 
 from __future__ import annotations
@@ -42,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -80,12 +65,8 @@ def umask():
     return old
 
 
-def _split_suffix(name):
-    for suf in (".nii.gz", ".tar.gz"):
-        if name.endswith(suf):
-            return name[: -len(suf)], suf
-    stem, suf = os.path.splitext(name)
-    return stem, suf
+def _suffix(name):
+    return next((s for s in (".nii.gz", ".tar.gz") if name.endswith(s)), os.path.splitext(name)[1])
 
 
 def _abspath(path):
@@ -99,6 +80,11 @@ def _fsync_dir(folder):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _hidden(name, kind=STAGING):
+    """The hidden name of target ``name``'s staging or lock, bounded in length whatever ``name`` is."""
+    return f".{name[:32]}.{hashlib.sha1(name.encode()).hexdigest()[:8]}{kind}"
 
 
 def _in_staging(path):
@@ -133,7 +119,7 @@ def _lock_file(target):
     """The lock file of ``target``: next to it, or inside an existing folder whose parent is read-only."""
     if target.is_dir() and not os.access(target.parent, os.W_OK | os.X_OK):
         return target / LOCK
-    return target.parent / f".{target.name}{LOCK}"
+    return target.parent / _hidden(target.name, LOCK)
 
 
 def _acquire(lock_path, target, argname):
@@ -161,18 +147,14 @@ def _acquire(lock_path, target, argname):
         os.close(fd)
 
 
-def _remove_made(made):
-    for folder in reversed(made):  # what a committed output sits in is not empty: it stays
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-
-
 def _release(lock_path, fd, made):
     if fd is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock_path)  # while still locked: a waiting process then re-stats and retries
         os.close(fd)
-    _remove_made(made)
+    for folder in reversed(made):  # what a committed output sits in is not empty: it stays
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _why_not(path, exc):
@@ -192,38 +174,28 @@ _HELD = weakref.WeakValueDictionary()
 
 
 class OutputClaim:
-    """An exclusive claim on one output path for the length of a command.
+    """An exclusive claim on output ``path`` for a command; ``argname`` (``--out``) is named in messages.
 
-    Holds the lock, recovers a killed run's leftovers and records the state
-    of the target (its entries, for a folder) for the commit's re-check.
-    Released by :meth:`release`, at the end of a ``with`` block, or when the
-    object is garbage-collected (a command that fails drops it).
-
-    Parameters
-    ----------
-    path : path-like
-        The output file or folder.
-    argname : str
-        The option or argument named in messages (``--out``).
+    Holds the lock, recovers a killed run's leftovers and records the target's
+    state for the re-check. Released by :meth:`release`, a ``with`` block, or
+    garbage collection (a command that fails drops it).
     """
 
     def __init__(self, path, argname="out"):
         self.path = _abspath(path)
         self.argname = argname
-        self.committed = False
-        # folders made for the lock file; removed again (if still empty) when nothing was committed
+        # folders made for the lock file; removed again at release if still empty
         made = [p for p in self.path.parents if not p.exists()][::-1]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.lock_path = _lock_file(self.path)
             _step("lock")
             fd = _acquire(self.lock_path, self.path, argname) if fcntl is not None else None
-        except OSError as exc:
-            _remove_made(made)
+        except BaseException as exc:
+            _release(None, None, made)
+            if not isinstance(exc, OSError):
+                raise
             raise ValueError(f"{argname}: cannot write {self.path}: {_why_not(self.path, exc)}") from None
-        except BaseException:
-            _remove_made(made)
-            raise
         self._finalizer = weakref.finalize(self, _release, self.lock_path, fd, made)
         try:
             recover(self.path, _locked=True)
@@ -248,16 +220,13 @@ class OutputClaim:
 
     def changed(self, names=None):
         """Paths that differ from the claim's record: the target itself, or ``names`` inside the folder."""
-        if names is None:
-            now = _stat_key(self.path)
-            if self.entries is not None or (now is not None and stat.S_ISDIR(now[0])):
-                if self.target_state is None or now is None or now[:2] != self.target_state[:2] \
-                        or _listing(self.path) != self.entries:
-                    return [self.path]
-                return []
-            return [self.path] if now != self.target_state else []
-        old = self.entries or {}
-        return [self.path / n for n in names if _stat_key(self.path / n) != old.get(n)]
+        if names is not None:
+            return [self.path / n for n in names if _stat_key(self.path / n) != (self.entries or {}).get(n)]
+        now, then = _stat_key(self.path), self.target_state
+        if self.entries is None:  # a file, or nothing: any change of it counts
+            return [] if now == then else [self.path]
+        same = now is not None and now[:2] == then[:2] and _listing(self.path) == self.entries  # a folder
+        return [] if same else [self.path]
 
     def recheck(self, names=None):
         """Refuse the commit if anything it replaces changed since the claim (``recheck`` step)."""
@@ -274,15 +243,10 @@ def claim_output(path, argname="out"):
     return held if held is not None else OutputClaim(path, argname)
 
 
-@contextlib.contextmanager
 def _claimed(path, argname):
     """The command's claim on ``path`` if it made one, else a claim for this block."""
     held = _HELD.get(str(_lock_file(_abspath(path))))
-    if held is not None:
-        yield held
-        return
-    with OutputClaim(path, argname) as claim:
-        yield claim
+    return contextlib.nullcontext(held) if held is not None else OutputClaim(path, argname)
 
 
 # ------------------------------------------------------------------------------------------ journal
@@ -308,29 +272,20 @@ def _roll_back_files(folder, staging, moves):
                 os.remove(target)  # it was moved in: no old file to restore
 
 
-def _roll_back_dir(target, record):
-    backup = target.parent / record["backup"]
-    if backup.exists() and not os.path.lexists(target):
-        os.rename(backup, target)
-
-
 def recover(path, *, _locked=False):
-    """Roll back what a killed commit into ``path`` left behind (called under the lock by every claim).
-
-    A multi-file commit with its journal is undone (old files back, new ones
-    removed); staging folders and files are deleted; a folder swap that
-    stopped between its two renames gets its old folder back.
-    """
+    """Roll back what a killed commit into ``path`` left (journaled moves undone, staging deleted)."""
     path = _abspath(path)
     if not _locked:
         with OutputClaim(path):
             return
-    parent, prefix = path.parent, f".{path.name}{STAGING}"
+    parent, prefix = path.parent, _hidden(path.name)
     for entry in sorted(os.listdir(parent)) if parent.is_dir() else ():
         if entry.startswith(prefix):
             leftover = parent / entry
-            if leftover.is_dir() and (leftover / _JOURNAL).exists():
-                _roll_back_dir(path, json.loads((leftover / _JOURNAL).read_text()))
+            if leftover.is_dir() and (leftover / _JOURNAL).exists():  # a folder swap without RENAME_EXCHANGE
+                backup = parent / json.loads((leftover / _JOURNAL).read_text())["backup"]
+                if backup.exists() and not os.path.lexists(path):
+                    os.rename(backup, path)
             _remove(leftover)
     if path.is_dir() and not path.is_symlink():
         for entry in sorted(os.listdir(path)):
@@ -355,18 +310,16 @@ def _remove(path):
 def atomic_path(path, argname="path"):
     """Yield a staging path next to ``path``; it replaces ``path`` (one ``os.replace``) on success.
 
-    The staging name keeps the suffix of ``path`` (writers such as nibabel
-    pick the format from it). On an exception the staging file is removed and
-    ``path`` is left untouched; a ``path`` that changed since it was claimed
-    is not replaced. The result has the permissions of an ordinary ``open()``
-    under the process umask (``mkstemp`` makes 0600).
+    The staging name keeps the suffix (nibabel picks the format from it); a
+    ``path`` that changed since it was claimed is not replaced. Permissions:
+    ``open()`` under the umask (``mkstemp`` makes 0600).
     """
     path = _abspath(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     claim = contextlib.nullcontext() if _in_staging(path) else _claimed(path, argname)
     with claim as held:
         _step("stage")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{STAGING}.", suffix=_split_suffix(path.name)[1],
+        fd, tmp = tempfile.mkstemp(prefix=_hidden(path.name) + ".", suffix=_suffix(path.name),
                                    dir=path.parent)
         os.close(fd)
         try:
@@ -376,8 +329,6 @@ def atomic_path(path, argname="path"):
                 held.recheck()
             _step("commit")
             os.replace(tmp, path)
-            if held is not None:
-                held.committed = True
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
@@ -404,12 +355,11 @@ _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
 def _swap_in(staging, target):
     """Put the folder ``staging`` at ``target``; the old ``target`` (if any) ends up at ``staging``."""
+    _step("move-new")
     if not os.path.lexists(target):
-        _step("move-new")
         if not _renameat2(staging, target, _RENAME_NOREPLACE):
             os.rename(staging, target)  # refused by POSIX if target appeared as a non-empty folder
         return
-    _step("move-new")
     if _renameat2(staging, target, _RENAME_EXCHANGE):
         return
     # no atomic exchange (e.g. NFS): two renames under a journal that the next claim rolls back
@@ -420,6 +370,7 @@ def _swap_in(staging, target):
     _step("move-old")
     os.rename(target, backup)
     try:
+        _step("move-new")
         os.rename(staging, target)
     except BaseException:
         os.rename(backup, target)
@@ -433,13 +384,9 @@ def _swap_in(staging, target):
 def atomic_dir(path, argname="path"):
     """Yield a staging folder next to ``path``; it replaces ``path`` as a whole on success.
 
-    An existing ``path`` folder is replaced only once the new one is complete,
-    by one atomic exchange where the file system has it, and only if nothing
-    in it changed since it was claimed. On an exception the staging folder is
-    deleted. Callers check first (``io._files.check_output_folder``) that
-    replacing ``path`` deletes nothing the package did not write. The folder
-    gets the permissions of an ordinary ``mkdir()`` under the umask
-    (``mkdtemp``: 0700).
+    Only if nothing in ``path`` changed since it was claimed; callers check
+    first (``io._files.check_output_folder``) that replacing it deletes
+    nothing the package did not write. Permissions: ``mkdir()`` under the umask.
     """
     path = _abspath(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -447,13 +394,12 @@ def atomic_dir(path, argname="path"):
         raise ValueError(f"{argname}: {path} exists and is not a folder")
     with _claimed(path, argname) as held:
         _step("stage")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{STAGING}.", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_hidden(path.name) + ".", dir=path.parent))
         try:
             yield tmp
             os.chmod(tmp, 0o777 & ~umask())
             held.recheck()
             _swap_in(tmp, path)
-            held.committed = True
         finally:
             try:
                 _step("cleanup")
@@ -465,23 +411,9 @@ def atomic_dir(path, argname="path"):
 def atomic_files(folder, names, *, remove=(), argname="out"):
     """Write several files into ``folder``: yields ``{name: staging path}``; all appear together.
 
-    Parameters
-    ----------
-    folder : path-like
-        Created if needed (and removed again if the write fails).
-    names : sequence of str
-        Plain file names; each must have been written when the block ends.
-    remove : iterable of str
-        Files of a previous output that this one replaces and does not write
-        again (the caller establishes that the package wrote them, from its
-        ownership manifest); removed in the same commit.
-    argname : str
-        Named in messages.
-
-    Every file is staged in a folder inside ``folder``; at commit, under the
-    lock, every file replaced or removed must be as it was when ``folder``
-    was claimed, and the moves run under a journal (module docstring), so a
-    failure leaves ``folder`` as it was.
+    ``folder`` is created if needed (removed again on failure); every one of ``names`` must be written.
+    ``remove``: files of the previous output that this one does not write again (the caller's ownership
+    manifest says the package wrote them); removed in the same commit. ``argname`` is named in messages.
     """
     folder = _abspath(folder)
     names = list(dict.fromkeys(names))
@@ -503,7 +435,6 @@ def atomic_files(folder, names, *, remove=(), argname="out"):
                     os.chmod(staging / "new" / n, 0o666 & ~umask())
                 held.recheck(names + remove)
                 _commit_files(folder, staging, names, remove)
-                held.committed = True
             finally:
                 try:
                     _step("cleanup")
