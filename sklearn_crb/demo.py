@@ -26,7 +26,7 @@ from sklearn_crb._atomic import atomic_dir, claim_output
 from sklearn_crb.crb import cramer_rao_bound
 from sklearn_crb.estimators.nlls import NLLSFitter
 from sklearn_crb.estimators.regressor import CRBNetRegressor
-from sklearn_crb.io._files import check_output_folder
+from sklearn_crb.io._files import check_output_folder, releases_claims
 from sklearn_crb.io.datasets import simulate_dataset
 from sklearn_crb.io.images import features_from_coefficients, save_nifti
 from sklearn_crb.io.models import save_model
@@ -153,6 +153,7 @@ def _constant_row(prior_mean, yt, crb, labels, names):
             "abs_bias": np.median(per, axis=0).tolist(), "std": [0.0] * len(names), "constant": prior_mean.tolist()}
 
 
+@releases_claims
 def run_demo(out="sklearn_crb_demo", quick=False, seed=0, progress=True, stream=None, overwrite=False):
     """The ``sklearn-crb demo`` pipeline; returns the results dict.
 

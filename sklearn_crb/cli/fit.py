@@ -23,7 +23,7 @@ from sklearn_crb._version import __version__
 from sklearn_crb.cli._common import (EPILOG, SCHEDULER_TIMEOUT, CLIError, _add_sequence_args, _common, _dask_context,
                                      _no_sequence_options, _positive_float, _positive_int, _prefix, _sequence)
 from sklearn_crb.estimators.nlls import NLLSFitter
-from sklearn_crb.io._files import atomic_files, check_output_file, claim_output
+from sklearn_crb.io._files import atomic_files, check_output_file, claim_output, releases_claims
 from sklearn_crb.io.images import load_array, load_basis, load_coefficients, make_mask, save_nifti
 from sklearn_crb.io.models import check_compatible, load_model
 from sklearn_crb.maps import fit_maps, map_names
@@ -173,6 +173,7 @@ def _nlls_schedule(args, seq, basis, rank):
     return kw
 
 
+@releases_claims
 def cmd_fit(args):
     # ---- all checks first
     if not args.model and not args.nlls:

@@ -21,7 +21,7 @@ from sklearn_crb.cli._common import (
     _sequence,
 )
 from sklearn_crb.estimators._measured import measured_nuisance, resolve_measured
-from sklearn_crb.io._files import check_output_file, claim_output
+from sklearn_crb.io._files import check_output_file, claim_output, releases_claims
 from sklearn_crb.io.datasets import SUFFIXES, check_dataset_size, is_dataset, simulate_to_file
 from sklearn_crb.io.images import load_basis
 from sklearn_crb.physics.parameters import free_parameters, resolve_estimate
@@ -30,6 +30,7 @@ from sklearn_crb.simulator import MTFingerprintSimulator
 __all__ = ["cmd_simulate", "add_parser"]
 
 
+@releases_claims
 def cmd_simulate(args):
     out = Path(args.out)
     if out.suffix.lower() not in SUFFIXES:

@@ -17,7 +17,7 @@ import numpy as np
 from sklearn_crb.cli._common import (EPILOG, CLIError, _common, _interrupt_guard, _normalization, _positive_float,
                                      _number, _positive_int)
 from sklearn_crb.demo import make_network
-from sklearn_crb.io._files import check_output_folder, claim_output
+from sklearn_crb.io._files import check_output_folder, claim_output, releases_claims
 from sklearn_crb.estimators._measured import append_measured
 from sklearn_crb.io.datasets import dataset_measured, load_dataset, open_dataset, simulator_from_dataset
 from sklearn_crb.io.models import MODEL_FILES, save_model
@@ -45,6 +45,7 @@ def _lazy_bytes():
 BIAS_REDUCED_OPTIONS = ("n_realizations", "bias_lambda", "var_delta", "pretrain_epochs")
 
 
+@releases_claims
 def cmd_train(args):
     if args.standardize_inputs is not None and args.paper:
         raise CLIError("--[no-]standardize-inputs applies to the default MLP; --paper's residual network has no "

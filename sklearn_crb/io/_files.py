@@ -14,13 +14,15 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
+from sklearn_crb import _atomic
 from sklearn_crb._atomic import atomic_files, atomic_path, claim_output
 
-__all__ = ["atomic_files", "atomic_path", "claim_output", "check_output_file", "check_output_folder",
-           "check_file_name"]
+__all__ = ["atomic_files", "atomic_path", "claim_output", "releases_claims", "check_output_file",
+           "check_output_folder", "check_file_name"]
 
 
 def _first_existing(path):
@@ -91,3 +93,22 @@ def check_output_folder(path, *, overwrite=False, owned_names=(), marker=None, a
                 raise ValueError(f"{argname}: {path} exists; pass --overwrite to replace it")
     _check_writable_parent(path, argname)
     return path
+
+
+def releases_claims(fn):
+    """Decorator of a command: the claims it makes are released when it returns or raises.
+
+    Not left to garbage collection: an exception's traceback can keep the command's frame, and so its
+    claim and lock, alive until the cycle collector runs.
+    """
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        before = set(_atomic._HELD.keys())
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for key in set(_atomic._HELD.keys()) - before:
+                claim = _atomic._HELD.get(key)
+                if claim is not None:
+                    claim.release()
+    return command
