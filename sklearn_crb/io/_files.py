@@ -18,8 +18,7 @@ import functools
 import os
 from pathlib import Path
 
-from sklearn_crb import _atomic
-from sklearn_crb._atomic import atomic_files, atomic_path, claim_output
+from sklearn_crb._atomic import _HELD, atomic_files, atomic_path, claim_output
 
 __all__ = ["atomic_files", "atomic_path", "claim_output", "releases_claims", "check_output_file",
            "check_output_folder", "check_file_name"]
@@ -103,12 +102,12 @@ def releases_claims(fn):
     """
     @functools.wraps(fn)
     def command(*args, **kwargs):
-        before = set(_atomic._HELD.keys())
+        before = set(_HELD.keys())
         try:
             return fn(*args, **kwargs)
         finally:
-            for key in set(_atomic._HELD.keys()) - before:
-                claim = _atomic._HELD.get(key)
+            for key in set(_HELD.keys()) - before:
+                claim = _HELD.get(key)
                 if claim is not None:
                     claim.release()
     return command
