@@ -181,7 +181,7 @@ def run_demo(out="sklearn_crb_demo", quick=False, seed=0, progress=True, stream=
     t_all = time.perf_counter()
     torch.manual_seed(seed)
     claim = claim_output(out, argname="out")  # held to the commit: a second demo into out is refused
-    out = check_output_folder(claim.path, overwrite, owned_names=DEMO_FILES, marker="results.json")
+    out = check_output_folder(claim.path, overwrite=overwrite, owned_names=DEMO_FILES, marker="results.json")
     names = ("m0s", "R1f", "R2f")  # reported; the networks estimate every free parameter
     with atomic_dir(out) as staging:
         seq = Sequence.default()
