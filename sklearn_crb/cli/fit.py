@@ -24,7 +24,7 @@ from sklearn_crb.cli._common import (EPILOG, SCHEDULER_TIMEOUT, CLIError, _add_s
                                      _no_sequence_options, _positive_float, _positive_int, _prefix, _sequence)
 from sklearn_crb.estimators.nlls import NLLSFitter
 from sklearn_crb.io._files import atomic_files, check_output_file, claim_output, releases_claims
-from sklearn_crb.io.images import load_array, load_basis, load_coefficients, make_mask, save_nifti
+from sklearn_crb.io.images import load_array, load_basis, load_coefficients, load_mask, make_mask, save_nifti
 from sklearn_crb.io.models import check_compatible, load_model
 from sklearn_crb.maps import fit_maps, map_names
 from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, UNITS, rate_name, resolve_estimate
@@ -199,7 +199,7 @@ def cmd_fit(args):
         basis = _fit_basis(args, seq)
         estimate = resolve_estimate(tuple(args.estimate), args.tied_R1, argname="--estimate")
     img = load_coefficients(args.coefficients, basis=basis)
-    mask_arr = load_array(args.mask, None, "mask", preferred=("mask",))[0] if args.mask else None
+    mask_arr = load_mask(args.mask, img, "--mask") if args.mask else None  # on the coefficients' grid
     fit_mask, _ = make_mask(img, mask_arr)  # shape check before any work
     if not fit_mask.any():
         raise CLIError(f"--mask {args.mask} selects no voxel to fit (all zero, or only non-finite voxels of "
