@@ -10,11 +10,10 @@ at the estimate), the relative residual and the flag map.
 """
 
 import matplotlib.pyplot as plt
-import numpy as np
 
 from sklearn_crb import CRBNetRegressor, MTFingerprintSimulator, Sequence
-from sklearn_crb.maps import fit_maps
 from sklearn_crb.estimators.network import MLP
+from sklearn_crb.maps import fit_maps
 from sklearn_crb.phantom import make_phantom
 
 # %%

@@ -35,7 +35,8 @@ pytestmark = pytest.mark.slow
 
 N_TRAIN = 24000
 SNR = 116.0  # 1/sigma: WM |M0| = 0.69 -> |M0|/sigma = 80
-N_NLLS = 120  # NLLS voxels per tissue: GM m0s scatters 0.05 per voxel at this SNR (30 left the GM median 12 % uncertain)
+# NLLS voxels per tissue: GM m0s scatters 0.05 per voxel at this SNR (30 left the GM median 12 % uncertain)
+N_NLLS = 120
 N_DRAWS = 4  # noise draws for the empirical spread
 N_SE = 40  # voxels per tissue (WM, GM) in the spread check
 

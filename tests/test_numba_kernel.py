@@ -3,9 +3,9 @@ reference backend and against finite differences of itself."""
 
 import numpy as np
 import pytest
+from conftest import NLLS_THETA, TUTORIAL_THETA
 from scipy.linalg import expm, expm_frechet
 
-from conftest import NLLS_THETA, TUTORIAL_THETA
 from sklearn_crb import Sequence
 from sklearn_crb.physics import signal as physics
 from sklearn_crb.physics._numba import bloch as B

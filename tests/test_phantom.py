@@ -5,9 +5,8 @@ import pytest
 
 from sklearn_crb import Sequence
 from sklearn_crb.maps import fit_maps
+from sklearn_crb.phantom import PROTON_DENSITY, TIED_TISSUES, TISSUES, make_phantom, phantom_geometry, tissue_values
 from sklearn_crb.physics.parameters import INDEX
-from sklearn_crb.phantom import (PROTON_DENSITY, TIED_TISSUES, TISSUES, make_phantom, phantom_geometry,
-                                 tissue_values)
 from sklearn_crb.physics.priors import resolve_prior
 from sklearn_crb.physics.signal import simulate
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import train_small_model
+
 from sklearn_crb.io._files import atomic_files, check_file_name, check_output_folder
+from sklearn_crb.io._model_schema import SCHEMAS
 from sklearn_crb.io.datasets import load_dataset, save_dataset
 from sklearn_crb.io.images import save_maps
-from sklearn_crb.io._model_schema import SCHEMAS
 from sklearn_crb.io.models import FORMAT_VERSION, NETWORKS, file_sha256, load_model, save_model
 
 NAMES = ("m0s", "R1f", "R2f")
@@ -91,7 +91,8 @@ def test_models_of_format_1_still_load(trained, model_dir, legacy):
         return dict(m, format_version=1, module_class=legacy)
 
     _edit(model_dir, v1)
-    np.testing.assert_array_equal(load_model(model_dir, device="cpu", trust_unhashed=True).predict(X[:10]), net.predict(X[:10]))
+    loaded = load_model(model_dir, device="cpu", trust_unhashed=True)
+    np.testing.assert_array_equal(loaded.predict(X[:10]), net.predict(X[:10]))
 
 
 def test_saved_model_records_every_constructor_argument(trained, model_dir):

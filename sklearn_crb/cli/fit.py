@@ -20,8 +20,19 @@ from pathlib import Path
 import numpy as np
 
 from sklearn_crb._version import __version__
-from sklearn_crb.cli._common import (EPILOG, SCHEDULER_TIMEOUT, CLIError, _add_sequence_args, _common, _dask_context,
-                                     _no_sequence_options, _positive_float, _positive_int, _prefix, _sequence)
+from sklearn_crb.cli._common import (
+    EPILOG,
+    SCHEDULER_TIMEOUT,
+    CLIError,
+    _add_sequence_args,
+    _common,
+    _dask_context,
+    _no_sequence_options,
+    _positive_float,
+    _positive_int,
+    _prefix,
+    _sequence,
+)
 from sklearn_crb.estimators.nlls import NLLSFitter
 from sklearn_crb.io._files import atomic_files, check_output_file, claim_output, releases_claims
 from sklearn_crb.io.images import load_array, load_basis, load_coefficients, load_mask, make_mask, save_nifti
@@ -231,7 +242,8 @@ def cmd_fit(args):
     t0 = time.perf_counter()
     with _dask_context(args.scheduler):
         maps = fit_maps(estimator, img, mask_arr, sequence=seq, basis=basis, sigma=args.sigma, fixed=fixed or None,
-                        fixed_se=fixed_se or None, chunk_size=args.chunk_size, times=args.times, progress=not args.quiet,
+                        fixed_se=fixed_se or None, chunk_size=args.chunk_size, times=args.times,
+                        progress=not args.quiet,
                         se=args.se if model is not None else None)
     elapsed = time.perf_counter() - t0
     arrays = maps.arrays
@@ -245,7 +257,8 @@ def cmd_fit(args):
                "flag_counts": {int(k): int(v) for k, v in zip(*np.unique(arrays["flags"], return_counts=True))},
                "input": str(args.coefficients), "estimator": kind, "spatial_shape": list(img.spatial_shape),
                **({"nlls_init": args.nlls_init, "nlls_fast": bool(args.fast)} if model is None else {}),
-               "fixed_maps": fixed_files, "fixed_map_errors": fixed_se, "standard_error": args.se if model is not None else "crb",
+               "fixed_maps": fixed_files, "fixed_map_errors": fixed_se,
+               "standard_error": args.se if model is not None else "crb",
                "files": [map_files[k] for k in arrays] + [png]}
     written = [map_files[k] for k in arrays] + [png, summary_name]
     # the previous run's files (its summary's list) that this run does not write go in the same commit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sklearn_crb._validation import check_snr_range
 from sklearn_crb.cli._common import (
     DEFAULT_N_SAMPLES,
     DEFAULT_PRIOR,
@@ -20,7 +21,6 @@ from sklearn_crb.cli._common import (
     _positive_int,
     _sequence,
 )
-from sklearn_crb._validation import check_snr_range
 from sklearn_crb.estimators.net.measured import measured_nuisance, resolve_measured
 from sklearn_crb.io._files import check_output_file, claim_output, releases_claims
 from sklearn_crb.io.datasets import SUFFIXES, check_dataset_size, is_dataset, simulate_to_file

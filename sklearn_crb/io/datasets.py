@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from sklearn_crb._atomic import atomic_path
-from sklearn_crb.io._files import check_output_file
-from sklearn_crb.io.manifest import check_manifest, per_sample_keys, with_manifest
-from sklearn_crb.io.h5 import H5Rows, write_h5_chunks
 from sklearn_crb.estimators.net.measured import resolve_measured
+from sklearn_crb.io._files import check_output_file
+from sklearn_crb.io.h5 import H5Rows, write_h5_chunks
+from sklearn_crb.io.manifest import check_manifest, per_sample_keys, with_manifest
 from sklearn_crb.parallel_simulation import _check_chunking, iter_dataset_chunks, row_nbytes, simulate_dataset
 from sklearn_crb.physics.parameters import resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
