@@ -43,7 +43,8 @@ _, y, _, det = sim.make_dataset(16, 5, theta=theta, return_details=True)
 rng = np.random.default_rng(0)
 r = sim.n_components_
 c = det["X_clean"][:, :r] + 1j * det["X_clean"][:, r:]
-draws = c[:, None] * (200 * sim.sigma) + sim.sigma * (rng.standard_normal((16, 100, r)) + 1j * rng.standard_normal((16, 100, r)))
+noise = rng.standard_normal((16, 100, r)) + 1j * rng.standard_normal((16, 100, r))
+draws = c[:, None] * (200 * sim.sigma) + sim.sigma * noise
 X = np.concatenate([draws.real, draws.imag], axis=-1)
 crb = det["crb_unit"] * sim.sigma**2 / (200 * sim.sigma) ** 2
 

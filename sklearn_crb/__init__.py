@@ -18,7 +18,6 @@ from sklearn_crb.physics.parameters import PARAMETERS
 from sklearn_crb.physics.priors import ParameterPrior
 from sklearn_crb.physics.sequence import Sequence
 
-
 # Heavier modules (skorch, scipy.optimize) are imported on first use.
 _LAZY = {
     "MTFingerprintSimulator": "simulator",
@@ -37,7 +36,7 @@ _LAZY = {
     "load_coefficients": "io.images",
 }
 
-__all__ = ["PARAMETERS", "ParameterPrior", "Sequence", *_LAZY]
+__all__ = ["__version__", "PARAMETERS", "ParameterPrior", "Sequence", *_LAZY]
 
 
 def __getattr__(name):

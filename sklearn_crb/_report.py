@@ -65,6 +65,20 @@ def snr_strata(snr_g, snr_bins):
     return out
 
 
+def _informative(crbg, prior_variance, informative_ratio, p):
+    """Where the data decide: CRB < ``informative_ratio`` x the prior variance (None without a prior variance)."""
+    if prior_variance is None:
+        return None
+    pv = np.asarray(prior_variance, dtype=np.float64).ravel()
+    if pv.shape != (p,) or not np.all(np.isfinite(pv)) or np.any(pv <= 0):
+        raise ValueError(f"prior_variance must be {p} finite positive values (one per output), got "
+                         f"{prior_variance!r}")
+    r = float(informative_ratio)
+    if not np.isfinite(r) or r <= 0:
+        raise ValueError(f"informative_ratio must be a finite positive number, got {informative_ratio!r}")
+    return crbg < r * pv
+
+
 def stratified_report(theta, crbg, mean, var, nmse, n_draws, names, *, prior_variance, snr_g, snr_bins,
                       informative_ratio):
     """The Bunch of :func:`sklearn_crb.metrics.bias_variance_report` from per-group statistics."""
@@ -75,16 +89,7 @@ def stratified_report(theta, crbg, mean, var, nmse, n_draws, names, *, prior_var
     bias = mean - theta
     b_rel = bias / np.sqrt(crbg)
     s_rel = np.sqrt(var / crbg)
-    informative = None
-    if prior_variance is not None:
-        pv = np.asarray(prior_variance, dtype=np.float64).ravel()
-        if pv.shape != (p,) or not np.all(np.isfinite(pv)) or np.any(pv <= 0):
-            raise ValueError(f"prior_variance must be {p} finite positive values (one per output), got "
-                             f"{prior_variance!r}")
-        r = float(informative_ratio)
-        if not np.isfinite(r) or r <= 0:
-            raise ValueError(f"informative_ratio must be a finite positive number, got {informative_ratio!r}")
-        informative = crbg < r * pv
+    informative = _informative(crbg, prior_variance, informative_ratio, p)
     snr_levels = [("all", np.ones(theta.shape[0], bool))] + snr_strata(snr_g, snr_bins)
     ident_levels = ["all"] + (["informative", "prior-dominated"] if informative is not None else [])
     strata = []

@@ -8,6 +8,8 @@ of the package except :mod:`sklearn_crb.physics.parameters`.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from sklearn_crb.physics.parameters import PARAMETERS
@@ -21,6 +23,7 @@ __all__ = [
     "resolve_device",
     "features_from_complex",
     "complex_from_features",
+    "basis_sha256",
 ]
 
 #: Tolerance of the orthonormality check ``max |U^H U - I|``.
@@ -129,3 +132,12 @@ def complex_from_features(X):
     X = np.asarray(X)
     K = X.shape[1] // 2
     return X[:, :K] + 1j * X[:, K:]
+
+
+def basis_sha256(basis):
+    """SHA-256 of a compression basis as little-endian complex128, its shape included (model folders and
+    training-set manifests record it, so that coefficients of another basis are refused)."""
+    U = np.ascontiguousarray(np.asarray(basis), dtype="<c16")
+    h = hashlib.sha256(str(U.shape).encode())
+    h.update(U.tobytes())
+    return h.hexdigest()

@@ -24,10 +24,10 @@ import joblib
 import numpy as np
 import torch
 
-from sklearn_crb._atomic import atomic_dir
+from sklearn_crb._atomic import atomic_dir, claim_output
 from sklearn_crb.crb import cramer_rao_bound
 from sklearn_crb.estimators.nlls import NLLSFitter, NLLSFitWarning
-from sklearn_crb.io._files import check_output_folder
+from sklearn_crb.io._files import check_output_folder, releases_claims
 from sklearn_crb.io.datasets import simulate_dataset
 from sklearn_crb.io.images import features_from_coefficients, save_nifti
 from sklearn_crb.io.models import MODEL_FILES, save_model
@@ -298,6 +298,7 @@ def _report(say, out, table, tissue_table, t_all):
     say(f"demo finished in {time.perf_counter() - t_all:.0f} s")
 
 
+@releases_claims
 def run_demo(out="sklearn_crb_demo", quick=False, seed=0, progress=True, stream=None, overwrite=False, train=False):
     """The ``sklearn-crb demo`` pipeline; returns the results dict.
 
@@ -329,7 +330,8 @@ def run_demo(out="sklearn_crb_demo", quick=False, seed=0, progress=True, stream=
     cfg = DEMO_SIZES[bool(quick)]
     t_all = time.perf_counter()
     torch.manual_seed(seed)
-    out = check_output_folder(out, overwrite=overwrite, owned_names=DEMO_FILES, marker="results.json")
+    claim = claim_output(out, argname="out")  # held to the commit: a second demo into out is refused
+    out = check_output_folder(claim.path, overwrite=overwrite, owned_names=DEMO_FILES, marker="results.json")
     names = ("m0s", "R1f", "R2f")  # reported; the networks estimate every free parameter
     with atomic_dir(out) as staging:
         seq = Sequence.default()

@@ -302,15 +302,7 @@ def make_phantom(shape=(64, 64), sequence=None, basis=None, *, snr=100.0, n_comp
     labels, B1, omega0, phase = phantom_geometry(shape, b1_range, b0_max_hz, slab)
     if uniform is not None:
         labels = np.where(labels > 0, LABELS[uniform], 0).astype(np.int16)
-    if not fields:
-        B1, omega0 = np.ones_like(B1), np.zeros_like(omega0)
-    if b1_map is not None:
-        B1 = _check_b1_map(b1_map, labels)
-    if b1_step > 0:
-        B1 = np.round(B1 / b1_step) * b1_step
-    if b0_step_hz > 0:
-        step = 2 * np.pi * b0_step_hz
-        omega0 = np.round(omega0 / step) * step
+    B1, omega0 = _quantised_fields(labels, B1, omega0, fields, b1_map, b1_step, b0_step_hz)
 
     theta = np.zeros(labels.shape + (len(PARAMETERS),))
     M0 = np.zeros(labels.shape, dtype=np.complex128)
@@ -336,6 +328,20 @@ def make_phantom(shape=(64, 64), sequence=None, basis=None, *, snr=100.0, n_comp
         n = head.sum()
         noisy[head] += sigma * (rng.standard_normal((n, U.shape[1])) + 1j * rng.standard_normal((n, U.shape[1])))
     return Phantom(noisy, clean, theta, M0, labels, sigma, U, seq, bool(tied_R1))
+
+
+def _quantised_fields(labels, B1, omega0, fields, b1_map, b1_step, b0_step_hz):
+    """The B1 (relative) and omega0 (rad/s) fields: built-in or given, quantised so that few rows are simulated."""
+    if not fields:
+        B1, omega0 = np.ones_like(B1), np.zeros_like(omega0)
+    if b1_map is not None:
+        B1 = _check_b1_map(b1_map, labels)
+    if b1_step > 0:
+        B1 = np.round(B1 / b1_step) * b1_step
+    if b0_step_hz > 0:
+        step = 2 * np.pi * b0_step_hz
+        omega0 = np.round(omega0 / step) * step
+    return B1, omega0
 
 
 def _check_b1_map(b1_map, labels):

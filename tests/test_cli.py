@@ -5,8 +5,8 @@ import os
 
 import nibabel as nib
 import numpy as np
-import torch
 import pytest
+import torch
 
 from sklearn_crb.cli import main
 from sklearn_crb.io.datasets import load_dataset
@@ -76,8 +76,8 @@ def test_fit_writes_nifti_maps_with_affine_and_png(pipeline, capsys):
 
 def test_python_api_and_cli_agree(pipeline):
     from sklearn_crb.io.images import load_coefficients
-    from sklearn_crb.maps import fit_maps
     from sklearn_crb.io.models import load_model
+    from sklearn_crb.maps import fit_maps
 
     d, ph = pipeline
     out = d / "fit2"
@@ -149,8 +149,8 @@ def test_estimate_names_are_checked_before_work(tmp_path, capsys):
 
 def test_train_options_not_given_are_the_estimators_defaults(pipeline):
     """`train` without options builds CRBNetRegressor's own recipe: nothing is restated by the CLI."""
-    from sklearn_crb.recipes import make_network
     from sklearn_crb.estimators.regressor import CRBNetRegressor
+    from sklearn_crb.recipes import make_network
 
     ref = CRBNetRegressor().get_params(deep=False)
     net = make_network("crb", None, progress=False).get_params(deep=False)

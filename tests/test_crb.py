@@ -3,8 +3,8 @@ nuisance can only raise it), singular cases reported."""
 
 import numpy as np
 import pytest
-
 from conftest import TUTORIAL_THETA
+
 from sklearn_crb import PARAMETERS
 from sklearn_crb.crb import IllConditionedFisherWarning, cramer_rao_bound, crb_from_jacobian, fisher_information
 

@@ -6,9 +6,9 @@ import warnings
 import numpy as np
 import pytest
 
-from sklearn_crb.estimators.net.measured import measured_nuisance
 from sklearn_crb.estimators.dictionary import DictionaryMatcher
 from sklearn_crb.estimators.fixed_sensitivity import fixed_variance, model_sensitivity
+from sklearn_crb.estimators.net.measured import measured_nuisance
 from sklearn_crb.estimators.nlls import NLLSFitter, NLLSFitWarning
 from sklearn_crb.estimators.regressor import CRBNetRegressor
 from sklearn_crb.maps import fit_maps

@@ -10,7 +10,7 @@ import pytest
 from scipy.io import savemat
 
 from sklearn_crb._atomic import atomic_path
-from sklearn_crb.io.images import (load_basis, load_coefficients, make_mask, save_maps, save_nifti)
+from sklearn_crb.io.images import load_basis, load_coefficients, make_mask, save_maps, save_nifti
 
 RNG = np.random.default_rng(0)
 AFFINE = np.array([[1.5, 0, 0, -40], [0, 1.2, 0.1, -60], [0, 0, 3.0, 10], [0, 0, 0, 1]])
@@ -21,7 +21,8 @@ def _coef(shape=(6, 5, 4), r=7):
 
 
 def _orthonormal(n, r, seed=1):
-    A = np.random.default_rng(seed).standard_normal((n, r)) + 1j * np.random.default_rng(seed + 1).standard_normal((n, r))
+    rng, rng1 = np.random.default_rng(seed), np.random.default_rng(seed + 1)
+    A = rng.standard_normal((n, r)) + 1j * rng1.standard_normal((n, r))
     return np.linalg.qr(A)[0]
 
 

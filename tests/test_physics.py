@@ -4,10 +4,10 @@ finite differences, symmetries and known limits."""
 import numpy as np
 import pytest
 import torch
+from conftest import TUTORIAL_THETA
 from scipy.integrate import solve_ivp
 from scipy.linalg import expm
 
-from conftest import TUTORIAL_THETA
 from sklearn_crb import Sequence
 from sklearn_crb.physics import signal as physics
 from sklearn_crb.physics.r2sl.table import r2sl

@@ -5,8 +5,14 @@ import pytest
 from scipy import integrate, stats
 
 from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, validate_theta
-from sklearn_crb.physics.priors import (LogUniform, ParameterPrior, ReciprocalUniform, TruncatedNormal, Uniform,
-                                        resolve_prior)
+from sklearn_crb.physics.priors import (
+    LogUniform,
+    ParameterPrior,
+    ReciprocalUniform,
+    TruncatedNormal,
+    Uniform,
+    resolve_prior,
+)
 
 PRIORS = {
     "brain-tied": lambda: ParameterPrior.brain(tied_R1=True),

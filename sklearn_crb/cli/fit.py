@@ -20,11 +20,22 @@ from pathlib import Path
 import numpy as np
 
 from sklearn_crb._version import __version__
-from sklearn_crb.cli._common import (EPILOG, SCHEDULER_TIMEOUT, CLIError, _add_sequence_args, _common, _dask_context,
-                                     _positive_float, _positive_int, _prefix, _sequence)
+from sklearn_crb.cli._common import (
+    EPILOG,
+    SCHEDULER_TIMEOUT,
+    CLIError,
+    _add_sequence_args,
+    _common,
+    _dask_context,
+    _no_sequence_options,
+    _positive_float,
+    _positive_int,
+    _prefix,
+    _sequence,
+)
 from sklearn_crb.estimators.nlls import NLLSFitter
-from sklearn_crb.io._files import atomic_files, check_output_file
-from sklearn_crb.io.images import load_array, load_basis, load_coefficients, make_mask, save_nifti
+from sklearn_crb.io._files import atomic_files, check_output_file, claim_output, releases_claims
+from sklearn_crb.io.images import load_array, load_basis, load_coefficients, load_mask, make_mask, save_nifti
 from sklearn_crb.io.models import check_compatible, load_model
 from sklearn_crb.maps import fit_maps, map_names
 from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, UNITS, rate_name, resolve_estimate
@@ -173,6 +184,7 @@ def _nlls_schedule(args, seq, basis, rank):
     return kw
 
 
+@releases_claims
 def cmd_fit(args):
     # ---- all checks first
     if not args.model and not args.nlls:
@@ -182,7 +194,9 @@ def cmd_fit(args):
     out = Path(os.path.abspath(args.out))
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
+    claim = claim_output(out, argname="--out")  # held to the commit: a second command into --out is refused
     if args.model:
+        _no_sequence_options(args, f"--model {args.model}")
         model = load_model(args.model, device=args.device)
         meta = model.crb_metadata_
         seq = _sequence(args) if args.sequence else Sequence.from_dict(meta["sequence"])
@@ -196,8 +210,12 @@ def cmd_fit(args):
         basis = _fit_basis(args, seq)
         estimate = resolve_estimate(tuple(args.estimate), args.tied_R1, argname="--estimate")
     img = load_coefficients(args.coefficients, basis=basis)
-    mask_arr = load_array(args.mask, None, "mask", preferred=("mask",))[0] if args.mask else None
+    mask_arr = load_mask(args.mask, img, "--mask") if args.mask else None  # on the coefficients' grid
     fit_mask, _ = make_mask(img, mask_arr)  # shape check before any work
+    if not fit_mask.any():
+        raise CLIError(f"--mask {args.mask} selects no voxel to fit (all zero, or only non-finite voxels of "
+                       "--coefficients)" if args.mask else "--coefficients: no voxel to fit (the automatic mask is "
+                       "empty: the image is zero or not finite everywhere); give --mask")
     fixed, fixed_files = _load_fixed(_fixed_specs(args), img, fit_mask, estimate,
                                      bool(args.tied_R1 if model is None else meta.get("tied_R1", False)))
     fixed_se = _fixed_errors(args, fixed)
@@ -224,7 +242,8 @@ def cmd_fit(args):
     t0 = time.perf_counter()
     with _dask_context(args.scheduler):
         maps = fit_maps(estimator, img, mask_arr, sequence=seq, basis=basis, sigma=args.sigma, fixed=fixed or None,
-                        fixed_se=fixed_se or None, chunk_size=args.chunk_size, times=args.times, progress=not args.quiet,
+                        fixed_se=fixed_se or None, chunk_size=args.chunk_size, times=args.times,
+                        progress=not args.quiet,
                         se=args.se if model is not None else None)
     elapsed = time.perf_counter() - t0
     arrays = maps.arrays
@@ -238,10 +257,13 @@ def cmd_fit(args):
                "flag_counts": {int(k): int(v) for k, v in zip(*np.unique(arrays["flags"], return_counts=True))},
                "input": str(args.coefficients), "estimator": kind, "spatial_shape": list(img.spatial_shape),
                **({"nlls_init": args.nlls_init, "nlls_fast": bool(args.fast)} if model is None else {}),
-               "fixed_maps": fixed_files, "fixed_map_errors": fixed_se, "standard_error": args.se if model is not None else "crb",
+               "fixed_maps": fixed_files, "fixed_map_errors": fixed_se,
+               "standard_error": args.se if model is not None else "crb",
                "files": [map_files[k] for k in arrays] + [png]}
     written = [map_files[k] for k in arrays] + [png, summary_name]
-    with atomic_files(out, written) as tmp:
+    # the previous run's files (its summary's list) that this run does not write go in the same commit
+    stale = owned - set(written) if args.overwrite else set()
+    with atomic_files(claim.path, written, remove=sorted(stale), argname="--out") as tmp:
         for k, arr in arrays.items():
             dtype = np.uint8 if arr.dtype == bool else (np.int16 if np.issubdtype(arr.dtype, np.integer)
                                                         else np.float32)

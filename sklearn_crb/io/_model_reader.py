@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sklearn_crb._validation import basis_sha256
 from sklearn_crb.estimators.net.measured import resolve_measured
 from sklearn_crb.io._model_schema import (
     BOUND_KEYS,
@@ -52,13 +53,6 @@ FORMAT_VERSION = 5
 HASHED_SINCE = 5
 #: The files of a model folder; a folder holding anything else is never replaced.
 MODEL_FILES = ("params.pt", "model.json", "basis.npy")
-
-def basis_sha256(basis):
-    """SHA-256 of a basis as little-endian complex128 (shape included)."""
-    U = np.ascontiguousarray(np.asarray(basis), dtype="<c16")
-    h = hashlib.sha256(str(U.shape).encode())
-    h.update(U.tobytes())
-    return h.hexdigest()
 
 def _read_files(path):
     """The bytes of every model file, each read once, all from one directory.

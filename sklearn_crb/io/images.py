@@ -123,12 +123,11 @@ def _read_mat(path, argname):
     import h5py
     from scipy.io import loadmat
 
-    try:
-        return {k: v for k, v in loadmat(path).items() if not k.startswith("__")}
-    except NotImplementedError:
-        pass  # v7.3: HDF5
-    except Exception as exc:  # noqa: BLE001 - any parse error means an unreadable file
-        if not h5py.is_hdf5(path):
+    # v7.3 is HDF5: tell it by its signature first, since scipy before 1.15 reads some HDF5 files as v5 garbage
+    if not h5py.is_hdf5(path):
+        try:
+            return {k: v for k, v in loadmat(path).items() if not k.startswith("__")}
+        except Exception as exc:  # noqa: BLE001 - any parse error means an unreadable file
             raise ValueError(f"{argname}: {path} is not a readable MATLAB file ({exc})") from exc
 
     try:

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from sklearn_crb._atomic import atomic_path
+from sklearn_crb._validation import basis_sha256
 from sklearn_crb.io._files import check_output_file
 
 __all__ = ["DATASET_FORMAT", "DATASET_FORMAT_VERSION", "RowHasher", "rows_sha256", "make_manifest", "with_manifest",
@@ -50,13 +51,6 @@ DATASET_FORMAT_VERSION = 1
 _BLOCK = 65536
 _MIGRATE = ("if you trust it, convert it once with `sklearn-crb migrate-data FILE --out NEW_FILE` (Python: "
             "sklearn_crb.io.manifest.migrate_dataset), or simulate it again with `sklearn-crb simulate`")
-
-
-def _basis_sha256(basis):
-    U = np.ascontiguousarray(np.asarray(basis), dtype="<c16")
-    h = hashlib.sha256(str(U.shape).encode())
-    h.update(U.tobytes())
-    return h.hexdigest()
 
 
 def _meta_bytes(meta):
@@ -109,7 +103,7 @@ def make_manifest(basis, meta, n_samples, row_hashes):
     """The manifest entry (``np.bytes_`` of JSON) of a set with this basis, meta, size and row hashes."""
     return np.bytes_(json.dumps({
         "format": DATASET_FORMAT, "format_version": DATASET_FORMAT_VERSION, "n_samples": int(n_samples),
-        "basis_sha256": _basis_sha256(basis), "meta_sha256": hashlib.sha256(_meta_bytes(meta)).hexdigest(),
+        "basis_sha256": basis_sha256(basis), "meta_sha256": hashlib.sha256(_meta_bytes(meta)).hexdigest(),
         "rows_sha256": dict(sorted(row_hashes.items()))}))
 
 
@@ -170,7 +164,7 @@ def check_manifest(manifest, basis, meta, *, n_samples, where, rows=None):
         Naming what does not match (``basis``, ``meta`` with ``tied_R1``..., the rows).
     """
     m = _parse(manifest, where)
-    if _basis_sha256(basis) != m.get("basis_sha256"):
+    if basis_sha256(basis) != m.get("basis_sha256"):
         raise ValueError(f"{where}: its 'basis' does not match the manifest: the basis was replaced after the set "
                          "was simulated; a network trained on it would record the wrong basis")
     if hashlib.sha256(_meta_bytes(meta)).hexdigest() != m.get("meta_sha256"):

@@ -179,14 +179,13 @@ class Sequence:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"sequence file not found: {path}")
         data = None
-        try:
-            from scipy.io import loadmat
+        # v7.3 is HDF5: tell it by its signature first, since old scipy reads some HDF5 files as v5 garbage
+        if not _is_hdf5(path):
+            try:
+                from scipy.io import loadmat
 
-            data = {k: v for k, v in loadmat(path).items() if not k.startswith("__")}
-        except NotImplementedError:  # v7.3 is HDF5
-            data = None
-        except Exception as exc:  # noqa: BLE001 - report any parse error uniformly
-            if not _is_hdf5(path):
+                data = {k: v for k, v in loadmat(path).items() if not k.startswith("__")}
+            except Exception as exc:  # noqa: BLE001 - report any parse error uniformly
                 raise ValueError(f"{path} is not a readable MATLAB file: {exc}") from exc
         if data is None:
             try:

@@ -44,12 +44,12 @@ import torch
 
 from sklearn_crb._validation import check_parameter_dict, complex_from_features
 from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
-from sklearn_crb.estimators.nlls import solver as _lm
 from sklearn_crb.estimators._base import fit_box
-from sklearn_crb.estimators.fixed_sensitivity import model_sensitivity
 from sklearn_crb.estimators.details import PredictionDetails
+from sklearn_crb.estimators.fixed_sensitivity import model_sensitivity
 from sklearn_crb.estimators.net.loaders import net_threads, torch_threads
 from sklearn_crb.estimators.net.measured import append_measured
+from sklearn_crb.estimators.nlls import solver as _lm
 from sklearn_crb.physics.parameters import (
     BOUNDS,
     INDEX,

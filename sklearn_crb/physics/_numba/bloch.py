@@ -16,17 +16,6 @@ import math
 
 from numba import njit
 
-from sklearn_crb.physics.r2sl.table import bilinear, cell
-from sklearn_crb.physics._numba.simd import (
-    NT,
-    _JIT,
-    _vadd,
-    _vfma2,
-    _vld,
-    _vld1,
-    _vmul2,
-    _vst,
-)
 from sklearn_crb.physics._numba.expm import (
     _A,
     _C0,
@@ -38,8 +27,17 @@ from sklearn_crb.physics._numba.expm import (
     _dexpm,
     _expm,
 )
-
-
+from sklearn_crb.physics._numba.simd import (
+    _JIT,
+    NT,
+    _vadd,
+    _vfma2,
+    _vld,
+    _vld1,
+    _vmul2,
+    _vst,
+)
+from sklearn_crb.physics.r2sl.table import bilinear, cell
 
 # =========================================================================== R2sl
 # the one bilinear lookup of sklearn_crb.physics.r2sl.table, compiled for the kernel

@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 from numba import njit
+
 from sklearn_crb.physics._numba.simd import (
     _JIT,
     _rlc,
@@ -29,7 +30,6 @@ from sklearn_crb.physics._numba.simd import (
     _vmul,
     _vst,
 )
-
 
 # Degree-18 Taylor approximation with 5 matrix products (Bader, Blanes & Casas,
 # Mathematics 7, 1174 (2019)); rows: q31, q61, q62, q63, q64; columns:

@@ -79,23 +79,23 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from sklearn_crb.physics._numba.bloch import (
+    _build_dE,
+    _build_E,
+)
+from sklearn_crb.physics._numba.cache import enable_source_cache
+from sklearn_crb.physics._numba.expm import (
+    _C0,
+    NSLOT,
+)
 from sklearn_crb.physics._numba.simd import (
-    NT,
     _JIT,
+    NT,
     _vfma2,
     _vld,
     _vld2,
     _vst2,
 )
-from sklearn_crb.physics._numba.expm import (
-    NSLOT,
-    _C0,
-)
-from sklearn_crb.physics._numba.bloch import (
-    _build_E,
-    _build_dE,
-)
-from sklearn_crb.physics._numba.cache import enable_source_cache
 from sklearn_crb.physics.r2sl.table import load_r2sl_table
 from sklearn_crb.physics.sequence import Sequence
 

@@ -44,7 +44,6 @@ from sklearn_crb.physics.r2sl.table import (
     TAU_MIN,
     R2slTable,
     clear_caches,
-    load_r2sl_table,
 )
 
 __all__ = ["BUILD_COMMAND", "build_r2sl_table", "save_r2sl_table", "main"]
