@@ -119,6 +119,7 @@ def demo_figures(folder, ph, results, names, maps_by_est):
 
     # error maps: |estimate - truth| / standard error at the estimate, and the standard errors
     ests = list(maps_by_est)
+    tissue = np.isin(ph.labels, [LABELS["WM"], LABELS["GM"]])
     fig = _figure(figsize=(3.3 * len(names), 2.9 * 2 * len(ests)))
     axes = fig.subplots(2 * len(ests), len(names), squeeze=False)
     for i, k in enumerate(ests):
@@ -127,7 +128,8 @@ def demo_figures(folder, ph, results, names, maps_by_est):
             sel = np.asarray(m["mask"], dtype=bool)
             err = np.where(sel, np.abs(m[p] - ph.theta[..., INDEX[p]]), np.nan)  # unfitted: NaN, blank
             se = np.where(sel, m[p + "_se"], np.nan)
-            hi = np.nanpercentile(se[sel], 95) if np.isfinite(se[sel]).any() else 1.0
+            ref = se[sel & tissue]  # the scale of WM and GM: a few CSF voxels' large errors would flatten it
+            hi = np.nanpercentile(ref, 95) if np.isfinite(ref).any() else 1.0
             for r, (img, t) in enumerate(((err, "|error|"), (se, "std. error"))):
                 ax = axes[2 * i + r, j]
                 ax.set_facecolor("0.92")
