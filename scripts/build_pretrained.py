@@ -121,13 +121,27 @@ def _train(loss, sim, data, cfg, seed):
     return net, time.perf_counter() - t0
 
 
+def _check_folder(folder, overwrite):
+    """A model folder this script may write: new, or (with ``overwrite``) one holding only what it wrote."""
+    from sklearn_crb.io._files import check_output_folder
+    from sklearn_crb.io.models import MODEL_FILES
+
+    return check_output_folder(folder, overwrite=overwrite, owned_names=MODEL_FILES + ("provenance.json",),
+                               marker="model.json", argname="--out")
+
+
 def _save(net, sim, folder, prov, overwrite):
-    from sklearn_crb._atomic import atomic_path
+    """The model folder and its provenance, replacing ``folder`` as a whole (atomically)."""
+    from sklearn_crb._atomic import atomic_dir
     from sklearn_crb.io.models import save_model
 
-    save_model(net, folder, simulator=sim, overwrite=overwrite)
-    with atomic_path(folder / "provenance.json") as tmp:
-        Path(tmp).write_text(json.dumps(prov, indent=1) + "\n")
+    folder = _check_folder(folder, overwrite)
+    with atomic_dir(folder, argname="--out") as tmp:
+        save_model(net, tmp / "model", simulator=sim)
+        for f in (tmp / "model").iterdir():
+            f.rename(tmp / f.name)
+        (tmp / "model").rmdir()
+        (tmp / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
 
 
 def build(out, seed=0, quick=False, overwrite=False, argv=(), n_train=None, epochs=None):
@@ -141,9 +155,8 @@ def build(out, seed=0, quick=False, overwrite=False, argv=(), n_train=None, epoc
     cfg.update({k: v for k, v in (("n_train", n_train), ("epochs", epochs)) if v is not None})
     out = Path(out)
     folders = {loss: out / f"demo-{loss}" for loss in ("crb", "mse")}
-    for f in folders.values():  # refuse before hours of training, not after
-        if f.exists() and not overwrite:
-            raise SystemExit(f"--out: {f} exists; pass --overwrite to replace it")
+    for f in folders.values():  # refuse before the training, not after
+        _check_folder(f, overwrite)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     commit, dirty = _git_commit()
     t0 = time.perf_counter()
@@ -211,8 +224,11 @@ def main(argv=None):
     for name in ("n_train", "epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    records = build(args.out, seed=args.seed, quick=args.quick, overwrite=args.overwrite, argv=argv,
-                    n_train=args.n_train, epochs=args.epochs)
+    try:
+        records = build(args.out, seed=args.seed, quick=args.quick, overwrite=args.overwrite, argv=argv,
+                        n_train=args.n_train, epochs=args.epochs)
+    except ValueError as exc:  # a refused --out: one line, exit status 2
+        p.error(str(exc))
     print(_table(records))
     return 0
 
