@@ -87,8 +87,8 @@ def _limits(values):
 def _map_figure(arrays, name, units, mask, k):
     import matplotlib
 
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad((0, 0, 0, 0))  # NaN (unfitted) voxels transparent, never drawn as zero
+    # NaN (unfitted) voxels transparent, never drawn as zero
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad=(0, 0, 0, 0))
     fig = _figure((7.0, 3.0))
     axes = fig.subplots(1, 2)
     for ax, key, label in ((axes[0], name, name), (axes[1], f"{name}_se", f"standard error of {name}")):
@@ -159,8 +159,9 @@ def nlls_check(model, image, maps, *, n, sequence, basis, fixed=None, random_sta
 
 def _check_rows(check, estimate, units):
     rows = []
+    ok = check["nlls_flags"] == 0  # voxels NLLS fitted without a flag
     for p in estimate:
-        c = check[p]
+        c = {k: v[ok] for k, v in check[p].items()}
         rel = np.abs(c["net"] - c["nlls"]) / c["nlls_se"]
         ratio = c["net_se"] / c["nlls_se"]
         med = lambda a: f"{np.nanmedian(a):.4g}" if np.isfinite(a).any() else "n/a"  # noqa: E731
@@ -230,7 +231,8 @@ def _sections(maps, info, check, trust):
                   "median SE network", "median SE NLLS", "median SE network / SE NLLS"]
         n_failed = int(np.sum(check["nlls_flags"] != 0))
         body = (f"<p>NLLS started from the network's estimate on {len(check['voxels'])} random fitted voxels "
-                f"(seed {check['seed']}; {n_failed} flagged by NLLS), at the same sigma.</p>"
+                f"(seed {check['seed']}), at the same sigma; the table's medians are over the "
+                f"{len(check['voxels']) - n_failed} that NLLS fitted without a flag ({n_failed} flagged).</p>"
                 + _table(header, _check_rows(check, list(maps.estimate), units), "check-table")
                 + _img(_check_figure(check, list(maps.estimate), units), "check scatter"))
         yield _section("check", "Network against NLLS", body)
