@@ -162,6 +162,10 @@ def test_report_is_written_with_the_maps_or_not_at_all(fitted, monkeypatch, caps
     # a bad input: refused before any work, no report
     assert main([*base, "--out", str(d / "bad"), "--mask", str(d / "model" / "basis.npy")]) == 2
     assert not (d / "bad").exists()
+    # --check needs a network to start NLLS from
+    assert main(["fit", "--nlls", "--n-pulses", "120", "--basis", str(d / "model" / "basis.npy"), "--coefficients",
+                 str(d / "coef.nii.gz"), "--quiet", "--out", str(d / "nlls_check"), "--check", "3"]) == 2
+    assert "--check" in capsys.readouterr().err and not (d / "nlls_check").exists()
     # a report.html sklearn-crb did not write is never replaced, and then nothing is written
     own = d / "foreign"
     own.mkdir()

@@ -38,8 +38,8 @@ from sklearn_crb.cli._common import (EPILOG, SCHEDULER_TIMEOUT, CLIError, _add_s
                                      _positive_float, _positive_int, _prefix, _sequence)
 from sklearn_crb.estimators.nlls import NLLSFitter
 from sklearn_crb.io._files import atomic_files, check_output_file
-from sklearn_crb.io.bids import (bids_map_names, dataset_description, is_own_description, map_sidecar, source_uris,
-                                 subject_session, to_bids_units)
+from sklearn_crb.io.bids import (bids_map_names, dataset_description, estimation_algorithm, is_own_description,
+                                 map_sidecar, source_uris, subject_session, to_bids_units)
 from sklearn_crb.io.images import load_array, load_basis, load_coefficients, make_mask, save_nifti
 from sklearn_crb.io.models import check_compatible, load_model
 from sklearn_crb.maps import FLAGS, fit_maps, map_names
@@ -138,21 +138,6 @@ def _save_maps(tmp, arrays, map_files, img, bids):
                                                     else np.float32)
         data = to_bids_units(k, arr, None)[0] if bids else arr
         save_nifti(tmp[map_files[k]], data, img.affine, img.header, dtype=dtype)
-
-
-def _algorithm(model, args):
-    """The sidecars' ``EstimationAlgorithm`` (the network and its recipe, or NLLS with its start)."""
-    if model is None:
-        start = (f"started from the network {args.nlls_init}" if args.nlls_init else
-                 "dictionary start" if args.fast else "default start")
-        return {"EstimationAlgorithm": f"NLLS: bounded Levenberg-Marquardt with variable projection ({start}"
-                                       f"{', fast schedule' if args.fast else ''}); standard errors sqrt(CRB)"}
-    meta = model.crb_metadata_
-    recipe = {k: meta.get(k) for k in ("module_class", "module_kwargs", "loss", "crb_at", "snr", "nuisance",
-                                       "tied_R1", "content_sha256")}
-    return {"EstimationAlgorithm": f"neural network ({meta.get('module_class')}, loss {meta.get('loss')}) "
-                                   f"trained on simulated fingerprints; standard errors: {args.se}",
-            "EstimationNetwork": recipe}
 
 
 def _fit_owned(summary):
@@ -356,7 +341,9 @@ def cmd_fit(args):
                **({"nlls_init": args.nlls_init, "nlls_fast": bool(args.fast)} if model is None else {}),
                "fixed_maps": fixed_files, "fixed_map_errors": fixed_se, "standard_error": args.se if model is not None else "crb",
                "files": [map_files[k] for k in arrays] + [png]}
-    sidecar_files, desc = _bids_files(args, out, maps, map_files, _algorithm(model, args)) if bids else ({}, None)
+    algorithm = estimation_algorithm(None if model is None else model.crb_metadata_, se=args.se,
+                                     nlls_init=args.nlls_init, fast=args.fast)
+    sidecar_files, desc = _bids_files(args, out, maps, map_files, algorithm) if bids else ({}, None)
     # dataset_description.json is shared by every subject's fit: never listed as this fit's own file
     summary["files"] += [*sidecar_files, report_name]
     if bids:

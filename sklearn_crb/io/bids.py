@@ -35,8 +35,8 @@ from pathlib import Path
 
 from sklearn_crb._version import __version__
 
-__all__ = ["BIDS_VERSION", "ESTIMATION_REFERENCE", "bids_map_names", "dataset_description", "map_sidecar",
-           "subject_session", "source_uris", "to_bids_units", "check_label"]
+__all__ = ["BIDS_VERSION", "ESTIMATION_REFERENCE", "bids_map_names", "dataset_description", "estimation_algorithm",
+           "map_sidecar", "subject_session", "source_uris", "to_bids_units", "check_label", "is_own_description"]
 
 #: The BIDS specification version the names and sidecars follow.
 BIDS_VERSION = "1.10.0"
@@ -190,6 +190,25 @@ def is_own_description(path):
         return d.get("DatasetType") == "derivative" and d["GeneratedBy"][0]["Name"] == PIPELINE
     except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
         return False
+
+
+def estimation_algorithm(meta=None, *, se="delta", nlls_init=None, fast=False):
+    """The sidecars' ``EstimationAlgorithm``: a network with its recipe (its saved ``meta``), or NLLS with its start.
+
+    Returns ``{"EstimationAlgorithm": str}`` and, for a network, ``"EstimationNetwork"``: its module, loss,
+    where the CRB weight is evaluated, the training SNR range, the nuisance handling and the content SHA-256.
+    """
+    if meta is None:
+        start = (f"started from the network {nlls_init}" if nlls_init else "dictionary start" if fast
+                 else "default start")
+        return {"EstimationAlgorithm": f"NLLS: bounded Levenberg-Marquardt with variable projection ({start}"
+                                       f"{', fast schedule' if fast else ''}); standard errors sqrt(CRB)"}
+    recipe = {k: meta.get(k) for k in ("module_class", "module_kwargs", "loss", "crb_at", "snr", "nuisance",
+                                       "tied_R1", "content_sha256")}
+    return {"EstimationAlgorithm": f"neural network ({meta.get('module_class')}, loss {meta.get('loss')}) "
+                                   f"trained on simulated fingerprints (Zhang et al., MRM 2022); standard errors: "
+                                   f"{se}",
+            "EstimationNetwork": recipe}
 
 
 def map_sidecar(name, unit, *, algorithm, sources, summary):
