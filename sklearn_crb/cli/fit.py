@@ -368,7 +368,8 @@ def cmd_fit(args):
 def add_parser(sub):
     """Register ``fit`` on the subcommand parser ``sub``."""
     p = sub.add_parser("fit", help="fit a coefficient image with a saved network or NLLS", epilog=EPILOG,
-                       description="Write NIfTI parameter, standard-error, residual and flag maps and a PNG.")
+                       description="Write NIfTI parameter, standard-error, residual and flag maps, a PNG and a "
+                                   "self-contained QC report (report.html); --bids: a BIDS derivative dataset.")
     p.add_argument("--coefficients", required=True,
                    help="coefficient image: NIfTI (complex, or 2r channels [Re..., Im...]), .mat, .npy, .npz")
     p.add_argument("--out", required=True, help="output directory")
