@@ -171,18 +171,28 @@ def _check_rows(check, estimate, units):
 
 
 def _check_figure(check, estimate, units):
-    fig = _figure((3.2 * len(estimate), 3.0))
-    axes = np.atleast_1d(fig.subplots(1, len(estimate)))
+    """Network against NLLS standard errors per parameter, log-log (they can span decades), identity dashed."""
+    ncol = min(4, len(estimate))
+    fig = _figure((3.2 * ncol, 3.0 * -(-len(estimate) // ncol)))
+    axes = np.atleast_1d(fig.subplots(-(-len(estimate) // ncol), ncol, squeeze=False)).ravel()
+    ok = check["nlls_flags"] == 0
     for ax, p in zip(axes, estimate):
         c = check[p]
-        ax.scatter(c["nlls_se"], c["net_se"], s=10)
+        for sel, label, marker in ((ok, "NLLS fitted", "o"), (~ok, "NLLS flagged", "x")):
+            if sel.any():
+                ax.scatter(c["nlls_se"][sel], c["net_se"][sel], s=12, marker=marker, label=label)
         both = np.concatenate([c["nlls_se"], c["net_se"]])
-        both = both[np.isfinite(both)]
+        both = both[np.isfinite(both) & (both > 0)]
         if both.size:
             ax.plot([both.min(), both.max()], [both.min(), both.max()], "k--", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
         ax.set_xlabel(f"NLLS standard error of {p} ({units.get(p, '')})", fontsize=8)
         ax.set_ylabel("network standard error", fontsize=8)
         ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7)
+    for ax in axes[len(estimate):]:
+        ax.axis("off")
     fig.tight_layout()
     return _png_uri(fig)
 
