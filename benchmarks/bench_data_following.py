@@ -87,8 +87,8 @@ def one_step(net, args):
         warnings.simplefilter("ignore")  # max_iter=1: every voxel "did not converge", by design
         gd = gn.predict_details(X)
     step_s = time.perf_counter() - t
-    d = np.asarray(gd["prediction"], dtype=float) - p0
-    crb_est = gd["crb_unit"] / args.snr**2  # CRB at the step's end point: the estimate's, to first order
+    d = np.asarray(gd.prediction, dtype=float) - p0
+    crb_est = gd.crb_unit / args.snr**2  # CRB at the step's end point: the estimate's, to first order
     return sim, est, y, p0, d, crb_truth, crb_est, step_s
 
 

@@ -68,7 +68,7 @@ def main(argv=None):
         m = fit_maps(net, ph.coefficients, mask, compute_se=compute, se=se)
         dt = time.perf_counter() - t0
         rows.append({"setting": label, "voxels": int(mask.sum()), "seconds": dt, "voxels_per_s": mask.sum() / dt,
-                     "sigma_ratio": m["sigma"] * 116.0})
+                     "sigma_ratio": m.sigma * 116.0})
     tables = [table(f"fit_maps on {rows[0]['voxels']} phantom voxels ({seq_name})",
                     ["setting", "voxels", "seconds", "voxels/s", "sigma/true"],
                     [[r["setting"], r["voxels"], r["seconds"], r["voxels_per_s"], r["sigma_ratio"]] for r in rows],

@@ -209,13 +209,13 @@ def untied_cold(args, seq):
         t = time.perf_counter() - t0
         cold[name] = {"options": kw, "voxels_per_s": args.n / t, "fit_seconds": t1 - t0,
                       "voxels_per_s_after_fit": args.n / (t - (t1 - t0)),
-                      "mean_iterations": float(du["n_iter"].mean()),
-                      "mean_jacobians": float(du["n_jacobian"].mean()),
-                      "converged_fraction": float(du["converged"].mean())}
+                      "mean_iterations": float(du.n_iter.mean()),
+                      "mean_jacobians": float(du.n_jacobian.mean()),
+                      "converged_fraction": float(du.converged.mean())}
         if name == "default":
-            cost_default = du["residual_norm"] ** 2
+            cost_default = du.residual_norm ** 2
         else:  # another local minimum, or a stop short of it: the cost against the default fit's, in sigma^2
-            dc = (du["residual_norm"] ** 2 - cost_default) / du["sigma"] ** 2
+            dc = (du.residual_norm ** 2 - cost_default) / du.sigma ** 2
             cold[name].update(higher_cost_than_default=float(np.mean(dc > 1)),
                               lower_cost_than_default=float(np.mean(dc < -1)))
     return cold

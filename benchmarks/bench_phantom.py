@@ -80,10 +80,10 @@ def calibration(work, ph, U, shape, tied, n_draws):
     for t in ("WM", "GM"):
         sel = ph.tissue_mask(t)
         for p in ("m0s", "R1f", "R2f"):
-            e = np.stack([m[p][sel] for m in draws])
-            s = np.stack([m[p + "_se"][sel] for m in draws])
+            e = np.stack([m.arrays[p][sel] for m in draws])
+            s = np.stack([m.arrays[p + "_se"][sel] for m in draws])
             calib[f"{t}/{p}"] = float(np.sqrt(np.mean(np.var(e, axis=0, ddof=1))) / np.sqrt(np.mean(s**2)))
-    return calib, float(np.median([m["sigma"] for m in draws]) * SNR)
+    return calib, float(np.median([m.sigma for m in draws]) * SNR)
 
 
 def report(med, calib, sigma_ratio, seconds):

@@ -55,10 +55,10 @@ def calibrate(net, args):
     for k in range(args.draws):
         ph_k = make_phantom(ph.labels.shape, seq, basis=U, snr=SNR, tied_R1=True, random_state=100 + k)
         m = fit_maps(net, ph_k.coefficients, sub, se=args.se)
-        sigmas.append(m["sigma"])
+        sigmas.append(m.sigma)
         for p in names:
-            est[p].append(m[p])
-            se[p].append(m[p + "_se"])
+            est[p].append(m.arrays[p])
+            se[p].append(m.arrays[p + "_se"])
     rows = []
     for t in ("WM", "GM"):
         sel = ph.tissue_mask(t) & sub

@@ -40,7 +40,7 @@ for j, p in enumerate(("m0s", "R1f", "R2f")):
     axes[0, j].imshow(maps[p]), axes[0, j].set_title(p)
     axes[1, j].imshow(maps[p + "_se"]), axes[1, j].set_title(f"std. error {p}")
 axes[0, 3].imshow(ph.parameter_map("m0s")), axes[0, 3].set_title("true m0s")
-axes[1, 3].imshow(maps["relative_residual"]), axes[1, 3].set_title("relative residual")
+axes[1, 3].imshow(maps.arrays["relative_residual"]), axes[1, 3].set_title("relative residual")
 for ax in axes.ravel():
     ax.axis("off")
 fig.tight_layout()

@@ -24,7 +24,7 @@ from sklearn_crb._validation import check_basis, check_parameter_dict
 from sklearn_crb.physics.parameters import resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
 
-__all__ = ["FittedModel", "ModelMixin", "fitted_model", "BASIS_MATCH_TOL"]
+__all__ = ["FittedModel", "ModelMixin", "fitted_model", "BASIS_MATCH_TOL", "NETWORK_SE"]
 
 #: Largest element-wise difference at which two bases count as the same (a float32 copy of a basis is
 #: the same basis; ``io.models.check_compatible`` uses the same tolerance).
@@ -131,9 +131,8 @@ class ModelMixin:
 def fitted_model(estimator, argname="estimator"):
     """The :class:`FittedModel` of a fitted estimator.
 
-    An estimator declares its model by a ``fitted_model()`` method (:class:`ModelMixin`). A network
-    (``CRBNetRegressor``) that has none yet is read from its documented model attributes:
-    ``crb_metadata_`` of a loaded model (``io.models.load_model``), else its fitted ``simulator_``.
+    An estimator declares its model by a ``fitted_model()`` method: :class:`ModelMixin` gives it to
+    ``NLLSFitter``, ``DictionaryMatcher`` and the simulator; ``CRBNetRegressor`` has its own.
 
     Raises
     ------
@@ -143,31 +142,14 @@ def fitted_model(estimator, argname="estimator"):
         A network that carries no sequence and basis.
     """
     method = getattr(estimator, "fitted_model", None)
-    if callable(method):
-        return method()
-    if not hasattr(estimator, "target_names_"):  # not a fitted network: no model to read
+    if not callable(method):
         raise TypeError(f"{argname} must declare the model it fits with (a fitted_model() method, as NLLSFitter, "
-                        f"DictionaryMatcher and a fitted CRBNetRegressor do), got {type(estimator).__name__}")
-    return _network_model(estimator, argname)
+                        f"DictionaryMatcher and CRBNetRegressor do), got {type(estimator).__name__}")
+    try:
+        return method()
+    except ValueError as exc:
+        raise ValueError(f"{argname}: {exc}") from None
 
 
 #: A network's standard errors: its delta-method spread (default) or sqrt(CRB) at its estimate.
-_NETWORK_SE = ("delta", "crb")
-
-
-def _network_model(net, argname):
-    """A fitted or loaded network's model, until the network provides ``fitted_model()`` itself."""
-    measured = tuple(getattr(net, "measured_", None) or ())
-    meta = getattr(net, "crb_metadata_", None)
-    if meta is not None:
-        basis = None if meta.get("basis") is None else np.asarray(meta["basis"], dtype=np.complex128)
-        return FittedModel(sequence=Sequence.from_dict(meta["sequence"]), basis=basis,
-                           estimate=tuple(meta["estimate"]), tied_R1=bool(meta.get("tied_R1", False)),
-                           measured=measured, se_methods=_NETWORK_SE)
-    sim = getattr(net, "simulator_", None)
-    if sim is None or getattr(sim, "basis_", None) is None:
-        raise ValueError(f"{argname}: the network carries no sequence and compression basis (coefficient images "
-                         "are rank-r): train it with simulator= or fit_simulated, or load a saved model")
-    return FittedModel(sequence=sim.sequence_, basis=np.asarray(sim.basis_, np.complex128),
-                       estimate=tuple(net.target_names_), tied_R1=bool(sim.tied_R1), measured=measured,
-                       se_methods=_NETWORK_SE)
+NETWORK_SE = ("delta", "crb")

@@ -20,10 +20,10 @@ import joblib
 import numpy as np
 import torch
 
+from sklearn_crb._atomic import atomic_dir, claim_output
 from sklearn_crb.crb import cramer_rao_bound
 from sklearn_crb.estimators.nlls import NLLSFitter
-from sklearn_crb._atomic import atomic_dir
-from sklearn_crb.io._files import check_output_folder
+from sklearn_crb.io._files import check_output_folder, releases_claims
 from sklearn_crb.io.datasets import simulate_dataset
 from sklearn_crb.io.images import features_from_coefficients, save_nifti
 from sklearn_crb.io.models import save_model
@@ -110,6 +110,7 @@ def _constant_row(prior_mean, yt, crb, labels, names):
             "abs_bias": np.median(per, axis=0).tolist(), "std": [0.0] * len(names), "constant": prior_mean.tolist()}
 
 
+@releases_claims
 def run_demo(out="sklearn_crb_demo", quick=False, seed=0, progress=True, stream=None, overwrite=False):
     """The ``sklearn-crb demo`` pipeline; returns the results dict.
 
@@ -136,7 +137,8 @@ def run_demo(out="sklearn_crb_demo", quick=False, seed=0, progress=True, stream=
     cfg = DEMO_SIZES[bool(quick)]
     t_all = time.perf_counter()
     torch.manual_seed(seed)
-    out = check_output_folder(out, overwrite=overwrite, owned_names=DEMO_FILES, marker="results.json")
+    claim = claim_output(out, argname="out")  # held to the commit: a second demo into out is refused
+    out = check_output_folder(claim.path, overwrite=overwrite, owned_names=DEMO_FILES, marker="results.json")
     names = ("m0s", "R1f", "R2f")  # reported; the networks estimate every free parameter
     with atomic_dir(out) as staging:
         seq = Sequence.default()

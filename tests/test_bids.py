@@ -1,5 +1,6 @@
 """``sklearn-crb fit --bids``: BIDS derivative names and sidecars, read back with pybids (an external tool)."""
 
+import fnmatch
 import json
 import os
 
@@ -90,10 +91,12 @@ def test_bids_validator_accepts_the_names_bids_defines(fitted):
     from bids_validator import BIDSValidator
 
     _, out, _ = fitted
-    names = ["/dataset_description.json"] + [
-        "/" + p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and "desc-" not in p.name
-        and p.parent.name == "anat"]
-    assert len(names) == 1 + 2 * 5  # R1map R2map T1map T2map M0map, each .nii.gz and .json
+    ignored = (out / ".bidsignore").read_text().split()
+    files = [p for p in out.rglob("*") if p.is_file() and p.name != ".bidsignore"]
+    extra = [p.name for p in files if any(fnmatch.fnmatch(p.name, pat) for pat in ignored)]
+    assert sorted(extra) == ["sub-01_ses-a_overview.png", "sub-01_ses-a_report.html", "sub-01_ses-a_summary.json"]
+    names = ["/" + p.relative_to(out).as_posix() for p in files if "desc-" not in p.name and p.name not in extra]
+    assert len(names) == 1 + 2 * 5  # the description; R1map R2map T1map T2map M0map, each .nii.gz and .json
     assert all(BIDSValidator().is_bids(n) for n in names), [n for n in names if not BIDSValidator().is_bids(n)]
 
 
@@ -111,11 +114,25 @@ def test_subject_from_option_second_subject_and_refusals(fitted, capsys):
     assert main([*base, "--coefficients", str(plain_name), "--bids-subject", "02"]) == 0
     assert (out / "sub-02" / "anat" / "sub-02_R1map.nii.gz").exists()
     assert (out / "sub-02" / "anat" / "sub-02_R1map.json").exists()
-    assert (out / "sub-02_report.html").exists()
+    assert (out / "sub-02" / "anat" / "sub-02_report.html").exists()
     assert (out / "dataset_description.json").read_text() == before  # the shared description is kept
     # the same subject again: refused without --overwrite, replaced with it
     assert main([*base, "--coefficients", str(plain_name), "--bids-subject", "02"]) == 2
     assert main([*base, "--coefficients", str(plain_name), "--bids-subject", "02", "--overwrite"]) == 0
+    # a fit that fails while writing leaves neither maps nor a report nor new folders
+    import sklearn_crb.cli.fit as cli_fit
+
+    def broken(*a, **k):
+        raise RuntimeError("report failed")
+
+    snapshot = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli_fit, "render_report", broken)
+        assert main([*base, "--coefficients", str(plain_name), "--bids-subject", "03"]) == 2
+        new = d / "new_derivative"
+        assert main([*base[:-3], "--out", str(new), "--bids", "--coefficients", str(coef)]) == 2
+    assert "report failed" in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == snapshot and not new.exists()
     # a derivative folder another tool described is refused, and nothing is written into it
     foreign = d / "foreign"
     foreign.mkdir()

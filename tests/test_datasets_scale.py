@@ -9,8 +9,7 @@ import torch
 
 from sklearn_crb.cli import main
 from sklearn_crb.estimators.net.loaders import PackedRows, RowBatches, TensorBatches, row_batches_or_none
-from sklearn_crb.io.datasets import (iter_dataset_chunks, load_dataset, open_dataset, simulate_dataset,
-                                     simulate_to_file)
+from sklearn_crb.io.datasets import iter_dataset_chunks, load_dataset, open_dataset, simulate_dataset, simulate_to_file
 from sklearn_crb.io.h5 import H5Rows
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.simulator import MTFingerprintSimulator
@@ -253,3 +252,72 @@ def test_cli_train_reads_a_large_hdf5_set_lazily_with_the_same_result(tmp_path, 
     X = np.random.default_rng(0).standard_normal((7, 12))
     np.testing.assert_allclose(load_model(tmp_path / "lazy").predict(X), load_model(tmp_path / "eager").predict(X),
                                rtol=1e-5)
+
+
+# ------------------------------------------------------------------ sizes before any work
+def test_row_nbytes_is_what_a_simulated_row_holds(sim):
+    from sklearn_crb.parallel_simulation import row_nbytes
+
+    data = simulate_dataset(sim, 7, 0, chunk=3, progress=False)
+    assert row_nbytes(6, len(sim.estimate_)) * 7 == sum(v.nbytes for v in data.values())
+
+
+def test_simulate_1e12_is_refused_within_a_second_before_any_allocation(tmp_path, capsys):
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    code = main(["simulate", "--n-samples", "1e12", "--out", str(tmp_path / "x.h5"), "--quiet"])
+    seconds = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    err = capsys.readouterr().err
+    assert code == 2 and "--n-samples 1000000000000" in err and "GB" in err, err
+    assert seconds < 1.0 and peak < 50e6, (seconds, peak)
+    assert os.listdir(tmp_path) == []
+
+
+def test_h5_size_is_checked_against_free_disk_before_pre_sizing(sim, tmp_path, monkeypatch):
+    import shutil
+
+    import sklearn_crb.io.datasets as ds
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(ds.shutil, "disk_usage", lambda p: real(p)._replace(free=10_000))
+    monkeypatch.setattr(ds, "write_h5_chunks", lambda *a, **k: pytest.fail("pre-sized without a space check"))
+    with pytest.raises(ValueError, match=r"n_samples 1000: the training set needs .* GB on disk but .* free"):
+        simulate_to_file(tmp_path / "x.h5", sim, 1000, 0, progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_npz_size_is_checked_against_available_memory(sim, tmp_path, monkeypatch, capsys):
+    import sklearn_crb.io.datasets as ds
+
+    monkeypatch.setattr(ds, "_available_memory", lambda: 1_000_000)
+    monkeypatch.setattr(ds, "simulate_dataset", lambda *a, **k: pytest.fail("simulated without a memory check"))
+    with pytest.raises(ValueError, match=r"held in memory .* available; write out as \.h5"):
+        simulate_to_file(tmp_path / "x.npz", sim, 10_000, 0, progress=False)
+    code = main(["simulate", "--n-samples", "1e4", "--out", str(tmp_path / "y.npz"), "--quiet", "--n-pulses", "100",
+                 "--rank", "6"])
+    assert code == 2 and "--n-samples 10000: a .npz training set is held in memory" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+class _TinySimulator:
+    def make_dataset(self, n, rng, return_details=True):
+        z = np.zeros((n, 1))
+        return z, z, z, {"X_clean": z, "crb_unit": z, "theta": z, "M0": z[:, 0]}
+
+
+def test_the_chunk_list_is_not_built_eagerly():
+    import tracemalloc
+
+    tracemalloc.start()
+    chunks = iter_dataset_chunks(_TinySimulator(), 10**6, 0, chunk=1, n_jobs=1)
+    rows, part = next(chunks)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    chunks.close()
+    assert rows == slice(0, 1) and part["X"].shape == (1, 1)
+    assert peak < 5e6, peak  # a list of 10**6 slices alone is ~60 MB

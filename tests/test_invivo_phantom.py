@@ -27,7 +27,6 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import V32_NAME, require_data_file
 
 from sklearn_crb.cli import main
@@ -36,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 N_TRAIN = 24000
 SNR = 116.0  # 1/sigma: WM |M0| = 0.69 -> |M0|/sigma = 80
-N_NLLS = 120  # NLLS voxels per tissue: GM m0s scatters 0.05 per voxel at this SNR, so 30 left the GM median 12 % uncertain
+N_NLLS = 120  # NLLS voxels per tissue: GM m0s scatters 0.05 per voxel at this SNR (30 left the GM median 12 % uncertain)
 N_DRAWS = 4  # noise draws for the empirical spread
 N_SE = 40  # voxels per tissue (WM, GM) in the spread check
 
@@ -79,8 +78,9 @@ def run(tmp_path_factory):
         for t in ("WM", "GM", "CSF"):
             # medians over every fitted voxel: only invalid input (1) and estimator failure (2) are left out;
             # CSF voxels (m0s ~ 0.01) are expected to carry the singular-CRB flag (Rex, T2s unidentifiable)
-            sel = ph.tissue_mask(t) & (m["mask"] > 0) & ((m["flags"].astype(int) & 3) == 0)
-            med[k, t] = {"m0s": float(np.median(m["m0s"][sel])), "T1": float(np.median(1 / m["R1f"][sel])),
+            a = m.arrays
+            sel = ph.tissue_mask(t) & (a["mask"] > 0) & ((a["flags"].astype(int) & 3) == 0)
+            med[k, t] = {"m0s": float(np.median(a["m0s"][sel])), "T1": float(np.median(1 / a["R1f"][sel])),
                          "n": int(sel.sum())}
     print(json.dumps({f"{k}/{t}": v for (k, t), v in med.items()}))
     return d, ph, med

@@ -17,7 +17,7 @@ FLOORS = [
     ("sklearn_crb.crb",),
     ("sklearn_crb.basis",),
     # the model arguments (sequence, basis, estimate, fixed) the simulator and the estimators resolve alike
-    ("sklearn_crb._model", "sklearn_crb.noise", "sklearn_crb.simulator"),
+    ("sklearn_crb._model", "sklearn_crb.noise", "sklearn_crb.simulator", "sklearn_crb.parallel_simulation"),
     # the CRB metrics are pure functions of (y_true, y_pred, crb); the estimators' score() uses them
     ("sklearn_crb.metrics", "sklearn_crb._report"),
     ("sklearn_crb.estimators", "sklearn_crb.network"),

@@ -66,9 +66,9 @@ def test_network_crb_standard_errors_are_the_crb_at_the_estimate(setup):
     sel = ph.mask
     X = np.hstack([ph.coefficients[sel].real, ph.coefficients[sel].imag])[:5]
     det = network_details(net, X, se="crb")
-    assert det["var_unit"] is None
-    crb = cramer_rao_bound(ph.sequence, det["theta"], estimate=NAMES, basis=sim.basis_)
-    np.testing.assert_allclose(det["crb_unit"], crb, rtol=1e-6)
+    assert det.var_unit is None
+    crb = cramer_rao_bound(ph.sequence, det.theta, estimate=NAMES, basis=sim.basis_)
+    np.testing.assert_allclose(det.crb_unit, crb, rtol=1e-6)
     with pytest.raises(ValueError, match="se must be one of"):
         network_details(net, X, se="bootstrap")
 

@@ -103,14 +103,14 @@ def test_phantom_maps_recover_tissue_values_at_high_snr(default_sequence):
         sel.flat[np.flatnonzero(m)[:3]] = True
         maps = fit_maps(_nlls(ph, tissue), ph.coefficients, sel)
         for p in NAMES:
-            est, true = maps[p][sel], TISSUES[tissue][p]
+            est, true = maps.arrays[p][sel], TISSUES[tissue][p]
             if p == "m0s":
                 np.testing.assert_allclose(est, true, atol=5e-3, err_msg=tissue)
             else:
                 np.testing.assert_allclose(est, true, rtol=1e-2, err_msg=f"{tissue} {p}")
-        assert np.all(maps["relative_residual"][sel] < 1e-3)
-        assert np.all(maps["M0_abs"][sel] == pytest.approx(PROTON_DENSITY[tissue], rel=1e-2))
-        assert np.all(maps[p][~sel] == 0)
+        assert np.all(maps.arrays["relative_residual"][sel] < 1e-3)
+        assert np.all(maps.arrays["M0_abs"][sel] == pytest.approx(PROTON_DENSITY[tissue], rel=1e-2))
+        assert np.all(maps.arrays[p][~sel] == 0)
 
 
 @pytest.mark.slow
@@ -121,12 +121,12 @@ def test_standard_error_matches_empirical_spread_on_uniform_region(default_seque
     a std over 100 draws is ~7 %); sigma is estimated from the residuals."""
     ph = make_phantom((14, 14), default_sequence, snr=100, fields=False, uniform="WM", random_state=5)
     maps = fit_maps(_nlls(ph, "WM"), ph.coefficients)
-    sel = maps["mask"] & (maps["flags"] == 0)
+    sel = maps.arrays["mask"] & (maps.arrays["flags"] == 0)
     assert sel.sum() > 80
-    assert maps["sigma"] == pytest.approx(ph.sigma, rel=0.15)
+    assert maps.sigma == pytest.approx(ph.sigma, rel=0.15)
     for p in NAMES:
-        spread = np.std(maps[p][sel], ddof=1)
-        se = np.median(maps[p + "_se"][sel])
+        spread = np.std(maps.arrays[p][sel], ddof=1)
+        se = np.median(maps.arrays[p + "_se"][sel])
         assert 0.75 < spread / se < 1.25, (p, spread, se)
 
 

@@ -50,8 +50,8 @@ def assert_refused(argv, root, capsys, match=None):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A training set, a saved model and a coefficient image in its basis (120 pulses, rank 6)."""
-    from sklearn_crb.physics.sequence import Sequence
     from sklearn_crb.phantom import make_phantom
+    from sklearn_crb.physics.sequence import Sequence
 
     d = tmp_path_factory.mktemp("robust_cli")
     assert main(["simulate", "--out", str(d / "t.npz"), "--n-samples", "200", "--rank", "6",
@@ -273,3 +273,95 @@ def test_sigint_to_a_train_subprocess_keeps_the_old_model(work, tmp_path):
     last = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()][-1]
     assert last.startswith("sklearn-crb train: interrupted")
     assert _snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------ the commit protocol from the commands
+def test_fit_overwrite_with_fewer_outputs_removes_the_previous_runs_extras(work, tmp_path):
+    d = work
+    out = tmp_path / "fit"
+    assert main(_fit(d, "--out", str(out), "--sigma", "0.02", "--times")) == 0
+    with_times = set(os.listdir(out))
+    (out / "mine.txt").write_text("a user's file")
+    assert main(_fit(d, "--out", str(out), "--sigma", "0.02", "--overwrite")) == 0
+    listed = set(json.loads((out / "summary.json").read_text())["files"]) | {"summary.json"}
+    assert set(os.listdir(out)) == listed | {"mine.txt"}  # the summary lists exactly what is there
+    assert {f for f in with_times if f.startswith("T1f")} and not {f for f in listed if f.startswith("T1f")}
+    assert (out / "mine.txt").read_text() == "a user's file"
+
+
+def test_fit_does_not_replace_a_file_that_appears_during_the_work(work, tmp_path, capsys, monkeypatch):
+    import sklearn_crb.cli.fit as cli_fit
+
+    d = work
+    out = tmp_path / "fit"
+    real = cli_fit.fit_maps
+
+    def fit_and_meanwhile(*a, **k):
+        out.mkdir(exist_ok=True)
+        (out / "m0s.nii.gz").write_bytes(b"written by someone else during the fit")
+        return real(*a, **k)
+
+    monkeypatch.setattr(cli_fit, "fit_maps", fit_and_meanwhile)
+    code, err = _run(_fit(d, "--out", str(out), "--sigma", "0.02"), capsys)
+    assert code == 2 and "m0s.nii.gz appeared or changed while this command ran" in err, err
+    assert os.listdir(out) == ["m0s.nii.gz"]
+    assert (out / "m0s.nii.gz").read_bytes() == b"written by someone else during the fit"
+
+
+@pytest.mark.parametrize("command", ["fit", "train", "simulate"])
+def test_a_second_command_into_one_out_is_refused_by_name(work, tmp_path, capsys, command):
+    """While another process holds --out (a command at work), a second one is refused before any work."""
+    import sklearn_crb._atomic as atomic
+
+    d = work
+    out = tmp_path / ("t.npz" if command == "simulate" else "out")
+    hold = ("import importlib.util as u, sys, time; s = u.spec_from_file_location('a', %r); m = u.module_from_spec(s)"
+            "; s.loader.exec_module(m); c = m.OutputClaim(%r); print('held', flush=True); time.sleep(60)"
+            % (atomic.__file__, str(out)))
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = {"fit": _fit(d, "--out", str(out)), "train": _train(d, "--out", str(out)),
+                "simulate": _simulate("--out", str(out))}[command]
+        t0 = time.perf_counter()
+        code, err = _run(argv, capsys)
+        assert code == 2 and "--out" in err and "is being written by another sklearn-crb process" in err, err
+        assert time.perf_counter() - t0 < 5
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ------------------------------------------------------------------ messages in the user's terms, before any work
+def _message_cases(d):
+    return {
+        "prefix-too-long": (_fit(d, "--out", str(d / "f"), "--prefix", "p" * 240), "--prefix: 240 bytes is too long"),
+        "TR-with-model": (_fit(d, "--out", str(d / "f"), "--TR", "5e-3"), "--TR: --model"),
+        "n-pulses-with-model": (_fit(d, "--out", str(d / "f"), "--n-pulses", "500"), "--n-pulses: --model"),
+        "n-pulses-with-sequence": (_simulate("--out", str(d / "n.npz"), "--sequence", str(d / "seq.mat")),
+                                   "--n-pulses sets the length of the built-in sequence"),
+        "zero-mask": (_fit(d, "--out", str(d / "f"), "--mask", str(d / "zero_mask.npy")), "selects no voxel"),
+        "rank-over-pulses": (_simulate("--out", str(d / "n.npz"), "--rank", "500"), "--rank 500 exceeds the 120"),
+        "rank-over-basis-samples": (_simulate("--out", str(d / "n.npz"), "--rank", "120"),
+                                    "--rank 120 exceeds --n-basis-samples 100"),
+        "crb-samples-below-rank": (_simulate("--out", str(d / "n.npz"), "--basis-method", "crb", "--n-crb-samples",
+                                             "3"), "--n-crb-samples 3 is below --rank 6"),
+        "n-samples-1e12": (["simulate", "--out", str(d / "n.h5"), "--n-samples", "1e12", "--quiet"],
+                           "--n-samples 1000000000000"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_message_cases(Path("/x"))))
+def test_messages_name_the_option_given(work, name, capsys):
+    import scipy.io
+
+    (work / "x.npz").write_bytes(b"not a training set")
+    np.save(work / "zero_mask.npy", np.zeros((8, 8, 1)))
+    scipy.io.savemat(work / "seq.mat", {"alpha": np.full(120, 0.5), "TRF": np.full(120, 3e-4)})
+    try:
+        argv, match = _message_cases(work)[name]
+        assert_refused(argv, work, capsys, match=match)
+    finally:
+        for f in ("x.npz", "zero_mask.npy", "seq.mat"):
+            os.remove(work / f)

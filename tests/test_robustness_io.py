@@ -421,8 +421,8 @@ def test_fit_maps_uses_only_the_protocol(short_sequence):
     est = _Protocol(short_sequence, U, theta, fail=fail)
     maps = fit_maps(est, c, mask=np.ones((5, 3)), sigma=2.0, chunk_size=100, fixed={"B1": 0.9})
     assert est.calls[0][1]["B1"].shape == (15,) and est.calls[0][2] is True
-    assert maps["flags"].flat[3] & FLAGS["estimator_failed"] and (maps["flags"].flat[:3] == 0).all()
-    np.testing.assert_allclose(maps["m0s_se"], 2.0 / maps["M0_abs"])  # sqrt(crb_unit) sigma / |M0|
+    assert maps.arrays["flags"].flat[3] & FLAGS["estimator_failed"] and (maps.arrays["flags"].flat[:3] == 0).all()
+    np.testing.assert_allclose(maps.arrays["m0s_se"], 2.0 / maps.arrays["M0_abs"])  # sqrt(crb_unit) sigma / |M0|
     with pytest.raises(TypeError, match="predict_details"):
         fit_maps(object(), c)
     with pytest.raises(ValueError, match="rank"):

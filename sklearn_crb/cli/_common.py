@@ -48,12 +48,24 @@ def _number(kind, low, strict=True):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            v = _integral(text) if kind is int else None  # "1e6" samples: an integer in float notation
+            if v is None:
+                raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                                 f"got {text!r}") from None
         if not np.isfinite(v) or (v <= low if strict else v < low):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
         return v
     parse.__name__ = kind.__name__
     return parse
+
+
+def _integral(text):
+    """``int`` of an integral number written as a float ("1e6", "96000.0"); None otherwise."""
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return int(v) if np.isfinite(v) and v == int(v) else None
 
 
 _positive_int, _positive_float = _number(int, 0), _number(float, 0.0)
@@ -86,18 +98,54 @@ def _normalization(text):
     return text
 
 
+#: Bytes a file name may have on common file systems (ext4, XFS, APFS, NTFS: 255).
+NAME_MAX = 255
+
+
+def _longest_output_name():
+    """The longest name ``fit`` writes after its prefix (every map of the untied model, times included)."""
+    from sklearn_crb.maps import map_names  # the maps decide the names; imported when a prefix is checked
+    from sklearn_crb.physics.parameters import free_parameters
+
+    names = [f"{k}.nii.gz" for k in map_names(free_parameters(False), times=True)]
+    return max([*names, "overview.png", "summary.json"], key=len)
+
+
 def _prefix(text):
     try:
-        return check_file_name(text, "--prefix")
+        text = check_file_name(text, "--prefix")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    longest = _longest_output_name()
+    if len((text + longest).encode()) > NAME_MAX:  # checked here: the OS refuses it only after the whole fit
+        raise argparse.ArgumentTypeError(f"{len(text.encode())} bytes is too long: output names such as "
+                                         f"PREFIX{longest} must stay within {NAME_MAX} bytes; give at most "
+                                         f"{NAME_MAX - len(longest.encode())} bytes")
+    return text
 
 
 # --------------------------------------------------------------------------- helpers
+#: Defaults of --TR and --n-pulses (left None in the parser, so that an option given can be told from its default).
+DEFAULT_TR, DEFAULT_N_PULSES = 3.5e-3, 1142
+
+
 def _sequence(args):
+    """The sequence of --sequence FILE (with --TR) or the built-in one (--n-pulses, --TR)."""
+    TR = DEFAULT_TR if args.TR is None else args.TR
     if getattr(args, "sequence", None):
-        return Sequence.from_mat(args.sequence, TR=args.TR)
-    return Sequence.default(n_pulses=args.n_pulses, TR=args.TR)
+        if args.n_pulses is not None:
+            raise CLIError(f"--n-pulses sets the length of the built-in sequence; --sequence {args.sequence} has "
+                           "its own length: drop --n-pulses")
+        return Sequence.from_mat(args.sequence, TR=TR)
+    return Sequence.default(n_pulses=DEFAULT_N_PULSES if args.n_pulses is None else args.n_pulses, TR=TR)
+
+
+def _no_sequence_options(args, source):
+    """Refuse --TR/--n-pulses where the sequence comes from ``source`` (a saved model), not from them."""
+    given = [opt for opt, v in (("--TR", args.TR), ("--n-pulses", args.n_pulses)) if v is not None]
+    if given and not getattr(args, "sequence", None):
+        raise CLIError(f"{' and '.join(given)}: {source} carries its own sequence, which is used; drop "
+                       f"{' and '.join(given)} (or give --sequence FILE, which must then match it)")
 
 
 @contextlib.contextmanager
@@ -121,6 +169,20 @@ def _interrupt_guard():
         raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c():
+    """Start worker processes with SIGINT ignored (inherited across exec): Ctrl-C reaches the whole process
+    group, and each worker would print its own traceback; the command stops them itself, in one line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _dask_context(scheduler):
     """``joblib.parallel_config(backend="dask")`` on a dask cluster, or a no-op; fails fast."""
     if not scheduler:
@@ -132,8 +194,9 @@ def _dask_context(scheduler):
     stack = contextlib.ExitStack()
     try:
         if scheduler == "local":
-            cluster = stack.enter_context(LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                                       dashboard_address=None))
+            with _workers_ignore_ctrl_c():
+                cluster = stack.enter_context(LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                                           dashboard_address=None))
             stack.enter_context(Client(cluster, timeout=SCHEDULER_TIMEOUT))
         else:
             stack.enter_context(Client(scheduler, timeout=SCHEDULER_TIMEOUT))
@@ -148,9 +211,10 @@ def _dask_context(scheduler):
 def _add_sequence_args(p, basis=True):
     g = p.add_argument_group("sequence and basis")
     g.add_argument("--sequence", help="MATLAB file with alpha (rad) and TRF (s); default: the built-in sequence")
-    g.add_argument("--TR", type=_positive_float, default=3.5e-3, help="repetition time in s (default 3.5e-3)")
-    g.add_argument("--n-pulses", type=_positive_int, default=1142,
-                   help="length of the built-in sequence (default 1142)")
+    g.add_argument("--TR", type=_positive_float, default=None,
+                   help=f"repetition time in s (default {DEFAULT_TR:g})")
+    g.add_argument("--n-pulses", type=_positive_int, default=None,
+                   help=f"length of the built-in sequence (default {DEFAULT_N_PULSES}; not with --sequence)")
     if basis:
         g.add_argument("--basis", help="compression basis (n_pulses x r; .npy/.npz/.mat/.nii); default: SVD")
         g.add_argument("--rank", type=_positive_int, default=None,

@@ -20,8 +20,10 @@ tool did) and ``sub-<label>/[ses-<label>/]anat/`` with qMRI-BIDS names and a
 JSON sidecar per map (:mod:`sklearn_crb.io.bids`). The subject and session
 come from ``--bids-subject``/``--bids-session``, else from a BIDS-named
 ``--coefficients`` file (``sub-01_ses-1_...``). The overview PNG, the
-summary and the report go to the folder's top as
-``sub-<label>[_ses-<label>]_{overview.png,summary.json,report.html}``.
+summary and the report are ``sub-<label>[_ses-<label>]_{overview.png,
+summary.json,report.html}`` beside the maps, so that one subject's fit is
+one folder committed at once (``dataset_description.json`` follows in its
+own commit, only for the dataset's first fit).
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ import numpy as np
 
 from sklearn_crb._version import __version__
 from sklearn_crb.cli._common import (EPILOG, SCHEDULER_TIMEOUT, CLIError, _add_sequence_args, _common, _dask_context,
-                                     _positive_float, _positive_int, _prefix, _sequence)
+                                     _no_sequence_options, _positive_float, _positive_int, _prefix, _sequence)
 from sklearn_crb.estimators.nlls import NLLSFitter
-from sklearn_crb.io._files import atomic_files, check_output_file
+from sklearn_crb.io._files import atomic_files, check_output_file, claim_output, releases_claims
 from sklearn_crb.io.bids import (bids_map_names, dataset_description, estimation_algorithm, is_own_description,
                                  map_sidecar, source_uris, subject_session, to_bids_units)
 from sklearn_crb.io.images import load_array, load_basis, load_coefficients, make_mask, save_nifti
@@ -52,15 +54,19 @@ from sklearn_crb.viz import overview_png
 __all__ = ["cmd_fit", "add_parser"]
 
 
+#: The files beside the BIDS maps that BIDS does not define, for validators to skip.
+BIDS_IGNORE = "*_overview.png\n*_summary.json\n*_report.html\n"
+
+
 def _fit_names(prefix, estimate, times=False, bids=None):
-    """``(map files, png, summary, report)``; ``bids=(subject, session)`` gives the BIDS derivative names."""
+    """``(map files, png, summary, report)`` in the fit's folder; ``bids=(subject, session)``: BIDS names."""
     maps = map_names(estimate, times=times)
     if bids is None:
         return ({k: f"{prefix}{k}.nii.gz" for k in maps}, f"{prefix}overview.png", f"{prefix}summary.json",
                 f"{prefix}report.html")
-    subject, session = bids
-    stem = f"sub-{subject}" + (f"_ses-{session}" if session else "")
-    return bids_map_names(maps, subject, session), f"{stem}_overview.png", f"{stem}_summary.json", f"{stem}_report.html"
+    stem = f"sub-{bids[0]}" + (f"_ses-{bids[1]}" if bids[1] else "")
+    files = {k: Path(v).name for k, v in bids_map_names(maps, *bids).items()}
+    return files, f"{stem}_overview.png", f"{stem}_summary.json", f"{stem}_report.html"
 
 
 def _bids_labels(args):
@@ -78,31 +84,41 @@ def _bids_labels(args):
 
 
 def _output_names(args, out, estimate):
-    """``(bids labels, (map files, png, summary, report), [dataset_description.json] or [])``, each output checked.
+    """``(bids labels, claim, (map files, png, summary, report), owned, [dataset_description.json] or [])``.
 
-    An existing output is replaced only with --overwrite and when the previous fit's summary lists it.
+    The fit's files go to one folder, ``--out`` or with --bids ``--out/sub-<label>/[ses-<label>/]anat``,
+    claimed here (``claim.path``) and committed together. Each is checked: an existing one is replaced only
+    with --overwrite and when the previous fit's summary lists it (``owned``).
     """
     bids = _bids_labels(args)
+    folder = out if bids is None else out / Path(bids_map_names(["mask"], *bids)["mask"]).parent
     names = _fit_names(args.prefix, estimate, times=args.times, bids=bids)
     map_files, png, summary_name, report_name = names
     sidecars = [m[:-len(".nii.gz")] + ".json" for m in map_files.values()] if bids else []
+    owned = _fit_owned(folder / summary_name) or set()
+    for name in [*map_files.values(), *sidecars, png, summary_name, report_name]:
+        check_output_file(folder / name, overwrite=args.overwrite, owned=lambda p: p.name in owned, argname="--out")
     description = _bids_description(out) if bids else []
-    owned = _fit_owned(out / summary_name) or set()
-    for name in [*map_files.values(), *sidecars, png, summary_name, report_name, *description]:
-        check_output_file(out / name, overwrite=args.overwrite,
-                          owned=lambda p: os.path.relpath(p, out).replace(os.sep, "/") in owned, argname="--out")
-    return bids, names, description
+    return bids, claim_output(folder, argname="--out"), names, owned, description
+
+
+def _write_description(out, names, desc):
+    """The dataset's ``dataset_description.json`` and ``.bidsignore`` (those of ``names``, the ones absent),
+    shared by its subjects: written in their own commit once the first subject's maps are in."""
+    if names:
+        with atomic_files(out, names, argname="--out") as tmp:
+            for name in names:
+                tmp[name].write_text(json.dumps(desc, indent=1) if name.endswith(".json") else BIDS_IGNORE)
 
 
 def _bids_description(out):
-    """``dataset_description.json`` to write (``[]``) or keep (an earlier sklearn-crb fit's); refuse another's."""
+    """Which of ``dataset_description.json`` and ``.bidsignore`` to write: those absent. An existing
+    description must be an earlier sklearn-crb fit's (kept); another tool's is refused."""
     path = out / "dataset_description.json"
-    if not (path.exists() or path.is_symlink()):
-        return ["dataset_description.json"]
-    if not is_own_description(path):
+    if (path.exists() or path.is_symlink()) and not is_own_description(path):
         raise CLIError(f"--out {out}: its dataset_description.json was not written by sklearn-crb; give a "
                        "derivatives/sklearn-crb folder of its own")
-    return []
+    return [n for n in ("dataset_description.json", ".bidsignore") if not os.path.lexists(out / n)]
 
 
 def _check_options(args, model):
@@ -274,6 +290,7 @@ def _nlls_schedule(args, seq, basis, rank):
     return kw
 
 
+@releases_claims
 def cmd_fit(args):
     # ---- all checks first
     if not args.model and not args.nlls:
@@ -283,7 +300,9 @@ def cmd_fit(args):
     out = Path(os.path.abspath(args.out))
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
+    claim = claim_output(out, argname="--out")  # held to the commit: a second command into --out is refused
     if args.model:
+        _no_sequence_options(args, f"--model {args.model}")
         model = load_model(args.model, device=args.device)
         meta = model.crb_metadata_
         seq = _sequence(args) if args.sequence else Sequence.from_dict(meta["sequence"])
@@ -299,6 +318,10 @@ def cmd_fit(args):
     img = load_coefficients(args.coefficients, basis=basis)
     mask_arr = load_array(args.mask, None, "mask", preferred=("mask",))[0] if args.mask else None
     fit_mask, _ = make_mask(img, mask_arr)  # shape check before any work
+    if not fit_mask.any():
+        raise CLIError(f"--mask {args.mask} selects no voxel to fit (all zero, or only non-finite voxels of "
+                       "--coefficients)" if args.mask else "--coefficients: no voxel to fit (the automatic mask is "
+                       "empty: the image is zero or not finite everywhere); give --mask")
     fixed, fixed_files = _load_fixed(_fixed_specs(args), img, fit_mask, estimate,
                                      bool(args.tied_R1 if model is None else meta.get("tied_R1", False)))
     fixed_se = _fixed_errors(args, fixed)
@@ -308,7 +331,9 @@ def cmd_fit(args):
         raise CLIError(f"--model {args.model} takes measured {list(model.measured_)} as inputs: give "
                        + ", ".join(opts.get(p, f"--fixed {p}=FILE") for p in need))
     _check_options(args, model)
-    bids, (map_files, png, summary_name, report_name), description = _output_names(args, out, estimate)
+    bids, target, (map_files, png, summary_name, report_name), owned, description = _output_names(args, out,
+                                                                                                  estimate)
+    folder = target.path  # --out, or the subject's anat folder in it: claimed (held) to the commit, as --out is
     if model is not None:
         check_compatible(model, sequence=seq, basis=basis, rank=img.rank)
         estimator = model
@@ -348,20 +373,23 @@ def cmd_fit(args):
     summary["files"] += [*sidecar_files, report_name]
     if bids:
         summary["bids"] = {"subject": bids[0], "session": bids[1]}
-    written = [map_files[k] for k in arrays] + [*sidecar_files, png, report_name, summary_name, *description]
+    written = [map_files[k] for k in arrays] + [*sidecar_files, png, report_name, summary_name]
     info = {"input": str(args.coefficients), "fit time (s)": f"{elapsed:.1f}",
             **({"model": str(args.model), "standard errors": args.se} if model is not None else {})}
-    with atomic_files(out, written) as tmp:
+    # the previous run's files (its summary's list) that this run does not write go in the same commit
+    stale = owned - set(written) if args.overwrite else set()
+    with atomic_files(folder, written, remove=sorted(stale), argname="--out") as tmp:
         _save_maps(tmp, arrays, map_files, img, bids)
-        for name, content in {**sidecar_files, **dict.fromkeys(description, desc)}.items():
+        for name, content in sidecar_files.items():
             tmp[name].write_text(json.dumps(content, indent=1))
         overview_png(tmp[png], arrays, title=f"{kind}: {Path(args.coefficients).name}")
         tmp[report_name].write_text(render_report(maps, title=f"sklearn-crb fit ({kind}): "
                                                   f"{Path(args.coefficients).name}", info=info, check=check),
                                     encoding="utf-8")
         tmp[summary_name].write_text(json.dumps(summary, indent=1))
+    _write_description(claim.path, description, desc)
     print(f"fitted {n_fit} voxels in {elapsed:.1f} s ({1e3 * elapsed / max(n_fit, 1):.2f} ms/voxel), "
-          f"sigma = {maps.sigma:.3g}; wrote {len(written)} files to {out}")
+          f"sigma = {maps.sigma:.3g}; wrote {len(written) + len(description)} files to {folder}")
     return 0
 
 
@@ -426,8 +454,8 @@ def add_parser(sub):
                         "(R1map, R2map, T1map, T2map in s; desc-<name> for m0s, Rex, R1s, T2s and the others; "
                         "desc-<name>SE for standard errors) and a JSON sidecar per map (units, estimation "
                         "algorithm, reference, sources, sequence and basis SHA-256, sigma, version); the PNG, "
-                        "summary and report are sub-<label>[_ses-<label>]_overview.png, _summary.json, "
-                        "_report.html at the top")
+                        "summary and report beside them as sub-<label>[_ses-<label>]_overview.png, _summary.json, "
+                        "_report.html")
     g.add_argument("--bids-subject", metavar="LABEL",
                    help="BIDS subject label (default: the sub-<label> of a BIDS-named --coefficients file)")
     g.add_argument("--bids-session", metavar="LABEL",

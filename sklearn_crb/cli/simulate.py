@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sklearn_crb.cli._common import (DEFAULT_N_SAMPLES, DEFAULT_PRIOR, DEFAULT_RANK, DEFAULT_SNR, EPILOG,
-                                     SCHEDULER_TIMEOUT, CLIError, _add_sequence_args, _common, _dask_context, _number,
-                                     _positive_float, _positive_int, _sequence)
+from sklearn_crb.cli._common import (
+    DEFAULT_N_SAMPLES,
+    DEFAULT_PRIOR,
+    DEFAULT_RANK,
+    DEFAULT_SNR,
+    EPILOG,
+    SCHEDULER_TIMEOUT,
+    CLIError,
+    _add_sequence_args,
+    _common,
+    _dask_context,
+    _number,
+    _positive_float,
+    _positive_int,
+    _sequence,
+)
 from sklearn_crb.estimators.net.measured import measured_nuisance, resolve_measured
-from sklearn_crb.io._files import check_output_file
-from sklearn_crb.io.datasets import SUFFIXES, is_dataset, simulate_to_file
+from sklearn_crb.io._files import check_output_file, claim_output, releases_claims
+from sklearn_crb.io.datasets import SUFFIXES, check_dataset_size, is_dataset, simulate_to_file
 from sklearn_crb.io.images import load_basis
 from sklearn_crb.physics.parameters import free_parameters, resolve_estimate
 from sklearn_crb.simulator import MTFingerprintSimulator
@@ -17,11 +30,13 @@ from sklearn_crb.simulator import MTFingerprintSimulator
 __all__ = ["cmd_simulate", "add_parser"]
 
 
+@releases_claims
 def cmd_simulate(args):
     out = Path(args.out)
     if out.suffix.lower() not in SUFFIXES:
         raise CLIError(f"--out must end in .npz, .h5 or .hdf5, got {out.name}")
-    check_output_file(out, overwrite=args.overwrite, owned=is_dataset, argname="--out")
+    claim = claim_output(out, argname="--out")  # held to the commit: a second command into --out is refused
+    out = check_output_file(claim.path, overwrite=args.overwrite, owned=is_dataset, argname="--out")
     if args.n_jobs == 0:
         raise CLIError("--n-jobs must be a positive number of workers or negative (-1: every core), got 0")
     names = free_parameters(args.tied_R1) if args.estimate is None else tuple(args.estimate)
@@ -35,6 +50,18 @@ def cmd_simulate(args):
     rank = args.rank if (args.rank is not None or basis is not None) else DEFAULT_RANK
     if basis is not None and args.basis_method == "crb":
         raise CLIError("--basis-method crb learns a basis; it cannot be combined with --basis")
+    n_columns = rank if rank is not None else basis.shape[1]
+    if basis is None and n_columns > seq.n_pulses:
+        raise CLIError(f"--rank {n_columns} exceeds the {seq.n_pulses} pulses of the sequence (--n-pulses or "
+                       "--sequence): a basis has at most one column per pulse")
+    if basis is None and n_columns > args.n_basis_samples:
+        raise CLIError(f"--rank {n_columns} exceeds --n-basis-samples {args.n_basis_samples}: the learnt basis "
+                       f"needs at least {n_columns} fingerprints")
+    if args.basis_method == "crb" and args.n_crb_samples < n_columns:
+        raise CLIError(f"--basis-method crb: --n-crb-samples {args.n_crb_samples} is below --rank {n_columns}; the "
+                       f"learnt basis would have rank {args.n_crb_samples} only: give --n-crb-samples >= {n_columns}")
+    # before the simulator learns its basis: a set that cannot fit is refused within a second
+    check_dataset_size(out, args.n_samples, n_columns, len(estimate), argname="--out", n_samples_arg="--n-samples")
     measured = resolve_measured(args.measured, estimate, args.tied_R1, argname="--measured")
     nuisance = measured_nuisance(estimate, measured, args.tied_R1) if measured else "all"
     sim = MTFingerprintSimulator(seq, n_components=rank, basis=basis, estimate=estimate, nuisance=nuisance,
@@ -44,6 +71,7 @@ def cmd_simulate(args):
     with _dask_context(args.scheduler):
         simulate_to_file(out, sim, args.n_samples, args.seed, chunk=args.chunk_size, n_jobs=args.n_jobs,
                          prior=args.prior, overwrite=args.overwrite, progress=not args.quiet, argname="--out",
+                         n_samples_arg="--n-samples",
                          measured=measured)
     print(f"wrote {out}: {args.n_samples} samples, {2 * sim.n_components_} features (rank {sim.n_components_}), "
           f"targets {list(sim.estimate_)}")

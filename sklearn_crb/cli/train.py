@@ -25,7 +25,7 @@ from sklearn_crb.cli._common import (
     _positive_int,
 )
 from sklearn_crb.estimators.net.measured import append_measured
-from sklearn_crb.io._files import check_output_folder
+from sklearn_crb.io._files import check_output_folder, claim_output, releases_claims
 from sklearn_crb.io.datasets import dataset_measured, load_dataset, open_dataset, simulator_from_dataset
 from sklearn_crb.io.models import MODEL_FILES, save_model
 from sklearn_crb.recipes import make_network
@@ -53,11 +53,13 @@ def _lazy_bytes():
 BIAS_REDUCED_OPTIONS = ("n_realizations", "bias_lambda", "var_delta", "pretrain_epochs")
 
 
+@releases_claims
 def cmd_train(args):
     if args.standardize_inputs is not None and args.paper:
         raise CLIError("--[no-]standardize-inputs applies to the default MLP; --paper's residual network has no "
                        "such option")
-    out = check_output_folder(args.out, overwrite=args.overwrite, owned_names=MODEL_FILES, marker="model.json",
+    claim = claim_output(args.out, argname="--out")  # held to the save: a second command into --out is refused
+    out = check_output_folder(claim.path, overwrite=args.overwrite, owned_names=MODEL_FILES, marker="model.json",
                               argname="--out")
     rows = None
     if str(args.data).lower().endswith((".h5", ".hdf5")):

@@ -6,19 +6,22 @@
   output is replaced only when asked to (``overwrite=True``) *and* when it is
   recognisably one of the package's own outputs (``owned``).
 * Several files written into one folder are staged next to their targets
-  and moved into place only after all of them were written.
+  and moved into place together, under a journal (``atomic_files``).
+* A command claims its output path before any work (``claim_output``): a
+  second command into the same path is refused by name, and the commit
+  re-checks that nothing it replaces changed meanwhile.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 from pathlib import Path
 
-from sklearn_crb._atomic import atomic_path
+from sklearn_crb._atomic import _HELD, atomic_files, atomic_path, claim_output
 
-__all__ = ["atomic_files", "check_output_file", "check_output_folder",
-           "check_file_name"]
+__all__ = ["atomic_files", "atomic_path", "claim_output", "releases_claims", "check_output_file",
+           "check_output_folder", "check_file_name"]
 
 
 def _first_existing(path):
@@ -91,22 +94,20 @@ def check_output_folder(path, *, overwrite=False, owned_names=(), marker=None, a
     return path
 
 
-@contextlib.contextmanager
-def atomic_files(folder, names):
-    """Write several files into ``folder``: yields ``{name: temporary path}``.
+def releases_claims(fn):
+    """Decorator of a command: the claims it makes are released when it returns or raises.
 
-    Every file is staged next to its target (``atomic_path``) and the
-    targets are replaced only after the block finished, so a failure leaves
-    none of them written or changed.
+    Not left to garbage collection: an exception's traceback can keep the command's frame, and so its
+    claim and lock, alive until the cycle collector runs.
     """
-    folder = Path(os.path.abspath(os.fspath(folder)))
-    created = not folder.exists()
-    try:
-        with contextlib.ExitStack() as stack:
-            tmps = {name: stack.enter_context(atomic_path(folder / name)) for name in names}
-            yield tmps
-    except BaseException:
-        if created:  # leave no empty folder behind either
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        before = set(_HELD.keys())
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for key in set(_HELD.keys()) - before:
+                claim = _HELD.get(key)
+                if claim is not None:
+                    claim.release()
+    return command

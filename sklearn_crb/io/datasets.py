@@ -12,38 +12,37 @@ Two containers hold the same arrays: NumPy ``.npz`` (read with
 ``allow_pickle=False``) and HDF5 (``.h5``/``.hdf5``). ``meta`` is stored as
 UTF-8 bytes in both.
 
-Large sets (:func:`simulate_to_file`, ``sklearn-crb simulate``): the set is
-cut into chunks of ``chunk`` samples, each drawn from its own seed
-``SeedSequence(random_state).spawn(n_chunks)[i]`` and computed through joblib
-(so ``joblib.parallel_config(backend="dask")`` puts them on a dask cluster);
-the result is bitwise the same for any number of workers and any backend,
-and is fixed by ``(random_state, chunk, n_samples)``. HDF5 outputs are
-written chunk by chunk as the results arrive, in order, through the atomic
-writer, with memory that does not grow with ``n_samples``; training reads
-them lazily (:func:`open_dataset`, :class:`sklearn_crb.io.h5.H5Rows`).
+Large sets (:func:`simulate_to_file`, ``sklearn-crb simulate``): the
+chunks of :mod:`sklearn_crb.parallel_simulation` (seeded, computed in
+parallel) are written as they arrive, in order, through the commit protocol
+(:mod:`sklearn_crb._atomic`). HDF5 is streamed, with memory that does not
+grow with ``n_samples``; training reads it lazily (:func:`open_dataset`,
+:class:`sklearn_crb.io.h5.H5Rows`). ``.npz`` is gathered in memory. Before
+anything is simulated the size is checked (:func:`check_dataset_size`):
+against the free disk space, and for ``.npz`` against the available memory.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
-from joblib import Parallel, delayed
-from tqdm.auto import tqdm
 
 from sklearn_crb._atomic import atomic_path
 from sklearn_crb.io._files import check_output_file
 from sklearn_crb.io.h5 import H5Rows, write_h5_chunks
 from sklearn_crb.estimators.net.measured import resolve_measured
+from sklearn_crb.parallel_simulation import _check_chunking, iter_dataset_chunks, row_nbytes, simulate_dataset
 from sklearn_crb.physics.parameters import resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.simulator import MTFingerprintSimulator
 
 __all__ = ["SUFFIXES", "REQUIRED", "save_dataset", "load_dataset", "is_dataset", "simulate_dataset",
            "iter_dataset_chunks", "simulate_to_file", "open_dataset", "dataset_meta", "simulator_from_dataset",
-           "dataset_measured"]
+           "dataset_measured", "check_dataset_size", "dataset_nbytes"]
 
 #: File suffixes of the two containers.
 SUFFIXES = (".npz", ".h5", ".hdf5")
@@ -68,7 +67,7 @@ def save_dataset(path, data, *, overwrite=False, argname="out"):
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise ValueError(f"data lacks {missing}")
-    with atomic_path(path) as tmp:
+    with atomic_path(path, argname=argname) as tmp:
         if path.suffix.lower() == ".npz":
             with open(tmp, "wb") as f:  # a file object: savez must not append ".npz" to the temporary name
                 np.savez_compressed(f, **data)
@@ -148,96 +147,67 @@ def is_dataset(path):
     return True
 
 
-def _entropy(random_state):
-    """The root entropy of the per-chunk seeds: an int >= 0, or fresh OS entropy for None."""
-    if random_state is None:
-        return np.random.SeedSequence().entropy
-    if isinstance(random_state, (bool, np.bool_)) or not isinstance(random_state, (int, np.integer)) \
-            or random_state < 0:
-        raise TypeError(f"random_state must be a non-negative int or None (the root of the per-chunk seeds), "
-                        f"got {random_state!r}")
-    return int(random_state)
+def _available_memory():
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``; else free physical pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - no way to tell: do not refuse
+        return None
 
 
-def _check_chunking(n_samples, chunk):
-    for name, v, low in (("n_samples", n_samples, 1), ("chunk", chunk, 1)):
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-    return int(n_samples), int(chunk)
+def _gb(nbytes):
+    return f"{nbytes / 1e9:.3g} GB"
 
 
-def _simulate_chunk(simulator, n, entropy, index):
-    """Chunk ``index`` of a set: ``n`` samples from the seed ``SeedSequence(entropy, spawn_key=(index,))``.
-
-    That seed is ``SeedSequence(entropy).spawn(k)[index]``: the chunk depends
-    on (entropy, index, n) only, not on the process or worker computing it.
-    """
-    rng = np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(int(index),)))
-    X, y, crb, det = simulator.make_dataset(int(n), rng, return_details=True)
-    return {"X": X, "y": y, "crb": crb, "X_clean": det["X_clean"], "crb_unit": det["crb_unit"],
-            "theta": det["theta"], "M0": det["M0"]}
+def dataset_nbytes(n_samples, rank, n_targets):
+    """Bytes of the per-sample arrays of a simulated set (``n_samples`` rows, basis ``rank``, ``n_targets``)."""
+    return int(n_samples) * row_nbytes(rank, n_targets)
 
 
-def iter_dataset_chunks(simulator, n_samples, random_state=0, chunk=500, n_jobs=None, progress=False):
-    """``(rows, arrays)`` of a simulated set, chunk by chunk in row order, computed through joblib.
+def _first_existing(path):
+    p = Path(os.path.abspath(os.fspath(path)))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
 
-    Chunk ``i`` holds rows ``i*chunk : (i+1)*chunk`` and is drawn from its
-    own seed ``SeedSequence(random_state).spawn(n_chunks)[i]``. The set is
-    therefore bitwise the same for any ``n_jobs`` and any joblib backend
-    (loky, threads, or a dask cluster inside
-    ``joblib.parallel_config(backend="dask")``), while ``(random_state,
-    chunk)`` together determine it: another ``chunk`` gives another (equally
-    valid) set. Results are gathered in order as a generator
-    (``return_as="generator"``), so only the chunks in flight are held in
-    memory.
 
-    Parameters
-    ----------
-    simulator : MTFingerprintSimulator
-        Fitted; sent to every worker (pickled once per task by loky,
-        scattered once by dask).
-    n_samples : int
-    random_state : int >= 0 or None
-        Root of the per-chunk seeds (None: fresh entropy, not reproducible).
-    chunk : int
-        Samples per task (default 500); part of the determinism contract.
-    n_jobs : int or None
-        joblib's ``n_jobs`` (None: joblib's default, 1 outside a
-        ``parallel_config``; every worker of the cluster with dask).
-    progress : bool
-        A tqdm bar over the samples.
+def check_dataset_size(path, n_samples, rank, n_targets, *, argname="out", n_samples_arg="n_samples"):
+    """Refuse a set that cannot fit before anything is simulated or allocated.
 
-    Yields
+    HDF5 needs the free disk space of its folder (its datasets are pre-sized
+    to ``n_samples`` rows); ``.npz`` is gathered in memory (about twice its
+    size while its chunks are joined) and then compressed to disk.
+
+    Raises
     ------
-    rows : slice
-    arrays : dict of ndarray
-        ``X``, ``y``, ``crb``, ``X_clean``, ``crb_unit``, ``theta``, ``M0``.
+    ValueError
+        Naming ``n_samples_arg`` (``--n-samples`` from the CLI), the bytes
+        needed and the bytes there are.
     """
-    n_samples, chunk = _check_chunking(n_samples, chunk)
-    entropy = _entropy(random_state)
-    slices = [slice(s, min(n_samples, s + chunk)) for s in range(0, n_samples, chunk)]
-    tasks = (delayed(_simulate_chunk)(simulator, sl.stop - sl.start, entropy, i) for i, sl in enumerate(slices))
-    results = Parallel(n_jobs=n_jobs, return_as="generator")(tasks)
-    with tqdm(total=n_samples, desc="simulate", unit="sample", disable=not progress) as bar:
-        for sl, part in zip(slices, results):
-            bar.update(sl.stop - sl.start)
-            yield sl, part
-
-
-def simulate_dataset(simulator, n_samples, random_state=0, chunk=500, progress=True, n_jobs=None):
-    """A simulated training set in memory (dict of arrays), chunks computed through joblib.
-
-    See :func:`iter_dataset_chunks` for the seeding: the result depends on
-    ``(random_state, chunk)`` only, bitwise, not on ``n_jobs`` or the joblib
-    backend. For sets larger than memory use :func:`simulate_to_file` with
-    an HDF5 path.
-    """
-    parts = [p for _, p in iter_dataset_chunks(simulator, n_samples, random_state, chunk, n_jobs, progress)]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    need = dataset_nbytes(n_samples, rank, n_targets)
+    free = shutil.disk_usage(_first_existing(Path(path).parent)).free
+    if need > free:
+        raise ValueError(f"{n_samples_arg} {n_samples}: the training set needs {_gb(need)} on disk but "
+                         f"{_first_existing(Path(path).parent)} has {_gb(free)} free; use fewer samples or write "
+                         f"{argname} on a larger disk")
+    if Path(path).suffix.lower() == ".npz":
+        avail = _available_memory()
+        if avail is not None and 2 * need > avail:
+            raise ValueError(f"{n_samples_arg} {n_samples}: a .npz training set is held in memory (about "
+                             f"{_gb(2 * need)} for this one) but {_gb(avail)} is available; write {argname} as .h5 "
+                             "(streamed to disk) or use fewer samples")
+    return need
 
 
 def simulate_to_file(path, simulator, n_samples, random_state=0, *, chunk=500, n_jobs=None, prior=None,
-                     overwrite=False, progress=True, argname="out", measured=()):
+                     overwrite=False, progress=True, argname="out", measured=(), n_samples_arg="n_samples"):
     """Simulate a training set straight into ``path`` (``.npz`` in memory, HDF5 streamed).
 
     ``measured``: recorded in the set's ``meta`` (:func:`dataset_meta`); the simulator's CRBs must hold them
@@ -250,6 +220,8 @@ def simulate_to_file(path, simulator, n_samples, random_state=0, *, chunk=500, n
     Ctrl-C leaves no partial file and an existing ``path`` untouched. An
     existing file is replaced only with ``overwrite=True`` and only if it is
     itself a training set. ``.npz`` gathers the whole set first (small sets).
+    The size is checked first (:func:`check_dataset_size`; ``n_samples_arg``
+    is the name its message gives ``n_samples``).
 
     Returns
     -------
@@ -258,12 +230,14 @@ def simulate_to_file(path, simulator, n_samples, random_state=0, *, chunk=500, n
     _check_suffix(path, argname)
     _check_chunking(n_samples, chunk)
     path = check_output_file(path, overwrite=overwrite, owned=is_dataset, argname=argname)
+    check_dataset_size(path, n_samples, simulator.basis_.shape[1], len(simulator.estimate_), argname=argname,
+                       n_samples_arg=n_samples_arg)
     static = {"basis": simulator.basis_, "meta": dataset_meta(simulator, prior=prior, measured=measured)}
     if path.suffix.lower() == ".npz":
         data = simulate_dataset(simulator, n_samples, random_state, chunk, progress, n_jobs)
         return save_dataset(path, {**data, **static}, overwrite=overwrite, argname=argname)
     chunks = iter_dataset_chunks(simulator, n_samples, random_state, chunk, n_jobs, progress)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, argname=argname) as tmp:
         write_h5_chunks(tmp, n_samples, chunks, static)
     return path
 
@@ -319,7 +293,8 @@ def simulator_from_dataset(data):
         raise ValueError("data: the sequence in 'meta' does not match its SHA-256 (corrupt training set)")
     nuis = meta.get("nuisance", "all")
     if not (nuis is None or nuis == "all" or (isinstance(nuis, list) and all(isinstance(p, str) for p in nuis))):
-        raise ValueError(f"data: 'meta'['nuisance'] must be \"all\", null or a list of parameter names, got {nuis!r:.80}")
+        raise ValueError(f"data: 'meta'['nuisance'] must be \"all\", null or a list of parameter names, "
+                         f"got {nuis!r:.80}")
     if isinstance(nuis, list):
         nuis = resolve_estimate(tuple(nuis), bool(meta["tied_R1"]), "data: 'meta'['nuisance']", times=False) \
             if nuis else ()

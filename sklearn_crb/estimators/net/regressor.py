@@ -47,6 +47,7 @@ from skorch.regressor import NeuralNetRegressor
 from skorch.utils import to_tensor
 from torch import nn
 
+from sklearn_crb._model import NETWORK_SE, FittedModel
 from sklearn_crb._validation import check_snr_range, resolve_device
 from sklearn_crb.estimators.net.augmentation import augment_batch, augment_realizations
 from sklearn_crb.estimators.net.callbacks import (
@@ -77,6 +78,7 @@ from sklearn_crb.estimators.net.measured import (
 from sklearn_crb.estimators.net.modules import MLP, ResidualMLP, TargetStandardizedModule, reset_parameters_with
 from sklearn_crb.estimators.net.targets import HEADS, check_target_range, output_bounds, target_names
 from sklearn_crb.metrics import crb_efficiency_score
+from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.simulator import MTFingerprintSimulator, unpack_targets
 
 __all__ = ["CRBNetRegressor", "SEED_STREAMS", "paper_recipe", "WeightedMSELoss", "TargetStandardizedModule",
@@ -779,6 +781,33 @@ class CRBNetRegressor(NeuralNetRegressor):
         with torch_threads(net_threads(self)):
             y = forward_in_batches(self.module_, X, self.device_, batch_size)
         return y[:, 0] if getattr(self, "_y_1d_", False) else y
+
+    def fitted_model(self):
+        """The model the network's coefficients belong to (the protocol of :func:`sklearn_crb.maps.fit_maps`).
+
+        From ``crb_metadata_`` of a loaded model (:func:`sklearn_crb.io.models.load_model`), else the
+        fitted ``simulator_``. Its standard errors are the delta-method spread (``"delta"``, default) or
+        sqrt(CRB) at the estimate (``"crb"``).
+
+        Returns
+        -------
+        sklearn_crb._model.FittedModel
+        """
+        self.check_is_fitted()
+        measured = tuple(getattr(self, "measured_", None) or ())
+        meta = getattr(self, "crb_metadata_", None)
+        if meta is not None:
+            basis = None if meta.get("basis") is None else np.asarray(meta["basis"], dtype=np.complex128)
+            return FittedModel(sequence=Sequence.from_dict(meta["sequence"]), basis=basis,
+                               estimate=tuple(meta["estimate"]), tied_R1=bool(meta.get("tied_R1", False)),
+                               measured=measured, se_methods=NETWORK_SE)
+        sim = getattr(self, "simulator_", None)
+        if sim is None or getattr(sim, "basis_", None) is None:
+            raise ValueError("the network carries no sequence and compression basis (coefficient images are rank-r): "
+                             "train it with simulator= or fit_simulated, or load a saved model")
+        return FittedModel(sequence=sim.sequence_, basis=np.asarray(sim.basis_, np.complex128),
+                           estimate=tuple(self.target_names_), tied_R1=bool(sim.tied_R1), measured=measured,
+                           se_methods=NETWORK_SE)
 
     def predict_details(self, X, *, fixed=None, compute_crb=True, sequence=None, basis=None, polish_iter=5,
                         se="delta"):
