@@ -143,3 +143,17 @@ def test_subject_from_option_second_subject_and_refusals(fitted, capsys):
                  "--out", str(foreign)]) == 2
     assert "dataset_description.json" in capsys.readouterr().err
     assert sorted(p.name for p in foreign.iterdir()) == ["dataset_description.json"]
+
+
+def test_nlls_fit_sidecars_name_nlls(fitted):
+    bids = _pybids()
+    d, out, coef = fitted
+    assert main(["fit", "--nlls", "--tied-R1", "--n-pulses", "120", "--basis", str(d / "model" / "basis.npy"),
+                 "--coefficients", str(coef), "--bids-subject", "04", "--bids", "--out", str(d / "nlls"),
+                 "--quiet"]) == 0
+    layout = bids.BIDSLayout(d / "nlls", validate=False, is_derivative=True)
+    files = layout.get(subject="04", session="a", suffix="R1map", extension=".nii.gz", desc=bids.layout.Query.NONE)
+    meta = files[0].get_metadata()
+    assert meta["EstimationAlgorithm"].startswith("NLLS") and meta["StandardError"] == "crb"
+    assert meta["NoiseSigmaMethod"] == "residuals"
+    assert not layout.get(subject="04", desc="Rex")  # NLLS estimated m0s, R1f, R2f only
