@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+#: The plain ``pytest`` runs this many xdist workers (both cores of the reference machine), unless -n says otherwise.
+DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
+# xdist workers share the cores: each gets its share of torch threads (at most 2), so two
+# workers on two cores do not oversubscribe them
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 REPO = Path(__file__).resolve().parents[1]
 V32_NAME = "control_MT_v3p2_TR3p5ms_discretized.mat"
@@ -112,3 +116,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Without ``-n``, run on DEFAULT_WORKERS xdist workers.
+
+    Not through ``addopts = "-n 2"``: that breaks ``-p no:xdist`` and a pytest without the
+    plugin. ``-n 0``, ``-n auto``, ``-p no:xdist``, ``--pdb`` and ``--collect-only`` keep their
+    usual meaning. Runs before xdist's own hook (same ``tryfirst``, registered later), which
+    turns the worker count into its distribution settings.
+    """
+    option = config.option
+    if (not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput")
+            or getattr(option, "numprocesses", 0) is not None or option.usepdb or option.collectonly
+            or getattr(option, "dist", "no") != "no" or getattr(option, "tx", None)):
+        return
+    option.numprocesses = DEFAULT_WORKERS if DEFAULT_WORKERS > 1 else 0

@@ -197,6 +197,7 @@ def test_cli_simulate_with_two_jobs_writes_the_same_hdf5_as_one(tmp_path, capsys
     assert not (tmp_path / "c.h5").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment", [False, True])
 def test_fit_from_the_lazy_hdf5_set_equals_the_fit_from_arrays(sim, serial, h5set, augment):
     """Training from H5Rows reads batches when due and trains the same net (needs fit(rows) in the regressor)."""

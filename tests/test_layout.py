@@ -1,5 +1,6 @@
-"""The package layout: imports run one way along the data flow, nothing imports
-the package ``__init__``, and modules stay small enough to read."""
+"""The package layout: imports run one way along the data flow, with no cycles, and nothing
+imports the package ``__init__``. (The former module line cap is gone: ruff's complexity check,
+configured in pyproject.toml and run by .ci/run, keeps functions readable instead.)"""
 
 import ast
 from pathlib import Path
@@ -114,10 +115,3 @@ def test_module_level_imports_are_acyclic():
     for n in graph:
         visit(n, [])
 
-
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: _module_name(p))
-def test_modules_stay_readable(path):
-    if "_numba" in path.parts:  # the fused kernel is one concept in layers; exempt
-        return
-    n = len(path.read_text().splitlines())
-    assert n <= 470, f"{path.relative_to(PKG.parent)} has {n} lines (keep modules under ~450)"

@@ -77,6 +77,7 @@ def test_noiseless_recovery_v32(v32_sequence, rank13_basis, model):
     assert d.residual_norm[0] < 1e-6 * np.linalg.norm(X)
 
 
+@pytest.mark.slow
 def test_recovery_from_prior_draws(v32_sequence):
     """Random parenchyma-prior tissues (all 8 parameters free, random complex M0),
     dictionary multi-start: every voxel is recovered or flagged, and most are recovered."""

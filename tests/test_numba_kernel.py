@@ -80,6 +80,7 @@ def test_pulse_exponential_and_frechet_derivatives(alpha, TRF, B1, w0, R2s):
 
 
 # --------------------------------------------------------------------- vs torch
+@pytest.mark.slow
 def test_v32_signal_and_jacobian_match_torch(v32_sequence):
     s_ref, J_ref = _torch(v32_sequence, THETAS)
     s = simulate_numba(v32_sequence, THETAS)

@@ -216,6 +216,7 @@ def test_bad_input_errors():
         small_net(simulator=object()).fit(X, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crb_at, factor", [("truth", 0.6), ("estimate", 0.9)])
 def test_simulated_training_beats_prior_mean(short_sequence, crb_at, factor):
     """The nMSE is judged at the true CRB, which is the loss of ``crb_at="truth"``: on this prior-dominated

@@ -193,6 +193,7 @@ def test_overwrite_replaces_only_package_outputs(work, capsys, tmp_path):
     assert (tmp_path / "other" / "run1_m0s.nii.gz").is_file()
 
 
+@pytest.mark.slow
 def test_train_overwrites_a_saved_model_atomically(work, tmp_path):
     d = work
     out = tmp_path / "model"
@@ -202,6 +203,7 @@ def test_train_overwrites_a_saved_model_atomically(work, tmp_path):
     assert sorted(os.listdir(out)) == ["basis.npy", "model.json", "params.pt"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".npz", ".h5", ".hdf5"])
 def test_every_simulate_format_trains(tmp_path, suffix):
     data = tmp_path / f"t{suffix}"

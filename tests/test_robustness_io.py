@@ -16,7 +16,7 @@ from sklearn_crb.io._files import atomic_files, check_file_name, check_output_fo
 from sklearn_crb.io.datasets import load_dataset, save_dataset
 from sklearn_crb.io.images import save_maps
 from sklearn_crb.io._model_schema import SCHEMAS
-from sklearn_crb.io.models import NETWORKS, file_sha256, load_model, save_model
+from sklearn_crb.io.models import FORMAT_VERSION, NETWORKS, file_sha256, load_model, save_model
 
 NAMES = ("m0s", "R1f", "R2f")
 
@@ -91,7 +91,7 @@ def test_models_of_format_1_still_load(trained, model_dir, legacy):
         return dict(m, format_version=1, module_class=legacy)
 
     _edit(model_dir, v1)
-    np.testing.assert_array_equal(load_model(model_dir, device="cpu").predict(X[:10]), net.predict(X[:10]))
+    np.testing.assert_array_equal(load_model(model_dir, device="cpu", trust_unhashed=True).predict(X[:10]), net.predict(X[:10]))
 
 
 def test_saved_model_records_every_constructor_argument(trained, model_dir):
@@ -100,7 +100,7 @@ def test_saved_model_records_every_constructor_argument(trained, model_dir):
 
     sim, net, X = trained
     meta = json.loads((model_dir / "model.json").read_text())
-    assert meta["format_version"] == 4
+    assert meta["format_version"] == FORMAT_VERSION
     want = {k for k, p in inspect.signature(net.module).parameters.items()} - {"n_features", "n_outputs"}
     assert set(meta["module_kwargs"]) == want
     assert meta["module_kwargs"]["hidden"] == [16, 8]
@@ -115,13 +115,13 @@ def test_format_3_models_load_without_the_input_standardisation(trained, model_d
         return dict(m, format_version=3)
 
     _edit(model_dir, v3)
-    loaded = load_model(model_dir, device="cpu")
+    loaded = load_model(model_dir, device="cpu", trust_unhashed=True)
     assert loaded.module_.module.normalize.n_standardized == 0
     X = trained[2][:10]
     np.testing.assert_array_equal(loaded.predict(X), trained[1].predict(X))
     _edit(std_dir, v3)
     with pytest.raises(ValueError, match="does not fit the network.*feat_"):
-        load_model(std_dir, device="cpu")
+        load_model(std_dir, device="cpu", trust_unhashed=True)
 
 
 def test_format_4_models_must_record_the_input_standardisation(model_dir):
@@ -166,11 +166,11 @@ def test_format_2_models_omitting_keys_get_the_defaults_of_that_time(trained, mo
     _edit(model_dir, v2)
     has_bn = any(isinstance(mod, torch.nn.BatchNorm1d) for mod in net.module_.modules())
     if has_bn:  # the v2 defaults describe this net: it loads (with l2 normalisation and ReLU)
-        loaded = load_model(model_dir, device="cpu")
+        loaded = load_model(model_dir, device="cpu", trust_unhashed=True)
         assert loaded.module_.module.normalize.mode == "l2"
     else:
         with pytest.raises(ValueError, match="does not fit the network"):
-            load_model(model_dir, device="cpu")
+            load_model(model_dir, device="cpu", trust_unhashed=True)
 
 
 @pytest.mark.parametrize("bad", ["nan", "order"])
@@ -388,11 +388,17 @@ def test_output_folder_policy(tmp_path):
 
 # ------------------------------------------------------------------ the maps protocol
 class _Protocol:
-    """A minimal predict_details estimator: the truth as estimate, flags from a mask."""
+    """A minimal estimator of fit_maps' protocol (fitted_model, predict_details): the truth as estimate,
+    flags from a mask."""
 
     def __init__(self, sequence, basis, theta, fail=None, n_free=5):
         self.sequence_, self.basis_, self.theta, self.fail, self.n_free = sequence, basis, theta, fail, n_free
         self.calls = []
+
+    def fitted_model(self):
+        from sklearn_crb._model import FittedModel
+
+        return FittedModel(sequence=self.sequence_, basis=self.basis_, estimate=NAMES)
 
     def predict_details(self, X, *, fixed=None, compute_crb=True):
         from sklearn_crb.physics.signal import simulate
@@ -405,9 +411,11 @@ class _Protocol:
         u = simulate(self.sequence_, th) @ self.basis_.conj()
         M0 = np.sum(u.conj() * c, 1) / np.sum(np.abs(u) ** 2, 1)
         conv = np.ones(n, bool) if self.fail is None else ~self.fail[:n]
-        return {"theta": th, "M0": M0, "residual_norm": np.linalg.norm(c - M0[:, None] * u, axis=1),
-                "converged": conv, "crb_unit": np.ones((n, 3)) if compute_crb else None, "n_free": self.n_free,
-                "estimate": NAMES}
+        from sklearn_crb.estimators.details import PredictionDetails
+
+        return PredictionDetails(theta=th, M0=M0, residual_norm=np.linalg.norm(c - M0[:, None] * u, axis=1),
+                                 converged=conv, failed=~conv, crb_unit=np.ones((n, 3)) if compute_crb else None,
+                                 n_free=self.n_free, estimate=NAMES, prediction=th[:, :3])
 
 
 def test_fit_maps_uses_only_the_protocol(short_sequence):

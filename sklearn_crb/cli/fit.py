@@ -36,17 +36,36 @@ from pathlib import Path
 import numpy as np
 
 from sklearn_crb._version import __version__
-from sklearn_crb.cli._common import (EPILOG, SCHEDULER_TIMEOUT, CLIError, _add_sequence_args, _common, _dask_context,
-                                     _no_sequence_options, _positive_float, _positive_int, _prefix, _sequence)
+from sklearn_crb.cli._common import (
+    EPILOG,
+    SCHEDULER_TIMEOUT,
+    CLIError,
+    _add_sequence_args,
+    _common,
+    _dask_context,
+    _no_sequence_options,
+    _positive_float,
+    _positive_int,
+    _prefix,
+    _sequence,
+)
 from sklearn_crb.estimators.nlls import NLLSFitter
 from sklearn_crb.io._files import atomic_files, check_output_file, claim_output, releases_claims
-from sklearn_crb.io.bids import (bids_map_names, dataset_description, estimation_algorithm, is_own_description,
-                                 map_sidecar, source_uris, subject_session, to_bids_units)
-from sklearn_crb.io.images import load_array, load_basis, load_coefficients, make_mask, save_nifti
+from sklearn_crb.io.bids import (
+    bids_map_names,
+    dataset_description,
+    estimation_algorithm,
+    is_own_description,
+    map_sidecar,
+    source_uris,
+    subject_session,
+    to_bids_units,
+)
+from sklearn_crb.io.images import load_array, load_basis, load_coefficients, load_mask, make_mask, save_nifti
 from sklearn_crb.io.models import check_compatible, load_model
 from sklearn_crb.maps import FLAGS, fit_maps, map_names
-from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, UNITS, rate_name, resolve_estimate
 from sklearn_crb.maps.result import SIGMA_METHODS
+from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, UNITS, rate_name, resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.report import nlls_check, render_report
 from sklearn_crb.viz import overview_png
@@ -316,7 +335,7 @@ def cmd_fit(args):
         basis = _fit_basis(args, seq)
         estimate = resolve_estimate(tuple(args.estimate), args.tied_R1, argname="--estimate")
     img = load_coefficients(args.coefficients, basis=basis)
-    mask_arr = load_array(args.mask, None, "mask", preferred=("mask",))[0] if args.mask else None
+    mask_arr = load_mask(args.mask, img, "--mask") if args.mask else None  # on the coefficients' grid
     fit_mask, _ = make_mask(img, mask_arr)  # shape check before any work
     if not fit_mask.any():
         raise CLIError(f"--mask {args.mask} selects no voxel to fit (all zero, or only non-finite voxels of "
@@ -347,8 +366,8 @@ def cmd_fit(args):
     t0 = time.perf_counter()
     with _dask_context(args.scheduler):
         maps = fit_maps(estimator, img, mask_arr, sequence=seq, basis=basis, sigma=args.sigma, fixed=fixed or None,
-                        fixed_se=fixed_se or None, chunk_size=args.chunk_size, times=args.times, progress=not args.quiet,
-                        se=args.se if model is not None else None)
+                        fixed_se=fixed_se or None, chunk_size=args.chunk_size, times=args.times,
+                        progress=not args.quiet, se=args.se if model is not None else None)
     elapsed = time.perf_counter() - t0
     check = None if not args.check else nlls_check(
         estimator, img, maps, n=args.check, sequence=seq, basis=basis, fixed=fixed or None,
@@ -364,7 +383,8 @@ def cmd_fit(args):
                "flag_counts": {int(k): int(v) for k, v in zip(*np.unique(arrays["flags"], return_counts=True))},
                "input": str(args.coefficients), "estimator": kind, "spatial_shape": list(img.spatial_shape),
                **({"nlls_init": args.nlls_init, "nlls_fast": bool(args.fast)} if model is None else {}),
-               "fixed_maps": fixed_files, "fixed_map_errors": fixed_se, "standard_error": args.se if model is not None else "crb",
+               "fixed_maps": fixed_files, "fixed_map_errors": fixed_se,
+               "standard_error": args.se if model is not None else "crb",
                "files": [map_files[k] for k in arrays] + [png]}
     algorithm = estimation_algorithm(None if model is None else model.crb_metadata_, se=args.se,
                                      nlls_init=args.nlls_init, fast=args.fast)

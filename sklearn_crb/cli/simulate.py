@@ -20,6 +20,7 @@ from sklearn_crb.cli._common import (
     _positive_int,
     _sequence,
 )
+from sklearn_crb._validation import check_snr_range
 from sklearn_crb.estimators.net.measured import measured_nuisance, resolve_measured
 from sklearn_crb.io._files import check_output_file, claim_output, releases_claims
 from sklearn_crb.io.datasets import SUFFIXES, check_dataset_size, is_dataset, simulate_to_file
@@ -61,6 +62,7 @@ def cmd_simulate(args):
         raise CLIError(f"--basis-method crb: --n-crb-samples {args.n_crb_samples} is below --rank {n_columns}; the "
                        f"learnt basis would have rank {args.n_crb_samples} only: give --n-crb-samples >= {n_columns}")
     # before the simulator learns its basis: a set that cannot fit is refused within a second
+    check_snr_range(args.snr, "--snr")  # SNRs whose CRBs under- or overflow are refused by option
     check_dataset_size(out, args.n_samples, n_columns, len(estimate), argname="--out", n_samples_arg="--n-samples")
     measured = resolve_measured(args.measured, estimate, args.tied_R1, argname="--measured")
     nuisance = measured_nuisance(estimate, measured, args.tied_R1) if measured else "all"

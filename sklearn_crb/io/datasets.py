@@ -33,6 +33,7 @@ import numpy as np
 
 from sklearn_crb._atomic import atomic_path
 from sklearn_crb.io._files import check_output_file
+from sklearn_crb.io.manifest import check_manifest, per_sample_keys, with_manifest
 from sklearn_crb.io.h5 import H5Rows, write_h5_chunks
 from sklearn_crb.estimators.net.measured import resolve_measured
 from sklearn_crb.parallel_simulation import _check_chunking, iter_dataset_chunks, row_nbytes, simulate_dataset
@@ -67,6 +68,7 @@ def save_dataset(path, data, *, overwrite=False, argname="out"):
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise ValueError(f"data lacks {missing}")
+    data = with_manifest(data)  # the format version and the hashes that tie basis and meta to the rows
     with atomic_path(path, argname=argname) as tmp:
         if path.suffix.lower() == ".npz":
             with open(tmp, "wb") as f:  # a file object: savez must not append ".npz" to the temporary name
@@ -128,6 +130,9 @@ def load_dataset(path, argname="data"):
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise ValueError(f"{argname}: {path} lacks {missing}; write it with `sklearn-crb simulate`")
+    n_rows = len(data["X"]) if np.ndim(data["X"]) >= 1 else 0
+    check_manifest(data.get("manifest"), data["basis"], data["meta"], n_samples=n_rows, where=f"{argname}: {path}",
+                   rows={k: data[k] for k in per_sample_keys(data)})
     data["meta"] = _parse_meta(data["meta"], path)
     n = len(data["X"]) if np.ndim(data["X"]) == 2 else -1
     for k in ("X", "y", "crb"):
