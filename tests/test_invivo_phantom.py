@@ -79,7 +79,7 @@ def run(tmp_path_factory):
         for t in ("WM", "GM", "CSF"):
             # medians over every fitted voxel: only invalid input (1) and estimator failure (2) are left out;
             # CSF voxels (m0s ~ 0.01) are expected to carry the singular-CRB flag (Rex, T2s unidentifiable)
-            a = m.arrays
+            a = m
             sel = ph.tissue_mask(t) & (a["mask"] > 0) & ((a["flags"].astype(int) & 3) == 0)
             med[k, t] = {"m0s": float(np.median(a["m0s"][sel])), "T1": float(np.median(1 / a["R1f"][sel])),
                          "n": int(sel.sum())}

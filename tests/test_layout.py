@@ -23,7 +23,7 @@ FLOORS = [
     ("sklearn_crb.metrics", "sklearn_crb._report"),
     ("sklearn_crb.estimators", "sklearn_crb.network"),
     ("sklearn_crb.phantom", "sklearn_crb.io", "sklearn_crb.maps", "sklearn_crb.pretrained"),
-    ("sklearn_crb.viz",),
+    ("sklearn_crb.viz", "sklearn_crb.report"),
     ("sklearn_crb.recipes",),
     ("sklearn_crb.demo",),
     ("sklearn_crb.cli",),

@@ -240,3 +240,22 @@ def test_fixed_se_of_a_b0_map_is_in_its_unit():
     for unit, factor in (("Hz", 2 * np.pi), ("rad/s", 1.0)):
         args = build_parser().parse_args(base + ["--b0-unit", unit])
         assert _fixed_errors(args, {"omega0": np.zeros(3)}) == {"omega0": pytest.approx(2 * factor)}
+
+
+def test_the_measured_input_buffers_standardise_the_training_column():
+    """The module sees the measured column standardised by the training set's own mean and population std (the
+    in-memory path; the lazy path is checked against it above). A planted wrong buffer (a sample std, another
+    column's statistics, loc and scale swapped) fails this."""
+    X, theta, b = _confounded(400, 3)
+    b = 0.7 + 0.5 * b  # mean and spread far from 0 and 1, so that a missing standardisation shows
+    kw = dict(loss="mse", max_epochs=1, batch_size=64, random_state=0, module__hidden=(8,),
+              module__normalization=None, head=None, device="cpu")
+    net = CRBNetRegressor(measured="B1", **kw).fit(np.column_stack([X, b]), theta)
+    np.testing.assert_allclose(net.measured_loc_, [b.mean()], rtol=1e-10)
+    np.testing.assert_allclose(net.measured_scale_, [b.std()], rtol=1e-10)
+    norm = net.module_.module.normalize
+    np.testing.assert_allclose(norm.cond_loc.cpu().numpy(), [b.mean()], rtol=1e-6)
+    np.testing.assert_allclose(norm.cond_scale.cpu().numpy(), [b.std()], rtol=1e-6)
+    with torch.no_grad():
+        seen = norm.eval()(torch.as_tensor(np.column_stack([X, b]), dtype=torch.float32))[:, -1].double().numpy()
+    assert abs(seen.mean()) < 1e-5 and abs(seen.std() - 1.0) < 1e-5

@@ -225,7 +225,8 @@ def test_torch_matches_numpy_and_autograd():
     assert R.dtype == torch.float64 and R.shape == (300,)
     np.testing.assert_allclose(R.detach().numpy(), Rn, rtol=1e-14)
     np.testing.assert_allclose(dT.detach().numpy(), dTn, rtol=1e-13)
-    np.testing.assert_allclose(dB.detach().numpy(), dBn, rtol=1e-13, atol=1e-12)
+    # dB sums terms of opposite sign: numpy 1.23's and torch's rounding differ by up to ~2e-12 of it
+    np.testing.assert_allclose(dB.detach().numpy(), dBn, rtol=1e-11, atol=1e-12)
     gB, gT = torch.autograd.grad(R.sum(), (tB1, tT2s))
     np.testing.assert_allclose(gT.numpy(), dTn, rtol=1e-12)
     np.testing.assert_allclose(gB.numpy(), dBn, rtol=1e-12, atol=1e-9)

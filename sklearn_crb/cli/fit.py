@@ -8,6 +8,22 @@ NAME=FILE``) are per-voxel values of parameters that are then not estimated;
 they are checked against the image (spatial shape; affine to 1e-4 mm when
 both are NIfTI; finite and inside the physical bounds in every fitted voxel)
 before any work starts.
+
+Besides the maps, ``fit`` writes ``report.html``, a self-contained QC report
+(:mod:`sklearn_crb.report`); with ``--check N`` it also refits N random
+voxels with NLLS from the network's estimate and compares the two.
+
+With ``--bids`` the ``--out`` folder is a BIDS derivative dataset (it plays
+``derivatives/sklearn-crb/``): ``dataset_description.json`` (written when
+absent, kept when an earlier sklearn-crb fit wrote it, refused when another
+tool did) and ``sub-<label>/[ses-<label>/]anat/`` with qMRI-BIDS names and a
+JSON sidecar per map (:mod:`sklearn_crb.io.bids`). The subject and session
+come from ``--bids-subject``/``--bids-session``, else from a BIDS-named
+``--coefficients`` file (``sub-01_ses-1_...``). The overview PNG, the
+summary and the report are ``sub-<label>[_ses-<label>]_{overview.png,
+summary.json,report.html}`` beside the maps, so that one subject's fit is
+one folder committed at once (``dataset_description.json`` follows in its
+own commit, only for the dataset's first fit).
 """
 
 from __future__ import annotations
@@ -35,19 +51,128 @@ from sklearn_crb.cli._common import (
 )
 from sklearn_crb.estimators.nlls import NLLSFitter
 from sklearn_crb.io._files import atomic_files, check_output_file, claim_output, releases_claims
+from sklearn_crb.io.bids import (
+    bids_map_names,
+    dataset_description,
+    estimation_algorithm,
+    is_own_description,
+    map_sidecar,
+    source_uris,
+    subject_session,
+    to_bids_units,
+)
 from sklearn_crb.io.images import load_array, load_basis, load_coefficients, load_mask, make_mask, save_nifti
 from sklearn_crb.io.models import check_compatible, load_model
-from sklearn_crb.maps import fit_maps, map_names
+from sklearn_crb.maps import FLAGS, fit_maps, map_names
+from sklearn_crb.maps.result import SIGMA_METHODS
 from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, UNITS, rate_name, resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
+from sklearn_crb.report import nlls_check, render_report
 from sklearn_crb.viz import overview_png
 
 __all__ = ["cmd_fit", "add_parser"]
 
 
-def _fit_names(prefix, estimate, times=False):
+#: The files beside the BIDS maps that BIDS does not define, for validators to skip.
+BIDS_IGNORE = "*_overview.png\n*_summary.json\n*_report.html\n"
+
+
+def _fit_names(prefix, estimate, times=False, bids=None):
+    """``(map files, png, summary, report)`` in the fit's folder; ``bids=(subject, session)``: BIDS names."""
     maps = map_names(estimate, times=times)
-    return {k: f"{prefix}{k}.nii.gz" for k in maps}, f"{prefix}overview.png", f"{prefix}summary.json"
+    if bids is None:
+        return ({k: f"{prefix}{k}.nii.gz" for k in maps}, f"{prefix}overview.png", f"{prefix}summary.json",
+                f"{prefix}report.html")
+    stem = f"sub-{bids[0]}" + (f"_ses-{bids[1]}" if bids[1] else "")
+    files = {k: Path(v).name for k, v in bids_map_names(maps, *bids).items()}
+    return files, f"{stem}_overview.png", f"{stem}_summary.json", f"{stem}_report.html"
+
+
+def _bids_labels(args):
+    """``(subject, session)`` of --bids (None without it); every check before any work."""
+    if not args.bids:
+        if args.bids_subject or args.bids_session:
+            raise CLIError("--bids-subject and --bids-session name a BIDS output: give --bids")
+        return None
+    if args.prefix:
+        raise CLIError("--prefix cannot be combined with --bids (the BIDS entities name the files)")
+    try:
+        return subject_session(args.coefficients, args.bids_subject, args.bids_session)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _output_names(args, out, estimate):
+    """``(bids labels, claim, (map files, png, summary, report), owned, [dataset_description.json] or [])``.
+
+    The fit's files go to one folder, ``--out`` or with --bids ``--out/sub-<label>/[ses-<label>/]anat``,
+    claimed here (``claim.path``) and committed together. Each is checked: an existing one is replaced only
+    with --overwrite and when the previous fit's summary lists it (``owned``).
+    """
+    bids = _bids_labels(args)
+    folder = out if bids is None else out / Path(bids_map_names(["mask"], *bids)["mask"]).parent
+    names = _fit_names(args.prefix, estimate, times=args.times, bids=bids)
+    map_files, png, summary_name, report_name = names
+    sidecars = [m[:-len(".nii.gz")] + ".json" for m in map_files.values()] if bids else []
+    owned = _fit_owned(folder / summary_name) or set()
+    for name in [*map_files.values(), *sidecars, png, summary_name, report_name]:
+        check_output_file(folder / name, overwrite=args.overwrite, owned=lambda p: p.name in owned, argname="--out")
+    description = _bids_description(out) if bids else []
+    return bids, claim_output(folder, argname="--out"), names, owned, description
+
+
+def _write_description(out, names, desc):
+    """The dataset's ``dataset_description.json`` and ``.bidsignore`` (those of ``names``, the ones absent),
+    shared by its subjects: written in their own commit once the first subject's maps are in."""
+    if names:
+        with atomic_files(out, names, argname="--out") as tmp:
+            for name in names:
+                tmp[name].write_text(json.dumps(desc, indent=1) if name.endswith(".json") else BIDS_IGNORE)
+
+
+def _bids_description(out):
+    """Which of ``dataset_description.json`` and ``.bidsignore`` to write: those absent. An existing
+    description must be an earlier sklearn-crb fit's (kept); another tool's is refused."""
+    path = out / "dataset_description.json"
+    if (path.exists() or path.is_symlink()) and not is_own_description(path):
+        raise CLIError(f"--out {out}: its dataset_description.json was not written by sklearn-crb; give a "
+                       "derivatives/sklearn-crb folder of its own")
+    return [n for n in ("dataset_description.json", ".bidsignore") if not os.path.lexists(out / n)]
+
+
+def _check_options(args, model):
+    if not args.check:
+        return
+    if model is None:
+        raise CLIError("--check compares a network with NLLS on a few voxels: give --model")
+    if getattr(model, "measured_", ()):
+        raise CLIError(f"--check: the network --model {args.model} takes measured {list(model.measured_)} as "
+                       "inputs and cannot start NLLS")
+
+
+def _bids_files(args, out, maps, map_files, algorithm):
+    """``{relative path: JSON-ready dict}`` of the BIDS sidecars and, when new, ``dataset_description.json``."""
+    inputs = [args.coefficients, *([args.mask] if args.mask else []),
+              *(path for _, _, path, _ in _fixed_specs(args))]
+    sources, links = source_uris(inputs, out)
+    summary = {**maps.summary(), "sigma_description": SIGMA_METHODS.get(maps.sigma_method),
+               "flag_bits": dict(FLAGS)}
+    files = {}
+    for k, name in map_files.items():
+        if k in maps.arrays:
+            unit = to_bids_units(k, 0.0, maps.units.get(k))[1]
+            files[name[:-len(".nii.gz")] + ".json"] = map_sidecar(k, unit, algorithm=algorithm, sources=sources,
+                                                                  summary=summary)
+    return files, dataset_description(links)
+
+
+def _save_maps(tmp, arrays, map_files, img, bids):
+    """The NIfTI maps into the staged paths ``tmp`` (in BIDS units with --bids)."""
+    for k, arr in arrays.items():
+        dtype = np.uint8 if arr.dtype == bool else (np.int16 if np.issubdtype(arr.dtype, np.integer)
+                                                    else np.float32)
+        data = to_bids_units(k, arr, None)[0] if bids else arr
+        save_nifti(tmp[map_files[k]], data, img.affine, img.header, dtype=dtype)
 
 
 def _fit_owned(summary):
@@ -224,11 +349,10 @@ def cmd_fit(args):
         opts = {"B1": "--b1-map", "omega0": "--b0-map"}
         raise CLIError(f"--model {args.model} takes measured {list(model.measured_)} as inputs: give "
                        + ", ".join(opts.get(p, f"--fixed {p}=FILE") for p in need))
-    map_files, png, summary_name = _fit_names(args.prefix, estimate, times=args.times)
-    names = [*map_files.values(), png, summary_name]
-    owned = _fit_owned(out / summary_name) or set()
-    for name in names:
-        check_output_file(out / name, overwrite=args.overwrite, owned=lambda p: p.name in owned, argname="--out")
+    _check_options(args, model)
+    bids, target, (map_files, png, summary_name, report_name), owned, description = _output_names(args, out,
+                                                                                                  estimate)
+    folder = target.path  # --out, or the subject's anat folder in it: claimed (held) to the commit, as --out is
     if model is not None:
         check_compatible(model, sequence=seq, basis=basis, rank=img.rank)
         estimator = model
@@ -243,9 +367,11 @@ def cmd_fit(args):
     with _dask_context(args.scheduler):
         maps = fit_maps(estimator, img, mask_arr, sequence=seq, basis=basis, sigma=args.sigma, fixed=fixed or None,
                         fixed_se=fixed_se or None, chunk_size=args.chunk_size, times=args.times,
-                        progress=not args.quiet,
-                        se=args.se if model is not None else None)
+                        progress=not args.quiet, se=args.se if model is not None else None)
     elapsed = time.perf_counter() - t0
+    check = None if not args.check else nlls_check(
+        estimator, img, maps, n=args.check, sequence=seq, basis=basis, fixed=fixed or None,
+        random_state=args.check_seed, tied_R1=bool(meta.get("tied_R1", False)), chunk_size=args.chunk_size)
     arrays = maps.arrays
     if not set(arrays) <= set(map_files):
         raise CLIError(f"the estimator returned maps {sorted(set(arrays) - set(map_files))} not announced by its "
@@ -260,25 +386,38 @@ def cmd_fit(args):
                "fixed_maps": fixed_files, "fixed_map_errors": fixed_se,
                "standard_error": args.se if model is not None else "crb",
                "files": [map_files[k] for k in arrays] + [png]}
-    written = [map_files[k] for k in arrays] + [png, summary_name]
+    algorithm = estimation_algorithm(None if model is None else model.crb_metadata_, se=args.se,
+                                     nlls_init=args.nlls_init, fast=args.fast)
+    sidecar_files, desc = _bids_files(args, out, maps, map_files, algorithm) if bids else ({}, None)
+    # dataset_description.json is shared by every subject's fit: never listed as this fit's own file
+    summary["files"] += [*sidecar_files, report_name]
+    if bids:
+        summary["bids"] = {"subject": bids[0], "session": bids[1]}
+    written = [map_files[k] for k in arrays] + [*sidecar_files, png, report_name, summary_name]
+    info = {"input": str(args.coefficients), "fit time (s)": f"{elapsed:.1f}",
+            **({"model": str(args.model), "standard errors": args.se} if model is not None else {})}
     # the previous run's files (its summary's list) that this run does not write go in the same commit
     stale = owned - set(written) if args.overwrite else set()
-    with atomic_files(claim.path, written, remove=sorted(stale), argname="--out") as tmp:
-        for k, arr in arrays.items():
-            dtype = np.uint8 if arr.dtype == bool else (np.int16 if np.issubdtype(arr.dtype, np.integer)
-                                                        else np.float32)
-            save_nifti(tmp[map_files[k]], arr, img.affine, img.header, dtype=dtype)
+    with atomic_files(folder, written, remove=sorted(stale), argname="--out") as tmp:
+        _save_maps(tmp, arrays, map_files, img, bids)
+        for name, content in sidecar_files.items():
+            tmp[name].write_text(json.dumps(content, indent=1))
         overview_png(tmp[png], arrays, title=f"{kind}: {Path(args.coefficients).name}")
+        tmp[report_name].write_text(render_report(maps, title=f"sklearn-crb fit ({kind}): "
+                                                  f"{Path(args.coefficients).name}", info=info, check=check),
+                                    encoding="utf-8")
         tmp[summary_name].write_text(json.dumps(summary, indent=1))
+    _write_description(claim.path, description, desc)
     print(f"fitted {n_fit} voxels in {elapsed:.1f} s ({1e3 * elapsed / max(n_fit, 1):.2f} ms/voxel), "
-          f"sigma = {maps.sigma:.3g}; wrote {len(written)} files to {out}")
+          f"sigma = {maps.sigma:.3g}; wrote {len(written) + len(description)} files to {folder}")
     return 0
 
 
 def add_parser(sub):
     """Register ``fit`` on the subcommand parser ``sub``."""
     p = sub.add_parser("fit", help="fit a coefficient image with a saved network or NLLS", epilog=EPILOG,
-                       description="Write NIfTI parameter, standard-error, residual and flag maps and a PNG.")
+                       description="Write NIfTI parameter, standard-error, residual and flag maps, a PNG and a "
+                                   "self-contained QC report (report.html); --bids: a BIDS derivative dataset.")
     p.add_argument("--coefficients", required=True,
                    help="coefficient image: NIfTI (complex, or 2r channels [Re..., Im...]), .mat, .npy, .npz")
     p.add_argument("--out", required=True, help="output directory")
@@ -324,5 +463,22 @@ def add_parser(sub):
                    help="network standard-error maps: delta (its own delta-method spread over noise draws, default) "
                         "or crb (sqrt(CRB) at the estimate, one Jacobian per voxel); NLLS always gives sqrt(CRB)")
     p.add_argument("--prefix", type=_prefix, default="", help="prefix of the output file names (no path separators)")
+    p.add_argument("--check", type=_positive_int, default=None, metavar="N",
+                   help="network fits: refit N random fitted voxels with NLLS started from the network's estimate "
+                        "and compare estimates and standard errors in report.html (seeded by --check-seed)")
+    p.add_argument("--check-seed", type=int, default=0, help="seed of the --check voxels (default 0)")
+    g = p.add_argument_group("BIDS derivatives")
+    g.add_argument("--bids", action="store_true",
+                   help="write --out as a BIDS derivative dataset (derivatives/sklearn-crb/): "
+                        "dataset_description.json and sub-<label>/[ses-<label>/]anat/ maps with qMRI-BIDS names "
+                        "(R1map, R2map, T1map, T2map in s; desc-<name> for m0s, Rex, R1s, T2s and the others; "
+                        "desc-<name>SE for standard errors) and a JSON sidecar per map (units, estimation "
+                        "algorithm, reference, sources, sequence and basis SHA-256, sigma, version); the PNG, "
+                        "summary and report beside them as sub-<label>[_ses-<label>]_overview.png, _summary.json, "
+                        "_report.html")
+    g.add_argument("--bids-subject", metavar="LABEL",
+                   help="BIDS subject label (default: the sub-<label> of a BIDS-named --coefficients file)")
+    g.add_argument("--bids-session", metavar="LABEL",
+                   help="BIDS session label (default: the ses-<label> of a BIDS-named --coefficients file, if any)")
     _common(p, device="cpu")
     p.set_defaults(func=cmd_fit)

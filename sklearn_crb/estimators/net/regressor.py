@@ -383,7 +383,9 @@ class CRBNetRegressor(NeuralNetRegressor):
 
     def get_params_for_optimizer(self, prefix, named_parameters):
         args, kwargs = super().get_params_for_optimizer(prefix, named_parameters)
-        if self.weight_decay is not _UNSET:  # the deprecated alias wins over optimizer__weight_decay
+        # the deprecated alias wins over optimizer__weight_decay; compared by value, since a pickled copy of
+        # the sentinel (a dask worker's) is another string object
+        if not (isinstance(self.weight_decay, str) and self.weight_decay == _UNSET):
             warnings.warn("CRBNetRegressor(weight_decay=...) is deprecated since 0.2: use optimizer__weight_decay "
                           "(None: the optimizer's own default)", FutureWarning, stacklevel=2)
             kwargs.pop("weight_decay", None)
