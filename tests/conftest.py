@@ -133,3 +133,20 @@ def pytest_cmdline_main(config):
             or getattr(option, "dist", "no") != "no" or getattr(option, "tx", None)):
         return
     option.numprocesses = DEFAULT_WORKERS if DEFAULT_WORKERS > 1 else 0
+
+
+def small_cli_model(folder):
+    """``simulate`` -> ``train`` (120-pulse built-in sequence, rank 6, 300 draws, 2 epochs) into ``folder``/model,
+    and a 12x12 phantom in its basis; returns the phantom and its coefficients shaped (x, y, z=1, r)."""
+    from sklearn_crb import Sequence
+    from sklearn_crb.cli import main
+    from sklearn_crb.phantom import make_phantom
+
+    common = ["--n-pulses", "120", "--quiet"]
+    assert main(["simulate", "--out", str(folder / "train.h5"), "--n-samples", "300", "--rank", "6",
+                 "--n-basis-samples", "200", *common]) == 0
+    assert main(["train", "--data", str(folder / "train.h5"), "--out", str(folder / "model"), "--epochs", "2",
+                 "--hidden", "16", "--device", "cpu", "--quiet"]) == 0
+    U = np.load(folder / "model" / "basis.npy")
+    ph = make_phantom((12, 12), Sequence.default(n_pulses=120), basis=U, snr=50, random_state=0)
+    return ph, ph.coefficients[:, :, None, :]

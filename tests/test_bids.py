@@ -7,6 +7,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import small_cli_model
 
 from sklearn_crb.cli import main
 
@@ -21,18 +22,9 @@ def _pybids():
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """A small network, a BIDS raw dataset holding a BIDS-named coefficient image, and its --bids fit."""
-    from sklearn_crb import Sequence
-    from sklearn_crb.phantom import make_phantom
 
     d = tmp_path_factory.mktemp("bids")
-    common = ["--n-pulses", "120", "--quiet"]
-    assert main(["simulate", "--out", str(d / "train.h5"), "--n-samples", "300", "--rank", "6",
-                 "--n-basis-samples", "200", *common]) == 0
-    assert main(["train", "--data", str(d / "train.h5"), "--out", str(d / "model"), "--epochs", "2",
-                 "--hidden", "16", "--device", "cpu", "--quiet"]) == 0
-    U = np.load(d / "model" / "basis.npy")
-    ph = make_phantom((12, 12), Sequence.default(n_pulses=120), basis=U, snr=50, random_state=0)
-    c = ph.coefficients[:, :, None, :]
+    ph, c = small_cli_model(d)  # (x, y, z=1, r)
     raw = d / "raw"
     (raw / "sub-01" / "ses-a" / "anat").mkdir(parents=True)
     (raw / "dataset_description.json").write_text(json.dumps({"Name": "raw", "BIDSVersion": "1.10.0"}))

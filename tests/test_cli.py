@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import small_cli_model
 
 from sklearn_crb.cli import main
 from sklearn_crb.io.datasets import load_dataset
@@ -30,18 +31,9 @@ def test_help(cmd, capsys):
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """simulate -> train on the 120-pulse built-in sequence, and a phantom image in its basis."""
-    from sklearn_crb import Sequence
-    from sklearn_crb.phantom import make_phantom
 
     d = tmp_path_factory.mktemp("cli")
-    common = ["--n-pulses", "120", "--quiet"]
-    assert main(["simulate", "--out", str(d / "train.h5"), "--n-samples", "300", "--rank", "6",
-                 "--n-basis-samples", "200", *common]) == 0
-    assert main(["train", "--data", str(d / "train.h5"), "--out", str(d / "model"), "--epochs", "2",
-                 "--hidden", "16", "--device", "cpu", "--quiet"]) == 0
-    U = np.load(d / "model" / "basis.npy")
-    ph = make_phantom((12, 12), Sequence.default(n_pulses=120), basis=U, snr=50, random_state=0)
-    c = ph.coefficients[:, :, None, :]  # (x, y, z=1, r)
+    ph, c = small_cli_model(d)  # (x, y, z=1, r)
     nib.save(nib.Nifti1Image(np.concatenate([c.real, c.imag], -1).astype(np.float32), AFFINE), d / "coef.nii.gz")
     return d, ph
 

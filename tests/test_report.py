@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import small_cli_model
 
 from sklearn_crb.cli import main
 from sklearn_crb.maps import FLAGS, Maps
@@ -68,18 +69,9 @@ def _png(src):
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """A small network and a phantom image, fitted with --check 6."""
-    from sklearn_crb import Sequence
-    from sklearn_crb.phantom import make_phantom
 
     d = tmp_path_factory.mktemp("report")
-    common = ["--n-pulses", "120", "--quiet"]
-    assert main(["simulate", "--out", str(d / "train.h5"), "--n-samples", "300", "--rank", "6",
-                 "--n-basis-samples", "200", *common]) == 0
-    assert main(["train", "--data", str(d / "train.h5"), "--out", str(d / "model"), "--epochs", "2",
-                 "--hidden", "16", "--device", "cpu", "--quiet"]) == 0
-    U = np.load(d / "model" / "basis.npy")
-    ph = make_phantom((12, 12), Sequence.default(n_pulses=120), basis=U, snr=50, random_state=0)
-    c = ph.coefficients[:, :, None, :]
+    ph, c = small_cli_model(d)  # (x, y, z=1, r)
     nib.save(nib.Nifti1Image(np.concatenate([c.real, c.imag], -1).astype(np.float32), np.eye(4)),
              d / "coef.nii.gz")
     base = ["fit", "--model", str(d / "model"), "--coefficients", str(d / "coef.nii.gz"), "--quiet"]
