@@ -107,3 +107,30 @@ def test_writer_refuses_a_table_off_the_schema_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="row is not 2"):
         run.write([_harness.table("t", ["a", "b"], [["only one cell"]])], {"x": 1}, quiet=True)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------ bench_snr_efficiency
+def _quick(script, out, cwd):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    cmd = [sys.executable, str(BENCH / script), "--quick", "--threads", "1", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads((out / f"{script[len('bench_'):-len('.py')]}-quick.json").read_text())
+
+
+@pytest.mark.slow
+def test_snr_efficiency_reruns_from_its_cache_and_judges_every_cell(tmp_path):
+    """The user's path runs once: a rerun takes the set and the three networks from the cache, and the verdict
+    table judges every SNR x parameter x network (or says it has no informative draw)."""
+    out = tmp_path / "results"
+    first = _quick("bench_snr_efficiency.py", out, tmp_path)
+    second = _quick("bench_snr_efficiency.py", out, tmp_path)
+    steps = ("simulate", "net", "net-unconditioned", "net-bias-reduced")
+    assert [first["data"]["cli"][s]["cached"] for s in steps] == [False] * 4
+    assert [second["data"]["cli"][s]["cached"] for s in steps] == [True] * 4
+    assert second["data"]["models"] == first["data"]["models"]
+    verdict = next(t for t in second["tables"] if t["title"].startswith("The issue's targets"))
+    assert len(verdict["rows"]) == 3 * 3 * 3
+    col = verdict["columns"].index("all")
+    assert {r[col] for r in verdict["rows"]} <= {"pass", "FAIL", "no informative draw"}
