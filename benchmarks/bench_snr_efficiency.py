@@ -11,8 +11,9 @@ B1 and complex M0 as nuisance parameters of the CRB.
 2. **Twins on the same set**: ``train --no-noise-input`` (the unconditioned network) and
    ``train --loss bias_reduced`` (its options at the CLI's defaults), timed too.
    The set and the models are cached in ``<out>/cache/snr_efficiency/`` under a key of the parsed CLI options
-   (defaults included) and the sequence file's SHA-256, so a rerun only evaluates; ``--n-samples`` and
-   ``--epochs`` (default: the CLI's) give a smaller budget under another key.
+   (defaults included), the package version and the sequence file's SHA-256, so a rerun only evaluates (after a
+   change to the training code under the same version, give another ``--out`` or remove that cache);
+   ``--n-samples`` and ``--epochs`` (default: the CLI's) give a smaller budget under another key.
 3. **Evaluation.** ``--n-theta`` prior draws of the set's own simulator (its sequence, basis, prior and tied
    model; seeded from ``--seed``, apart from the training seeds) x ``--n-draws`` noise draws at each SNR of
    ``--snr`` (``|M0| = SNR * sigma``, uniform phase, complex noise of std sigma per real component). A
@@ -98,10 +99,11 @@ def _key(*parts):
 
 def cli_key(command, argv):
     """The parsed options of ``sklearn-crb <command> argv`` (defaults included), as a dict for the cache key."""
+    from sklearn_crb import __version__
     from sklearn_crb.cli import build_parser
 
     parsed = vars(build_parser().parse_args([command, *argv, "--out", "x"]))
-    return {k: v for k, v in parsed.items() if k not in NOT_KEYED}
+    return {**{k: v for k, v in parsed.items() if k not in NOT_KEYED}, "sklearn_crb": __version__}
 
 
 def run_cli(argv, threads, log):
