@@ -52,6 +52,13 @@ class FittedModel:
         The standard errors ``predict_details`` gives, its default first: ``("crb",)`` (sqrt(CRB) at the
         estimate: NLLS, dictionary) or ``("delta", "crb")`` (a network); an estimator with several takes
         ``predict_details(..., se=)``.
+    noise_input : bool
+        The estimator needs the noise level before it runs (a noise-aware network, or NLLS started
+        from one): ``predict_details(..., sigma=)``; :func:`sklearn_crb.maps.fit_maps` estimates it
+        first when not given.
+    typical_snr : float or None
+        ``||x|| / sigma`` at the centre of a noise-aware network's training data (features ``x``):
+        where ``fit_maps`` starts its estimate of an unknown sigma.
     """
 
     sequence: Sequence
@@ -60,6 +67,8 @@ class FittedModel:
     tied_R1: bool = False
     measured: tuple = ()
     se_methods: tuple = ("crb",)
+    noise_input: bool = False
+    typical_snr: float | None = None
 
     @property
     def rank(self):

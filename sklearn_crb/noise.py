@@ -21,13 +21,19 @@ import torch
 
 from sklearn_crb._validation import check_snr_range
 
-__all__ = ["draw_m0_and_noise", "apply_m0_and_noise", "crb_gain", "pack_targets", "unpack_targets", "check_sigma"]
+#: How ``|M0| / sigma`` is drawn over the SNR range: uniform (Zhang et al. 2022) or uniform in its logarithm
+#: (every factor of the range equally often; the noise-aware network's default, ``recipes.make_network``).
+SNR_SAMPLINGS = ("uniform", "log-uniform")
+
+__all__ = ["SNR_SAMPLINGS", "draw_m0_and_noise", "apply_m0_and_noise", "crb_gain", "pack_targets", "unpack_targets",
+           "check_sigma"]
 
 
-def draw_m0_and_noise(rng, n_samples, rank, snr, sigma, noise=True):
+def draw_m0_and_noise(rng, n_samples, rank, snr, sigma, noise=True, sampling="uniform"):
     """The M0/noise model of the training data (Zhang et al., MRM 2022).
 
-    ``M0 = |M0| exp(i phi)`` with ``|M0| = sigma * U[snr]`` and
+    ``M0 = |M0| exp(i phi)`` with ``|M0| = sigma * U[snr]`` (``sampling="log-uniform"``:
+    ``log |M0| / sigma`` uniform on the log of the range) and
     ``phi ~ U[0, 2 pi)``; complex white noise of standard deviation ``sigma``
     per real component on each of the ``rank`` coefficients.
 
@@ -43,6 +49,8 @@ def draw_m0_and_noise(rng, n_samples, rank, snr, sigma, noise=True):
     sigma : float
     noise : bool
         Draw the noise (False: ``noise`` is None and no numbers are drawn for it).
+    sampling : {"uniform", "log-uniform"}
+        The distribution of ``|M0| / sigma`` on the ``snr`` range (:data:`SNR_SAMPLINGS`).
 
     Returns
     -------
@@ -51,15 +59,20 @@ def draw_m0_and_noise(rng, n_samples, rank, snr, sigma, noise=True):
     """
     lo, hi = check_snr_range(snr)
     sigma = check_sigma(sigma)
+    if sampling not in SNR_SAMPLINGS:
+        raise ValueError(f"snr_sampling must be one of {SNR_SAMPLINGS}, got {sampling!r}")
+    log = sampling == "log-uniform"
+    a, b = (np.log(lo), np.log(hi)) if log else (lo, hi)
     if isinstance(rng, torch.Generator):
         kw = dict(generator=rng, device=rng.device, dtype=torch.float64)
-        mag = sigma * (lo + (hi - lo) * torch.rand(n_samples, **kw))
-        M0 = torch.polar(mag, 2 * np.pi * torch.rand(n_samples, **kw))
+        u = a + (b - a) * torch.rand(n_samples, **kw)
+        M0 = torch.polar(sigma * (torch.exp(u) if log else u), 2 * np.pi * torch.rand(n_samples, **kw))
         if not noise:
             return M0, None
         shape = (n_samples, int(rank))
         return M0, sigma * torch.complex(torch.randn(shape, **kw), torch.randn(shape, **kw))
-    M0 = sigma * rng.uniform(lo, hi, n_samples) * np.exp(2j * np.pi * rng.uniform(0, 1, n_samples))
+    u = rng.uniform(a, b, n_samples)
+    M0 = sigma * (np.exp(u) if log else u) * np.exp(2j * np.pi * rng.uniform(0, 1, n_samples))
     if not noise:
         return M0, None
     shape = (n_samples, int(rank))

@@ -6,7 +6,11 @@ own defaults (the package's measured recipe: MLP 256-256-256, SiLU,
 schedule, batch 512, 150 epochs) or, with ``paper=True``, from the recipe of
 Zhang et al., MRM 2022 (:func:`~sklearn_crb.estimators.net.regressor.paper_recipe`),
 and adds :class:`EpochBar`. Only what the caller gives overrides them, so the
-CLI, the demo and the estimator never restate a default.
+CLI, the demo and the estimator never restate a default. One choice is the
+recipe's own: the network is told the noise level (``noise_input=True``,
+trained with the SNR drawn log-uniformly over the training range), so that
+it is efficient across the range instead of averaging over it (issue 27;
+the measurement is ``benchmarks/bench_snr_efficiency.py``).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class EpochBar(Callback):
 
 
 def make_network(loss, simulator, *, paper=False, device="auto", seed=0, progress=True, hidden=None, epochs=None,
-                 lr=None, batch_size=None, normalization=None):
+                 lr=None, batch_size=None, normalization=None, noise_input=True):
     """A ``CRBNetRegressor`` as the CLI and the demo build it.
 
     Everything not given (None) is the estimator's own default, i.e. the
@@ -48,11 +52,16 @@ def make_network(loss, simulator, *, paper=False, device="auto", seed=0, progres
     paper's residual network and recipe instead (``CRBNetRegressor.paper``).
     ``hidden`` (widths), ``epochs``, ``lr``, ``batch_size`` and
     ``normalization`` override single settings; one tqdm step per epoch
-    is shown when ``progress``.
+    is shown when ``progress``. ``noise_input``: the noise-aware network
+    (``CRBNetRegressor(noise_input=True, snr_sampling="log-uniform")``, the
+    default); False: the unconditioned network of the paper, with the SNR
+    drawn uniformly.
     """
     overrides = {"module__hidden": None if hidden is None else tuple(int(h) for h in hidden), "max_epochs": epochs,
                  "lr": lr, "batch_size": batch_size, "module__normalization": normalization}
     params = {k: v for k, v in overrides.items() if v is not None}
+    if noise_input:
+        params.update(noise_input=True, snr_sampling="log-uniform")
     factory = CRBNetRegressor.paper if paper else CRBNetRegressor
     net = factory(loss=loss, simulator=simulator, device=device, random_state=seed, **params)
     callbacks = list(net.callbacks or [])  # keep the estimator's own default callbacks (e.g. its LR schedule)

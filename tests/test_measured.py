@@ -196,7 +196,8 @@ def test_cli_simulate_train_fit_with_a_b1_map(tmp_path, short_sequence, monkeypa
     assert mem.measured_ == lazy.measured_ == ("B1",)
     np.testing.assert_allclose(lazy.measured_loc_, mem.measured_loc_, rtol=1e-6)
     np.testing.assert_allclose(lazy.measured_scale_, mem.measured_scale_, rtol=1e-5)
-    Xm = np.column_stack([data["X"][:20], data["theta"][:20, INDEX["B1"]]])
+    assert mem.noise_input_ and lazy.noise_input_  # the CLI's default: the noise column before the measured B1
+    Xm = np.column_stack([data["X"][:20], np.full(20, data["meta"]["sigma"]), data["theta"][:20, INDEX["B1"]]])
     np.testing.assert_allclose(lazy.predict(Xm), mem.predict(Xm), rtol=1e-4, atol=1e-7)
 
     ph = make_phantom((8, 8), short_sequence, basis=mem.crb_metadata_["basis"], snr=50, random_state=0)

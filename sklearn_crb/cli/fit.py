@@ -247,9 +247,45 @@ def _fixed_errors(args, fixed):
     return out
 
 
+def _map_on_grid(path, opt, name, img, keys):
+    """A real map (float64) of the coefficient image's spatial shape and affine, read from ``path``."""
+    spatial = img.spatial_shape
+    arr, affine, header = load_array(path, None, opt, preferred=keys)
+    if np.iscomplexobj(arr):
+        raise CLIError(f"{opt}: {path} is complex; a {name} map must be real")
+    if arr.ndim == len(spatial) + 1 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    elif arr.ndim + 1 == len(spatial) and spatial[-1] == 1:
+        arr = arr[..., None]  # a 2-D map of a one-slice (x, y, 1) image
+    if arr.shape != spatial:
+        raise CLIError(f"{opt}: the {name} map has shape {arr.shape} but the coefficient image has spatial "
+                       f"shape {spatial}")
+    if header is not None and img.header is not None and not np.allclose(affine, img.affine, rtol=0,
+                                                                           atol=AFFINE_TOL):
+        raise CLIError(f"{opt}: the affine of {path} {np.round(affine, 4).tolist()} differs from the coefficient "
+                       f"image's {np.round(img.affine, 4).tolist()} (tolerance {AFFINE_TOL} mm): resample the "
+                       "map onto the image grid first")
+    return arr.astype(np.float64)
+
+
+def _noise_level(args, img, fit_mask):
+    """``--sigma`` (a float), or the ``--noise-map`` (positive and finite in every voxel to fit), or None."""
+    if args.noise_map is None:
+        return args.sigma
+    if args.sigma is not None:
+        raise CLIError("--noise-map: give either --sigma or --noise-map, not both")
+    smap = _map_on_grid(args.noise_map, "--noise-map", "noise", img, ("sigma", "noise", "noise_map"))
+    inside = smap[fit_mask]
+    n_bad = int((~(np.isfinite(inside) & (inside > 0))).sum())
+    if n_bad:
+        raise CLIError(f"--noise-map: the noise map is not positive and finite in {n_bad} of the {inside.size} voxels "
+                       "to fit; fill them or exclude them with --mask")
+    return np.where(fit_mask, smap, 1.0)
+
+
 def _load_fixed(specs, img, fit_mask, estimate, tied_R1):
     """Per-voxel fixed maps ``{name: array(spatial)}`` (SI units), every check before any work."""
-    spatial, fixed, files = img.spatial_shape, {}, {}
+    fixed, files = {}, {}
     estimated = {rate_name(p) for p in estimate}  # a time target (T1f) estimates its rate (R1f)
     for name, opt, path, factor in specs:
         if name in estimated:
@@ -257,22 +293,7 @@ def _load_fixed(specs, img, fit_mask, estimate, tied_R1):
                            f"estimated: drop it from --estimate (NLLS) or use a model that does not estimate it")
         if tied_R1 and name == "R1s":
             raise CLIError(f"{opt}: R1s cannot be fixed with the tied model (R1s = R1f)")
-        arr, affine, header = load_array(path, None, opt, preferred=_MAP_KEYS.get(name, (name,)))
-        if np.iscomplexobj(arr):
-            raise CLIError(f"{opt}: {path} is complex; a {name} map must be real")
-        if arr.ndim == len(spatial) + 1 and arr.shape[-1] == 1:
-            arr = arr[..., 0]
-        elif arr.ndim + 1 == len(spatial) and spatial[-1] == 1:
-            arr = arr[..., None]  # a 2-D map of a one-slice (x, y, 1) image
-        if arr.shape != spatial:
-            raise CLIError(f"{opt}: the {name} map has shape {arr.shape} but the coefficient image has spatial "
-                           f"shape {spatial}")
-        if header is not None and img.header is not None and not np.allclose(affine, img.affine, rtol=0,
-                                                                               atol=AFFINE_TOL):
-            raise CLIError(f"{opt}: the affine of {path} {np.round(affine, 4).tolist()} differs from the coefficient "
-                           f"image's {np.round(img.affine, 4).tolist()} (tolerance {AFFINE_TOL} mm): resample the "
-                           "map onto the image grid first")
-        values = arr.astype(np.float64) * factor
+        values = _map_on_grid(path, opt, name, img, _MAP_KEYS.get(name, (name,))) * factor
         inside = values[fit_mask]
         n_bad = int((~np.isfinite(inside)).sum())
         if n_bad:
@@ -341,6 +362,7 @@ def cmd_fit(args):
         raise CLIError(f"--mask {args.mask} selects no voxel to fit (all zero, or only non-finite voxels of "
                        "--coefficients)" if args.mask else "--coefficients: no voxel to fit (the automatic mask is "
                        "empty: the image is zero or not finite everywhere); give --mask")
+    sigma = _noise_level(args, img, fit_mask)
     fixed, fixed_files = _load_fixed(_fixed_specs(args), img, fit_mask, estimate,
                                      bool(args.tied_R1 if model is None else meta.get("tied_R1", False)))
     fixed_se = _fixed_errors(args, fixed)
@@ -365,7 +387,7 @@ def cmd_fit(args):
     # ---- work
     t0 = time.perf_counter()
     with _dask_context(args.scheduler):
-        maps = fit_maps(estimator, img, mask_arr, sequence=seq, basis=basis, sigma=args.sigma, fixed=fixed or None,
+        maps = fit_maps(estimator, img, mask_arr, sequence=seq, basis=basis, sigma=sigma, fixed=fixed or None,
                         fixed_se=fixed_se or None, chunk_size=args.chunk_size, times=args.times,
                         progress=not args.quiet, se=args.se if model is not None else None)
     elapsed = time.perf_counter() - t0
@@ -453,7 +475,11 @@ def add_parser(sub):
                    help="also write relaxation-time maps T1f (s), T2f (ms) (and T1s untied) with their standard errors")
     p.add_argument("--tied-R1", action="store_true", help="NLLS: R1s = R1f")
     p.add_argument("--sigma", type=_positive_float, default=None,
-                   help="noise std (default: estimated from residuals)")
+                   help="noise std per real coefficient component (default: estimated from the residuals; for a "
+                        "noise-aware network first, from a pass on up to 1024 voxels)")
+    p.add_argument("--noise-map", metavar="FILE",
+                   help="noise std per voxel on the image grid (e.g. g-factor x channel noise), instead of --sigma: "
+                        "NIfTI, .mat, .npy or .npz")
     p.add_argument("--chunk-size", type=_positive_int, default=1024, help="voxels per chunk")
     p.add_argument("--n-jobs", type=int, default=None, help="NLLS: joblib workers")
     p.add_argument("--scheduler", default=None,

@@ -75,13 +75,17 @@ def cmd_train(args):
     if measured and "theta" not in have:
         raise CLIError(f"--data records measured parameters {list(measured)} but holds no 'theta' to take them from")
     augment = args.augment and {"X_clean", "crb_unit"} <= have
+    if args.noise_input and not augment:
+        raise CLIError("--noise-input trains with augmentation (its draws give each row its noise level): it needs a "
+                       "data file with X_clean and crb_unit (from `sklearn-crb simulate`) and cannot take "
+                       "--no-augment; use --no-noise-input")
     if args.loss == "bias_reduced" and not augment:
         raise CLIError("--loss bias_reduced draws fresh noise realisations of every fingerprint: it needs a data "
                        "file with X_clean and crb_unit (from `sklearn-crb simulate`) and cannot take --no-augment")
     # options not given stay None: the estimator's defaults (the package's training recipe) apply
     net = make_network(args.loss, sim, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet,
-                       paper=args.paper, normalization=args.normalization)
+                       paper=args.paper, normalization=args.normalization, noise_input=args.noise_input)
     if args.standardize_inputs is not None:
         net.set_params(module__standardize=args.standardize_inputs)
     net.set_params(augment=augment, measured=measured or None,
@@ -135,6 +139,9 @@ def add_parser(sub):
                    help="variance/CRB below which the hinge is zero (>= 0; paper 1)")
     b.add_argument("--pretrain-epochs", type=_number(int, 0, strict=False), default=None,
                    help="first epochs trained with the CRB loss (<= --epochs)")
+    p.add_argument("--noise-input", action=argparse.BooleanOptionalAction, default=True,
+                   help="tell the network the noise level (default; `fit` then takes or estimates sigma); "
+                        "--no-noise-input: the unconditioned network, for data without a noise estimate")
     p.add_argument("--no-augment", dest="augment", action="store_false",
                    help="train on the stored noisy samples instead of fresh noise each epoch")
     p.add_argument("--seed", type=int, default=0)

@@ -281,8 +281,10 @@ def start_values(start, fixed, tied_R1):
     return starts
 
 
-def init_start_values(init, X, default_names):
+def init_start_values(init, X, default_names, sigma=None):
     """``{parameter: (n,) values}`` (SI rates) that a fitted ``init`` estimator predicts for ``X``.
+
+    A noise-aware network (``init.noise_input_``) gets ``sigma`` (a float or one per row) as its noise column.
 
     The columns of ``init.predict(X)`` are named by ``init.estimate_``, else by ``init.target_names_`` (a
     network) where those are parameter names, else by ``default_names``. Relaxation-time targets (``T1f``,
@@ -295,6 +297,13 @@ def init_start_values(init, X, default_names):
     if not names:
         targets = tuple(getattr(init, "target_names_", None) or ())
         names = targets if targets and known(targets) else tuple(default_names)
+    if getattr(init, "noise_input_", False):
+        if sigma is None:
+            raise ValueError("sigma: init is a noise-aware network (noise_input=True); pass the noise level, "
+                             "NLLSFitter(sigma=...) or predict_details(X, sigma=...)")
+        col = np.broadcast_to(np.asarray(sigma, dtype=np.float64).reshape(-1) if np.ndim(sigma) else
+                              np.float64(sigma), (np.shape(X)[0],))
+        X = np.hstack([np.asarray(X, dtype=np.float64), col[:, None]])
     pred = np.asarray(init.predict(X), dtype=float).reshape(np.shape(X)[0], -1)
     if pred.shape[1] != len(names):
         raise ValueError(f"init.predict returned {pred.shape[1]} columns but init names {names}")

@@ -174,9 +174,13 @@ def _check_estimate(meta, file):
     except (ValueError, TypeError) as exc:
         fail(file, "measured", f"is invalid ({exc})")
     rank, n_features = meta["rank"], meta["n_features"]
-    if n_features != 2 * rank + len(measured) or rank < 1:
-        fail(file, "n_features", f"is {n_features} but 'rank' is {rank} and {len(measured)} parameters are "
-                                 "measured (expected 2 * rank real features, then the measured columns)")
+    kwargs = meta.get("module_kwargs")
+    noise = int(isinstance(kwargs, dict) and kwargs.get("noise_input") is True)  # its type is checked with the rest
+    if n_features != 2 * rank + noise + len(measured) or rank < 1:
+        fail(file, "n_features", f"is {n_features} but 'rank' is {rank}, {len(measured)} parameters are measured and "
+                                 f"the noise column is {'' if noise else 'not '}an input (expected 2 * rank real "
+                                 "features, then the noise column of a noise-aware network, then the measured "
+                                 "columns)")
 
 
 def _check_optional(meta, file):

@@ -31,9 +31,11 @@ _LEGACY_NAMES = {f"{mod}:{cls}": cls for mod in ("sklearn_crb.network", "sklearn
 #: JSON type of every constructor argument (checked against the signatures in the tests).
 SCHEMAS = {
     "MLP": {"n_features": "size", "n_outputs": "size", "hidden": "widths", "normalization": "str|null",
-            "batch_norm": "bool", "activation": "str", "n_conditioning": "count", "standardize": "bool"},
+            "batch_norm": "bool", "activation": "str", "n_conditioning": "count", "standardize": "bool",
+            "noise_input": "bool"},
     "ResidualMLP": {"n_features": "size", "n_outputs": "size", "hidden": "widths|null", "skips": "skips",
-                    "normalization": "str|null", "batch_norm": "bool", "n_conditioning": "count"},
+                    "normalization": "str|null", "batch_norm": "bool", "n_conditioning": "count",
+                    "noise_input": "bool"},
 }
 #: Constructor defaults of the networks as format versions <= 2 saved them (only the non-default
 #: arguments were written then): what an older model.json that omits a key means.
@@ -76,6 +78,8 @@ def constructor_kwargs(net):
     kwargs.update({k[len("module__"):]: v for k, v in net.get_params(deep=False).items() if k.startswith("module__")})
     if "n_conditioning" in kwargs:  # filled in from the data (the measured columns), like n_features
         kwargs["n_conditioning"] = int(net.module_.module.normalize.n_conditioning)
+    if "noise_input" in kwargs:  # set by the regressor's noise_input, like n_conditioning
+        kwargs["noise_input"] = bool(getattr(net.module_.module.normalize, "noise_input", False))
     return kwargs
 
 

@@ -133,9 +133,11 @@ def save_model(net, path, *, sequence=None, basis=None, simulator=None, fill_val
     if len(est) != net.n_outputs_:
         raise ValueError(f"estimate names {len(est)} parameters {est} but the network has {net.n_outputs_} outputs")
     measured = tuple(getattr(net, "measured_", ()))
-    if net.n_features_in_ != 2 * U.shape[1] + len(measured):
+    noise = int(bool(getattr(net, "noise_input_", False)))
+    if net.n_features_in_ != 2 * U.shape[1] + noise + len(measured):
         raise ValueError(f"the network takes {net.n_features_in_} features but the basis has rank {U.shape[1]} "
-                         f"({2 * U.shape[1]} real features{f' and {len(measured)} measured' if measured else ''})")
+                         f"({2 * U.shape[1]} real features{', the noise column' if noise else ''}"
+                         f"{f' and {len(measured)} measured' if measured else ''})")
     if fill_values is None:
         if sim is None:
             raise ValueError("fill_values: pass the values of the parameters the network does not estimate "
@@ -227,7 +229,8 @@ def load_model(path, *, device="auto", sequence=None, basis=None, trust_unhashed
     meta, name, kwargs, U, files, state = read_checked(path, trust_unhashed)
     del state  # checked; the net loads the same verified bytes
     net = CRBNetRegressor(module=NETWORKS[name], loss=meta.get("loss") or "crb", target_names=tuple(meta["estimate"]),
-                          measured=tuple(meta["measured"]) or None, device=device,
+                          measured=tuple(meta["measured"]) or None, noise_input=bool(kwargs.get("noise_input", False)),
+                          device=device,
                           **{f"module__{k}": v for k, v in kwargs.items()})
     net.n_features_in_ = int(meta["n_features"])
     net.n_outputs_ = int(meta["n_outputs"])

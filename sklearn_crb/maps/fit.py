@@ -259,7 +259,8 @@ def _se_keywords(model, se):
 class _Plan:
     """Everything :func:`fit_maps` checked before any work."""
 
-    __slots__ = ("image", "c", "fit_mask", "invalid", "model", "model_name", "fixed", "fixed_se", "details_kw")
+    __slots__ = ("image", "c", "fit_mask", "invalid", "model", "model_name", "fixed", "fixed_se", "details_kw",
+                 "sigma_vox", "sigma_method", "sigma_scalar")
 
 
 class _Voxels:
@@ -286,9 +287,19 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
         The data's sequence: refused unless it is the estimator's.
     basis : array_like (n_pulses, r), optional
         The data's basis: refused unless it is the estimator's (to 1e-6).
-    sigma : float, optional
-        Noise standard deviation per real component of the coefficients;
-        default: estimated from the residuals (``estimate_sigma``).
+    sigma : float or array_like (spatial), optional
+        Noise standard deviation per real component of the coefficients, one
+        value or a noise map on the image grid (e.g. parallel imaging's
+        g-factor times the channel noise); default: estimated from the
+        residuals (``estimate_sigma``). A noise-aware network
+        (``CRBNetRegressor(noise_input=True)``, or NLLS started from one) needs
+        it before it runs: when not given, it is estimated first on up to
+        1024 evenly spaced voxels, from the residuals projected off the
+        model's tangent space at the network's estimate (a chi-squared
+        variate whether or not the estimate is the least-squares optimum,
+        so the first estimate does not need the right sigma), in two rounds
+        started at the network's typical training SNR (``sigma_method``
+        ``"noise_residuals_first_pass"``).
     fixed : dict, optional
         Values (scalars or maps, SI units) of parameters the estimator does
         not give, e.g. a measured ``{"B1": b1_map}``, finite and inside the
@@ -347,9 +358,11 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
     """
     plan = _plan(estimator, coefficients, mask, sequence, basis, sigma, fixed, fixed_se, chunk_size, compute_se,
                  se, threshold)
+    if plan.model.noise_input and plan.sigma_vox is None:  # a noise-aware network needs sigma before it runs
+        plan.sigma_vox, plan.sigma_method = _first_pass_sigma(estimator, plan)
     vox = _predict(estimator, plan, chunk_size, compute_se, progress)
     failed, flags = _flags(vox)
-    sigma, sigma_method = _noise_level(sigma, vox, flags == 0, plan)
+    sigma, sigma_method = _noise_level(vox, flags == 0, plan)
     return _assemble(plan, vox, failed, flags, sigma, sigma_method, compute_se, se, times)
 
 
@@ -370,9 +383,9 @@ def _plan(estimator, coefficients, mask, sequence, basis, sigma, fixed, fixed_se
     plan.model_name = type(estimator).__name__
     plan.details_kw = _se_keywords(plan.model, se)
     chunk_slices(0, chunk_size)
-    if sigma is not None and not (np.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma must be positive and finite, got {sigma}")
     plan.fit_mask, plan.invalid = make_mask(c_img, mask, threshold=threshold)
+    plan.sigma_vox, plan.sigma_method = _given_sigma(sigma, plan.fit_mask)
+    plan.sigma_scalar = float(sigma) if plan.sigma_method == "given" else None
     n_vox = int(plan.fit_mask.sum())
     if sigma is None and n_vox == 0:
         raise ValueError(f"coefficients: no voxel to fit ({int(plan.invalid.sum())} of {plan.invalid.size} are "
@@ -396,8 +409,9 @@ def _predict(estimator, plan, chunk_size, compute_se, progress):
     with tqdm(total=n_vox, desc="fit_maps", unit="voxel", disable=not progress) as bar:
         for sl in chunk_slices(n_vox, chunk_size):
             fx = {p: col[sl] for p, col in plan.fixed.items()} or None
+            kw = {"sigma": plan.sigma_vox[sl]} if plan.model.noise_input else {}
             det = estimator.predict_details(features_from_coefficients(plan.c[sl]), fixed=fx, compute_crb=compute_se,
-                                            **plan.details_kw)
+                                            **plan.details_kw, **kw)
             _gather(vox, sl, det, plan, compute_se)
             bar.update(sl.stop - sl.start)
     if vox.estimate is None:  # nothing to fit: ask for the names on an empty batch
@@ -442,15 +456,73 @@ def _flags(vox):
     return failed, flags
 
 
-def _noise_level(sigma, vox, ok, plan):
-    """``(sigma, how)``: the given one, else pooled from the residuals of the voxels fitted without problems."""
-    if sigma is not None:
-        return float(sigma), "given"
+def _given_sigma(sigma, fit_mask):
+    """``(sigma per masked voxel, "given" or "given_map")`` of ``fit_maps``' ``sigma``; ``(None, None)`` if not given.
+
+    A map must have the image's spatial shape and be positive and finite in every voxel to fit.
+    """
+    if sigma is None:
+        return None, None
+    if np.ndim(sigma) == 0:
+        try:
+            value = float(sigma)
+        except (TypeError, ValueError):
+            raise TypeError(f"sigma must be a positive float or a noise map, got {sigma!r}") from None
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(f"sigma must be positive and finite, got {sigma}")
+        return np.full(int(fit_mask.sum()), value), "given"
+    smap = np.asarray(sigma, dtype=np.float64)
+    if smap.shape != fit_mask.shape:
+        raise ValueError(f"sigma: a noise map must have the image's spatial shape {fit_mask.shape}, got {smap.shape}")
+    vals = smap[fit_mask]
+    bad = ~(np.isfinite(vals) & (vals > 0))
+    if bad.any():
+        raise ValueError(f"sigma: the noise map is not positive and finite in {int(bad.sum())} of the "
+                         f"{vals.size} voxels to fit")
+    return vals, "given_map"
+
+
+#: Voxels of the first pass that estimates sigma for a noise-aware network, and their chunk (each chunk's
+#: network details give the tangent-projected residual of up to 64 voxels).
+_FIRST_PASS_VOXELS, _FIRST_PASS_CHUNK = 1024, 128
+
+
+def _first_pass_sigma(estimator, plan):
+    """``(sigma per masked voxel, how)`` for a noise-aware estimator, from up to 1024 evenly spaced voxels.
+
+    Two rounds: the estimator runs at a sigma (the first: the median ``||x||`` over the network's
+    typical training SNR), and sigma is pooled from its residuals projected off the model's tangent
+    space (:func:`estimate_sigma`), which hold the noise and not the estimate's offset to first order.
+    """
+    n = plan.c.shape[0]
+    idx = np.unique(np.linspace(0, n - 1, min(n, _FIRST_PASS_VOXELS)).astype(int))
+    X = features_from_coefficients(plan.c[idx])
+    typical = plan.model.typical_snr or 100.0
+    sigma = float(np.median(np.linalg.norm(X, axis=1))) / typical
+    kw = {"se": "delta"} if "delta" in plan.model.se_methods else {}
+    for _ in range(2):
+        pool, dof = [], None
+        for sl in chunk_slices(idx.size, _FIRST_PASS_CHUNK):
+            fx = {p: col[idx[sl]] for p, col in plan.fixed.items()} or None
+            det = estimator.predict_details(X[sl], fixed=fx, compute_crb=True, sigma=sigma, **kw)
+            noise = det.noise_residual_norm
+            r = np.where(np.isfinite(noise), noise, np.nan) if noise is not None else det.residual_norm
+            pool.append(np.asarray(r, dtype=float)[np.asarray(det.converged, dtype=bool)] ** 2)
+            dof = 2 * plan.c.shape[1] - int(det.n_free)
+        sigma = estimate_sigma(np.concatenate(pool), dof)
+    return np.full(n, sigma), "noise_residuals_first_pass"
+
+
+def _noise_level(vox, ok, plan):
+    """``(sigma per voxel, how)``: the given (or first-pass) one, else pooled from the residuals of the voxels
+    fitted without problems."""
+    if plan.sigma_vox is not None:
+        return plan.sigma_vox, plan.sigma_method
     # the misfit-free residuals where the estimator gives them (networks), else the residuals
     noise = bool(np.isfinite(vox.noise_sq[ok]).any())
     pool = vox.noise_sq if noise else vox.res_sq
     sigma = estimate_sigma(pool[ok] if ok.any() else pool, 2 * plan.c.shape[1] - vox.n_free)
-    return float(sigma), "noise_residuals" if noise else "residuals"
+    return np.full(plan.c.shape[0], float(sigma)), "noise_residuals" if noise else "residuals"
 
 
 def _assemble(plan, vox, failed, flags, sigma, sigma_method, compute_se, se_choice, times):
@@ -461,7 +533,7 @@ def _assemble(plan, vox, failed, flags, sigma, sigma_method, compute_se, se_choi
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.sqrt(vox.res_sq) / np.linalg.norm(plan.c, axis=1)
         if compute_se:
-            se = np.sqrt(vox.var_unit) * sigma / np.abs(vox.M0)[:, None]
+            se = np.sqrt(vox.var_unit) * sigma[:, None] / np.abs(vox.M0)[:, None]
             if vox.var_fixed is not None:  # independent errors: variances add (quadrature)
                 se = np.sqrt(se**2 + vox.var_fixed)
             flags |= np.where(~np.all(np.isfinite(se), axis=1), FLAGS["singular_crb"], 0).astype(np.int16)
@@ -486,7 +558,9 @@ def _assemble(plan, vox, failed, flags, sigma, sigma_method, compute_se, se_choi
     arrays["flags"] = all_flags
     arrays["mask"] = fit_mask
     units.update(M0_abs="a.u.", M0_phase="rad", relative_residual="1")
-    return Maps(arrays=arrays, units=units, sigma=sigma, sigma_method=sigma_method, estimate=est,
+    # one number for the report: the noise map's median (a scalar sigma is that scalar)
+    sigma_value = plan.sigma_scalar if plan.sigma_scalar is not None else float(np.median(sigma))
+    return Maps(arrays=arrays, units=units, sigma=sigma_value, sigma_method=sigma_method, estimate=est,
                 provenance=_provenance(plan, compute_se, se_choice), affine=_image_attr(plan, "affine", np.eye(4)),
                 header=_image_attr(plan, "header", None))
 

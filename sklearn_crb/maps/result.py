@@ -24,6 +24,9 @@ SIGMA_METHODS = {
     "residuals": "the median of the squared residual norms of the fitted voxels (chi-squared corrected)",
     "noise_residuals": "the median of the residuals with the model misfit projected out (a network's "
                        "noise_residual_norm, chi-squared corrected)",
+    "given_map": "the sigma= noise map (the median is reported)",
+    "noise_residuals_first_pass": "a first pass of the noise-aware network on up to 1024 voxels: the median of its "
+                                  "residuals with the model misfit projected out (chi-squared corrected), two rounds",
 }
 
 
@@ -41,7 +44,8 @@ class Maps:
     units : dict of str -> str
         The unit of each map (``flags`` and ``mask`` have none).
     sigma : float
-        Noise standard deviation per real coefficient component used for the standard errors.
+        Noise standard deviation per real coefficient component used for the standard errors (and as a
+        noise-aware network's input); the median of a noise map.
     sigma_method : str
         How ``sigma`` was obtained, a key of :data:`SIGMA_METHODS`.
     estimate : tuple of str

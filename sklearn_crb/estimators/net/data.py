@@ -30,7 +30,7 @@ from sklearn_crb.estimators.net.losses import loss_weights
 from sklearn_crb.estimators.net.measured import append_measured, conditioning_scale, split_measured
 
 __all__ = ["is_row_source", "ArrayRows", "SourceRows", "TrainingData", "prepare", "check_crb", "check_rows",
-           "check_float32_range", "target_scaling", "fixed_noise_dataset", "BLOCK"]
+           "check_float32_range", "target_scaling", "check_noise_column", "fixed_noise_dataset", "BLOCK"]
 
 #: Rows checked (and, for a lazy set, read) at a time.
 BLOCK = 65536
@@ -325,8 +325,28 @@ def prepare(rows, *, loss, measured, normalization, augment, scaling=None, condi
     return TrainingData(X, y, n_cols, y_1d, *scaling, y_min, y_max, *conditioning, smp)
 
 
+def check_noise_column(X, action="predict"):
+    """The coefficient features of ``X`` whose last column is the noise level (positive and finite).
+
+    Raises
+    ------
+    ValueError
+        Naming the rows whose noise column is not a positive finite number.
+    """
+    if X.shape[1] < 2:
+        raise ValueError(f"X has {X.shape[1]} columns; a noise-aware network (noise_input=True) takes the coefficient "
+                         "features followed by the noise column sigma")
+    sig = np.asarray(X[:, -1], dtype=np.float64)
+    bad = ~(np.isfinite(sig) & (sig > 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"X's noise column (sigma, column {X.shape[1] - 1}) must be positive and finite in {action}; "
+                         f"{int(bad.sum())} rows are not, e.g. row {i}: {sig[i]!r}")
+    return X[:, :-1]
+
+
 def fixed_noise_dataset(subset, seed, noise, loss):
-    """One fixed draw of M0 and noise (``noise = ((snr_lo, snr_hi), sigma)``) for the validation part (paper).
+    """One fixed draw of M0 and noise (``noise = ((snr_lo, snr_hi), sigma, sampling)``) for the validation part.
 
     The validation part of a lazy set (:class:`PackedRows`) is read into
     memory for it (its ``train_split`` fraction only).
@@ -339,5 +359,6 @@ def fixed_noise_dataset(subset, seed, noise, loss):
         return subset  # a user-supplied validation set is taken as is
     idx = np.asarray(subset.indices)
     Xd = {k: np.asarray(v)[idx] for k, v in subset.dataset.X.items()}
-    Xd = augment_batch(Xd, np.random.default_rng(seed), *noise, loss)
+    snr, sigma, sampling = noise
+    Xd = augment_batch(Xd, np.random.default_rng(seed), snr, sigma, loss, sampling)
     return Dataset(Xd, np.asarray(subset.dataset.y)[idx])

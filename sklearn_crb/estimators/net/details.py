@@ -173,8 +173,8 @@ def input_gradient_variance(net, X, batch_size=1024, return_measured=False):
     ----------
     net : fitted CRBNetRegressor
     X : ndarray (n, d)
-        Features ``[Re c, Im c]``, then the network's ``measured_`` columns (noise-free inputs: their
-        gradient does not count).
+        Features ``[Re c, Im c]``, then the noise column of a noise-aware network and the network's
+        ``measured_`` columns (inputs without noise: their gradient does not count).
 
     return_measured : bool
         Also return ``d theta_hat_p / d b`` for the measured columns ``b``.
@@ -190,6 +190,7 @@ def input_gradient_variance(net, X, batch_size=1024, return_measured=False):
     mod = net.module_
     mod.eval()
     device, k = net.device_, len(getattr(net, "measured_", ()))
+    q = int(bool(getattr(net, "noise_input_", False)))  # the noise column: known, not noisy
     outs, meas = [], []
     with torch_threads(net_threads(net)), torch.enable_grad():
         for i in range(0, X.shape[0], int(batch_size)):
@@ -198,7 +199,7 @@ def input_gradient_variance(net, X, batch_size=1024, return_measured=False):
             g2, gm = [], []
             for j in range(y.shape[1]):
                 (g,) = torch.autograd.grad(y[:, j].sum(), xb, retain_graph=j < y.shape[1] - 1)
-                g2.append((g[:, : g.shape[1] - k].to(torch.float64) ** 2).sum(dim=1))
+                g2.append((g[:, : g.shape[1] - k - q].to(torch.float64) ** 2).sum(dim=1))
                 gm.append(g[:, g.shape[1] - k:].to(torch.float64))
             outs.append(torch.stack(g2, dim=1).detach().cpu())
             meas.append(torch.stack(gm, dim=1).detach().cpu())
@@ -247,7 +248,7 @@ def linearised_residual(c, M0, u, Ju, free, tied):
 
 
 def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basis=None, polish_iter=5,
-                    backend="auto", se="delta", sigma_rows=64):
+                    backend="auto", se="delta", sigma_rows=64, sigma=None):
     """The ``predict_details`` protocol for a fitted ``CRBNetRegressor`` (see its method).
 
     Time targets (``T1f``, ...) are mapped to rates for ``theta``; ``crb_unit``
@@ -260,13 +261,17 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
     is ``d estimate / d fixed value``: the network's autograd derivative for
     its measured inputs (0 for a fixed value it does not read) with
     ``se="delta"``, the least-squares one with ``se="crb"``
-    (:mod:`sklearn_crb.estimators.fixed_sensitivity`); else None.
+    (:mod:`sklearn_crb.estimators.fixed_sensitivity`); else None. ``sigma``
+    (a float or one per row of ``X``): the noise level a noise-aware network
+    (``net.noise_input_``) takes as its noise column; required by it, unused
+    by other networks.
 
     Returns
     -------
     PredictionDetails
     """
     ctx, fixed, X, polish_iter = _check_request(net, X, fixed, sequence, basis, polish_iter, se, sigma_rows)
+    noise = _noise_column(net, sigma, X.shape[0])
     est, nuis = ctx["estimate"], _nuisance_names(ctx, tuple(fixed))
     head = {"estimate": est, "n_free": len(est) + len(nuis) + 2, "fixed_names": tuple(fixed)}
     if X.shape[0] == 0:
@@ -274,7 +279,7 @@ def network_details(net, X, *, fixed=None, compute_crb=True, sequence=None, basi
     names = tuple(getattr(net, "target_names_", est))
     if set(names) != set(est):
         raise ValueError(f"the network predicts {names} but its model context estimates {est}")
-    theta, pred, converged, Xnet = _network_theta(net, X, fixed, ctx, names)
+    theta, pred, converged, Xnet = _network_theta(net, X, fixed, ctx, names, noise)
     c = complex_from_features(X)
     theta = polish_nuisance(theta, c, ctx, nuis, converged, n_iter=polish_iter, backend=backend)
     fit = _model_fit(theta, c, converged, ctx, nuis, compute_crb, se, backend, int(sigma_rows))
@@ -320,6 +325,26 @@ def _check_request(net, X, fixed, sequence, basis, polish_iter, se, sigma_rows):
     return ctx, fixed, X, int(polish_iter)
 
 
+def _noise_column(net, sigma, n):
+    """The noise column ``(n, 1)`` of a noise-aware network (None for others); refuses a missing or bad ``sigma``."""
+    if not getattr(net, "noise_input_", False):
+        return None
+    if sigma is None:
+        raise ValueError("sigma: the network is noise-aware (noise_input=True) and needs the noise standard deviation "
+                         "per real coefficient, a float or one per voxel (fit_maps estimates it from the image when "
+                         "not given)")
+    try:
+        sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64).reshape(-1) if np.ndim(sigma) else
+                              np.float64(sigma), (n,))
+    except (TypeError, ValueError):
+        raise ValueError(f"sigma must be a positive float or one per row of X ({n}), got shape "
+                         f"{np.shape(sigma)}") from None
+    bad = ~(np.isfinite(sig) & (sig > 0))
+    if bad.any():
+        raise ValueError(f"sigma must be positive and finite; {int(bad.sum())} of {n} values are not")
+    return sig[:, None].copy()
+
+
 def _empty_details(head, n_est, n_fixed, compute_crb, se):
     """The details of no voxel: every array with zero rows."""
     empty = np.zeros((0, n_est)) if compute_crb else None
@@ -331,10 +356,11 @@ def _empty_details(head, n_est, n_fixed, compute_crb, se):
         fixed_sensitivity=np.zeros((0, n_est, n_fixed)) if compute_crb and n_fixed else None)
 
 
-def _network_theta(net, X, fixed, ctx, names):
+def _network_theta(net, X, fixed, ctx, names, noise=None):
     """``(theta, pred, converged, Xnet)``: the fill values, the fixed values and the network's estimates as rates.
 
-    ``Xnet`` is ``X`` with the measured maps behind the features; rows with
+    ``Xnet`` is ``X`` with the noise column (``noise``, of a noise-aware net) and the measured maps
+    behind the features; rows with
     non-finite or all-zero input, non-finite outputs or (time targets) a
     non-positive output are not converged and carry NaN estimates.
     """
@@ -346,7 +372,7 @@ def _network_theta(net, X, fixed, ctx, names):
             raise ValueError(f"fixed[{p!r}] has non-finite values")
         theta[:, INDEX[p]] = col
     finite_in = np.all(np.isfinite(X), axis=1) & np.any(X != 0, axis=1)
-    Xnet = append_measured(X, theta, tuple(getattr(net, "measured_", ())))
+    Xnet = append_measured(X if noise is None else np.hstack([X, noise]), theta, tuple(getattr(net, "measured_", ())))
     pred = np.full((n, len(names)), np.nan)
     if finite_in.any():
         pred[finite_in] = np.asarray(net.predict(Xnet[finite_in]), dtype=np.float64).reshape(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,6 +72,16 @@ class InputNormalization(nn.Module):
         (rank 13, v3.2); unit-scale inputs let the first layer weigh them
         alike (see ``MLP(standardize=True)`` for what it does to training).
 
+    noise_input : bool, default False
+        The column after the coefficient features (before the measured ones)
+        is the noise standard deviation ``sigma`` of the row's features, per
+        real component and in their units (``CRBNetRegressor(noise_input=True)``).
+        It enters the network as ``log(||x|| / sigma)`` (``x`` the coefficient
+        features before normalisation): the log signal-to-noise ratio that the
+        normalisation removes from the features (``||x|| ~ |M0| ||u||``). It is
+        standardised with the buffers ``snr_loc``/``snr_scale``, set from the
+        first training batch like the feature standardisation and then fixed.
+
     Notes
     -----
     All-zero rows (background voxels of a coefficient image) have no
@@ -81,7 +92,10 @@ class InputNormalization(nn.Module):
     #: class-level default: modules pickled before the input standardisation existed lack the attribute
     n_standardized = 0
 
-    def __init__(self, mode="l2", n_conditioning=0, n_standardized=0):
+    #: class-level default: modules pickled before the noise input existed lack the attribute
+    noise_input = False
+
+    def __init__(self, mode="l2", n_conditioning=0, n_standardized=0, noise_input=False):
         super().__init__()
         if mode not in _NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {mode!r}")
@@ -97,6 +111,11 @@ class InputNormalization(nn.Module):
             self.register_buffer("feat_loc", torch.zeros(m))
             self.register_buffer("feat_scale", torch.ones(m))
             self.register_buffer("feat_ready", torch.zeros((), dtype=torch.bool))
+        self.noise_input = bool(noise_input)
+        if self.noise_input:  # only then: state dicts of networks without it keep their keys
+            self.register_buffer("snr_loc", torch.zeros(1))
+            self.register_buffer("snr_scale", torch.ones(1))
+            self.register_buffer("snr_ready", torch.zeros((), dtype=torch.bool))
 
     @staticmethod
     def _raise_zero(bad, what):
@@ -107,11 +126,34 @@ class InputNormalization(nn.Module):
         )
 
     def forward(self, x):
-        k = self.n_conditioning
+        k, q = self.n_conditioning, int(self.noise_input)
+        if not (k or q):
+            return self._standardize(self._normalize(x))
+        n = x.shape[-1] - k - q  # coefficient features
+        feats = x[..., :n]
+        parts = [self._standardize(self._normalize(feats))]
+        if q:
+            parts.append(self._log_snr(feats, x[..., n:n + 1]))
         if k:
-            cond = (x[..., -k:] - self.cond_loc.to(x.dtype)) / self.cond_scale.to(x.dtype)
-            return torch.cat([self._standardize(self._normalize(x[..., :-k])), cond], dim=-1)
-        return self._standardize(self._normalize(x))
+            parts.append((x[..., n + q:] - self.cond_loc.to(x.dtype)) / self.cond_scale.to(x.dtype))
+        return torch.cat(parts, dim=-1)
+
+    def _log_snr(self, feats, sigma):
+        """``log(||x|| / sigma)``, standardised (the first training batch initialises the buffers)."""
+        bad = ~(torch.isfinite(sigma[..., 0]) & (sigma[..., 0] > 0))
+        if bool(bad.any()):
+            idx = torch.nonzero(bad).ravel()[:5].tolist()
+            raise ValueError(f"X's noise column (sigma) must be positive and finite; {int(bad.sum())} rows are not "
+                             f"(e.g. rows {idx})")
+        z = torch.log(torch.linalg.vector_norm(feats, dim=-1, keepdim=True) / sigma)
+        if self.training and not bool(self.snr_ready):
+            with torch.no_grad():  # data-dependent initialisation, as the feature standardisation
+                flat = z.detach().reshape(-1).to(self.snr_loc.dtype)
+                sd = float(flat.std(unbiased=False)) if flat.numel() > 1 else 1.0
+                self.snr_loc.fill_(float(flat.mean()))
+                self.snr_scale.fill_(sd if np.isfinite(sd) and sd > 1e-6 else 1.0)
+                self.snr_ready.fill_(True)
+        return (z - self.snr_loc.to(z.dtype)) / self.snr_scale.to(z.dtype)
 
     def _standardize(self, z):
         if not self.n_standardized:
@@ -152,16 +194,17 @@ class InputNormalization(nn.Module):
 
     def extra_repr(self):
         return (f"mode={self.mode!r}" + (f", n_conditioning={self.n_conditioning}" if self.n_conditioning else "")
-                + (f", n_standardized={self.n_standardized}" if self.n_standardized else ""))
+                + (f", n_standardized={self.n_standardized}" if self.n_standardized else "")
+                + (", noise_input=True" if self.noise_input else ""))
 
 
-def _check_dims(n_features, n_outputs, normalization, n_conditioning=0):
-    n_features, n_outputs, k = int(n_features), int(n_outputs), int(n_conditioning)
+def _check_dims(n_features, n_outputs, normalization, n_conditioning=0, noise_input=False):
+    n_features, n_outputs, k = int(n_features), int(n_outputs), int(n_conditioning) + int(bool(noise_input))
     if n_features < 1 or n_outputs < 1:
         raise ValueError(f"n_features and n_outputs must be >= 1, got {n_features}, {n_outputs}")
     if not 0 <= k < n_features:
-        raise ValueError(f"n_conditioning must be in [0, n_features) (the trailing measured-parameter columns), "
-                         f"got {k} for n_features={n_features}")
+        raise ValueError(f"n_conditioning (+1 with noise_input) must be in [0, n_features) (the trailing noise and "
+                         f"measured-parameter columns), got {k} for n_features={n_features}")
     if normalization in ("first-coefficient", "phase-l2") and (n_features - k) % 2:
         raise ValueError(
             f"normalization={normalization!r} needs [Re c, Im c] features (an even number of coefficient "
@@ -205,6 +248,8 @@ class ResidualMLP(nn.Module):
         BatchNorm1d after every hidden layer (paper: True).
     n_conditioning : int, default 0
         Trailing measured-parameter input columns (see :class:`InputNormalization`).
+    noise_input : bool, default False
+        A noise-level column after the coefficient features (see :class:`InputNormalization`).
 
     Notes
     -----
@@ -213,12 +258,12 @@ class ResidualMLP(nn.Module):
     """
 
     def __init__(self, n_features=26, n_outputs=3, hidden=None, skips="auto", normalization="l2", batch_norm=True,
-                 n_conditioning=0):
+                 n_conditioning=0, noise_input=False):
         super().__init__()
-        n_features, n_outputs = _check_dims(n_features, n_outputs, normalization, n_conditioning)
+        n_features, n_outputs = _check_dims(n_features, n_outputs, normalization, n_conditioning, noise_input)
         hidden = paper_hidden(n_features) if hidden is None else _check_hidden(hidden)
         self.n_features, self.n_outputs, self.hidden = n_features, n_outputs, hidden
-        self.normalize = InputNormalization(normalization, n_conditioning)
+        self.normalize = InputNormalization(normalization, n_conditioning, noise_input=noise_input)
         widths = (n_features,) + hidden  # widths[k + 1] is hidden layer k, widths[0] the input (-1)
         if skips == "auto":
             pairs = []
@@ -279,6 +324,8 @@ class MLP(nn.Module):
     activation : {"relu", "silu", "gelu", "tanh"}, default "silu"
     n_conditioning : int, default 0
         Trailing measured-parameter input columns (see :class:`InputNormalization`).
+    noise_input : bool, default False
+        A noise-level column after the coefficient features (see :class:`InputNormalization`).
     standardize : bool, default True
         Standardise the normalised coefficient features per feature, from the
         first training batch (``InputNormalization(n_standardized=...)``).
@@ -291,15 +338,16 @@ class MLP(nn.Module):
     standardize = False  # class-level default for nets pickled before the option existed
 
     def __init__(self, n_features=26, n_outputs=3, hidden=(256, 256, 256), normalization="phase-l2",
-                 batch_norm=False, activation="silu", n_conditioning=0, standardize=True):
+                 batch_norm=False, activation="silu", n_conditioning=0, standardize=True, noise_input=False):
         super().__init__()
-        n_features, n_outputs = _check_dims(n_features, n_outputs, normalization, n_conditioning)
+        n_features, n_outputs = _check_dims(n_features, n_outputs, normalization, n_conditioning, noise_input)
         hidden = _check_hidden(hidden)
         act = _activation(activation)
         self.n_features, self.n_outputs, self.hidden = n_features, n_outputs, hidden
         self.standardize = bool(standardize)
-        n_std = n_features - int(n_conditioning) if self.standardize else 0
-        self.normalize = InputNormalization(normalization, n_conditioning, n_standardized=n_std)
+        n_std = n_features - int(n_conditioning) - int(bool(noise_input)) if self.standardize else 0
+        self.normalize = InputNormalization(normalization, n_conditioning, n_standardized=n_std,
+                                            noise_input=noise_input)
         layers = []
         for a, b in zip((n_features,) + hidden[:-1], hidden):
             layers += [nn.Linear(a, b), nn.BatchNorm1d(b) if batch_norm else nn.Identity(), act()]

@@ -61,6 +61,7 @@ from sklearn_crb.estimators.net.crb_weighting import CRB_AT, SURROGATE_ROWS, crb
 from sklearn_crb.estimators.net.data import (
     ArrayRows,
     SourceRows,
+    check_noise_column,
     check_rows,
     fixed_noise_dataset,
     is_row_source,
@@ -78,6 +79,7 @@ from sklearn_crb.estimators.net.measured import (
 from sklearn_crb.estimators.net.modules import MLP, ResidualMLP, TargetStandardizedModule, reset_parameters_with
 from sklearn_crb.estimators.net.targets import HEADS, check_target_range, output_bounds, target_names
 from sklearn_crb.metrics import crb_efficiency_score
+from sklearn_crb.noise import SNR_SAMPLINGS
 from sklearn_crb.physics.sequence import Sequence
 from sklearn_crb.simulator import MTFingerprintSimulator, unpack_targets
 
@@ -238,6 +240,25 @@ class CRBNetRegressor(NeuralNetRegressor):
         take them as ``fixed`` maps. The CRBs must treat them as known (the simulator's
         ``nuisance`` without them: :func:`~.measured.measured_nuisance`); :meth:`fit_simulated`
         appends the drawn values.
+    noise_input : bool, default False
+        Tell the network the noise level. Its input gets one column after the
+        coefficient features (before the ``measured`` ones): ``sigma``, the
+        noise standard deviation per real feature of that row, in the
+        features' units (a scalar for the image, or a noise map for parallel
+        imaging). The network sees ``log(||x|| / sigma)`` beside the
+        normalised features (:class:`~.modules.InputNormalization`), i.e. the
+        SNR that the input normalisation removes, so that it can follow the
+        data more at high SNR and lean on the prior at low SNR instead of
+        averaging over its training range. Trained with augmentation (the
+        per-batch draws give each row its ``sigma``). ``predict_details`` and
+        :func:`sklearn_crb.maps.fit_maps` take ``sigma=`` (``fit_maps``
+        estimates it from the image when not given). False: the
+        unconditioned network of Zhang et al. (for data without a noise
+        estimate).
+    snr_sampling : {"uniform", "log-uniform"}, default "uniform"
+        The distribution of ``|M0| / sigma`` over ``snr`` in the augmentation:
+        uniform (paper) or uniform in its logarithm (every factor of the range
+        equally often; the CLI's noise-aware default).
     augment : bool or "auto", default "auto"
         Per-epoch noise augmentation (paper). When True, ``fit`` takes
         *noise-free* features at ``M0 = 1`` and the CRB at ``M0 = 1``,
@@ -275,8 +296,10 @@ class CRBNetRegressor(NeuralNetRegressor):
     module_ : TargetStandardizedModule
         The trained network (``module_.module``) and the target scaling.
     n_features_in_ : int
-        Coefficient features plus the ``measured_`` columns.
+        Coefficient features plus the noise column (``noise_input_``) and the ``measured_`` columns.
     measured_ : tuple of str
+    noise_input_ : bool
+        Whether ``X`` carries the noise-level column (``noise_input``).
     n_outputs_ : int
     target_names_ : tuple of str
     augment_ : bool
@@ -313,6 +336,8 @@ class CRBNetRegressor(NeuralNetRegressor):
         "var_delta": [Interval(Real, 0, None, closed="left")],
         "pretrain_epochs": [Interval(Integral, 0, None, closed="left")],
         "augment": ["boolean", StrOptions({"auto"})],
+        "noise_input": ["boolean"],
+        "snr_sampling": [StrOptions(set(SNR_SAMPLINGS))],
         "sigma": [Interval(Real, 0, None, closed="neither"), None],
         "random_state": [Interval(Integral, None, None, closed="neither"), None],
     }
@@ -321,8 +346,9 @@ class CRBNetRegressor(NeuralNetRegressor):
                  max_epochs=150, batch_size=512, train_split=None, weight_decay=_UNSET, lr_schedule="onecycle",
                  head="auto", target_bounds=None, head_margin=0.05, nuisance_weight_cap=400.0, n_threads="auto",
                  loss="crb", crb_at="auto", n_realizations=16, bias_lambda=1.0, var_delta=1.0, pretrain_epochs=0,
-                 simulator=None, measured=None, augment="auto", snr=None, sigma=None, target_names=None,
-                 random_state=None, device="auto", verbose=0, optimizer__weight_decay=1e-4, **kwargs):
+                 simulator=None, measured=None, noise_input=False, augment="auto", snr=None, snr_sampling="uniform",
+                 sigma=None, target_names=None, random_state=None, device="auto", verbose=0,
+                 optimizer__weight_decay=1e-4, **kwargs):
         super().__init__(module, *args, criterion=criterion, optimizer=optimizer, lr=lr, max_epochs=max_epochs,
                          batch_size=batch_size, train_split=train_split, device=resolve_device(device),
                          verbose=verbose, optimizer__weight_decay=optimizer__weight_decay, **kwargs)
@@ -337,8 +363,9 @@ class CRBNetRegressor(NeuralNetRegressor):
         self.n_realizations, self.bias_lambda, self.var_delta = n_realizations, bias_lambda, var_delta
         self.pretrain_epochs = pretrain_epochs
         self.simulator, self.measured = simulator, measured
+        self.noise_input = noise_input
         self.augment = augment
-        self.snr = snr
+        self.snr, self.snr_sampling = snr, snr_sampling
         self.sigma = sigma
         self.target_names = target_names
         self.random_state = random_state
@@ -492,6 +519,7 @@ class CRBNetRegressor(NeuralNetRegressor):
         self.simulator_ = self._fitted_simulator()
         self.crb_at_ = resolve_crb_at(self.crb_at, self.loss)
         self._check_bias_reduced(augment)
+        self._set_noise_input(augment, reset)
         self.augment_ = bool(augment)
         if augment:
             self.noise_ = self._noise_setup()
@@ -518,6 +546,17 @@ class CRBNetRegressor(NeuralNetRegressor):
         self._set_measured(resolve_measured(measured, self._target_names(n_out), tied), reset)
         return rows
 
+    def _set_noise_input(self, augment, reset):
+        """``noise_input_``: trained with augmentation (its draws give each row its sigma); kept by a warm start."""
+        noise_input = bool(self.noise_input)
+        if noise_input and not augment:
+            raise ValueError("noise_input=True trains with augmentation, whose per-batch M0 and noise draws give each "
+                             "row its noise level: pass noise-free features at M0 = 1 and unit CRBs with augment=True "
+                             "(make_dataset(..., return_details=True)'s X_clean and crb_unit), or use fit_simulated()")
+        if not reset and bool(getattr(self, "noise_input_", False)) != noise_input:
+            raise ValueError(f"noise_input={noise_input} differs from the fitted network's: refit it")
+        self.noise_input_ = noise_input
+
     def _set_measured(self, measured, reset):
         if not reset and tuple(getattr(self, "measured_", ())) != measured:
             raise ValueError(f"measured={self.measured!r} differs from the fitted network's {self.measured_}: "
@@ -539,14 +578,15 @@ class CRBNetRegressor(NeuralNetRegressor):
                              f"({self.max_epochs})")
 
     def _noise_setup(self):
-        """``((snr_lo, snr_hi), sigma)`` of the augmentation: the net's, else its simulator's, else (10, 300), 0.01."""
+        """``((snr_lo, snr_hi), sigma, snr_sampling)`` of the augmentation: the net's, else its simulator's, else
+        (10, 300), 0.01."""
         sim = self.simulator
         snr = self.snr if self.snr is not None else (getattr(sim, "snr", None) or (10.0, 300.0))
         sigma = self.sigma if self.sigma is not None else (getattr(sim, "sigma", None) or 0.01)
         lo, hi = check_snr_range(snr)
         if not (isinstance(sigma, Real) and np.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a positive finite float, got {sigma!r}")
-        return (lo, hi), float(sigma)
+        return (lo, hi), float(sigma), self.snr_sampling
 
     def _resolve_augment(self, auto_value):
         """``augment`` as a bool (``"auto"``: ``auto_value``)."""
@@ -592,10 +632,11 @@ class CRBNetRegressor(NeuralNetRegressor):
     # ------------------------------------------------------------------ 3 targets/scaling
     def _set_targets(self, data, reset):
         """The fitted target attributes: scaling, names, the bounded head's range; the training targets' range."""
+        n_features = int(data.n_features) + int(self.noise_input_)  # the noise column comes with augmentation
         if reset:
-            self.n_features_in_ = int(data.n_features)
-        elif data.n_features != self.n_features_in_:
-            raise ValueError(f"X has {data.n_features} features, but CRBNetRegressor is expecting "
+            self.n_features_in_ = n_features
+        elif n_features != self.n_features_in_:
+            raise ValueError(f"X has {n_features} features, but CRBNetRegressor is expecting "
                              f"{self.n_features_in_} features as input.")
         self.measured_loc_, self.measured_scale_ = data.measured_loc, data.measured_scale
         if reset or not hasattr(self, "y_mean_"):
@@ -623,10 +664,16 @@ class CRBNetRegressor(NeuralNetRegressor):
         """The ``TargetStandardizedModule`` around the network; seeded weights from a private torch.Generator."""
         kwargs = self.get_params_for("module")
         measured = getattr(self, "measured_", None) or resolve_measured(self.measured)
-        inner = self._build_network(kwargs, len(measured))
-        if len(measured) != getattr(getattr(inner, "normalize", None), "n_conditioning", 0):
+        noise_input = bool(getattr(self, "noise_input_", self.noise_input))
+        inner = self._build_network(kwargs, len(measured), noise_input)
+        norm = getattr(inner, "normalize", None)
+        if len(measured) != getattr(norm, "n_conditioning", 0):
             raise ValueError(f"measured={measured} needs a network whose input normalisation passes {len(measured)} "
                              "measured column(s) through (MLP or ResidualMLP with n_conditioning)")
+        if noise_input != bool(getattr(norm, "noise_input", False)):
+            raise ValueError(f"noise_input={noise_input} needs a network whose input normalisation reads the noise "
+                             "column accordingly (MLP or ResidualMLP with noise_input)")
+        self.noise_input_ = noise_input
         self.measured_ = measured
         n_out = getattr(self, "n_outputs_", None) or kwargs.get("n_outputs") or getattr(inner, "n_outputs", None)
         if n_out is None:
@@ -635,7 +682,7 @@ class CRBNetRegressor(NeuralNetRegressor):
         self.module_ = TargetStandardizedModule(inner, n_out)
         return self
 
-    def _build_network(self, kwargs, n_measured):
+    def _build_network(self, kwargs, n_measured, noise_input=False):
         module = self.module
         if isinstance(module, nn.Module) and not kwargs:
             return module
@@ -645,7 +692,8 @@ class CRBNetRegressor(NeuralNetRegressor):
         except (TypeError, ValueError):
             params = {}
         for name, val in (("n_features", getattr(self, "n_features_in_", None)),
-                          ("n_outputs", getattr(self, "n_outputs_", None)), ("n_conditioning", n_measured or None)):
+                          ("n_outputs", getattr(self, "n_outputs_", None)), ("n_conditioning", n_measured or None),
+                          ("noise_input", noise_input or None)):
             if name in params and name not in kwargs and val is not None:
                 kwargs[name] = val
         seed = self._seed("init")
@@ -677,6 +725,7 @@ class CRBNetRegressor(NeuralNetRegressor):
         for attr, buf in _SCALING:
             setattr(self, attr, getattr(self.module_, buf).detach().cpu().numpy().copy())
         norm = getattr(inner, "normalize", None)
+        self.noise_input_ = bool(getattr(norm, "noise_input", False))
         if getattr(norm, "n_conditioning", 0):
             self.measured_loc_ = norm.cond_loc.detach().cpu().numpy().astype(np.float64)
             self.measured_scale_ = norm.cond_scale.detach().cpu().numpy().astype(np.float64)
@@ -714,8 +763,13 @@ class CRBNetRegressor(NeuralNetRegressor):
         return make_iterator(self, dataset, training, seed=self._seed("shuffle"))
 
     def infer(self, x, **fit_params):
-        """The module's output for features (or a packed batch: measured inputs ``"k"`` go behind ``"X"``)."""
-        parts = [x["X"], x["k"]] if isinstance(x, Mapping) and "k" in x else [x["X"] if isinstance(x, Mapping) else x]
+        """The module's output for features (or a packed batch: ``"X"``, then the noise column ``"s"`` of a
+        noise-aware net, then the measured inputs ``"k"``)."""
+        if isinstance(x, Mapping):
+            keys = ("X", "s", "k") if getattr(self, "noise_input_", False) else ("X", "k")
+            parts = [x[k] for k in keys if k in x]
+        else:
+            parts = [x]
         parts = [(torch.as_tensor(v, device=self.device_) if isinstance(v, torch.Tensor) else to_tensor(
             v, self.device_)).to(torch.float32) for v in parts]
         return self.module_(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1), **fit_params)
@@ -739,7 +793,8 @@ class CRBNetRegressor(NeuralNetRegressor):
             Xi = {k: to_tensor(v, device=self.device_) for k, v in Xi.items()}
             if self.loss == "bias_reduced" and len(self.history) > self.pretrain_epochs:  # fine-tuning epochs
                 return self._bias_reduced_step(Xi, yi, **fit_params)
-            Xi = augment_batch(Xi, self.rng_, *self.noise_, self.loss)
+            snr, sigma, sampling = self.noise_
+            Xi = augment_batch(Xi, self.rng_, snr, sigma, self.loss, sampling)
         y_pred = self.infer(Xi, **fit_params)
         if getattr(self, "crb_at_", "truth") == "estimate":  # the CRB weight at the (detached) estimate
             Xi["w"] = self.crb_surrogate_(Xi["w"], y_pred, yi)
@@ -750,7 +805,8 @@ class CRBNetRegressor(NeuralNetRegressor):
     def _bias_reduced_step(self, Xi, yi, **fit_params):
         """A ``loss="bias_reduced"`` training step: the loss and the mean prediction per fingerprint."""
         nr = int(self.n_realizations)
-        Xr = augment_realizations(Xi, self.rng_, *self.noise_, nr)
+        snr, sigma, sampling = self.noise_
+        Xr = augment_realizations(Xi, self.rng_, snr, sigma, nr, sampling)
         y_pred = self.infer(Xr, **fit_params)
         y_true = to_tensor(yi, device=y_pred.device).to(y_pred.dtype).reshape(-1, y_pred.shape[-1])
         w = batch_weights(Xr, self.loss, self.module_.scale, y_pred, getattr(self, "loss_weight_cap_", None))
@@ -765,8 +821,9 @@ class CRBNetRegressor(NeuralNetRegressor):
         Parameters
         ----------
         X : array_like, shape (n_samples, n_features)
-            Features (then the ``measured_`` columns); all-zero rows (background) and rows outside
-            float32's range raise ``ValueError``: mask or rescale them.
+            Features (then the noise column of a noise-aware net, then the ``measured_`` columns);
+            all-zero rows (background), rows outside float32's range and a noise column that is not
+            positive and finite raise ``ValueError``: mask or rescale them.
         batch_size : int, optional
             Samples per forward pass; default 1024 on CPU, 65,536 on CUDA
             (:func:`~.loaders.forward_in_batches`).
@@ -779,6 +836,8 @@ class CRBNetRegressor(NeuralNetRegressor):
         check_is_fitted(self, "n_features_in_")
         X = validate_data(self, X, reset=False, dtype=(np.float32, np.float64))
         feats = split_measured(X, self.measured_, "predict")[0] if getattr(self, "measured_", ()) else X
+        if getattr(self, "noise_input_", False):
+            feats = check_noise_column(feats)
         check_rows(feats, getattr(getattr(self.module_.module, "normalize", None), "mode", None), "predict")
         with torch_threads(net_threads(self)):
             y = forward_in_batches(self.module_, X, self.device_, batch_size)
@@ -802,17 +861,25 @@ class CRBNetRegressor(NeuralNetRegressor):
             basis = None if meta.get("basis") is None else np.asarray(meta["basis"], dtype=np.complex128)
             return FittedModel(sequence=Sequence.from_dict(meta["sequence"]), basis=basis,
                                estimate=tuple(meta["estimate"]), tied_R1=bool(meta.get("tied_R1", False)),
-                               measured=measured, se_methods=NETWORK_SE)
+                               measured=measured, se_methods=NETWORK_SE, **self._noise_model())
         sim = getattr(self, "simulator_", None)
         if sim is None or getattr(sim, "basis_", None) is None:
             raise ValueError("the network carries no sequence and compression basis (coefficient images are rank-r): "
                              "train it with simulator= or fit_simulated, or load a saved model")
         return FittedModel(sequence=sim.sequence_, basis=np.asarray(sim.basis_, np.complex128),
                            estimate=tuple(self.target_names_), tied_R1=bool(sim.tied_R1), measured=measured,
-                           se_methods=NETWORK_SE)
+                           se_methods=NETWORK_SE, **self._noise_model())
+
+    def _noise_model(self):
+        """``noise_input`` and ``typical_snr`` of :class:`~sklearn_crb._model.FittedModel`."""
+        norm = getattr(self.module_.module, "normalize", None)
+        if not getattr(self, "noise_input_", False) or norm is None:
+            return {"noise_input": False}
+        # the mean of log(||x|| / sigma) in training (the standardisation's centre)
+        return {"noise_input": True, "typical_snr": float(np.exp(float(norm.snr_loc[0])))}
 
     def predict_details(self, X, *, fixed=None, compute_crb=True, sequence=None, basis=None, polish_iter=5,
-                        se="delta"):
+                        se="delta", sigma=None):
         """Estimates with M0, residual, convergence and standard errors (the ``predict_details`` protocol).
 
         ``theta``: the network's estimates (time targets as rates), the ``fixed``
@@ -822,7 +889,10 @@ class CRBNetRegressor(NeuralNetRegressor):
         model context's fill values. ``se="delta"``: the network's own
         delta-method variance ``var_unit``; ``"crb"``: the CRB at the estimate,
         ``crb_unit``. ``sequence``/``basis`` override the model context's; see
-        :func:`sklearn_crb.estimators.net.details.network_details`.
+        :func:`sklearn_crb.estimators.net.details.network_details`. ``X`` holds the
+        coefficient features only; ``sigma`` (a float or one per row, the noise
+        standard deviation per real feature) is the noise column of a
+        noise-aware network (``noise_input_``) and required by it.
 
         Returns
         -------
@@ -832,7 +902,7 @@ class CRBNetRegressor(NeuralNetRegressor):
         """
         self.check_is_fitted()
         return network_details(self, X, fixed=fixed, compute_crb=compute_crb, sequence=sequence, basis=basis,
-                               polish_iter=polish_iter, se=se)
+                               polish_iter=polish_iter, se=se, sigma=sigma)
 
     def score(self, X, y, sample_weight=None, crb=None):
         """CRB efficiency (``metrics.crb_efficiency_score``), not R^2.

@@ -17,6 +17,7 @@ a ``dask.distributed`` cluster), and the ``predict_details`` protocol.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from numbers import Integral, Real
 
@@ -101,7 +102,9 @@ class NLLSFitter(ModelMixin, RegressorMixin, BaseEstimator):
         from ``start``. Overrides ``start``. An ``init`` that declares its model
         (a network trained with a simulator or loaded, another NLLS or
         dictionary estimator) must have this fitter's sequence and basis, and
-        take no measured inputs.
+        take no measured inputs. A noise-aware network (``noise_input=True``)
+        gets the noise level ``sigma`` (``predict_details(X, sigma=)``, else
+        this fitter's ``sigma``) as its noise column.
     prior : ParameterPrior, "parenchyma", "paper2022" or None
         Prior for the dictionary start (``None``: parenchyma, tied if
         ``tied_R1``).
@@ -303,13 +306,13 @@ class NLLSFitter(ModelMixin, RegressorMixin, BaseEstimator):
         self.fitted_model().check_same_acquisition(theirs, "init")
 
     # ------------------------------------------------------------- predict
-    def _initial(self, X, y, free, base):
+    def _initial(self, X, y, free, base, sigma=None):
         """Scaled starts (n, n_starts, p) of the free parameters ``free``; ``base`` (n, 8) fixed values."""
         n = y.shape[0]
         idx = [INDEX[q] for q in free]
         if self.init is not None:
             th = np.repeat(self.starts_[:1], n, axis=0)
-            for q, v in init_start_values(self.init, X, self.estimate_).items():
+            for q, v in init_start_values(self.init, X, self.estimate_, sigma).items():
                 if q in free:
                     th[:, INDEX[q]] = np.where(np.isfinite(v), v, th[:, INDEX[q]])
             th = th[:, None, :]
@@ -343,7 +346,16 @@ class NLLSFitter(ModelMixin, RegressorMixin, BaseEstimator):
             base[:, INDEX[name]] = v
         return base
 
-    def predict_details(self, X, *, fixed=None, compute_crb=True):
+    def fitted_model(self):
+        """The :class:`~sklearn_crb._model.FittedModel` of this fitter; with a noise-aware ``init`` network it
+        needs the noise level before it runs (``noise_input``)."""
+        model = super().fitted_model()
+        if self.init is not None and getattr(self.init, "noise_input_", False):
+            theirs = fitted_model(self.init, "init")
+            model = dataclasses.replace(model, noise_input=True, typical_snr=theirs.typical_snr)
+        return model
+
+    def predict_details(self, X, *, fixed=None, compute_crb=True, sigma=None):
         """Fit every voxel and return all results (the ``predict_details`` protocol).
 
         Parameters
@@ -359,6 +371,10 @@ class NLLSFitter(ModelMixin, RegressorMixin, BaseEstimator):
             here are not fitted. Non-finite values, or values outside the
             physical range and the R2sl table, flag the voxel
             (``status`` "invalid_fixed").
+        sigma : float or array (n,), optional
+            Noise standard deviation per real component: the noise column of a
+            noise-aware ``init`` network and the noise level of the standard
+            errors (default: this fitter's ``sigma``).
         compute_crb : bool
             Compute ``crb_unit``/``crb``/``std_error`` (one Jacobian per voxel,
             already at hand from the solve).
@@ -396,7 +412,8 @@ class NLLSFitter(ModelMixin, RegressorMixin, BaseEstimator):
         ynorm, yunit = robust_norm(y)
         status = np.select([np.isnan(ynorm), ynorm == 0, bad_fixed], [_lm.NANIN, _lm.ZEROIN, _lm.INVALID_FIXED],
                            _lm.MAXIT)
-        sol = self._solve(X, yunit, status, free, base)
+        given = self.sigma if sigma is None else sigma
+        sol = self._solve(X, yunit, status, free, base, given)
         with np.errstate(over="ignore", invalid="ignore"):
             M0 = sol["a"] * ynorm  # back to data units (a is the M0 of the unit-norm data)
             resid = np.sqrt(sol["cost"]) * ynorm
@@ -405,7 +422,7 @@ class NLLSFitter(ModelMixin, RegressorMixin, BaseEstimator):
         status[lost] = _lm.NANOUT  # the data's scale pushes M0 or the residual beyond float64
         dof = 2 * y.shape[1] - len(free) - 2
         with np.errstate(divide="ignore", invalid="ignore"):
-            sigma = resid / np.sqrt(dof) if self.sigma is None else np.full(n, float(self.sigma))
+            sigma = resid / np.sqrt(dof) if given is None else np.broadcast_to(given, (n,)).astype(np.float64)
         crb_unit = crb = sens = None
         if compute_crb:
             crb_unit, crb = self._crb(sol["g"], sol["dg"], M0, sigma, status, free)
@@ -419,7 +436,7 @@ class NLLSFitter(ModelMixin, RegressorMixin, BaseEstimator):
             sigma=sigma, fixed_sensitivity=sens, at_bound=self._at_bound(theta, free), free_parameters=free,
             status=status, status_names=dict(STATUS), n_iter=sol["n_iter"], n_jacobian=sol["n_jac"])
 
-    def _solve(self, X, yunit, status, free, base):
+    def _solve(self, X, yunit, status, free, base, sigma=None):
         """Fit the voxels whose ``status`` is still ``MAXIT`` (the others keep theirs), chunk by chunk.
 
         Returns per voxel ``theta`` (n, 8), ``a`` (complex M0 of the unit-norm data), ``cost``,
@@ -438,7 +455,8 @@ class NLLSFitter(ModelMixin, RegressorMixin, BaseEstimator):
         yv = yunit[valid]
         Xv = None if self.init is None else (X[torch.as_tensor(valid)] if isinstance(X, torch.Tensor)
                                              else np.asarray(X)[valid])
-        x0 = np.ascontiguousarray(self._initial(Xv, yv, free, base[valid]))
+        sig = None if sigma is None or not np.ndim(sigma) else np.broadcast_to(sigma, (n,))[valid]
+        x0 = np.ascontiguousarray(self._initial(Xv, yv, free, base[valid], sigma if sig is None else sig))
         prob = self._problem(free)
         slices = chunk_slices(valid.size, max(1, int(self.chunk_size) // x0.shape[1]))
         par = Parallel(n_jobs=self.n_jobs, return_as="generator")
