@@ -200,11 +200,11 @@ def net_predict(net, X, sigma):
 
 
 def nlls_predict(fitter, X, sigma):
-    """NLLS estimates (EST); a noise-aware start network is told ``sigma``."""
-    kw = {"sigma": sigma} if noise_aware(fitter.init) else {}
+    """NLLS estimates (EST); a noise-aware start network is told ``sigma`` (as ``fit_maps`` does)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unconverged voxels warn; they are scored as they are
-        return np.asarray(fitter.predict(X, **kw), dtype=float)
+        details = fitter.predict_details(X, sigma=sigma, compute_crb=False)
+    return np.asarray(details.prediction, dtype=float)
 
 
 def nlls_fitters(sim, net, args):
