@@ -13,7 +13,8 @@ report is on m0s, R1f (= R1s) and R2f, with Rex, T2s, omega0, B1 and complex M0 
    The set and the models are cached in ``<out>/cache/snr_efficiency/`` under a key of the parsed CLI options
    (defaults included), the package version and the sequence file's SHA-256, so a rerun only evaluates (after a
    change to the training code under the same version, give another ``--out`` or remove that cache);
-   ``--n-samples`` and ``--epochs`` (default: the CLI's) give a smaller budget under another key.
+   ``--n-samples`` and ``--epochs`` (default: the CLI's; ``--twin-epochs``: the twins' only) give a smaller
+   budget under another key.
 3. **Evaluation.** ``--n-theta`` prior draws of the set's own simulator (its sequence, basis, prior and tied
    model; seeded from ``--seed``, apart from the training seeds) x ``--n-draws`` noise draws at each SNR of
    ``--snr`` (``|M0| = SNR * sigma``, uniform phase, complex noise of std sigma per real component). A
@@ -73,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--n-samples", type=int, default=None,
                    help="simulate --n-samples (default: not given, the CLI's default)")
     p.add_argument("--epochs", type=int, default=None, help="train --epochs (default: not given, the CLI's default)")
+    p.add_argument("--twin-epochs", type=int, default=None,
+                   help="train --epochs of the unconditioned and bias-reduced twins only (default: --epochs)")
     p.add_argument("--snr", type=float, nargs="+", default=(30.0, 100.0, 300.0), help="evaluation SNRs")
     p.add_argument("--n-theta", type=int, default=150, help="held-out prior draws (default 150)")
     p.add_argument("--n-draws", type=int, default=40, help="noise draws per draw and SNR (default 40)")
@@ -158,7 +161,8 @@ def user_path(args, run):
                                       args.threads, run.log)}
     models = {}
     for name, extra in NETS.items():
-        train_argv = [*extra] + (["--epochs", str(args.epochs)] if args.epochs is not None else [])
+        epochs = args.epochs if name == "net" or args.twin_epochs is None else args.twin_epochs
+        train_argv = [*extra] + (["--epochs", str(epochs)] if epochs is not None else [])
         opts = cli_key("train", ["--data", str(data), *train_argv])
         models[name] = folder / f"{name}-{_key(opts)}"
         timings[name] = cached_cli(models[name], ["train", "--data", str(data), "--out", str(models[name]),
