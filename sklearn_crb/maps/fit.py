@@ -36,6 +36,11 @@ From these the maps give per voxel
   ``u = U^H s(theta_hat)``, i.e. the variable-projection solution of the
   complex scale at fixed ``theta_hat``;
 * a bit-flag map of voxels that could not be fitted (``FLAGS``);
+* the trust map (``trust=``, :mod:`sklearn_crb.maps.trust`): per voxel the
+  misfit chi-squared of the residual against ``sigma`` and, with
+  ``trust="tangent"``, the Gauss–Newton step from the estimate in standard
+  errors; the flag bit ``"untrusted"`` where the data contradict the
+  estimate;
 * with ``times=True``, the relaxation times as qMRI papers report them:
   ``T1f`` (s), ``T2f`` (ms) and, for the untied model, ``T1s`` (s), with
   standard errors by the delta method, ``se(T) = se(R) / R**2`` (times the
