@@ -239,6 +239,8 @@ def trust_statistics(c, theta, M0, res_sq, sigma, *, dof, method="residual", seq
         if free is None:
             raise ValueError("trust='tangent' needs the estimator's free parameters (tangent_parameters)")
         step = np.full(n, np.nan)
+        ok = ok & np.all(np.isfinite(theta), axis=1) & np.isfinite(M0)  # the model needs every parameter
+        res_sq = np.where(ok, res_sq, np.nan)
         rows = np.flatnonzero(ok)
         for sl in chunk_slices(rows.size, chunk_size):
             r = rows[sl]
