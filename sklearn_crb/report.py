@@ -6,7 +6,8 @@ as base64 data URIs and there is no external CSS or JavaScript. Sections
 (HTML ids): ``summary``, ``sigma`` (the noise level and how it was
 obtained), ``maps`` (each estimated parameter and its standard-error map),
 ``histograms`` (inside the mask), ``flags`` (voxel counts per flag bit),
-``trust`` (reserved for the trust map, see :func:`write_report`) and, with
+``trust`` (the trust map of ``fit_maps(trust=)``: its test, threshold and
+flagged count, and the ``trust_chi2``/``trust_step`` maps) and, with
 ``fit --check N``, ``check``: NLLS started from the network's estimate on N
 random voxels of the mask (:func:`nlls_check`), and the network-to-NLLS
 differences in estimates and standard errors as a table and a scatter plot.
@@ -234,8 +235,7 @@ def _sections(maps, info, check, trust):
                          f"histogram {p}") for p in params)
     yield _section("histograms", "Histograms inside the mask", hists)
     yield _section("flags", "Flags", _table(["flag", "bit", "voxels"], _flag_rows(arrays), "flag-table"))
-    yield _section("trust", "Trust map", trust if trust is not None else
-                   "<p>No trust map is computed yet; this section will show it.</p>")
+    yield _section("trust", "Trust map", trust if trust is not None else _trust_body(maps, mask, k))
     if check is not None:
         header = ["parameter", "unit", "voxels", "median network", "median NLLS", "median |network - NLLS| / SE NLLS",
                   "median SE network", "median SE NLLS", "median SE network / SE NLLS"]
@@ -246,6 +246,30 @@ def _sections(maps, info, check, trust):
                 + _table(header, _check_rows(check, list(maps.estimate), units), "check-table")
                 + _img(_check_figure(check, list(maps.estimate), units), "check scatter"))
         yield _section("check", "Network against NLLS", body)
+
+
+def _trust_body(maps, mask, k):
+    """The trust section: what was tested, at which threshold, how many voxels were flagged, and the maps."""
+    info = maps.provenance.get("trust")
+    if not info:
+        return ("<p>No trust map was computed (fit_maps(trust=None), or the default for a network: ask for "
+                "trust='tangent', the CLI's fit --trust tangent).</p>")
+    n_fit = int(mask.sum())
+    flagged = int(np.sum(mask & ((np.asarray(maps.arrays["flags"]) & FLAGS["untrusted"]) != 0)))
+    test = {"residual": "misfit chi-squared of the residual",
+            "tangent": "misfit chi-squared of the residual projected off the model's tangent space, and the "
+                       "Gauss-Newton step from the estimate"}.get(info["method"], info["method"])
+    rows = [["test", test], ["degrees of freedom", info["dof"]],
+            ["flagged where the chi-squared p-value is below", info["alpha"]]]
+    if info.get("max_step") is not None:
+        rows.append(["or the step exceeds (standard errors)", info["max_step"]])
+    rows.append(["voxels flagged untrusted", f"{flagged} of {n_fit} ({100 * flagged / max(n_fit, 1):.1f} %)"])
+    figs = "".join(_img(_map_figure(maps.arrays, name, maps.units, mask, k), f"map {name}")
+                   for name in ("trust_chi2", "trust_step") if name in maps.arrays)
+    return ("<p>Where the data contradict the estimate (sklearn_crb.maps.trust): trust_chi2 is the misfit "
+            "chi-squared per degree of freedom (about 1 where the model and the estimate explain the data), "
+            "trust_step how many standard errors the data want the estimate to move.</p>"
+            + _table(["", ""], rows, "trust-table") + figs)
 
 
 def render_report(maps, *, title="sklearn-crb fit", info=None, check=None, trust=None):
@@ -261,7 +285,8 @@ def render_report(maps, *, title="sklearn-crb fit", info=None, check=None, trust
     check : dict, optional
         :func:`nlls_check`'s result: adds the ``check`` section.
     trust : str, optional
-        HTML of the trust map section; the place is kept (``id="trust"``) until a trust map exists.
+        HTML of the trust map section instead of the one made from ``maps`` (its test and threshold from
+        ``maps.provenance["trust"]``, the flagged count and the ``trust_chi2``/``trust_step`` maps).
     """
     info = {"sklearn-crb version": __version__, "estimator": maps.provenance.get("estimator"),
             "voxels fitted": int(np.sum(maps.arrays["mask"])), **(info or {})}

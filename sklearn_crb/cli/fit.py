@@ -63,7 +63,7 @@ from sklearn_crb.io.bids import (
 )
 from sklearn_crb.io.images import load_array, load_basis, load_coefficients, load_mask, make_mask, save_nifti
 from sklearn_crb.io.models import check_compatible, load_model
-from sklearn_crb.maps import FLAGS, fit_maps, map_names
+from sklearn_crb.maps import FLAGS, fit_maps, map_names, resolve_trust
 from sklearn_crb.maps.result import SIGMA_METHODS
 from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, UNITS, rate_name, resolve_estimate
 from sklearn_crb.physics.sequence import Sequence
@@ -77,9 +77,9 @@ __all__ = ["cmd_fit", "add_parser"]
 BIDS_IGNORE = "*_overview.png\n*_summary.json\n*_report.html\n"
 
 
-def _fit_names(prefix, estimate, times=False, bids=None):
+def _fit_names(prefix, estimate, times=False, bids=None, trust=None):
     """``(map files, png, summary, report)`` in the fit's folder; ``bids=(subject, session)``: BIDS names."""
-    maps = map_names(estimate, times=times)
+    maps = map_names(estimate, times=times, trust=trust)
     if bids is None:
         return ({k: f"{prefix}{k}.nii.gz" for k in maps}, f"{prefix}overview.png", f"{prefix}summary.json",
                 f"{prefix}report.html")
@@ -111,7 +111,7 @@ def _output_names(args, out, estimate):
     """
     bids = _bids_labels(args)
     folder = out if bids is None else out / Path(bids_map_names(["mask"], *bids)["mask"]).parent
-    names = _fit_names(args.prefix, estimate, times=args.times, bids=bids)
+    names = _fit_names(args.prefix, estimate, times=args.times, bids=bids, trust=_trust(args))
     map_files, png, summary_name, report_name = names
     sidecars = [m[:-len(".nii.gz")] + ".json" for m in map_files.values()] if bids else []
     owned = _fit_owned(folder / summary_name) or set()
@@ -119,6 +119,11 @@ def _output_names(args, out, estimate):
         check_output_file(folder / name, overwrite=args.overwrite, owned=lambda p: p.name in owned, argname="--out")
     description = _bids_description(out) if bids else []
     return bids, claim_output(folder, argname="--out"), names, owned, description
+
+
+def _trust(args):
+    """The trust test of ``--trust`` (``fit_maps(trust=)``; ``auto``: the residual's for --nlls, none for a network)."""
+    return resolve_trust(None if args.trust == "none" else args.trust, least_squares=not args.model)
 
 
 def _write_description(out, names, desc):
@@ -389,7 +394,7 @@ def cmd_fit(args):
     with _dask_context(args.scheduler):
         maps = fit_maps(estimator, img, mask_arr, sequence=seq, basis=basis, sigma=sigma, fixed=fixed or None,
                         fixed_se=fixed_se or None, chunk_size=args.chunk_size, times=args.times,
-                        progress=not args.quiet, se=args.se if model is not None else None)
+                        progress=not args.quiet, se=args.se if model is not None else None, trust=_trust(args))
     elapsed = time.perf_counter() - t0
     check = None if not args.check else nlls_check(
         estimator, img, maps, n=args.check, sequence=seq, basis=basis, fixed=fixed or None,
@@ -488,6 +493,12 @@ def add_parser(sub):
     p.add_argument("--se", choices=["delta", "crb"], default="delta",
                    help="network standard-error maps: delta (its own delta-method spread over noise draws, default) "
                         "or crb (sqrt(CRB) at the estimate, one Jacobian per voxel); NLLS always gives sqrt(CRB)")
+    p.add_argument("--trust", choices=["auto", "residual", "tangent", "none"], default="auto",
+                   help="trust map (flag 'untrusted' where the data contradict the estimate; sklearn_crb.maps.trust): "
+                        "residual (misfit chi-squared, no extra cost; exact for NLLS, flags many voxels of a "
+                        "network), tangent (the residual off the model's tangent space and the Gauss-Newton step "
+                        "in standard errors: one Jacobian per voxel, several times a network's fit time), none; "
+                        "default auto: residual with --nlls, none with --model")
     p.add_argument("--prefix", type=_prefix, default="", help="prefix of the output file names (no path separators)")
     p.add_argument("--check", type=_positive_int, default=None, metavar="N",
                    help="network fits: refit N random fitted voxels with NLLS started from the network's estimate "

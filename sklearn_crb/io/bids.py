@@ -61,6 +61,10 @@ _NAMES = {
     "M0_abs": (None, "M0map", "|M0|, the magnitude of the complex scale of the fitted signal (arbitrary units)"),
     "M0_phase": ("M0phase", "map", "phase of the complex M0"),
     "relative_residual": ("relresidual", "map", "||c - M0 U^H s(theta_hat)|| / ||c|| per voxel"),
+    "trust_chi2": ("trustchi2", "map", "misfit chi-squared per degree of freedom at the estimate (1 where the data "
+                   "agree; sklearn_crb.maps.trust)"),
+    "trust_step": ("truststep", "map", "Gauss-Newton step from the estimate in standard errors "
+                   "(sklearn_crb.maps.trust)"),
     "flags": ("flags", "map", "bit flags of voxels that could not be fitted (0 = fitted without problems)"),
     "mask": ("fit", "mask", "the voxels that were fitted"),
 }

@@ -36,6 +36,11 @@ From these the maps give per voxel
   ``u = U^H s(theta_hat)``, i.e. the variable-projection solution of the
   complex scale at fixed ``theta_hat``;
 * a bit-flag map of voxels that could not be fitted (``FLAGS``);
+* the trust map (``trust=``, :mod:`sklearn_crb.maps.trust`): per voxel the
+  misfit chi-squared of the residual against ``sigma`` and, with
+  ``trust="tangent"``, the Gauss–Newton step from the estimate in standard
+  errors; the flag bit ``"untrusted"`` where the data contradict the
+  estimate;
 * with ``times=True``, the relaxation times as qMRI papers report them:
   ``T1f`` (s), ``T2f`` (ms) and, for the untied model, ``T1s`` (s), with
   standard errors by the delta method, ``se(T) = se(R) / R**2`` (times the
@@ -44,6 +49,8 @@ From these the maps give per voxel
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from scipy.stats import chi2
 from tqdm.auto import tqdm
@@ -51,12 +58,14 @@ from tqdm.auto import tqdm
 from sklearn_crb._model import fitted_model
 from sklearn_crb._validation import chunk_slices
 from sklearn_crb.estimators.fixed_sensitivity import fixed_variance
+from sklearn_crb.estimators.nlls import NLLSFitter
 from sklearn_crb.io.images import CoefficientImage, check_rank, features_from_coefficients, make_mask
 from sklearn_crb.io.models import basis_sha256, check_compatible
 from sklearn_crb.maps.result import Maps
+from sklearn_crb.maps.trust import ALPHA, MAX_STEP, TRUST_METHODS, tangent_parameters, trust_statistics
 from sklearn_crb.physics.parameters import BOUNDS, INDEX, PARAMETERS, TIMES, UNITS, rate_name
 
-__all__ = ["fit_maps", "FLAGS", "check_estimator", "estimate_sigma", "map_names", "TIME_UNITS"]
+__all__ = ["fit_maps", "FLAGS", "check_estimator", "estimate_sigma", "map_names", "resolve_trust", "TIME_UNITS"]
 
 #: Units of the relaxation-time maps of ``fit_maps(..., times=True)``: (unit, factor from seconds).
 TIME_UNITS = {"T1f": ("s", 1.0), "T2f": ("ms", 1e3), "T1s": ("s", 1.0)}
@@ -68,6 +77,7 @@ FLAGS = {
     "estimator_failed": 2,  # non-finite estimate or M0, or the estimator reports no convergence
     "out_of_range": 4,  # estimate outside the physical bounds (physics.parameters.BOUNDS)
     "singular_crb": 8,  # Fisher information singular at the estimate: no standard error
+    "untrusted": 16,  # the data contradict the estimate (maps.trust: misfit chi-squared or Gauss-Newton step)
 }
 
 
@@ -131,20 +141,22 @@ def _time_names(estimate, times):
     return tuple(_RATE_TO_TIME[rate_name(p)] for p in estimate if rate_name(p) in _RATE_TO_TIME)
 
 
-def map_names(estimate, *, times=False, compute_se=True):
+def map_names(estimate, *, times=False, compute_se=True, trust=None):
     """The keys of the arrays :func:`fit_maps` returns for an estimator's ``estimate``.
 
     Known before any fitting, so that callers (the CLI) can check every
     output path first. A time target (e.g. ``T1f``) is its own map; with
     ``times=True`` each estimated relaxation rate also gets its time map
-    (``T2f`` in ms: an estimated ``T2f`` is then reported in ms).
+    (``T2f`` in ms: an estimated ``T2f`` is then reported in ms). The trust
+    maps of ``trust``, the test :func:`resolve_trust` chooses: ``trust_chi2``
+    unless None, and ``trust_step`` with ``"tangent"``.
     """
     est = tuple(estimate)
     extra = tuple(t for t in _time_names(est, times) if t not in est)
     names = [*est, *extra]
     if compute_se:
         names += [p + "_se" for p in names]
-    return names + ["M0_abs", "M0_phase", "relative_residual", "flags", "mask"]
+    return names + ["M0_abs", "M0_phase", "relative_residual", *_trust_names(trust), "flags", "mask"]
 
 
 def _target_values(theta, name):
@@ -270,7 +282,8 @@ class _Voxels:
 
 
 def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, sigma=None, fixed=None,
-             fixed_se=None, chunk_size=2048, compute_se=True, se=None, threshold=0.05, times=False, progress=False):
+             fixed_se=None, chunk_size=2048, compute_se=True, se=None, threshold=0.05, times=False, progress=False,
+             trust="auto", trust_alpha=ALPHA, trust_max_step=MAX_STEP):
     """Fit every masked voxel of a coefficient image and return named maps.
 
     Parameters
@@ -332,14 +345,36 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
         the delta method (``se(T) = se(R) / R**2``); see :func:`map_names`.
     progress : bool
         Show a tqdm progress bar.
+    trust : {"auto", "residual", "tangent", None}
+        The trust map (:mod:`sklearn_crb.maps.trust`): do the data contradict
+        the estimate? ``"residual"`` (no extra model evaluation): the misfit
+        chi-squared of the residual against ``sigma`` with ``2r - n_free``
+        degrees of freedom, exact at an NLLS optimum; at a network's
+        estimate the residual also holds the network's own error, so it
+        flags many voxels where the model holds. ``"tangent"`` (one physics
+        Jacobian per voxel, several times the time of a network's maps): the
+        residual projected off the model's tangent space, a chi-squared with
+        the same degrees of freedom at any estimate, and the Gauss–Newton
+        step from the estimate in standard errors. ``"auto"`` (default):
+        ``"residual"`` for NLLS, no trust map for other estimators (ask for
+        ``"tangent"``). None: no trust map.
+    trust_alpha : float in (0, 1)
+        Voxels whose chi-squared p-value is below it are flagged
+        ``"untrusted"`` (the false-flag rate where the model holds).
+    trust_max_step : float
+        Voxels whose Gauss–Newton step exceeds it (standard errors of an
+        estimated parameter; ``trust="tangent"``) are flagged ``"untrusted"``.
 
     Returns
     -------
     maps : Maps
         ``maps.arrays``: ``<p>`` and ``<p>_se`` for each estimated parameter p
         (SI units; a time target such as ``T1f`` carries its own name, in s),
-        ``M0_abs``, ``M0_phase`` (rad), ``relative_residual``, ``flags``
-        (int, see ``FLAGS``) and ``mask`` (bool), all of the image's spatial
+        ``M0_abs``, ``M0_phase`` (rad), ``relative_residual``, the trust maps
+        ``trust_chi2`` (the misfit chi-squared per degree of freedom, 1 where
+        the data agree) and, with ``trust="tangent"``, ``trust_step`` (the
+        Gauss–Newton step in standard errors), ``flags`` (int, see
+        ``FLAGS``) and ``mask`` (bool), all of the image's spatial
         shape. Voxels outside the mask are 0; voxels without a finite
         estimate are NaN; all problems are flagged. ``maps.units``,
         ``maps.sigma`` (the noise level used) and ``maps.sigma_method``,
@@ -356,6 +391,7 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
     offers several standard errors) returning
     :class:`sklearn_crb.estimators.details.PredictionDetails`.
     """
+    trust_kw = _trust_settings(resolve_trust(trust, isinstance(estimator, NLLSFitter)), trust_alpha, trust_max_step)
     plan = _plan(estimator, coefficients, mask, sequence, basis, sigma, fixed, fixed_se, chunk_size, compute_se,
                  se, threshold)
     if plan.model.noise_input and plan.sigma_vox is None:  # a noise-aware network needs sigma before it runs
@@ -363,7 +399,8 @@ def fit_maps(estimator, coefficients, mask=None, *, sequence=None, basis=None, s
     vox = _predict(estimator, plan, chunk_size, compute_se, progress)
     failed, flags = _flags(vox)
     sigma, sigma_method = _noise_level(vox, flags == 0, plan)
-    return _assemble(plan, vox, failed, flags, sigma, sigma_method, compute_se, se, times)
+    trusted = _trust(plan, vox, failed, sigma, trust_kw, getattr(estimator, "free_parameters_", None))
+    return _assemble(plan, vox, failed, flags, sigma, sigma_method, compute_se, se, times, trusted)
 
 
 def _plan(estimator, coefficients, mask, sequence, basis, sigma, fixed, fixed_se, chunk_size, compute_se, se,
@@ -525,7 +562,7 @@ def _noise_level(vox, ok, plan):
     return np.full(plan.c.shape[0], float(sigma)), "noise_residuals" if noise else "residuals"
 
 
-def _assemble(plan, vox, failed, flags, sigma, sigma_method, compute_se, se_choice, times):
+def _assemble(plan, vox, failed, flags, sigma, sigma_method, compute_se, se_choice, times, trusted=None):
     """The :class:`Maps` of the fit: estimates, standard errors, M0, residual, flags and mask on the image grid."""
     est, fit_mask = vox.estimate, plan.fit_mask
     spatial = fit_mask.shape
@@ -553,15 +590,24 @@ def _assemble(plan, vox, failed, flags, sigma, sigma_method, compute_se, se_choi
         units.update({p + "_se": UNITS[p] for p in est})
     _add_time_maps(arrays, units, vox.theta, se, est, times, failed, to_map)
     arrays["relative_residual"] = to_map(np.where(failed, np.nan, rel))
+    units.update(M0_abs="a.u.", M0_phase="rad", relative_residual="1")
+    if trusted is not None:
+        arrays["trust_chi2"] = to_map(trusted.chi2)
+        units["trust_chi2"] = "1"
+        if trusted.step is not None:
+            arrays["trust_step"] = to_map(trusted.step)
+            units["trust_step"] = "SE"
+        flags |= np.where(trusted.untrusted, FLAGS["untrusted"], 0).astype(np.int16)
     all_flags = np.where(plan.invalid, FLAGS["invalid_input"], 0).astype(np.int16)
     all_flags[fit_mask] = flags
     arrays["flags"] = all_flags
     arrays["mask"] = fit_mask
-    units.update(M0_abs="a.u.", M0_phase="rad", relative_residual="1")
+    provenance = _provenance(plan, compute_se, se_choice)
+    provenance["trust"] = None if trusted is None else trusted.summary()
     # one number for the report: the noise map's median (a scalar sigma is that scalar)
     sigma_value = plan.sigma_scalar if plan.sigma_scalar is not None else float(np.median(sigma))
     return Maps(arrays=arrays, units=units, sigma=sigma_value, sigma_method=sigma_method, estimate=est,
-                provenance=_provenance(plan, compute_se, se_choice), affine=_image_attr(plan, "affine", np.eye(4)),
+                provenance=provenance, affine=_image_attr(plan, "affine", np.eye(4)),
                 header=_image_attr(plan, "header", None))
 
 
@@ -576,3 +622,61 @@ def _provenance(plan, compute_se, se_choice):
             "sequence_sha256": model.sequence.sha256(), "basis_sha256": basis_sha256(model.basis),
             "rank": model.rank, "standard_error": se_used, "fixed": sorted(plan.fixed),
             "fixed_se": sorted(plan.fixed_se)}
+
+
+def resolve_trust(trust, least_squares):
+    """The trust test of a ``fit_maps(trust=)`` choice: ``"residual"``, ``"tangent"`` or None (no trust map).
+
+    ``"auto"`` is the raw residual's chi-squared for an estimator at its least-squares optimum
+    (``least_squares``: NLLS), where it is exact and costs nothing, and None for the others (a network's
+    or a dictionary's raw residual holds its own error; their test is ``"tangent"``, one Jacobian per voxel).
+    """
+    if trust is not None and trust != "auto" and trust not in TRUST_METHODS:
+        raise ValueError(f"trust must be 'auto', None or one of {TRUST_METHODS}, got {trust!r}")
+    if trust == "auto":
+        return "residual" if least_squares else None
+    return trust
+
+
+def _trust_names(trust):
+    """The trust maps of a ``trust=`` choice (:func:`map_names`)."""
+    return () if trust is None else ("trust_chi2", "trust_step") if trust == "tangent" else ("trust_chi2",)
+
+
+def _trust_settings(trust, alpha, max_step):
+    """The checked ``trust=``, ``trust_alpha=``, ``trust_max_step=`` of :func:`fit_maps` (before any work)."""
+    if trust is not None and trust not in TRUST_METHODS:
+        raise ValueError(f"trust must be None or one of {TRUST_METHODS}, got {trust!r}")
+    if not (np.isscalar(alpha) and 0 < float(alpha) < 1):
+        raise ValueError(f"trust_alpha must be a p-value in (0, 1), got {alpha!r}")
+    if not (np.isscalar(max_step) and float(max_step) > 0):
+        raise ValueError(f"trust_max_step must be a positive number of standard errors, got {max_step!r}")
+    return {"method": trust, "alpha": float(alpha), "max_step": float(max_step)}
+
+
+def _trust(plan, vox, failed, sigma, settings, free=None):
+    """The trust statistics of the masked voxels (:mod:`sklearn_crb.maps.trust`), once ``sigma`` is known.
+
+    ``"tangent"`` needs the estimator's free parameters: ``free`` (NLLS's ``free_parameters_``) less the
+    fixed ones, else the estimated and all other free parameters; where they do not match its ``n_free``
+    (it holds nuisance parameters at values it does not report), the raw residual's test is used, the
+    step map is NaN and the provenance says so. Without degrees of freedom (``2r <= n_free``) nothing
+    can be tested: NaN maps, no flag.
+    """
+    method = settings["method"]
+    if method is None:
+        return None
+    model = plan.model
+    if free is not None:
+        free = tuple(p for p in free if p not in plan.fixed)
+    free = tangent_parameters(vox.estimate, vox.n_free, tied_R1=model.tied_R1, fixed_names=tuple(plan.fixed),
+                              free=free)
+    dof = 2 * plan.c.shape[1] - vox.n_free
+    ok = ~failed if dof >= 1 else np.zeros_like(failed)
+    trusted = trust_statistics(plan.c, vox.theta, vox.M0, vox.res_sq, sigma, dof=max(dof, 1),
+                               method="residual" if free is None or dof < 1 else method, sequence=model.sequence,
+                               basis=model.basis, free=free, n_est=len(vox.estimate), tied_R1=model.tied_R1,
+                               alpha=settings["alpha"], max_step=settings["max_step"], ok=ok)
+    if method == "tangent" and trusted.step is None:
+        trusted = replace(trusted, step=np.full(len(failed), np.nan))
+    return replace(trusted, dof=dof)

@@ -39,8 +39,10 @@ class Maps:
     arrays : dict of str -> ndarray (spatial)
         ``<p>`` and ``<p>_se`` for each estimated target (SI units; a time target such as ``T1f`` in s),
         with ``times=True`` the time maps ``T1f``/``T2f``/``T1s`` and their ``_se``, ``M0_abs``,
-        ``M0_phase`` (rad), ``relative_residual``, ``flags`` (int16, bits of ``maps.FLAGS``) and ``mask``
-        (bool). Outside the mask 0; NaN where no finite estimate; every problem flagged.
+        ``M0_phase`` (rad), ``relative_residual``, the trust maps ``trust_chi2`` (misfit chi-squared per
+        degree of freedom) and ``trust_step`` (Gauss–Newton step, in standard errors) where asked for
+        (:mod:`sklearn_crb.maps.trust`), ``flags`` (int16, bits of ``maps.FLAGS``) and ``mask`` (bool).
+        Outside the mask 0; NaN where no finite estimate; every problem flagged.
     units : dict of str -> str
         The unit of each map (``flags`` and ``mask`` have none).
     sigma : float
@@ -52,8 +54,9 @@ class Maps:
         The estimator's targets, in its column order.
     provenance : dict
         ``estimator`` (class name), ``sequence_sha256``, ``basis_sha256``, ``rank``, ``standard_error``
-        (``"crb"``, ``"delta"`` or None when not computed), ``fixed`` (names of the fixed maps) and
-        ``fixed_se`` (names of those whose map error is in the standard errors).
+        (``"crb"``, ``"delta"`` or None when not computed), ``fixed`` (names of the fixed maps),
+        ``fixed_se`` (names of those whose map error is in the standard errors) and ``trust`` (the trust
+        test's ``method``, ``alpha``, ``max_step``, ``dof`` and ``n_untrusted``; None without a trust map).
     affine : ndarray (4, 4)
         The input image's affine (identity for a bare array).
     header : nibabel header or None
