@@ -150,3 +150,39 @@ def test_first_pass_estimates_sigma_for_nlls_from_a_noise_aware_net(net, sim):
     assert maps.sigma == pytest.approx(ref.sigma, rel=0.1)
     with pytest.raises(ValueError, match="sigma: init is a noise-aware network"):
         nlls.predict_details(np.ones((2, 12)))
+
+
+@pytest.mark.slow
+def test_noise_aware_spread_follows_the_snr(one_torch_thread):
+    """A noise-aware net's relative spread changes with the SNR; an unconditioned net's cannot.
+
+    The input normalisation removes ``|M0|``, so an unconditioned network applies one function at
+    every SNR: over noise draws its spread scales as ``1/SNR`` (the linear regime), i.e. its spread
+    in units of sqrt(CRB) is the same at SNR 40 and 400, and ``std(40) / std(400)`` is the SNR ratio,
+    10. A network told the SNR can lean on the prior more where the data say less, as a posterior
+    mean does: its ratio falls below 10. Two small nets, same draws and seed, differ only in
+    ``noise_input``. The test fails if the noise column is ignored (both ratios near 10).
+    """
+    from sklearn_crb import Sequence
+    from sklearn_crb.noise import apply_m0_and_noise
+
+    sim = MTFingerprintSimulator(Sequence.default(n_pulses=240), n_components=6, tied_R1=True, snr=(3, 300),
+                                 random_state=0, n_basis_samples=300).fit()
+    nets = {ni: CRBNetRegressor(simulator=sim, noise_input=ni, snr_sampling="log-uniform", module__hidden=(32, 32),
+                                max_epochs=30, random_state=0, device="cpu").fit_simulated(3000)
+            for ni in (True, False)}
+    _, _, _, det = sim.make_dataset(40, 7, return_details=True)
+    cols = [list(sim.estimate_).index(p) for p in ("m0s", "R1f", "R2f")]
+    rng, n_draws, std = np.random.default_rng(0), 50, {}
+    for snr in (40, 400):
+        Xr = np.repeat(det["X_clean"], n_draws, 0)
+        r = Xr.shape[1] // 2
+        M0 = snr * sim.sigma * np.exp(2j * np.pi * rng.uniform(size=len(Xr)))
+        noise = sim.sigma * (rng.standard_normal((len(Xr), r)) + 1j * rng.standard_normal((len(Xr), r)))
+        X = apply_m0_and_noise(Xr, M0, noise)
+        for ni, net in nets.items():
+            Xn = np.hstack([X, np.full((len(X), 1), sim.sigma)]) if ni else X
+            std[ni, snr] = net.predict(Xn)[:, cols].reshape(40, n_draws, 3).std(1)
+    ratio = {ni: np.median(std[ni, 40] / std[ni, 400], axis=0) for ni in nets}  # per parameter
+    np.testing.assert_allclose(ratio[False], 10.0, rtol=0.08)  # one function at every SNR
+    assert np.mean(1 - ratio[True] / 10.0) >= 0.08, ratio[True]  # the noise-aware net's gain follows the SNR
