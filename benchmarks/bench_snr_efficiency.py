@@ -76,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="train --epochs (default: not given, the CLI's default)")
     p.add_argument("--twin-epochs", type=int, default=None,
                    help="train --epochs of the unconditioned and bias-reduced twins only (default: --epochs)")
+    p.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="train --pretrain-epochs of the bias-reduced twin: CRB-loss epochs before the bias-reduced "
+                        "fine-tuning, within its --epochs (default: not given, the CLI's default)")
     p.add_argument("--snr", type=float, nargs="+", default=(30.0, 100.0, 300.0), help="evaluation SNRs")
     p.add_argument("--n-theta", type=int, default=150, help="held-out prior draws (default 150)")
     p.add_argument("--n-draws", type=int, default=40, help="noise draws per draw and SNR (default 40)")
@@ -163,6 +166,8 @@ def user_path(args, run):
     for name, extra in NETS.items():
         epochs = args.epochs if name == "net" or args.twin_epochs is None else args.twin_epochs
         train_argv = [*extra] + (["--epochs", str(epochs)] if epochs is not None else [])
+        if name == "net-bias-reduced" and args.pretrain_epochs is not None:
+            train_argv += ["--pretrain-epochs", str(args.pretrain_epochs)]
         opts = cli_key("train", ["--data", str(data), *train_argv])
         models[name] = folder / f"{name}-{_key(opts)}"
         timings[name] = cached_cli(models[name], ["train", "--data", str(data), "--out", str(models[name]),

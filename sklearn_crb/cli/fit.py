@@ -122,7 +122,10 @@ def _output_names(args, out, estimate):
 
 
 def _trust(args):
-    """The trust test of ``--trust`` (``fit_maps(trust=)``; ``auto``: the residual's for --nlls, none for a network)."""
+    """The trust test of ``--trust`` (``fit_maps(trust=)``; ``auto``: the residual's for --nlls, the tangent test for
+    a network: the CLI writes every network estimate with its trust map, at one Jacobian per voxel)."""
+    if args.trust == "auto" and args.model:
+        return "tangent"
     return resolve_trust(None if args.trust == "none" else args.trust, least_squares=not args.model)
 
 
@@ -498,7 +501,7 @@ def add_parser(sub):
                         "residual (misfit chi-squared, no extra cost; exact for NLLS, flags many voxels of a "
                         "network), tangent (the residual off the model's tangent space and the Gauss-Newton step "
                         "in standard errors: one Jacobian per voxel, several times a network's fit time), none; "
-                        "default auto: residual with --nlls, none with --model")
+                        "default auto: residual with --nlls, tangent with --model")
     p.add_argument("--prefix", type=_prefix, default="", help="prefix of the output file names (no path separators)")
     p.add_argument("--check", type=_positive_int, default=None, metavar="N",
                    help="network fits: refit N random fitted voxels with NLLS started from the network's estimate "
