@@ -24,7 +24,7 @@ EPILOG = ("Outputs: an existing output is refused unless --overwrite is given, a
 SCHEDULER_TIMEOUT = "5s"
 #: ``simulate`` defaults: the brain prior (parenchyma, CSF and partial volume) and an SNR range with in-vivo values.
 DEFAULT_PRIOR = "brain"
-DEFAULT_SNR = (10.0, 1000.0)
+DEFAULT_SNR = (10.0, 400.0)
 #: Training-set size of the measured default recipe (96,000 parameter draws).
 DEFAULT_N_SAMPLES = 96000
 #: Rank of the learnt SVD basis when no ``--basis`` is given.
