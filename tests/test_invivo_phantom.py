@@ -1,7 +1,7 @@
 """The tied-model brain phantom at in-vivo SNR through the CLI (issue: "Phantom at in-vivo SNR").
 
 On the published v3.2 sequence (the one the in-vivo data come from):
-``sklearn-crb simulate`` (defaults: brain prior, SNR 10-300; ``--tied-R1``),
+``sklearn-crb simulate`` (defaults: brain prior, SNR 10-400; ``--tied-R1``),
 ``train`` (the estimator's default recipe) and ``fit --model`` on the tied
 phantom with ``|M0|/sigma = 80`` in WM, against ``fit --nlls`` (tied NLLS) on
 a subset of voxels of each tissue of the same image:
@@ -15,10 +15,10 @@ a subset of voxels of each tissue of the same image:
   tied model misspecifies as it does real tissue, the same medians and
   contrast against tied NLLS on the same image.
 
-Reduced budget, to stay within about 4 minutes on 2 cores: ``--n-samples``
-``N_TRAIN`` instead of the default 96,000 (everything else, the 150 epochs
-included, is the default recipe). The full-default run is
-``benchmarks/bench_phantom.py``.
+Reduced budget, to stay within about 5 minutes on 2 cores: ``--n-samples``
+``N_TRAIN`` instead of the default 96,000 (everything else is the default
+recipe: the network is told the noise level, which ``fit`` estimates from the
+image first). The full-default run is ``benchmarks/bench_phantom.py``.
 """
 
 import json
@@ -99,12 +99,24 @@ def test_median_m0s_and_T1_within_10_percent_of_nlls(run):
             assert abs(rel) <= 0.10, (t, p, med["net", t][p], med["nlls", t][p])
 
 
-def test_wm_gm_m0s_contrast_within_15_percent_of_nlls(run):
-    _, _, med = run
+def test_wm_gm_m0s_contrast_within_15_percent_of_nlls_or_nearer_the_truth(run):
+    """The network's WM-GM m0s contrast lands where NLLS's does, or nearer the phantom's truth.
+
+    NLLS's medians (120 voxels per tissue) are themselves biased at this SNR: measured WM m0s 0.136 and
+    GM 0.087 against the truth's 0.14 and 0.08, a contrast 18 % low. The unconditioned network of
+    release 0.2 landed within 12 % of NLLS's contrast; the noise-aware network (issue 27) lands within
+    4 % of the truth's, 17 % above NLLS's. Either is accepted: within 15 % of NLLS's, or within 15 %
+    of the truth's and nearer to it than NLLS's.
+    """
+    _, ph, med = run
     net = med["net", "WM"]["m0s"] - med["net", "GM"]["m0s"]
     nlls = med["nlls", "WM"]["m0s"] - med["nlls", "GM"]["m0s"]
+    truth = float(np.median(ph.parameter_map("m0s")[ph.tissue_mask("WM")])
+                  - np.median(ph.parameter_map("m0s")[ph.tissue_mask("GM")]))
     assert nlls > 0.03  # the phantom has the contrast (0.14 against 0.08)
-    assert abs(net / nlls - 1) <= 0.15, (net, nlls)
+    near_nlls = abs(net / nlls - 1) <= 0.15
+    nearer_truth = abs(net / truth - 1) <= 0.15 and abs(net - truth) < abs(nlls - truth)
+    assert near_nlls or nearer_truth, (net, nlls, truth)
 
 
 def test_csf_m0s_is_small(run):
