@@ -115,7 +115,7 @@ def _train(loss, sim, data, cfg, seed):
     from sklearn_crb.recipes import make_network
 
     t0 = time.perf_counter()
-    net = make_network(loss, sim, epochs=cfg["epochs"], device="cpu", seed=seed, progress=False)
+    net = make_network(loss, sim, epochs=cfg["epochs"], device="cpu", seed=seed, progress=False, noise_input=False)
     net.set_params(augment=True)  # as the demo trains: a fresh noise draw per epoch
     net.fit(data["X_clean"], data["y"], crb=data["crb_unit"])
     return net, time.perf_counter() - t0
