@@ -65,8 +65,9 @@ def throughput(sim, data, device, cfg, seed, log):
     the one-off set-up, such as the CRB surrogate's fit, is in the total seconds only); the last network."""
     rows, net = [], None
     for b in cfg["batches"]:
+        # unconditioned: its predictions take the coefficients alone (the noise column costs no throughput)
         net = make_network("crb", sim, epochs=cfg["epochs"], device=str(device), seed=seed, progress=False,
-                           batch_size=b)
+                           batch_size=b, noise_input=False)
         net.set_params(augment=True)
         _, s = _timed(lambda: net.fit(data["X_clean"], data["y"], crb=data["crb_unit"]), device)
         epoch = float(np.median(net.history[:, "dur"]))
