@@ -133,6 +133,8 @@ def mixtures(net, snr, n_draws, fractions, seed):
         coef = _draws(c, n_draws, snr, rng)
         coefs.append(coef)
         X = np.hstack([coef.real, coef.imag])  # the features [Re c, Im c]
+        if getattr(net, "noise_input_", False):  # a noise-aware network: the true noise level as its last column
+            X = np.hstack([X, np.full((len(X), 1), 1 / snr)])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             p_net = np.asarray(net.predict(X), float).reshape(F, n_draws, -1)
