@@ -140,14 +140,19 @@ def test_estimate_names_are_checked_before_work(tmp_path, capsys):
 
 
 def test_train_options_not_given_are_the_estimators_defaults(pipeline):
-    """`train` without options builds CRBNetRegressor's own recipe: nothing is restated by the CLI."""
+    """`train` without options builds CRBNetRegressor's own recipe: nothing is restated by the CLI, except the
+    recipe's own choice, the noise input (with its SNR sampling and epochs); --no-noise-input is the estimator's."""
     from sklearn_crb.estimators.regressor import CRBNetRegressor
-    from sklearn_crb.recipes import make_network
+    from sklearn_crb.recipes import NOISE_AWARE_EPOCHS, make_network
 
     ref = CRBNetRegressor().get_params(deep=False)
     net = make_network("crb", None, progress=False).get_params(deep=False)
-    for k in ("module", "max_epochs", "lr", "batch_size", "optimizer", "train_split"):
+    for k in ("module", "lr", "batch_size", "optimizer", "train_split"):
         assert net[k] == ref[k], k
+    assert (net["noise_input"], net["snr_sampling"], net["max_epochs"]) == (True, "log-uniform", NOISE_AWARE_EPOCHS)
+    plain = make_network("crb", None, progress=False, noise_input=False).get_params(deep=False)
+    for k in ("module", "max_epochs", "lr", "batch_size", "optimizer", "train_split", "noise_input", "snr_sampling"):
+        assert plain[k] == ref[k], k
     assert not any(k.startswith("module__") for k in net if k not in ref)
     paper = make_network("crb", None, paper=True, progress=False)
     ref_paper = CRBNetRegressor.paper().get_params(deep=False)

@@ -251,6 +251,7 @@ def test_cli_train_reads_a_large_hdf5_set_lazily_with_the_same_result(tmp_path, 
     assert main(base + ["--out", str(tmp_path / "lazy")]) == 0
     assert calls
     X = np.random.default_rng(0).standard_normal((7, 12))
+    X = np.hstack([X, np.full((7, 1), 0.01)])  # the CLI's default network is noise-aware: sigma is its last column
     np.testing.assert_allclose(load_model(tmp_path / "lazy").predict(X), load_model(tmp_path / "eager").predict(X),
                                rtol=1e-5)
 

@@ -90,7 +90,9 @@ def test_report_sections_images_sigma_flags_and_check(fitted):
     summary = json.loads((out / "summary.json").read_text())
     estimate = [k for k in summary["units"] if not k.endswith("_se") and f"{k}_se" in summary["units"]]
     alts = [a for a, _ in rep.images]
-    assert [a for a in alts if a.startswith("map ")] == [f"map {p}" for p in estimate]
+    maps = [a for a in alts if a.startswith("map ") and not a.startswith("map trust_")]
+    assert maps == [f"map {p}" for p in estimate]
+    assert {"map trust_chi2", "map trust_step"} <= set(alts)  # fit --model writes the trust maps by default
     assert [a for a in alts if a.startswith("histogram ")] == [f"histogram {p}" for p in estimate]
     assert "check scatter" in alts
     for _, src in rep.images:
