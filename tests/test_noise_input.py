@@ -186,3 +186,33 @@ def test_noise_aware_spread_follows_the_snr(one_torch_thread):
     ratio = {ni: np.median(std[ni, 40] / std[ni, 400], axis=0) for ni in nets}  # per parameter
     np.testing.assert_allclose(ratio[False], 10.0, rtol=0.08)  # one function at every SNR
     assert np.mean(1 - ratio[True] / 10.0) >= 0.08, ratio[True]  # the noise-aware net's gain follows the SNR
+
+
+def test_cli_noise_map_sigma_and_no_noise_input(tmp_path):
+    """``fit --noise-map`` (checked by name), ``--sigma`` or the map, and ``train --no-noise-input``."""
+    import json
+
+    import nibabel as nib
+    from conftest import small_cli_model
+
+    from sklearn_crb.cli import main
+
+    ph, c = small_cli_model(tmp_path)
+    assert load_model(tmp_path / "model", device="cpu").noise_input_  # the CLI's default network
+    aff = np.eye(4)
+    nib.save(nib.Nifti1Image(np.concatenate([c.real, c.imag], -1).astype(np.float32), aff), tmp_path / "c.nii.gz")
+    smap = np.full(c.shape[:-1], ph.sigma, dtype=np.float32)
+    nib.save(nib.Nifti1Image(smap, aff), tmp_path / "noise.nii.gz")
+    nib.save(nib.Nifti1Image(smap[:6], aff), tmp_path / "small.nii.gz")
+    fit = ["fit", "--model", str(tmp_path / "model"), "--coefficients", str(tmp_path / "c.nii.gz"), "--quiet"]
+    assert main([*fit, "--noise-map", str(tmp_path / "small.nii.gz"), "--out", str(tmp_path / "bad")]) == 2
+    assert main([*fit, "--noise-map", str(tmp_path / "noise.nii.gz"), "--sigma", "0.1",
+                 "--out", str(tmp_path / "both")]) == 2
+    assert not (tmp_path / "bad" / "m0s.nii.gz").exists() and not (tmp_path / "both" / "m0s.nii.gz").exists()
+    assert main([*fit, "--noise-map", str(tmp_path / "noise.nii.gz"), "--out", str(tmp_path / "map")]) == 0
+    summary = json.loads((tmp_path / "map" / "summary.json").read_text())
+    assert summary["sigma_method"] == "given_map" and summary["sigma"] == pytest.approx(ph.sigma, rel=1e-6)
+    assert main(["train", "--data", str(tmp_path / "train.h5"), "--out", str(tmp_path / "plain"), "--epochs", "2",
+                 "--hidden", "16", "--device", "cpu", "--no-noise-input", "--quiet"]) == 0
+    plain = load_model(tmp_path / "plain", device="cpu")
+    assert not plain.noise_input_ and plain.n_features_in_ == c.shape[-1] * 2

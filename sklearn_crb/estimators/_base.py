@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_START",
     "start_values",
     "init_start_values",
+    "noise_column",
     "fit_box",
     "r2sl_range",
     "MODEL_PARAMETER_CONSTRAINTS",
@@ -281,6 +282,28 @@ def start_values(start, fixed, tied_R1):
     return starts
 
 
+def noise_column(sigma, n, argname="sigma"):
+    """``(n, 1)`` float64 column of the noise level (a float or one per row), positive and finite.
+
+    The input column of a noise-aware network (``CRBNetRegressor(noise_input=True)``).
+
+    Raises
+    ------
+    ValueError
+        Naming ``argname``: a shape that is not one value or ``n``, or values that are not positive and finite.
+    """
+    try:
+        sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64).reshape(-1) if np.ndim(sigma) else
+                              np.float64(sigma), (n,))
+    except (TypeError, ValueError):
+        raise ValueError(f"{argname} must be a positive float or one per row of X ({n}), got shape "
+                         f"{np.shape(sigma)}") from None
+    bad = ~(np.isfinite(sig) & (sig > 0))
+    if bad.any():
+        raise ValueError(f"{argname} must be positive and finite; {int(bad.sum())} of {n} values are not")
+    return sig[:, None].copy()
+
+
 def init_start_values(init, X, default_names, sigma=None):
     """``{parameter: (n,) values}`` (SI rates) that a fitted ``init`` estimator predicts for ``X``.
 
@@ -301,9 +324,7 @@ def init_start_values(init, X, default_names, sigma=None):
         if sigma is None:
             raise ValueError("sigma: init is a noise-aware network (noise_input=True); pass the noise level, "
                              "NLLSFitter(sigma=...) or predict_details(X, sigma=...)")
-        col = np.broadcast_to(np.asarray(sigma, dtype=np.float64).reshape(-1) if np.ndim(sigma) else
-                              np.float64(sigma), (np.shape(X)[0],))
-        X = np.hstack([np.asarray(X, dtype=np.float64), col[:, None]])
+        X = np.hstack([np.asarray(X, dtype=np.float64), noise_column(sigma, np.shape(X)[0])])
     pred = np.asarray(init.predict(X), dtype=float).reshape(np.shape(X)[0], -1)
     if pred.shape[1] != len(names):
         raise ValueError(f"init.predict returned {pred.shape[1]} columns but init names {names}")

@@ -44,7 +44,7 @@ import torch
 
 from sklearn_crb._validation import check_parameter_dict, complex_from_features
 from sklearn_crb.crb import IllConditionedFisherWarning, crb_from_jacobian
-from sklearn_crb.estimators._base import fit_box
+from sklearn_crb.estimators._base import fit_box, noise_column
 from sklearn_crb.estimators.details import PredictionDetails
 from sklearn_crb.estimators.fixed_sensitivity import model_sensitivity
 from sklearn_crb.estimators.net.loaders import net_threads, torch_threads
@@ -333,16 +333,7 @@ def _noise_column(net, sigma, n):
         raise ValueError("sigma: the network is noise-aware (noise_input=True) and needs the noise standard deviation "
                          "per real coefficient, a float or one per voxel (fit_maps estimates it from the image when "
                          "not given)")
-    try:
-        sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64).reshape(-1) if np.ndim(sigma) else
-                              np.float64(sigma), (n,))
-    except (TypeError, ValueError):
-        raise ValueError(f"sigma must be a positive float or one per row of X ({n}), got shape "
-                         f"{np.shape(sigma)}") from None
-    bad = ~(np.isfinite(sig) & (sig > 0))
-    if bad.any():
-        raise ValueError(f"sigma must be positive and finite; {int(bad.sum())} of {n} values are not")
-    return sig[:, None].copy()
+    return noise_column(sigma, n)
 
 
 def _empty_details(head, n_est, n_fixed, compute_crb, se):
